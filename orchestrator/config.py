@@ -1,0 +1,247 @@
+"""Structured configs (dataclasses) for every group, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` composes them with the YAML groups `model=`, `engine=` and `cluster=`.
+`load_config()` turns a composed DictConfig into validated dataclasses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+EXAMPLE_INPUT = PROJECT_ROOT / "examples" / "mt_bench_prompts.parquet"
+
+PROMPT_FORMATS = ("nemotron4_chat", "steerlm", "nemotron_mini", "raw")
+ENGINES = ("mock", "nemo")
+PROTOCOLS = ("nemo", "openai")
+CLUSTERS = ("local",)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the problem and the fix."""
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else f"<= {hi}"
+        raise ConfigError(f"{key}={value!r} is out of range; it must be {' and '.join(s for s in (lo_s, hi_s) if s)}")
+
+
+@dataclass
+class ArchitectureConfig:
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: Optional[int] = None  # None = multi-head attention (one KV head per query head)
+    vocab_size: int = MISSING
+    max_seq_len: int = 4096
+    gated_mlp: bool = False  # SwiGLU (3 matrices) vs squared-ReLU/GeLU (2 matrices)
+    tied_embeddings: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class PromptConfig:
+    format: str = "raw"  # one of PROMPT_FORMATS
+    system: str = ""  # system turn for chat formats
+    steerlm_attributes: str = ""  # SteerLM attribute line, without the <extra_id_2> tag
+    strip_echo: bool = True  # drop the echoed prompt from the engine's output (NeMo echoes it)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.prompt.format", self.format, PROMPT_FORMATS)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    card: str = ""  # the model card's name
+    dtype: str = "bf16"
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    end_strings: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
+
+    def __post_init__(self) -> None:
+        _check_choice("model.dtype", self.dtype, tuple(DTYPE_BYTES))
+
+
+@dataclass
+class LayoutConfig:
+    nodes: int = 1  # nodes per replica
+    gpus_per_node: int = 8
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    gpu: str = "h100_80gb"
+    max_batch_size: int = 128  # sequences resident at once, for the KV-cache estimate
+    max_seq_len: Optional[int] = None  # context for the KV-cache estimate; None = the model's
+    memory_headroom: float = 0.10  # fraction of GPU memory kept free for activations and the runtime
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "max_batch_size"):
+            _check_range(f"layout.{key}", getattr(self, key), lo=1)
+        _check_range("layout.memory_headroom", self.memory_headroom, lo=0, hi=0.9)
+
+
+@dataclass
+class SamplingConfig:
+    tokens_to_generate: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    repetition_penalty: float = 1.0
+    min_tokens_to_generate: int = 0
+    add_BOS: bool = False
+    seed: Optional[int] = None
+    end_strings: Optional[List[str]] = None  # None = the model's end strings
+
+    def __post_init__(self) -> None:
+        _check_range("sampling.tokens_to_generate", self.tokens_to_generate, lo=1)
+        _check_range("sampling.temperature", self.temperature, lo=0, hi=100, lo_open=True)
+        _check_range("sampling.top_p", self.top_p, lo=0, hi=1)
+        _check_range("sampling.top_k", self.top_k, lo=0)
+        _check_range("sampling.repetition_penalty", self.repetition_penalty, lo=1.0)
+        _check_range("sampling.min_tokens_to_generate", self.min_tokens_to_generate, lo=0)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "mock"  # one of ENGINES
+    protocol: str = "nemo"  # request strategy: nemo (batched PUT /generate) or openai (/v1/completions)
+    host: str = "127.0.0.1"  # the address the engine binds
+    port: int = 0  # 0 = a free port chosen on the node
+    ready_timeout_s: float = 300.0  # deadline for the first one-token generation
+    # embedded (mock) engine knobs
+    request_latency_s: float = 0.0
+    token_latency_s: float = 0.0
+    capacity: int = 256
+    error_rate: float = 0.0
+    seed: int = 0
+    max_natural_tokens: int = 512
+    # NeMo server (megatron_gpt_eval.py) knobs
+    checkpoint: Optional[str] = None
+    script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+    precision: str = "bf16"
+    extra_args: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_choice("engine.name", self.name, ENGINES)
+        _check_choice("engine.protocol", self.protocol, PROTOCOLS)
+        _check_range("engine.capacity", self.capacity, lo=1)
+        _check_range("engine.error_rate", self.error_rate, lo=0, hi=1)
+        _check_range("engine.request_latency_s", self.request_latency_s, lo=0)
+        _check_range("engine.token_latency_s", self.token_latency_s, lo=0)
+        _check_range("engine.ready_timeout_s", self.ready_timeout_s, lo=0, lo_open=True)
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"  # one of CLUSTERS
+    timeout_min: int = 60 * 24  # wall-clock limit of one job
+
+    def __post_init__(self) -> None:
+        _check_choice("cluster.name", self.name, CLUSTERS)
+
+
+@dataclass
+class DataConfig:
+    input: Optional[str] = None  # Parquet file, directory or glob; None = the bundled MT-Bench prompts
+    prompt_column: str = "prompt"
+    id_column: str = "id"  # when absent from the input, ids are "<file>:<row>"
+    unit_rows: int = 2048  # rows per unit of work (one result file each)
+    read_batch_rows: int = 1024  # rows per Parquet record batch
+
+    def __post_init__(self) -> None:
+        _check_range("data.unit_rows", self.unit_rows, lo=1)
+        _check_range("data.read_batch_rows", self.read_batch_rows, lo=1)
+
+
+@dataclass
+class ClientConfig:
+    max_in_flight: Optional[int] = None  # requests in flight; None = 2 for nemo, 2 x engine.capacity for openai
+    batch_size: int = 128  # prompts per NeMo request (the server's limit is 128)
+    max_retries: int = 4  # retries of a transient failure before the rows are recorded as errors
+    retry_backoff_s: float = 1.0  # first backoff; doubles each retry, with jitter
+    retry_backoff_max_s: float = 30.0
+    request_timeout_s: float = 3600.0
+    progress_interval_s: float = 1.0  # how often progress is written for the terminal
+
+    def __post_init__(self) -> None:
+        _check_range("client.batch_size", self.batch_size, lo=1, hi=128)
+        _check_range("client.max_retries", self.max_retries, lo=0)
+        if self.max_in_flight is not None:
+            _check_range("client.max_in_flight", self.max_in_flight, lo=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    replicas: int = 1
+    run_dir: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check_range("replicas", self.replicas, lo=1)
+
+    @property
+    def end_strings(self) -> list[str]:
+        return list(self.sampling.end_strings if self.sampling.end_strings is not None else self.model.end_strings)
+
+    @property
+    def input_path(self) -> str:
+        return self.data.input or str(EXAMPLE_INPUT)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="orchestrator_schema", node=Config)
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Validate a composed config into dataclasses; raises ConfigError with the key and the fix."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        if "hydra" in merged:
+            del merged["hydra"]
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def compose(overrides: list[str] | None = None) -> Config:
+    """Compose `conf/` with overrides outside of a Hydra app (tests, library use)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return to_config(cfg)
