@@ -1,0 +1,226 @@
+"""One replica's loop: claim units -> stream rows -> requests -> commit results.
+
+Rows stream from Parquet a record batch at a time; a bounded queue between the reader and the
+senders keeps memory flat whatever the input size, and keeps enough requests in flight that the
+engine never waits for the client.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import pyarrow as pa
+
+from .config import Config
+from .engines.protocols import RejectedError, TransientError, make_protocol
+from .prompts import format_prompt, postprocess
+from .work import Plan, RunPaths, UnitStats, atomic_write_text, claim, commit_unit, done_units, read_unit, result_schema
+
+log = logging.getLogger(__name__)
+
+
+class UnitBuffer:
+    """Results of one unit, filled in any order, committed once every row has an outcome."""
+
+    def __init__(self, unit: int, rows: int):
+        self.unit = unit
+        self.ids: list = []
+        self.response: list = [None] * rows
+        self.status: list = [None] * rows
+        self.error: list = [None] * rows
+        self.output_tokens: list = [None] * rows
+        self.latency: list = [None] * rows
+        self.attempts: list = [0] * rows
+        self.remaining = rows
+        self.read_done = False
+
+    def fail(self, i: int, message: str, attempts: int = 0) -> None:
+        self.status[i], self.error[i], self.attempts[i] = "error", message, attempts
+        self.remaining -= 1
+
+    def succeed(self, i: int, text: str, tokens: int | None, latency: float, attempts: int) -> None:
+        self.response[i], self.status[i], self.output_tokens[i] = text, "ok", tokens
+        self.latency[i], self.attempts[i] = latency, attempts
+        self.remaining -= 1
+
+    @property
+    def complete(self) -> bool:
+        return self.read_done and self.remaining == 0
+
+    def table(self, schema: pa.Schema) -> tuple[pa.Table, UnitStats]:
+        table = pa.Table.from_arrays([
+            pa.array(self.ids, schema.field("id").type), pa.array(self.response, pa.string()),
+            pa.array(self.status, pa.string()), pa.array(self.error, pa.string()),
+            pa.array(self.output_tokens, pa.int64()), pa.array(self.latency, pa.float64()),
+            pa.array(self.attempts, pa.int32()),
+        ], schema=schema)
+        ok = sum(1 for s in self.status if s == "ok")
+        tokens = sum(t for t in self.output_tokens if t)
+        return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1)
+
+
+def check_prompt(value) -> str | None:
+    """Why a row's prompt cannot be sent, or None when it can."""
+    if value is None:
+        return "prompt is null"
+    if not isinstance(value, str):
+        return f"prompt is not text ({type(value).__name__})"
+    if not value.strip():
+        return "prompt is empty"
+    return None
+
+
+@dataclass
+class ClientStats:
+    rows: UnitStats = field(default_factory=UnitStats)
+    first_request_at: float | None = None
+    last_commit_at: float | None = None
+    skipped_units: int = 0
+
+    @property
+    def generate_s(self) -> float:
+        if self.first_request_at is None or self.last_commit_at is None:
+            return 0.0
+        return max(0.0, self.last_commit_at - self.first_request_at)
+
+
+class Client:
+    """Runs a plan's not-yet-committed units against one engine endpoint."""
+
+    def __init__(self, cfg: Config, plan: Plan, paths: RunPaths, url: str, attempt: str, owner: str,
+                 model_name: str = "mock"):
+        self.cfg, self.plan, self.paths, self.url = cfg, plan, paths, url.rstrip("/")
+        self.attempt, self.owner = attempt, owner
+        self.protocol = make_protocol(cfg, model_name)
+        self.schema = result_schema(plan)
+        self.stats = ClientStats()
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> ClientStats:
+        in_flight = self.protocol.in_flight
+        queue: asyncio.Queue = asyncio.Queue(maxsize=in_flight)
+        timeout = aiohttp.ClientTimeout(total=self.cfg.client.request_timeout_s)
+        connector = aiohttp.TCPConnector(limit=in_flight, force_close=False)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            self.session = session
+            reporter = asyncio.create_task(self._report_progress())
+            workers = [asyncio.create_task(self._worker(queue)) for _ in range(in_flight)]
+            try:
+                await self._produce(queue, len(workers))
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+                reporter.cancel()
+                self._write_progress()
+        return self.stats
+
+    async def _produce(self, queue: asyncio.Queue, workers: int) -> None:
+        done = done_units(self.paths)
+        batch: list[tuple[UnitBuffer, int, str]] = []
+        fmt, batch_size = self.cfg.model.prompt, self.protocol.batch_size
+        for unit in range(len(self.plan.units)):
+            if self.stopping.is_set():
+                break
+            if unit in done:
+                self.stats.skipped_units += 1
+                continue
+            if not claim(self.paths, self.attempt, unit, self.owner):
+                continue
+            buf = UnitBuffer(unit, self.plan.units[unit][2])
+            for ids, prompts in read_unit(self.plan, unit, self.cfg.data.read_batch_rows):
+                base = len(buf.ids)
+                buf.ids.extend(ids)
+                for offset, prompt in enumerate(prompts):
+                    problem = check_prompt(prompt)
+                    if problem:
+                        buf.fail(base + offset, problem)
+                        continue
+                    batch.append((buf, base + offset, format_prompt(prompt, fmt)))
+                    if len(batch) >= batch_size:
+                        await queue.put(batch)
+                        batch = []
+            buf.read_done = True
+            if buf.complete:
+                await self._commit(buf)
+        if batch:
+            await queue.put(batch)
+        for _ in range(workers):
+            await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue) -> None:
+        while True:
+            batch = await queue.get()
+            if batch is None:
+                return
+            await self._send(batch)
+
+    async def _send(self, batch: list[tuple[UnitBuffer, int, str]]) -> None:
+        prompts = [p for _, _, p in batch]
+        payload = self.protocol.payload(prompts)
+        client = self.cfg.client
+        error = ""
+        for attempt in range(1, client.max_retries + 2):
+            if self.stats.first_request_at is None:
+                self.stats.first_request_at = time.time()
+            started = time.perf_counter()
+            try:
+                async with self.session.request(self.protocol.method, self.url + self.protocol.path,
+                                                 json=payload) as resp:
+                    try:
+                        body = await resp.json(content_type=None)
+                    except (json.JSONDecodeError, aiohttp.ContentTypeError, ValueError):
+                        body = await resp.text()
+                    completions = self.protocol.parse(resp.status, body, prompts)
+            except RejectedError as exc:
+                error = str(exc)
+                break
+            except (TransientError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransientError) else str(exc)
+                if attempt <= client.max_retries:
+                    delay = min(client.retry_backoff_max_s, client.retry_backoff_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                continue
+            latency = time.perf_counter() - started
+            end_strings = self.cfg.end_strings
+            strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
+            for (buf, i, sent), comp in zip(batch, completions):
+                buf.succeed(i, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens, latency, attempt)
+            await self._commit_ready(batch)
+            return
+        else:
+            attempt = client.max_retries + 1
+            error = f"gave up after {attempt} attempts: {error}"
+        for buf, i, _ in batch:
+            buf.fail(i, error, attempt)
+        await self._commit_ready(batch)
+
+    async def _commit_ready(self, batch) -> None:
+        seen = set()
+        for buf, _, _ in batch:
+            if buf.unit not in seen and buf.complete:
+                seen.add(buf.unit)
+                await self._commit(buf)
+
+    async def _commit(self, buf: UnitBuffer) -> None:
+        buf.remaining = -1  # committed: never again
+        table, stats = buf.table(self.schema)
+        await asyncio.to_thread(commit_unit, self.paths, buf.unit, table, stats.__dict__)
+        self.stats.rows = self.stats.rows + stats
+        self.stats.last_commit_at = time.time()
+
+    def _write_progress(self) -> None:
+        rows = self.stats.rows
+        atomic_write_text(self.paths.progress / f"{self.owner}.json", json.dumps(
+            {"owner": self.owner, "attempt": self.attempt, "rows": rows.rows, "ok": rows.ok,
+             "failed": rows.failed, "units": rows.units, "updated": time.time()}))
+
+    async def _report_progress(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.client.progress_interval_s)
+            self._write_progress()

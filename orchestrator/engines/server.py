@@ -1,0 +1,141 @@
+"""The engine process's one owner: builds its command, starts it, proves it can generate, stops it."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from ..config import Config
+from .protocols import RejectedError, TransientError, make_protocol
+
+
+class EngineError(RuntimeError):
+    """The engine died or never answered a generation; the message says which and where its log is."""
+
+
+def mock_command(cfg: Config, port: int, port_file: Path | None) -> list[str]:
+    e = cfg.engine
+    cmd = [sys.executable, "-m", "orchestrator.engines.embedded", "--host", e.host, "--port", str(port),
+           "--request-latency-s", str(e.request_latency_s), "--token-latency-s", str(e.token_latency_s),
+           "--capacity", str(e.capacity), "--error-rate", str(e.error_rate), "--seed", str(e.seed),
+           "--max-natural-tokens", str(e.max_natural_tokens), "--model-name", cfg.model.name,
+           "--max-model-len", str(cfg.model.architecture.max_seq_len)]
+    if port_file is not None:
+        cmd += ["--port-file", str(port_file)]
+    return cmd
+
+
+def nemo_command(cfg: Config, port: int) -> list[str]:
+    """The 340B card's megatron_gpt_eval.py line, from the layout (run on every rank)."""
+    e, layout = cfg.engine, cfg.layout
+    if not e.checkpoint:
+        raise EngineError("engine=nemo needs engine.checkpoint=/path/to/model.nemo (inside the container)")
+    return ["python3", e.script, f"gpt_model_file={e.checkpoint}", "pipeline_model_parallel_split_rank=0",
+            "server=True", f"tensor_model_parallel_size={layout.tensor_parallel}",
+            f"pipeline_model_parallel_size={layout.pipeline_parallel}", f"trainer.precision={e.precision}",
+            f"trainer.devices={layout.gpus_per_node}", f"trainer.num_nodes={layout.nodes}",
+            "web_server=False", f"port={port}", *e.extra_args]
+
+
+class EngineServer:
+    """Starts the configured engine on this node and waits until it has answered a real generation."""
+
+    def __init__(self, cfg: Config, log_path: Path, port_file: Path):
+        self.cfg, self.log_path, self.port_file = cfg, log_path, port_file
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.model_name = cfg.model.name
+
+    def command(self) -> list[str]:
+        if self.cfg.engine.name == "mock":
+            return mock_command(self.cfg, self.cfg.engine.port, self.port_file)
+        return nemo_command(self.cfg, self.cfg.engine.port)
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.engine.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        cmd = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.port_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {shlex.join(cmd)}\n".encode())
+            log.flush()
+            try:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
+            except OSError as exc:
+                raise EngineError(f"cannot start the engine ({exc}): {shlex.join(cmd)}") from None
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_tail()
+            raise EngineError(f"the engine exited with status {self.proc.returncode} before it was ready; "
+                              f"log {self.log_path}:\n{tail}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, poll_s: float = 0.2) -> str:
+        """Poll until a one-token generation succeeds; fail fast when the process dies; bounded by the deadline."""
+        deadline = time.monotonic() + self.cfg.engine.ready_timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self.port is None:
+                if self.cfg.engine.name == "mock":
+                    if self.port_file.exists():
+                        self.port = int(self.port_file.read_text().strip())
+                else:
+                    self.port = self.cfg.engine.port
+            if self.port is not None:
+                try:
+                    self.probe()
+                    return self.url
+                except (requests.RequestException, TransientError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                except RejectedError as exc:
+                    raise EngineError(f"the engine refused the readiness generation: {exc}") from None
+            time.sleep(poll_s)
+        raise EngineError(f"the engine did not answer a one-token generation within "
+                          f"{self.cfg.engine.ready_timeout_s:.0f} s (engine.ready_timeout_s); last: {last}; "
+                          f"log {self.log_path}:\n{self.log_tail()}")
+
+    def probe(self) -> None:
+        """One real one-token generation, through the protocol the client will use."""
+        protocol = make_protocol(self.cfg, self.model_name)
+        if protocol.name == "openai":
+            models = requests.get(self.url + "/v1/models", timeout=10).json()
+            self.model_name = models["data"][0]["id"]
+            protocol = make_protocol(self.cfg, self.model_name)
+        resp = requests.request(protocol.method, self.url + protocol.path, timeout=60,
+                                json=protocol.payload(["Hello"], tokens_to_generate=1))
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        protocol.parse(resp.status_code, body, ["Hello"])
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,265 @@
+"""The unit-of-work plan over the input, reading a unit's rows, and the claim/commit protocol.
+
+A unit is a row range of one input file. The plan is fixed when a run starts and stored in
+`<run_dir>/plan.json`. A unit is committed when `results/part-<unit>.parquet` exists: it is written
+under `work/tmp/` and renamed into place, so `results/` never shows a half-written file, and a
+unit redone after a crash replaces nothing but its own file.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import DataConfig
+
+RESULT_PREFIX = "part-"
+
+
+class InputError(ValueError):
+    """The input cannot be read as prompts; the message names the file and the fix."""
+
+
+@dataclass
+class InputFile:
+    path: str
+    name: str  # stable name used in positional ids: path relative to the input root
+    rows: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Plan:
+    files: list[InputFile]
+    units: list[tuple[int, int, int]]  # (file index, first row, row count)
+    prompt_column: str
+    id_column: str | None  # None: ids are "<file>:<row>"
+    id_type: str  # arrow type of the id column in results
+    unit_rows: int
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["units"] = [list(u) for u in self.units]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        d["files"] = [InputFile(**f) for f in d["files"]]
+        d["units"] = [tuple(u) for u in d["units"]]
+        return cls(**d)
+
+
+def discover_inputs(spec: str) -> tuple[list[Path], Path]:
+    """Files named by a Parquet file, a directory of Parquet files, or a glob; and the root for names."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(f"data.input={spec!r}: the glob matches no file; check the pattern")
+        root = Path(os.path.commonpath([str(f.parent.resolve()) for f in files]))
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise InputError(f"data.input={spec!r}: the directory holds no *.parquet file")
+        root = path.resolve()
+    elif path.is_file():
+        files, root = [path], path.resolve().parent
+    else:
+        raise InputError(f"data.input={spec!r} does not exist; give a Parquet file, a directory or a glob")
+    return [f.resolve() for f in files], root
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path} is not a readable Parquet file ({exc}); convert it with "
+                         f"pandas.read_*(...).to_parquet(...) or drop it from data.input") from None
+
+
+def build_plan(data: DataConfig, input_spec: str) -> Plan:
+    """Check every input file's schema (from its footer only) and cut the rows into units."""
+    paths, root = discover_inputs(input_spec)
+    files: list[InputFile] = []
+    units: list[tuple[int, int, int]] = []
+    id_types: dict[str, str] = {}
+    for index, path in enumerate(paths):
+        schema = _open(path).schema_arrow
+        names = schema.names
+        if data.prompt_column not in names:
+            raise InputError(f"{path}: no prompt column {data.prompt_column!r}; the columns are "
+                             f"{names}; set data.prompt_column=<one of them>")
+        ptype = schema.field(data.prompt_column).type
+        if pa.types.is_list(ptype) or pa.types.is_large_list(ptype) or pa.types.is_struct(ptype):
+            raise InputError(f"{path}: prompt column {data.prompt_column!r} has type {ptype}, not text; "
+                             f"store one prompt string per row")
+        id_types[str(path)] = str(schema.field(data.id_column).type) if data.id_column in names else ""
+        meta = pq.read_metadata(path)
+        stat = path.stat()
+        files.append(InputFile(str(path), os.path.relpath(path, root), meta.num_rows, stat.st_size, stat.st_mtime_ns))
+        for start in range(0, meta.num_rows, data.unit_rows):
+            units.append((index, start, min(data.unit_rows, meta.num_rows - start)))
+    kinds = set(id_types.values())
+    if len(kinds) > 1:
+        detail = ", ".join(f"{Path(p).name}: {t or 'no id column'}" for p, t in list(id_types.items())[:6])
+        raise InputError(f"input files disagree on the id column {data.id_column!r} ({detail}); "
+                         f"give every file the same id column type, or none")
+    id_type = kinds.pop() if kinds else ""
+    return Plan(files, units, data.prompt_column, data.id_column if id_type else None,
+                id_type or "string", data.unit_rows)
+
+
+def read_unit(plan: Plan, unit: int, batch_rows: int) -> Iterator[tuple[list, list]]:
+    """Yield (ids, prompts) record batches for one unit, reading only the row groups it overlaps."""
+    file_index, start, count = plan.units[unit]
+    source = plan.files[file_index]
+    pf = pq.ParquetFile(source.path)
+    columns = [plan.prompt_column] + ([plan.id_column] if plan.id_column else [])
+    groups, offset, first_offset = [], 0, None
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset + n > start and offset < start + count:
+            groups.append(g)
+            first_offset = offset if first_offset is None else first_offset
+        offset += n
+    position = first_offset or 0
+    end = start + count
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+        lo, hi = max(start, position), min(end, position + batch.num_rows)
+        if lo < hi:
+            part = batch.slice(lo - position, hi - lo)
+            prompts = part.column(0).to_pylist()
+            if plan.id_column:
+                ids = part.column(1).to_pylist()
+            else:
+                ids = [f"{source.name}:{row}" for row in range(lo, hi)]
+            yield ids, prompts
+        position += batch.num_rows
+        if position >= end:
+            break
+
+
+def result_schema(plan: Plan) -> pa.Schema:
+    return pa.schema([
+        ("id", pa.type_for_alias(plan.id_type) if plan.id_type else pa.string()),
+        ("response", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("output_tokens", pa.int64()),
+        ("latency_s", pa.float64()),
+        ("attempts", pa.int32()),
+    ])
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "work" / "tmp"
+
+    @property
+    def claims(self) -> Path:
+        return self.root / "work" / "claims"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "work" / "progress"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def result_file(self, unit: int) -> Path:
+        return self.results / f"{RESULT_PREFIX}{unit:08d}.parquet"
+
+    def make(self) -> None:
+        for d in (self.results, self.tmp, self.claims, self.progress, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def done_units(paths: RunPaths) -> set[int]:
+    """Units whose result file is committed (one directory listing)."""
+    done = set()
+    if paths.results.is_dir():
+        for name in os.listdir(paths.results):
+            if name.startswith(RESULT_PREFIX) and name.endswith(".parquet"):
+                done.add(int(name[len(RESULT_PREFIX):-len(".parquet")]))
+    return done
+
+
+def claim(paths: RunPaths, attempt: str, unit: int, owner: str) -> bool:
+    """Take a unit for this attempt of the run; False when another replica took it first."""
+    folder = paths.claims / attempt
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / f"{unit:08d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(owner)
+    return True
+
+
+def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict) -> None:
+    """Write a unit's results under work/tmp, then rename into results/ (atomic on one filesystem)."""
+    meta = dict(table.schema.metadata or {})
+    meta[b"orchestrator.stats"] = json.dumps(stats).encode()
+    table = table.replace_schema_metadata(meta)
+    tmp = paths.tmp / f"{unit:08d}.{uuid.uuid4().hex}.parquet"
+    pq.write_table(table, tmp)
+    os.replace(tmp, paths.result_file(unit))
+
+
+@dataclass
+class UnitStats:
+    """Stats that add: merging is sum(stats, start=UnitStats())."""
+
+    rows: int = 0
+    ok: int = 0
+    failed: int = 0
+    output_tokens: int = 0
+    units: int = 0
+
+    def __add__(self, other: "UnitStats") -> "UnitStats":
+        return UnitStats(self.rows + other.rows, self.ok + other.ok, self.failed + other.failed,
+                         self.output_tokens + other.output_tokens, self.units + other.units)
+
+
+def committed_stats(paths: RunPaths) -> UnitStats:
+    """Totals over every committed unit, read from the result files' footers only."""
+    total = UnitStats()
+    for unit in sorted(done_units(paths)):
+        meta = pq.read_schema(paths.result_file(unit)).metadata or {}
+        raw = meta.get(b"orchestrator.stats")
+        if raw:
+            total = total + UnitStats(**json.loads(raw))
+    return total
