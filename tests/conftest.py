@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.config import compose
+
+
+@pytest.fixture
+def weird_tmp_path(tmp_path: Path) -> Path:
+    """A directory whose name has spaces and quotes, so quoting bugs surface."""
+    path = tmp_path / "a dir with 'quotes' and \"double\" spaces"
+    path.mkdir()
+    return path
+
+
+def write_prompts(path: Path, n: int, start: int = 0, ids: bool = True, row_group_size: int | None = None,
+                  prompts: list | None = None) -> Path:
+    data = {"prompt": prompts if prompts is not None else [f"Question number {i}: what is {i} + {i}?" for i in range(start, start + n)]}
+    if ids:
+        data["id"] = [f"q{i}" for i in range(start, start + len(data["prompt"]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(data), path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture
+def make_cfg():
+    def _make(*overrides: str):
+        return compose(list(overrides))
+    return _make
+
+
+def orchestrator_cmd() -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli"]
+
+
+@pytest.fixture
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

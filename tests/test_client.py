@@ -1,0 +1,212 @@
+import asyncio
+import threading
+from contextlib import contextmanager
+
+import pandas as pd
+import pytest
+from aiohttp import web
+
+from orchestrator.client import Client
+from orchestrator.config import compose
+from orchestrator.engines.protocols import NemoProtocol, RejectedError, TransientError
+from orchestrator.engines.server import EngineError, EngineServer
+from orchestrator.launch import prepare
+from orchestrator.work import done_units, read_unit
+from tests.conftest import write_prompts
+
+
+@contextmanager
+def running_engine(cfg, tmp_path):
+    server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
+    server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def run_client(cfg, tmp_path, attempt="a1"):
+    plan, paths = prepare(cfg)
+    with running_engine(cfg, tmp_path) as server:
+        stats = asyncio.run(Client(cfg, plan, paths, server.url, attempt, "r0", server.model_name).run())
+    return plan, paths, stats
+
+
+def results(paths):
+    return pd.read_parquet(paths.results)
+
+
+@pytest.mark.parametrize("protocol", ["nemo", "openai"])
+def test_every_id_exactly_once_and_answers_are_deterministic(tmp_path, protocol):
+    src = write_prompts(tmp_path / "in.parquet", 300, row_group_size=50)
+    overrides = [f"data.input={src}", "data.unit_rows=64", f"engine.protocol={protocol}",
+                 "sampling.tokens_to_generate=20", "client.max_in_flight=8"]
+    _, paths, stats = run_client(compose(overrides + [f"run_dir={tmp_path / 'r1'}"]), tmp_path)
+    df = results(paths)
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(300))
+    assert (df["status"] == "ok").all() and df["error"].isna().all()
+    assert df["response"].str.startswith("[simulated]").all()
+    assert not df["response"].str.contains("Question number").any()  # the echoed prompt is stripped
+    assert (df["output_tokens"] <= 20).all() and (df["output_tokens"] >= 1).all()
+    assert stats.rows.rows == 300 and stats.rows.units == 5
+    _, paths2, _ = run_client(compose(overrides + [f"run_dir={tmp_path / 'r2'}"]), tmp_path)
+    again = results(paths2).set_index("id").loc[df["id"]]
+    assert list(again["response"]) == list(df["response"])
+
+
+def test_bad_rows_become_recorded_errors(tmp_path):
+    prompts = ["fine", None, "", "   ", "ünïcödé ✓ 日本語", "x" * 100_000]
+    src = write_prompts(tmp_path / "in.parquet", 0, prompts=prompts)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=5"])
+    _, paths, _ = run_client(cfg, tmp_path)
+    df = results(paths).set_index("id")
+    assert list(df.loc[["q0", "q4", "q5"], "status"]) == ["ok", "ok", "ok"]
+    assert df.loc["q1", "error"] == "prompt is null"
+    assert df.loc["q2", "error"] == "prompt is empty" and df.loc["q3", "error"] == "prompt is empty"
+    assert len(df) == 6
+
+
+def test_engine_errors_are_retried_then_recorded(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 200)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "engine.error_rate=0.3",
+                   "client.max_retries=0", "client.max_in_flight=16", "sampling.tokens_to_generate=4",
+                   "engine.ready_timeout_s=20"])
+    _, paths, stats = run_client(cfg, tmp_path)
+    df = results(paths)
+    assert len(df) == 200 and df["id"].is_unique
+    failed = df[df["status"] == "error"]
+    assert 20 < len(failed) < 110
+    assert failed["error"].str.contains("gave up after 1 attempts: HTTP 500").all()
+    assert stats.rows.failed == len(failed) and stats.rows.ok == 200 - len(failed)
+
+
+def test_retries_with_backoff_recover_transient_errors(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 100)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "engine.error_rate=0.3",
+                   "client.max_retries=8", "client.retry_backoff_s=0.01", "client.max_in_flight=16",
+                   "sampling.tokens_to_generate=4", "engine.ready_timeout_s=20"])
+    _, paths, _ = run_client(cfg, tmp_path)
+    df = results(paths)
+    assert (df["status"] == "ok").all()
+    assert (df["attempts"] > 1).any() and (df["attempts"] >= 1).all()
+
+
+def test_rerun_skips_committed_units(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 50)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10", "sampling.tokens_to_generate=3"])
+    plan, paths = prepare(cfg)
+    first = sorted(done_units(paths))
+    assert first == []
+    _, paths, stats = run_client(cfg, tmp_path, attempt="a1")
+    assert stats.rows.units == 5
+    _, _, stats2 = run_client(cfg, tmp_path, attempt="a2")
+    assert stats2.rows.units == 0 and stats2.skipped_units == 5
+    assert len(results(paths)) == 50
+
+
+class RecordingServer:
+    """A tiny engine on a thread that records request sizes and the peak number of requests in flight."""
+
+    def __init__(self, route: str, delay: float = 0.02):
+        self.route, self.delay = route, delay
+        self.sizes, self.active, self.peak = [], 0, 0
+        self.ready = threading.Event()
+
+    async def handle(self, request):
+        body = await request.json()
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(self.delay)
+        self.active -= 1
+        if self.route == "/generate":
+            self.sizes.append(len(body["sentences"]))
+            return web.json_response({"sentences": [s + " answer" for s in body["sentences"]],
+                                      "tokens": [[s, " answer"] for s in body["sentences"]]})
+        self.sizes.append(1)
+        return web.json_response({"choices": [{"text": "answer", "index": 0}], "usage": {"completion_tokens": 1}})
+
+    def start(self):
+        def serve():
+            self.loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_route("PUT" if self.route == "/generate" else "POST", self.route, self.handle)
+            runner = web.AppRunner(app)
+            self.loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            self.loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            self.ready.set()
+            self.loop.run_forever()
+        threading.Thread(target=serve, daemon=True).start()
+        assert self.ready.wait(10)
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_openai_strategy_keeps_max_in_flight_requests_and_never_more(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 200)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "client.max_in_flight=12"])
+    plan, paths = prepare(cfg)
+    server = RecordingServer("/v1/completions")
+    url = server.start()
+    try:
+        asyncio.run(Client(cfg, plan, paths, url, "a", "r0").run())
+    finally:
+        server.stop()
+    assert server.peak == 12 and sum(server.sizes) == 200
+    assert (results(paths)["response"] == "answer").all()
+
+
+def test_nemo_strategy_sends_full_batches_of_128_with_one_waiting(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 1000)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=300"])
+    plan, paths = prepare(cfg)
+    server = RecordingServer("/generate")
+    url = server.start()
+    try:
+        asyncio.run(Client(cfg, plan, paths, url, "a", "r0").run())
+    finally:
+        server.stop()
+    assert server.sizes.count(128) == 7 and sum(server.sizes) == 1000 and max(server.sizes) <= 128
+    assert server.peak == 2  # one generating, the next already queued at the server
+    df = results(paths)
+    assert (df["output_tokens"] == 1).all() and len(df) == 1000
+
+
+def test_nemo_codec_reads_a_bare_string_as_a_rejection_and_5xx_as_transient():
+    proto = NemoProtocol(compose([]))
+    with pytest.raises(RejectedError, match="temperature must be"):
+        proto.parse(200, "temperature must be a positive number less than or equal to 100.0", ["p"])
+    with pytest.raises(RejectedError, match="Maximum number of sentences is 128"):
+        proto.parse(400, "Maximum number of sentences is 128", ["p"])
+    with pytest.raises(TransientError):
+        proto.parse(503, "busy", ["p"])
+    payload = proto.payload(["a", "b"])
+    assert payload["sentences"] == ["a", "b"] and payload["greedy"] is True
+    assert payload["end_strings"] == ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
+
+
+def test_engine_that_dies_before_ready_fails_fast_with_its_log(tmp_path):
+    cfg = compose(["engine=nemo", "engine.checkpoint=/nonexistent/model.nemo", "engine.script=/nonexistent/eval.py",
+                   "engine.ready_timeout_s=600", "engine.host=127.0.0.1"])
+    server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
+    server.start()
+    try:
+        with pytest.raises(EngineError, match="exited with status"):
+            server.wait_ready()
+    finally:
+        server.stop()
+
+
+def test_engine_that_never_answers_hits_the_deadline(tmp_path):
+    cfg = compose(["engine.ready_timeout_s=1", "engine.error_rate=1.0"])
+    server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
+    server.start()
+    try:
+        with pytest.raises(EngineError, match="did not answer a one-token generation within 1 s"):
+            server.wait_ready()
+    finally:
+        server.stop()

@@ -1,0 +1,82 @@
+import subprocess
+
+import pytest
+
+from orchestrator.config import ConfigError, compose
+from tests.conftest import orchestrator_cmd
+
+MODELS = ["nemotron4_340b_instruct", "llama2_70b_steerlm_chat", "nemotron3_8b_chat_steerlm",
+          "nemotron3_8b_base", "nemotron_mini_4b_instruct"]
+
+
+def test_default_composition_is_the_340b_on_the_embedded_engine_locally():
+    cfg = compose([])
+    assert cfg.model.name == "nemotron4_340b_instruct"
+    assert cfg.engine.name == "mock" and cfg.cluster.name == "local"
+    assert (cfg.layout.nodes, cfg.layout.gpus_per_node, cfg.layout.tensor_parallel, cfg.layout.pipeline_parallel) == (2, 8, 8, 2)
+    assert cfg.data.prompt_column == "prompt" and cfg.data.id_column == "id"
+    assert cfg.engine.host == "127.0.0.1"
+    assert cfg.input_path.endswith("examples/mt_bench_prompts.parquet")
+    # the card's sampling for the 340B
+    assert cfg.sampling.greedy is True and cfg.sampling.tokens_to_generate == 1024
+    assert cfg.end_strings == ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_seed_model_composes_with_its_own_layout(model):
+    cfg = compose([f"model={model}"])
+    assert cfg.model.name == model
+    assert cfg.layout.tensor_parallel * cfg.layout.pipeline_parallel == cfg.layout.nodes * cfg.layout.gpus_per_node
+
+
+def test_public_keys_override():
+    cfg = compose(["model=nemotron_mini_4b_instruct", "data.input=/x.parquet", "data.prompt_column=text",
+                   "data.id_column=uid", "run_dir=/tmp/r", "layout.gpu=h200_141gb", "replicas=3",
+                   "sampling.tokens_to_generate=7", "sampling.temperature=0.5", "sampling.top_p=0.8",
+                   "sampling.top_k=4", "sampling.greedy=false", "client.max_in_flight=9", "engine.capacity=32",
+                   "engine.request_latency_s=0.1", "engine.token_latency_s=0.01", "engine.error_rate=0.2",
+                   "engine.seed=5", "layout.nodes=1", "layout.gpus_per_node=1", "layout.tensor_parallel=1",
+                   "layout.pipeline_parallel=1"])
+    assert (cfg.data.input, cfg.data.prompt_column, cfg.data.id_column, cfg.run_dir) == ("/x.parquet", "text", "uid", "/tmp/r")
+    assert (cfg.layout.gpu, cfg.replicas, cfg.client.max_in_flight) == ("h200_141gb", 3, 9)
+    s = cfg.sampling
+    assert (s.tokens_to_generate, s.temperature, s.top_p, s.top_k, s.greedy) == (7, 0.5, 0.8, 4, False)
+    e = cfg.engine
+    assert (e.capacity, e.request_latency_s, e.token_latency_s, e.error_rate, e.seed) == (32, 0.1, 0.01, 0.2, 5)
+
+
+def test_nemo_engine_exists_as_the_seed_engine():
+    cfg = compose(["engine=nemo", "engine.checkpoint=/models/340b.nemo"])
+    assert cfg.engine.name == "nemo" and cfg.engine.protocol == "nemo" and cfg.engine.port == 1424
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("sampling.temperature=0", "sampling.temperature"),
+    ("sampling.top_p=1.5", "sampling.top_p"),
+    ("sampling.tokens_to_generate=0", "sampling.tokens_to_generate"),
+    ("engine.error_rate=2", "engine.error_rate"),
+    ("client.batch_size=129", "client.batch_size"),
+    ("engine.protocol=grpc", "nemo, openai"),
+    ("replicas=0", "replicas"),
+])
+def test_bad_values_name_the_key_and_the_fix(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        compose([override])
+
+
+def test_cfg_job_prints_the_composed_config(cli_env):
+    out = subprocess.run([*orchestrator_cmd(), "run", "--cfg", "job", "model=nemotron3_8b_base"],
+                         capture_output=True, text=True, env=cli_env, check=True).stdout
+    assert "name: nemotron3_8b_base" in out and "tensor_parallel: 1" in out and "prompt_column: prompt" in out
+
+
+def test_unknown_model_lists_the_choices(cli_env):
+    proc = subprocess.run([*orchestrator_cmd(), "plan", "model=gpt5"], capture_output=True, text=True, env=cli_env)
+    assert proc.returncode != 0
+    assert "nemotron4_340b_instruct" in proc.stderr + proc.stdout
+
+
+def test_typo_in_a_key_is_rejected(cli_env):
+    proc = subprocess.run([*orchestrator_cmd(), "plan", "sampling.temprature=0.5"], capture_output=True, text=True, env=cli_env)
+    assert proc.returncode != 0
+    assert "temprature" in proc.stderr + proc.stdout
