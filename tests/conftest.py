@@ -17,6 +17,11 @@ def weird_tmp_path(tmp_path: Path) -> Path:
     return path
 
 
+def hydra_value(value) -> str:
+    """A value quoted for Hydra's override grammar (paths with spaces and quotes)."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
 def write_prompts(path: Path, n: int, start: int = 0, ids: bool = True, row_group_size: int | None = None,
                   prompts: list | None = None) -> Path:
     data = {"prompt": prompts if prompts is not None else [f"Question number {i}: what is {i} + {i}?" for i in range(start, start + n)]}

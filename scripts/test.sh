@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the tests need, start the local 2-node Slurm cluster, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+bash scripts/local_slurm.sh start
+python3 -m pytest "$@"
