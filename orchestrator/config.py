@@ -129,6 +129,7 @@ class EngineConfig:
     name: str = "mock"  # one of ENGINES
     protocol: str = "nemo"  # request strategy: nemo (batched PUT /generate) or openai (/v1/completions)
     host: str = "127.0.0.1"  # the address the engine binds
+    url: Optional[str] = None  # an engine already running (http://host:port): nothing is started
     port: int = 0  # 0 = a free port chosen on the node
     ready_timeout_s: float = 300.0  # deadline for the first one-token generation
     # embedded (mock) engine knobs

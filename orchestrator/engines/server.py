@@ -59,11 +59,15 @@ class EngineServer:
 
     @property
     def url(self) -> str:
+        if self.cfg.engine.url:
+            return self.cfg.engine.url.rstrip("/")
         host = self.cfg.engine.host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"http://{host}:{self.port}"
 
     def start(self) -> None:
+        if self.cfg.engine.url:
+            return
         cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
@@ -94,6 +98,8 @@ class EngineServer:
         last = "no answer yet"
         while time.monotonic() < deadline:
             self._check_alive()
+            if self.port is None and self.cfg.engine.url:
+                self.port = -1
             if self.port is None:
                 if self.cfg.engine.name == "mock":
                     if self.port_file.exists():
