@@ -57,18 +57,15 @@ def cmd_plan(cfg) -> None:
 
 
 def cmd_serve_engine(cfg) -> None:
+    import os
+
     from .engines.server import mock_command
 
     if cfg.engine.name != "mock":
         _fail("serve-engine runs the embedded engine only (engine=mock)")
-    import subprocess
-
     cmd = mock_command(cfg, cfg.engine.port, None)
     print(f"embedded engine on http://{cfg.engine.host}:{cfg.engine.port} (Ctrl-C to stop)", flush=True)
-    try:
-        sys.exit(subprocess.call(cmd))
-    except KeyboardInterrupt:
-        pass
+    os.execv(cmd[0], cmd)  # the engine replaces this process: signals reach it, nothing is left behind
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "serve-engine": cmd_serve_engine}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -18,7 +18,7 @@ EXAMPLE_INPUT = PROJECT_ROOT / "examples" / "mt_bench_prompts.parquet"
 PROMPT_FORMATS = ("nemotron4_chat", "steerlm", "nemotron_mini", "raw")
 ENGINES = ("mock", "nemo")
 PROTOCOLS = ("nemo", "openai")
-CLUSTERS = ("local",)
+CLUSTERS = ("local", "slurm")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 
 
@@ -139,6 +139,7 @@ class EngineConfig:
     error_rate: float = 0.0
     seed: int = 0
     max_natural_tokens: int = 512
+    fail_rank: int = -1  # this engine rank exits at once (tests of a rank dying before readiness)
     # NeMo server (megatron_gpt_eval.py) knobs
     checkpoint: Optional[str] = None
     script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
@@ -159,9 +160,29 @@ class EngineConfig:
 class ClusterConfig:
     name: str = "local"  # one of CLUSTERS
     timeout_min: int = 60 * 24  # wall-clock limit of one job
+    # Slurm (cluster=slurm); every value reaches scripts shell-quoted
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    cpus_per_task: Optional[int] = None  # CPUs of the orchestrator's task on each node
+    mem: Optional[str] = None  # per node, e.g. "0" (all) or "200G"
+    job_name: str = "orchestrator"
+    container_image: Optional[str] = None  # pyxis --container-image for the engine ranks
+    container_mounts: List[str] = field(default_factory=list)  # pyxis --container-mounts, "src:dst" each
+    container_workdir: Optional[str] = None  # pyxis --container-workdir
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load ...), verbatim
+    sbatch_args: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, {name: value}
+    srun_args: List[str] = field(default_factory=list)  # extra arguments of the engine's srun step
+    poll_interval_s: float = 2.0  # how often job states are read while waiting
+    unknown_state_timeout_s: float = 300.0  # give up waiting on a job whose state cannot be read for this long
 
     def __post_init__(self) -> None:
         _check_choice("cluster.name", self.name, CLUSTERS)
+        _check_range("cluster.timeout_min", self.timeout_min, lo=1)
+        if self.cpus_per_task is not None:
+            _check_range("cluster.cpus_per_task", self.cpus_per_task, lo=1)
 
 
 @dataclass
@@ -205,6 +226,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     replicas: int = 1
     run_dir: str = MISSING
+    wait: bool = True  # block with progress until the run ends; false: print job ids and return
 
     def __post_init__(self) -> None:
         _check_range("replicas", self.replicas, lo=1)

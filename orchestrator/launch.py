@@ -1,5 +1,10 @@
-"""Launching with submitit (local executor here; the Slurm executor differs only in the executor), and
-`node_main`, which runs inside the job: engine up, proven, client, engine down, stats."""
+"""Launching with submitit, and `node_main`, which runs inside each job.
+
+The local and Slurm paths run the same job code and differ only in the executor. In a Slurm job,
+submitit runs one orchestrator task per node in the user's environment; the task on node 0 starts
+the engine ranks as an `srun --overlap` step (inside the container when one is configured), proves a
+one-token generation, runs the client, and stops every rank. The other nodes' tasks return at once.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +23,11 @@ from .config import Config
 from .engines.server import EngineServer
 from .layout import build_layout
 from .report import build_summary, one_line, write_replica_stats, write_summary
-from .work import InputError, Plan, RunPaths, atomic_write_text, build_plan
+from .sbatch import engine_step_prefix, submitit_parameters
+from .work import InputError, Plan, RunPaths, atomic_write_text, build_plan, committed_stats
+
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
 
 
 class RunError(RuntimeError):
@@ -53,15 +62,25 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     return plan, paths
 
 
-def node_main(cfg: Config, run_dir: str, attempt: str, started_at: float, replica: int = 0) -> dict:
-    """Runs in the job: start the engine, wait for a real generation, run the client, stop the engine."""
+def engine_server(cfg: Config, paths: RunPaths, attempt: str, replica: int) -> EngineServer:
+    tag = f"{attempt}-r{replica}"
+    launcher = engine_step_prefix(cfg) if cfg.cluster.name == "slurm" else []
+    return EngineServer(cfg, paths.logs / f"engine-{tag}.log", paths.root / "work" / f"engine-{tag}.port",
+                        launcher=launcher, rank_dir=paths.root / "work" / f"ranks-{tag}")
+
+
+def node_main(cfg: Config, run_dir: str, attempt: str, started_at: float, replica: int = 0) -> dict | None:
+    """Runs in every task of the job: on node 0, engine up, proven, client, engine down, stats."""
+    import submitit
+
     from .client import Client
 
+    if submitit.JobEnvironment().global_rank != 0:
+        return None
     paths = RunPaths(Path(run_dir))
     plan = Plan.from_json(paths.plan.read_text())
     owner = f"r{replica}-{socket.gethostname()}-{os.getpid()}"
-    server = EngineServer(cfg, paths.logs / f"engine-{attempt}-r{replica}.log",
-                          paths.root / "work" / f"engine-{attempt}-r{replica}.port")
+    server = engine_server(cfg, paths, attempt, replica)
     server.start()
     try:
         url = server.wait_ready()
@@ -73,16 +92,29 @@ def node_main(cfg: Config, run_dir: str, attempt: str, started_at: float, replic
     record = {"owner": owner, "rows": asdict(stats.rows), "first_request_at": stats.first_request_at,
               "last_commit_at": stats.last_commit_at}
     write_replica_stats(paths, attempt, owner, record)
-    summary = build_summary(paths, plan, attempt, started_at,
-                            {"model": cfg.model.name, "engine": cfg.engine.name, "run_dir": str(paths.root)})
+    summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
     write_summary(paths, summary)
     return summary
 
 
+def _summary_extra(cfg: Config, paths: RunPaths) -> dict:
+    return {"model": cfg.model.name, "engine": cfg.engine.name, "cluster": cfg.cluster.name,
+            "replicas": cfg.replicas, "run_dir": str(paths.root)}
+
+
 def make_executor(cfg: Config, paths: RunPaths):
+    """submitit's LocalExecutor or SlurmExecutor, with this config's parameters."""
     import submitit
 
-    executor = submitit.LocalExecutor(folder=str(paths.logs / "submitit"))
+    folder = str(paths.logs / "submitit" / "%j")
+    if cfg.cluster.name == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+        executor.update_parameters(**submitit_parameters(cfg))
+        return executor
+    if cfg.layout.nodes > 1 and cfg.engine.name != "mock":
+        raise RunError(f"cluster=local runs on one machine; {cfg.model.name} needs {cfg.layout.nodes} nodes: "
+                       f"use cluster=slurm")
+    executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(timeout_min=cfg.cluster.timeout_min)
     return executor
 
@@ -99,50 +131,101 @@ def _rows_done(paths: RunPaths, attempt: str) -> int:
     return done
 
 
+def job_state(job) -> str:
+    """The job's state read fresh (sacct on Slurm); UNKNOWN when it cannot be read."""
+    if job.__class__.__name__ == "LocalJob":
+        return "COMPLETED" if job.done() else "RUNNING"
+    try:
+        return str(job.watcher.get_state(job.job_id, mode="force")).split()[0].upper()
+    except Exception:  # noqa: BLE001 - any failure to read the state counts as unknown
+        return "UNKNOWN"
+
+
+def wait_for_jobs(jobs: list, cfg: Config, on_tick) -> None:
+    """Poll until every job is in a terminal state; never forever on a state that cannot be read."""
+    unknown_since: dict[str, float] = {}
+    pending = list(jobs)
+    while pending:
+        on_tick()
+        still = []
+        for job in pending:
+            state = job_state(job)
+            if state in TERMINAL_STATES:
+                continue
+            if state == "UNKNOWN":
+                first = unknown_since.setdefault(job.job_id, time.monotonic())
+                if time.monotonic() - first > cfg.cluster.unknown_state_timeout_s:
+                    raise RunError(f"job {job.job_id}: its state could not be read for "
+                                   f"{cfg.cluster.unknown_state_timeout_s:.0f} s (is accounting up? try sacct -j "
+                                   f"{job.job_id}); not waiting any longer")
+            else:
+                unknown_since.pop(job.job_id, None)
+            still.append(job)
+        pending = still
+        if pending:
+            time.sleep(cfg.client.progress_interval_s if cfg.cluster.name == "local" else cfg.cluster.poll_interval_s)
+
+
+def _job_result(job, paths: RunPaths):
+    try:
+        return job.task(0).result() if job.__class__.__name__ != "LocalJob" else job.result()
+    except Exception as exc:  # submitit re-raises the job's failure with its traceback
+        message = str(exc).strip().splitlines()
+        tail = "\n".join(message[-12:])
+        raise RunError(f"job {job.job_id} failed; logs in {paths.logs}\n{tail}") from None
+
+
 def run(cfg: Config, show_progress: bool = True) -> dict:
-    """Plan, submit through submitit, follow progress until the job ends, return the summary."""
+    """Plan, submit one job per replica through submitit, follow progress until they end (wait=true)."""
     started_at = time.time()
     plan, paths = prepare(cfg)
     attempt = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    from .work import committed_stats
-
     already = committed_stats(paths).rows
     if already:
         print(f"resuming {paths.root}: {already}/{plan.total_rows} rows already committed", flush=True)
     if already == plan.total_rows:
-        summary = build_summary(paths, plan, attempt, started_at,
-                                {"model": cfg.model.name, "engine": cfg.engine.name, "run_dir": str(paths.root)})
+        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
         write_summary(paths, summary)
         print(f"nothing left to do\nresults: {paths.results}\nsummary: {one_line(summary)}")
         return summary
     executor = make_executor(cfg, paths)
-    job = executor.submit(node_main, cfg, str(paths.root), attempt, started_at, 0)
+    jobs = [executor.submit(node_main, cfg, str(paths.root), attempt, started_at, replica)
+            for replica in range(cfg.replicas)]
+    ids = " ".join(str(job.job_id) for job in jobs)
+    if not cfg.wait:
+        print(f"submitted job(s) {ids} for {paths.root}")
+        if cfg.cluster.name == "slurm":
+            print(f"follow with: squeue -j {','.join(str(j.job_id) for j in jobs)}; "
+                  f"sacct -j {','.join(str(j.job_id) for j in jobs)}; tail -f {paths.logs}/submitit/*/*_0_log.out")
+        print(f"when done: {paths.root / 'summary.json'}; results: {paths.results}")
+        return {"jobs": [str(j.job_id) for j in jobs], "run_dir": str(paths.root)}
+    if cfg.cluster.name == "slurm":
+        print(f"submitted job(s) {ids}", flush=True)
     bar = None
     if show_progress:
         from tqdm import tqdm
 
         bar = tqdm(total=plan.total_rows, initial=already, unit="prompt", file=sys.stderr,
                    disable=not sys.stderr.isatty() and os.environ.get("ORCHESTRATOR_PROGRESS") != "1")
+
+    def tick() -> None:
+        if bar is not None:
+            bar.n = already + _rows_done(paths, attempt)
+            bar.refresh()
+
     try:
-        while not job.done():
-            if bar is not None:
-                bar.n = already + _rows_done(paths, attempt)
-                bar.refresh()
-            time.sleep(cfg.client.progress_interval_s)
-        try:
-            summary = job.result()
-        except Exception as exc:  # submitit re-raises the job's failure with its traceback
-            message = str(exc).strip().splitlines()
-            tail = "\n".join(message[-12:])
-            raise RunError(f"the job failed; logs in {paths.logs}\n{tail}") from None
+        wait_for_jobs(jobs, cfg, tick)
+        for job in jobs:
+            _job_result(job, paths)
     except KeyboardInterrupt:
-        job.cancel()
+        for job in jobs:
+            job.cancel(check=False)
         raise
     finally:
         if bar is not None:
-            bar.n = already + _rows_done(paths, attempt)
+            tick()
             bar.close()
-    summary["duration_s"] = round(time.time() - started_at, 3)
+    summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
     write_summary(paths, summary)
     print(f"results: {paths.results}")
     print(f"summary: {one_line(summary)}")

@@ -244,7 +244,8 @@ start_munge() {
 start_mariadb() {
   mariadb_ok >/dev/null 2>&1 && return 0
   log "starting MariaDB"
-  service mariadb start </dev/null >>"$LOG/service-mariadb.log" 2>&1 ||
+  # its own session: mysqld_safe must outlive the shell (and process group) that started it
+  setsid service mariadb start </dev/null >>"$LOG/service-mariadb.log" 2>&1 ||
     die "service mariadb start failed" "$LOG/service-mariadb.log"
   wait_for MariaDB "$LOG/service-mariadb.log" mariadb_ok
 }

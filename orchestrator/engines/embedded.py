@@ -17,6 +17,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from functools import lru_cache, partial
 from itertools import accumulate
+from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
@@ -460,6 +462,17 @@ class EngineThread:
         self.stop()
 
 
+def _write_rank(folder: Path, rank: int) -> None:
+    env = os.environ
+    record = {"rank": rank, "local_rank": int(env.get("SLURM_LOCALID", "0")), "node_rank": int(env.get("SLURM_NODEID", "0")),
+              "world_size": int(env.get("SLURM_NTASKS", "1")), "node": env.get("SLURMD_NODENAME", socket.gethostname()),
+              "gpus": env.get("CUDA_VISIBLE_DEVICES", env.get("SLURM_STEP_GPUS", "")), "pid": os.getpid()}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank-{rank}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, folder / f"rank-{rank}.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m orchestrator.engines.embedded --port 0 --port-file F ...``."""
     parser = argparse.ArgumentParser(prog="python -m orchestrator.engines.embedded",
@@ -469,8 +482,21 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(defaults, f.name)
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--port-file", help="write the bound port number here (atomically)")
+    parser.add_argument("--rank-dir", help="each rank writes rank-<SLURM_PROCID>.json (its Slurm placement) here")
+    parser.add_argument("--fail-rank", type=int, default=-1, help="this rank exits with status 1 at once (tests)")
     args = vars(parser.parse_args(argv))
     port_file = args.pop("port_file")
+    rank_dir, fail_rank = args.pop("rank_dir"), args.pop("fail_rank")
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+    if rank_dir:
+        _write_rank(Path(rank_dir), rank)
+    if rank == fail_rank:
+        print(f"rank {rank}: simulated failure (--fail-rank)", file=sys.stderr, flush=True)
+        return 1
+    if rank != 0:  # like NeMo's non-zero ranks: no HTTP, stay up and join generations until stopped
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        return 0
     settings = EngineSettings(**args)
     if min(settings.capacity, settings.max_natural_tokens, settings.max_model_len) < 1:
         parser.error("--capacity, --max-natural-tokens and --max-model-len must be at least 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ class EngineError(RuntimeError):
     """The engine died or never answered a generation; the message says which and where its log is."""
 
 
-def mock_command(cfg: Config, port: int, port_file: Path | None) -> list[str]:
+def mock_command(cfg: Config, port: int | str, port_file: Path | None, rank_dir: Path | None = None) -> list[str]:
     e = cfg.engine
     cmd = [sys.executable, "-m", "orchestrator.engines.embedded", "--host", e.host, "--port", str(port),
            "--request-latency-s", str(e.request_latency_s), "--token-latency-s", str(e.token_latency_s),
@@ -28,10 +29,14 @@ def mock_command(cfg: Config, port: int, port_file: Path | None) -> list[str]:
            "--max-model-len", str(cfg.model.architecture.max_seq_len)]
     if port_file is not None:
         cmd += ["--port-file", str(port_file)]
+    if rank_dir is not None:
+        cmd += ["--rank-dir", str(rank_dir)]
+    if e.fail_rank >= 0:
+        cmd += ["--fail-rank", str(e.fail_rank)]
     return cmd
 
 
-def nemo_command(cfg: Config, port: int) -> list[str]:
+def nemo_command(cfg: Config, port: int | str) -> list[str]:
     """The 340B card's megatron_gpt_eval.py line, from the layout (run on every rank)."""
     e, layout = cfg.engine, cfg.layout
     if not e.checkpoint:
@@ -43,19 +48,31 @@ def nemo_command(cfg: Config, port: int) -> list[str]:
             "web_server=False", f"port={port}", *e.extra_args]
 
 
+def free_port() -> int:
+    """A port free on this node now (the engine binds it moments later)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 class EngineServer:
     """Starts the configured engine on this node and waits until it has answered a real generation."""
 
-    def __init__(self, cfg: Config, log_path: Path, port_file: Path):
+    def __init__(self, cfg: Config, log_path: Path, port_file: Path, launcher: list[str] | None = None,
+                 rank_dir: Path | None = None):
         self.cfg, self.log_path, self.port_file = cfg, log_path, port_file
+        self.launcher = list(launcher or [])  # e.g. the srun step that starts one rank per GPU
+        self.rank_dir = rank_dir
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.model_name = cfg.model.name
+        if cfg.engine.name != "mock" and not cfg.engine.url:
+            self.port = cfg.engine.port or free_port()
 
     def command(self) -> list[str]:
         if self.cfg.engine.name == "mock":
-            return mock_command(self.cfg, self.cfg.engine.port, self.port_file)
-        return nemo_command(self.cfg, self.cfg.engine.port)
+            return self.launcher + mock_command(self.cfg, self.cfg.engine.port, self.port_file, self.rank_dir)
+        return self.launcher + nemo_command(self.cfg, self.port)
 
     @property
     def url(self) -> str:
@@ -100,12 +117,8 @@ class EngineServer:
             self._check_alive()
             if self.port is None and self.cfg.engine.url:
                 self.port = -1
-            if self.port is None:
-                if self.cfg.engine.name == "mock":
-                    if self.port_file.exists():
-                        self.port = int(self.port_file.read_text().strip())
-                else:
-                    self.port = self.cfg.engine.port
+            if self.port is None and self.port_file.exists():
+                self.port = int(self.port_file.read_text().strip())
             if self.port is not None:
                 try:
                     self.probe()

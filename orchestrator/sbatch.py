@@ -1,0 +1,120 @@
+"""Pure rendering of what reaches Slurm: submitit parameters, the engine's srun step, per-rank command
+lines, and the plain sbatch templates of `slurm_templates/` (for operators who submit themselves).
+
+Every config value reaches a script through `shlex.quote` or an argv list, never raw.
+"""
+from __future__ import annotations
+
+import shlex
+import string
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PROJECT_ROOT, Config
+
+TEMPLATES_DIR = PROJECT_ROOT / "slurm_templates"
+
+
+def submitit_parameters(cfg: Config) -> dict[str, Any]:
+    """SlurmExecutor parameters for one replica: one orchestrator task per node, the node's GPUs."""
+    c, layout = cfg.cluster, cfg.layout
+    params: dict[str, Any] = {
+        "job_name": c.job_name,
+        "nodes": layout.nodes,
+        "ntasks_per_node": 1,
+        "gpus_per_node": layout.gpus_per_node,
+        "time": c.timeout_min,
+        "partition": c.partition,
+        "account": c.account,
+        "qos": c.qos,
+        "constraint": c.constraint,
+        "cpus_per_task": task_cpus(cfg),
+        "mem": c.mem,
+        "exclusive": True if c.exclusive else None,
+        "setup": list(c.setup) or None,
+        "additional_parameters": dict(c.sbatch_args) or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def task_cpus(cfg: Config) -> int:
+    """CPUs of the orchestrator's task on each node: at least one per engine rank the node will run."""
+    return cfg.cluster.cpus_per_task or cfg.layout.gpus_per_node
+
+
+def container_flags(cfg: Config) -> list[str]:
+    c = cfg.cluster
+    flags = []
+    if c.container_image:
+        flags.append(f"--container-image={c.container_image}")
+    if c.container_mounts:
+        flags.append("--container-mounts=" + ",".join(c.container_mounts))
+    if c.container_workdir:
+        flags.append(f"--container-workdir={c.container_workdir}")
+    return flags
+
+
+def engine_step_prefix(cfg: Config) -> list[str]:
+    """The srun step that starts one engine rank per GPU across the allocation, from node 0's task.
+
+    --ntasks: otherwise the step inherits the job's SLURM_NTASKS (one per node);
+    --distribution=block: otherwise a tensor-parallel group may straddle nodes;
+    --cpus-per-task: otherwise each rank inherits the job task's SLURM_CPUS_PER_TASK;
+    --mem=0: the step may use all of the job's memory (the orchestrator's own step already holds it);
+    --kill-on-bad-exit: one rank dying ends the step, so readiness fails fast instead of hanging.
+    """
+    layout = cfg.layout
+    return ["srun", "--overlap", f"--nodes={layout.nodes}", f"--ntasks={layout.nodes * layout.gpus_per_node}",
+            f"--ntasks-per-node={layout.gpus_per_node}", f"--cpus-per-task={max(1, task_cpus(cfg) // layout.gpus_per_node)}",
+            "--mem=0", "--distribution=block", "--kill-on-bad-exit=1",
+            *container_flags(cfg), *cfg.cluster.srun_args]
+
+
+def rank_lines(cfg: Config, engine_cmd: list[str]) -> list[str]:
+    """One line per engine rank: where it runs, the environment srun gives it, its command."""
+    layout = cfg.layout
+    world = layout.nodes * layout.gpus_per_node
+    lines = []
+    for rank in range(world):
+        node, local = divmod(rank, layout.gpus_per_node)
+        role = "serves HTTP" if rank == 0 else "worker"
+        lines.append(f"# rank {rank} on node {node}, GPU {local} ({role})\n"
+                     f"SLURM_PROCID={rank} SLURM_LOCALID={local} SLURM_NODEID={node} SLURM_NTASKS={world} "
+                     f"{shlex.join(engine_cmd)}")
+    return lines
+
+
+def _sbatch_option_lines(cfg: Config) -> list[str]:
+    params = submitit_parameters(cfg)
+    params.pop("setup", None)
+    extra = params.pop("additional_parameters", {})
+    params["ntasks_per_node"] = cfg.layout.gpus_per_node  # the plain recipe: one task per GPU
+    params.pop("cpus_per_task", None)
+    params.update(extra)
+    lines = []
+    for key in sorted(params):
+        value = params[key]
+        flag = key.replace("_", "-")
+        lines.append(f"#SBATCH --{flag}" if value is True else f"#SBATCH --{flag}={shlex.quote(str(value))}")
+    return lines
+
+
+def render_template(name: str, cfg: Config, engine_cmd: list[str], client_config: Path, port: int) -> str:
+    """Fill `slurm_templates/<name>` from the config; values are shell-quoted, `$$` is a literal `$`."""
+    template = string.Template((TEMPLATES_DIR / name).read_text())
+    layout = cfg.layout
+    client = [sys.executable, "-m", "orchestrator.cli", "run", "--config-path", str(client_config.parent),
+              "--config-name", client_config.stem, "hydra.run.dir=.", "hydra.output_subdir=null"]
+    return template.substitute(
+        sbatch_options="\n".join(_sbatch_option_lines(cfg)),
+        setup="\n".join(cfg.cluster.setup),
+        nodes=layout.nodes,
+        ntasks=layout.nodes * layout.gpus_per_node,
+        gpus_per_node=layout.gpus_per_node,
+        container_flags=" ".join(shlex.quote(f) for f in container_flags(cfg) + list(cfg.cluster.srun_args)),
+        engine_command=shlex.join(engine_cmd),
+        port=shlex.quote(str(port)),
+        ready_timeout_s=int(cfg.engine.ready_timeout_s),
+        client_command=shlex.join(client),
+    )
