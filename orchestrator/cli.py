@@ -8,6 +8,7 @@ USAGE = """usage: orchestrator COMMAND [key=value ...] [hydra flags such as --cf
 commands:
   run            run the whole pipeline (default: local executor, embedded engine, example prompts)
   plan           print the model's layout, memory per GPU and whether it fits
+  render         write the sbatch script(s), engine rank command lines and config; submit nothing
   serve-engine   run the embedded engine on its own (engine.port=..., engine.host=...)
 
 examples:
@@ -68,7 +69,14 @@ def cmd_serve_engine(cfg) -> None:
     os.execv(cmd[0], cmd)  # the engine replaces this process: signals reach it, nothing is left behind
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "serve-engine": cmd_serve_engine}
+def cmd_render(cfg) -> None:
+    from .launch import render
+
+    for path in render(cfg):
+        print(path)
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "render": cmd_render, "serve-engine": cmd_serve_engine}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -111,7 +111,7 @@ def make_executor(cfg: Config, paths: RunPaths):
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
         executor.update_parameters(**submitit_parameters(cfg))
         return executor
-    if cfg.layout.nodes > 1 and cfg.engine.name != "mock":
+    if cfg.layout.nodes > 1 and cfg.engine.name != "mock" and not cfg.engine.url:
         raise RunError(f"cluster=local runs on one machine; {cfg.model.name} needs {cfg.layout.nodes} nodes: "
                        f"use cluster=slurm")
     executor = submitit.LocalExecutor(folder=folder)
@@ -232,3 +232,60 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
     if not summary["complete"]:
         raise RunError(f"{summary['committed']}/{summary['total']} rows committed; rerun the same command to resume")
     return summary
+
+
+PORT_PLACEHOLDER = "__ORCHESTRATOR_PORT__"
+
+
+def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
+    """Write what `run` would submit, and submit nothing: the sbatch script, the engine's srun step and
+    per-rank command lines, the resolved config, and the plain sbatch template filled from the config."""
+    import dataclasses
+
+    from .engines.server import mock_command, nemo_command
+    from .sbatch import rank_lines, render_template
+
+    build_layout(cfg)
+    paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
+    out = Path(out_dir) if out_dir else paths.root / "render"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def write(name: str, text: str) -> None:
+        atomic_write_text(out / name, text)
+        written.append(out / name)
+
+    write("config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    server = engine_server(cfg, paths, "<attempt>", 0)
+    if cfg.engine.name == "mock":
+        engine_cmd = mock_command(cfg, cfg.engine.port, server.port_file, server.rank_dir)
+    else:
+        engine_cmd = nemo_command(cfg, cfg.engine.port or PORT_PLACEHOLDER)
+    step = server.launcher + engine_cmd
+    port_note = "a free port chosen on node 0 when the job starts" if not cfg.engine.port else str(cfg.engine.port)
+    ranks = "\n".join(rank_lines(cfg, engine_cmd))
+    write("engine_ranks.sh", _with_port(
+        f"# The engine step started by the orchestrator's task on node 0 (PORT: {port_note}):\n"
+        f"{shlex_join(step)}\n\n# What each rank runs, with the environment srun gives it:\n{ranks}\n"))
+    if cfg.cluster.name == "slurm":
+        executor = make_executor(cfg, paths)
+        script = executor._make_submission_file_text(executor._submitit_command_str, "render")
+        note = f"# submitted {cfg.replicas} time(s), once per replica\n" if cfg.replicas > 1 else ""
+        write("job.sbatch", script.replace("#!/bin/bash\n", "#!/bin/bash\n" + note, 1))
+        client_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, name="local"), replicas=1)
+        client_yaml = out / "client.yaml"
+        write("client.yaml", OmegaConf.to_yaml(OmegaConf.structured(client_cfg)))
+        template_cmd = nemo_command(cfg, PORT_PLACEHOLDER) if cfg.engine.name == "nemo" else engine_cmd
+        write("nemo_server.sbatch", _with_port(render_template(
+            "nemo_server.sbatch", cfg, template_cmd, client_yaml, cfg.engine.port or 1424)))
+    return written
+
+
+def shlex_join(argv: list[str]) -> str:
+    import shlex
+
+    return shlex.join(argv)
+
+
+def _with_port(text: str) -> str:
+    return text.replace(PORT_PLACEHOLDER, '"$PORT"')

@@ -105,7 +105,8 @@ def render_template(name: str, cfg: Config, engine_cmd: list[str], client_config
     template = string.Template((TEMPLATES_DIR / name).read_text())
     layout = cfg.layout
     client = [sys.executable, "-m", "orchestrator.cli", "run", "--config-path", str(client_config.parent),
-              "--config-name", client_config.stem, "hydra.run.dir=.", "hydra.output_subdir=null"]
+              "--config-name", client_config.stem, "hydra.run.dir=.", "hydra.output_subdir=null",
+              "hydra/job_logging=stdout"]
     return template.substitute(
         sbatch_options="\n".join(_sbatch_option_lines(cfg)),
         setup="\n".join(cfg.cluster.setup),
