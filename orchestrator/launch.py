@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -170,8 +171,9 @@ def _job_result(job, paths: RunPaths):
     try:
         return job.task(0).result() if job.__class__.__name__ != "LocalJob" else job.result()
     except Exception as exc:  # submitit re-raises the job's failure with its traceback
-        message = str(exc).strip().splitlines()
-        tail = "\n".join(message[-12:])
+        lines = str(exc).strip().splitlines()
+        raised = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", line)]
+        tail = "\n".join(lines[raised[-1]:raised[-1] + 15] if raised else lines[-12:])
         raise RunError(f"job {job.job_id} failed; logs in {paths.logs}\n{tail}") from None
 
 

@@ -48,3 +48,27 @@ def cli_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def slurm_available() -> tuple[bool, str]:
+    import shutil
+    import subprocess
+
+    if not shutil.which("sbatch"):
+        return False, "no sbatch on PATH: run `bash scripts/local_slurm.sh start`"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "local_slurm.sh"
+    proc = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return False, f"the local Slurm cluster is not up (`bash scripts/local_slurm.sh start`): {proc.stdout[-300:]}"
+    return True, ""
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real local Slurm cluster; a missing cluster fails the test under CI=true instead of skipping it."""
+    ok, why = slurm_available()
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and the Slurm cluster is unavailable: {why}")
+        pytest.skip(why)
+    return "debug"

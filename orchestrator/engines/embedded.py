@@ -488,11 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     port_file = args.pop("port_file")
     rank_dir, fail_rank = args.pop("rank_dir"), args.pop("fail_rank")
     rank = int(os.environ.get("SLURM_PROCID", "0"))
-    if rank_dir:
-        _write_rank(Path(rank_dir), rank)
     if rank == fail_rank:
         print(f"rank {rank}: simulated failure (--fail-rank)", file=sys.stderr, flush=True)
         return 1
+    if rank_dir:
+        _write_rank(Path(rank_dir), rank)
+        world = int(os.environ.get("SLURM_NTASKS", "1"))
+        while rank == 0 and len(list(Path(rank_dir).glob("rank-*.json"))) < world:
+            time.sleep(0.05)  # like torch.distributed's rendezvous: no rank serves until all have joined
     if rank != 0:  # like NeMo's non-zero ranks: no HTTP, stay up and join generations until stopped
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         signal.sigwait({signal.SIGTERM, signal.SIGINT})

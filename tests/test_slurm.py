@@ -1,0 +1,116 @@
+"""The Slurm path on the real local cluster (scripts/local_slurm.sh): two slurmd nodes, 8 GRES GPUs each."""
+import glob
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import hydra_value, write_prompts
+
+pytestmark = pytest.mark.slurm
+EXE = shutil.which("orchestrator") or "orchestrator"
+
+
+def run_cli(*args, timeout=240):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def job_ids(stdout: str) -> list[str]:
+    match = re.search(r"submitted job\(s\) ([\d ]+)", stdout)
+    assert match, stdout
+    return match.group(1).split()
+
+
+def sacct_state(job_id: str, deadline_s: float = 60) -> str:
+    """The job's final state from accounting (it can lag the job's end by a few seconds)."""
+    deadline = time.monotonic() + deadline_s
+    state = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True).stdout
+        state = out.strip().split("\n")[0].split()[0] if out.strip() else ""
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            return state
+        time.sleep(0.5)
+    return state
+
+
+def leftover(run_dir: Path) -> str:
+    return subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True, text=True).stdout.strip()
+
+
+def ranks(run_dir: Path) -> list[dict]:
+    return [json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/work/ranks-*/rank-*.json")]
+
+
+def test_340b_layout_on_two_nodes_from_parquet_to_results(slurm_cluster, weird_tmp_path):
+    src = write_prompts(weird_tmp_path / "in.parquet", 300)
+    run_dir = weird_tmp_path / "run"
+    proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", "engine=mock",
+                   "model=nemotron4_340b_instruct", f"data.input={hydra_value(src)}", f"run_dir={hydra_value(run_dir)}",
+                   "data.unit_rows=50", "sampling.tokens_to_generate=8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job,) = job_ids(proc.stdout)
+    df = pd.read_parquet(run_dir / "results")
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(300)) and (df["status"] == "ok").all()
+    placed = sorted((r["rank"], r["node"], r["node_rank"], r["local_rank"], r["world_size"]) for r in ranks(run_dir))
+    assert placed == [(i, "n1" if i < 8 else "n2", i // 8, i % 8, 16) for i in range(16)]
+    assert sacct_state(job) == "COMPLETED"
+    assert leftover(run_dir) == ""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["ok"] == 300 and summary["cluster"] == "slurm"
+
+
+def test_two_replicas_share_one_input(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 400)
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", "model=nemotron_mini_4b_instruct",
+                   "layout.nodes=1", "layout.gpus_per_node=8", "layout.tensor_parallel=8", "replicas=2",
+                   f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "client.batch_size=10",
+                   "engine.request_latency_s=0.4", "sampling.tokens_to_generate=4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = job_ids(proc.stdout)
+    assert len(jobs) == 2 and all(sacct_state(j) == "COMPLETED" for j in jobs)
+    df = pd.read_parquet(run_dir / "results")
+    assert len(df) == 400 and sorted(df["id"]) == sorted(f"q{i}" for i in range(400))
+    owners = {Path(p).read_text().split("-")[0] for p in glob.glob(f"{run_dir}/work/claims/*/*")}
+    assert owners == {"r0", "r1"}, "both replicas pulled units from the shared plan"
+    assert leftover(run_dir) == ""
+
+
+def test_a_rank_dying_before_readiness_fails_the_job_fast(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 10)
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}",
+                   f"run_dir={run_dir}", "engine.fail_rank=11", "engine.ready_timeout_s=600", timeout=180)
+    assert proc.returncode == 1
+    assert "failed" in proc.stderr and "the engine exited with status" in proc.stderr
+    assert time.monotonic() - started < 180
+    (job,) = job_ids(proc.stdout)
+    assert sacct_state(job) == "FAILED"
+    assert leftover(run_dir) == ""
+    assert not (run_dir / "results").exists() or not list((run_dir / "results").iterdir())
+
+
+def test_wait_false_returns_job_ids_and_hostile_values_stay_values(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 20)
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "pwned"
+    hostile = f"x y; $(touch {marker}) 'q' `touch {marker}`"  # Slurm itself shows a double quote as a backtick
+    proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}",
+                   f"run_dir={run_dir}", "wait=false", f"cluster.job_name={hydra_value(hostile)}",
+                   "sampling.tokens_to_generate=4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job,) = job_ids(proc.stdout)
+    assert f"squeue -j {job}" in proc.stdout
+    assert sacct_state(job, deadline_s=120) == "COMPLETED"
+    name = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName%100", "-j", job], capture_output=True, text=True).stdout
+    assert name.strip() == hostile
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["ok"] == 20
+    assert not marker.exists()
