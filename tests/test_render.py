@@ -1,0 +1,120 @@
+"""`orchestrator render`: what would be submitted, compared with saved reference files, and quoting."""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import compose
+from orchestrator.launch import render
+from tests.conftest import write_prompts
+
+REFERENCE = Path(__file__).parent / "reference" / "render_nemo_340b"
+REFRESH = "ORCHESTRATOR_REFRESH_REFERENCE"
+SEED_340B = ("python3 /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py "
+             "gpt_model_file=/models/Nemotron-4-340B-Instruct.nemo pipeline_model_parallel_split_rank=0 server=True "
+             "tensor_model_parallel_size=8 pipeline_model_parallel_size=2 trainer.precision=bf16 trainer.devices=8 "
+             "trainer.num_nodes=2 web_server=False port=")
+
+
+def render_340b(run_dir: Path, *extra: str) -> dict[str, str]:
+    cfg = compose(["cluster=slurm", "engine=nemo", "engine.checkpoint=/models/Nemotron-4-340B-Instruct.nemo",
+                   "cluster.partition=batch", "cluster.account=llm", "cluster.container_image=nvcr.io/nvidia/nemo:24.05",
+                   "cluster.container_mounts=[/lustre/models:/models]", f"run_dir={run_dir}",
+                   "data.input=/lustre/prompts", *extra])
+    return {p.name: p.read_text() for p in render(cfg)}
+
+
+def normalise(text: str, run_dir: Path) -> str:
+    return text.replace(str(run_dir), "<RUN_DIR>").replace(sys.executable, "<PYTHON>")
+
+
+@pytest.mark.parametrize("name", ["job.sbatch", "engine_ranks.sh", "nemo_server.sbatch"])
+def test_render_matches_the_saved_reference(tmp_path, name):
+    run_dir = tmp_path / "run"
+    got = normalise(render_340b(run_dir)[name], run_dir)
+    ref = REFERENCE / name
+    if os.environ.get(REFRESH) == "1":
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(got)
+    assert ref.exists(), f"no reference {ref}; create it with {REFRESH}=1 pytest {__file__}"
+    assert got == ref.read_text(), (f"{name} differs from {ref}; if the change is intended, refresh with "
+                                    f"{REFRESH}=1 pytest {__file__} and review the diff")
+
+
+def test_the_340b_engine_line_is_the_seed_recipe(tmp_path):
+    files = render_340b(tmp_path / "run")
+    assert SEED_340B in files["engine_ranks.sh"] and SEED_340B in files["nemo_server.sbatch"]
+    plain = files["nemo_server.sbatch"]
+    for flag in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"):
+        assert flag in plain
+    assert "--container-image=nvcr.io/nvidia/nemo:24.05 --container-mounts=/lustre/models:/models" in plain
+    job = files["job.sbatch"]
+    assert "#SBATCH --nodes=2" in job and "#SBATCH --ntasks-per-node=1" in job and "#SBATCH --gpus-per-node=8" in job
+    step = files["engine_ranks.sh"]
+    for flag in ("--overlap", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--distribution=block",
+                 "--kill-on-bad-exit=1", "--container-image=nvcr.io/nvidia/nemo:24.05"):
+        assert flag in step
+    assert step.count("SLURM_NTASKS=16") == 16 and "SLURM_PROCID=15 SLURM_LOCALID=7 SLURM_NODEID=1" in step
+
+
+HOSTILE = "a b; $(touch {m}) 'q' \"d\" `touch {m}`"
+
+
+def test_hostile_values_reach_scripts_quoted(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = HOSTILE.format(m=marker)
+    q = "'" + bad.replace("'", "\\'") + "'"
+    files = render_340b(tmp_path / "run", f"cluster.partition={q}", f"cluster.job_name={q}",
+                        f"cluster.container_image={q}", f"cluster.container_workdir={q}", f"engine.checkpoint={q}",
+                        f"cluster.container_mounts=[{q}]", f"+cluster.sbatch_args.comment={q}")
+    for name in ("job.sbatch", "nemo_server.sbatch", "engine_ranks.sh"):
+        path = tmp_path / name
+        path.write_text(files[name])
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, name
+    for name in ("job.sbatch", "nemo_server.sbatch"):
+        options = [shlex.split(line) for line in files[name].splitlines() if line.startswith("#SBATCH --partition")]
+        assert options == [["#SBATCH", f"--partition={bad}"]]
+        comments = [shlex.split(line) for line in files[name].splitlines() if line.startswith("#SBATCH --comment")]
+        assert comments == [["#SBATCH", f"--comment={bad}"]]
+    step = next(line for line in files["engine_ranks.sh"].splitlines() if line.startswith("srun "))
+    argv = shlex.split(step)
+    for token in (f"--container-image={bad}", f"--container-mounts={bad}", f"--container-workdir={bad}",
+                  f"gpt_model_file={bad}"):
+        assert token in argv
+    assert not marker.exists()
+
+
+def test_the_plain_template_runs_its_steps_with_exact_arguments(tmp_path):
+    """Run the filled template under bash with stand-ins for srun, scontrol and curl that record their argv."""
+    marker = tmp_path / "pwned"
+    bad = HOSTILE.format(m=marker)
+    q = "'" + bad.replace("'", "\\'") + "'"
+    src = write_prompts(tmp_path / "in.parquet", 3)
+    files = render_340b(tmp_path / "run", f"engine.checkpoint={q}", "engine.ready_timeout_s=1", f"data.input={src}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv.jsonl"
+    recorder = (f"#!{sys.executable}\nimport json, sys, os\n"
+                f"open({str(record)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "srun").write_text(recorder + "import time; time.sleep(30)\n")
+    (bin_dir / "scontrol").write_text(recorder + "print('127.0.0.1')\n")
+    (bin_dir / "curl").write_text(recorder + "print('{\"sentences\": [\"Hello world\"]}')\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = tmp_path / "nemo_server.sbatch"
+    script.write_text(files["nemo_server.sbatch"])
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n[1-2]")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    import json
+
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    srun = next(c for c in calls if c[0] == "srun")
+    assert f"gpt_model_file={bad}" in srun and "port=1424" in srun and "--ntasks=16" in srun
+    curl = next(c for c in calls if c[0] == "curl")
+    assert "http://127.0.0.1:1424/generate" in curl
+    # the client ran against the address the script found, and failed its bounded readiness wait
+    assert proc.returncode != 0 and "did not answer a one-token generation within 1 s" in proc.stderr
+    assert not marker.exists()
