@@ -138,6 +138,8 @@ class Client:
                 buf.ids.extend(ids)
                 for offset, prompt in enumerate(prompts):
                     problem = check_prompt(prompt)
+                    if not problem:
+                        prompt, problem = self._fit_context(prompt)
                     if problem:
                         buf.fail(base + offset, problem)
                         continue
@@ -152,6 +154,19 @@ class Client:
             await queue.put(batch)
         for _ in range(workers):
             await queue.put(None)
+
+    def _fit_context(self, prompt: str) -> tuple[str, str | None]:
+        """The prompt within the model's context (estimated from its UTF-8 size), truncated when allowed."""
+        data, context = self.cfg.data, self.cfg.model.architecture.max_seq_len
+        size = len(prompt.encode())
+        estimate = size / data.bytes_per_token
+        if estimate <= context:
+            return prompt, None
+        if data.truncate_prompts:
+            keep = int(context * data.bytes_per_token)
+            return prompt.encode()[:keep].decode(errors="ignore"), None
+        return prompt, (f"prompt is about {estimate:.0f} tokens ({size} bytes), longer than the model's "
+                        f"{context}-token context; set data.truncate_prompts=true to keep its start")
 
     async def _worker(self, queue: asyncio.Queue) -> None:
         while True:

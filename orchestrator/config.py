@@ -19,6 +19,7 @@ PROMPT_FORMATS = ("nemotron4_chat", "steerlm", "nemotron_mini", "raw")
 ENGINES = ("mock", "nemo")
 PROTOCOLS = ("nemo", "openai")
 CLUSTERS = ("local", "slurm")
+DUPLICATE_POLICIES = ("error", "positional", "keep")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 
 
@@ -192,10 +193,15 @@ class DataConfig:
     id_column: str = "id"  # when absent from the input, ids are "<file>:<row>"
     unit_rows: int = 2048  # rows per unit of work (one result file each)
     read_batch_rows: int = 1024  # rows per Parquet record batch
+    duplicate_ids: str = "error"  # error: refuse to start; positional: ids become "<file>:<row>"; keep: run every row
+    truncate_prompts: bool = False  # cut prompts longer than the context (keep the start) instead of a row error
+    bytes_per_token: float = 4.0  # for the context check without a tokenizer: UTF-8 bytes per token
 
     def __post_init__(self) -> None:
         _check_range("data.unit_rows", self.unit_rows, lo=1)
         _check_range("data.read_batch_rows", self.read_batch_rows, lo=1)
+        _check_choice("data.duplicate_ids", self.duplicate_ids, DUPLICATE_POLICIES)
+        _check_range("data.bytes_per_token", self.bytes_per_token, lo=0, lo_open=True)
 
 
 @dataclass
@@ -207,10 +213,16 @@ class ClientConfig:
     retry_backoff_max_s: float = 30.0
     request_timeout_s: float = 3600.0
     progress_interval_s: float = 1.0  # how often progress is written for the terminal
+    max_error_fraction: float = 0.5  # stop early when more than this share of rows failed...
+    min_rows_for_error_check: int = 200  # ...once at least this many rows have an outcome
+    grace_s: float = 30.0  # on preemption: time for in-flight requests to finish before they are abandoned
+    lease_s: float = 60.0  # a replica silent this long has lost its claims: others take its units
 
     def __post_init__(self) -> None:
         _check_range("client.batch_size", self.batch_size, lo=1, hi=128)
         _check_range("client.max_retries", self.max_retries, lo=0)
+        _check_range("client.max_error_fraction", self.max_error_fraction, lo=0, hi=1)
+        _check_range("client.lease_s", self.lease_s, lo=0, lo_open=True)
         if self.max_in_flight is not None:
             _check_range("client.max_in_flight", self.max_in_flight, lo=1)
 

@@ -51,16 +51,49 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     plan = build_plan(cfg.data, cfg.input_path)
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)
-    if paths.plan.exists():
-        stored = Plan.from_json(paths.plan.read_text())
-        if [f.path for f in stored.files] != [f.path for f in plan.files] or stored.units != plan.units:
-            raise InputError(f"run_dir {paths.root} holds a run over other input (or another data.unit_rows); "
-                             f"rerun with its original data.input, or choose a new run_dir=")
-        plan = stored
+    current = fingerprint(cfg, plan)
+    stored_print = paths.root / "fingerprint.json"
+    if paths.plan.exists() and stored_print.exists():
+        changed = _differences(json.loads(stored_print.read_text()), current)
+        if changed:
+            raise InputError(f"run_dir {paths.root} was started with other settings, so old and new results would "
+                             f"disagree: {'; '.join(changed[:8])}. Rerun with the original settings to resume, or "
+                             f"choose a new run_dir= for a fresh run")
+        plan = Plan.from_json(paths.plan.read_text())
     paths.make()
+    atomic_write_text(stored_print, json.dumps(current, indent=1, sort_keys=True))
     atomic_write_text(paths.plan, plan.to_json())
     atomic_write_text(paths.root / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return plan, paths
+
+
+def fingerprint(cfg: Config, plan: Plan) -> dict:
+    """What decides the answers: model, prompt format, sampling, engine, and the exact input files."""
+    return {
+        "model": cfg.model.name,
+        "model.prompt": asdict(cfg.model.prompt),
+        "end_strings": cfg.end_strings,
+        "sampling": asdict(cfg.sampling),
+        "engine": cfg.engine.name,
+        "engine.seed": cfg.engine.seed if cfg.engine.name == "mock" else None,
+        "data": {k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
+                                                   "truncate_prompts", "bytes_per_token")},
+        "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            if key == "input_files":
+                found.append("the input files changed (paths, sizes or modification times)")
+            else:
+                found.append(f"{prefix}{key} was {a!r}, now {b!r}")
+    return found
 
 
 def engine_server(cfg: Config, paths: RunPaths, attempt: str, replica: int) -> EngineServer:

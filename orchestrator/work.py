@@ -118,8 +118,52 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
         raise InputError(f"input files disagree on the id column {data.id_column!r} ({detail}); "
                          f"give every file the same id column type, or none")
     id_type = kinds.pop() if kinds else ""
-    return Plan(files, units, data.prompt_column, data.id_column if id_type else None,
+    plan = Plan(files, units, data.prompt_column, data.id_column if id_type else None,
                 id_type or "string", data.unit_rows)
+    if plan.id_column and data.duplicate_ids != "keep":
+        count, examples = find_duplicate_ids(plan, data.read_batch_rows * 64)
+        if count and data.duplicate_ids == "error":
+            shown = "; ".join(f"{ident!r} at {', '.join(where)}" for ident, where in examples)
+            raise InputError(f"{count} rows repeat an id of column {plan.id_column!r} (e.g. {shown}); ids must be "
+                             f"unique for exactly-once results. Fix the input, or opt in: data.duplicate_ids=positional "
+                             f"(ids become <file>:<row>) or data.duplicate_ids=keep (every row runs; ids repeat in results)")
+        if count:  # positional
+            plan.id_column, plan.id_type = None, "string"
+    return plan
+
+
+def _id_batches(plan: Plan, batch_rows: int):
+    for source in plan.files:
+        pf = pq.ParquetFile(source.path)
+        row = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[plan.id_column]):
+            yield source, row, batch.column(0)
+            row += batch.num_rows
+
+
+def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 3) -> tuple[int, list]:
+    """Rows whose id repeats an earlier one, and a few examples with where they are; memory is 8 bytes a row."""
+    import numpy as np
+    import pandas as pd
+
+    hashes = [pd.util.hash_array(column.to_numpy(zero_copy_only=False).astype(object)) for _, _, column in
+              _id_batches(plan, batch_rows)]
+    if not hashes:
+        return 0, []
+    every = np.concatenate(hashes)
+    unique, counts = np.unique(every, return_counts=True)
+    repeated = unique[counts > 1]
+    extra = int(counts[counts > 1].sum() - len(repeated))
+    if not extra:
+        return 0, []
+    wanted = set(repeated[:max_examples].tolist())
+    found: dict = {}
+    for source, row, column in _id_batches(plan, batch_rows):
+        batch_hashes = pd.util.hash_array(column.to_numpy(zero_copy_only=False).astype(object))
+        for offset in np.nonzero(np.isin(batch_hashes, list(wanted)))[0]:
+            ident = column[int(offset)].as_py()
+            found.setdefault(ident, []).append(f"{source.name}:{row + int(offset)}")
+    return extra, [(ident, where[:4]) for ident, where in list(found.items())[:max_examples]]
 
 
 def read_unit(plan: Plan, unit: int, batch_rows: int) -> Iterator[tuple[list, list]]:

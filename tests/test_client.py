@@ -61,10 +61,35 @@ def test_bad_rows_become_recorded_errors(tmp_path):
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=5"])
     _, paths, _ = run_client(cfg, tmp_path)
     df = results(paths).set_index("id")
-    assert list(df.loc[["q0", "q4", "q5"], "status"]) == ["ok", "ok", "ok"]
+    assert list(df.loc[["q0", "q4"], "status"]) == ["ok", "ok"]
     assert df.loc["q1", "error"] == "prompt is null"
     assert df.loc["q2", "error"] == "prompt is empty" and df.loc["q3", "error"] == "prompt is empty"
+    assert df.loc["q5", "status"] == "error" and "longer than the model's 4096-token context" in df.loc["q5", "error"]
+    assert "data.truncate_prompts=true" in df.loc["q5", "error"]
     assert len(df) == 6
+
+
+def test_long_and_non_ascii_prompts_with_truncation(tmp_path):
+    long_words = " ".join(f"wörd{i} 日本" for i in range(12_000))  # ~130 KB of UTF-8
+    prompts = [long_words, "ünïcödé ✓ 日本語 — ok?", "short"]
+    src = write_prompts(tmp_path / "in.parquet", 0, prompts=prompts)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=5",
+                   "data.truncate_prompts=true", "model=nemotron3_8b_base"])
+    _, paths, _ = run_client(cfg, tmp_path)
+    df = results(paths).set_index("id")
+    assert (df["status"] == "ok").all() and len(df) == 3
+    assert all(r.startswith("[simulated]") for r in df["response"])
+
+
+def test_non_text_prompt_column_rows_are_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": [1, 2]}), tmp_path / "in.parquet")
+    cfg = compose([f"data.input={tmp_path / 'in.parquet'}", f"run_dir={tmp_path / 'r'}"])
+    _, paths, _ = run_client(cfg, tmp_path)
+    df = results(paths)
+    assert list(df["status"]) == ["error", "error"] and (df["error"] == "prompt is not text (int)").all()
 
 
 def test_engine_errors_are_retried_then_recorded(tmp_path):

@@ -1,0 +1,84 @@
+"""Bad input, each case: a clear message before anything is submitted, or a recorded row error."""
+import json
+import shutil
+import subprocess
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.config import compose
+from orchestrator.launch import prepare
+from orchestrator.work import InputError
+from tests.conftest import write_prompts
+
+EXE = shutil.which("orchestrator")
+
+
+def cli(*args):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_duplicate_ids_are_refused_with_examples_before_submitting(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b", "a", "c", "b"], "prompt": list("vwxyz")}), tmp_path / "in.parquet")
+    proc = cli("run", f"data.input={tmp_path / 'in.parquet'}", f"run_dir={tmp_path / 'r'}")
+    assert proc.returncode == 1
+    assert "2 rows repeat an id" in proc.stderr and "'a' at in.parquet:0, in.parquet:2" in proc.stderr
+    assert "data.duplicate_ids=positional" in proc.stderr
+    assert not (tmp_path / "r" / "plan.json").exists()
+
+
+@pytest.mark.parametrize("policy,ids", [("positional", [f"in.parquet:{i}" for i in range(5)]),
+                                        ("keep", ["a", "a", "b", "b", "c"])])
+def test_duplicate_id_policies(tmp_path, policy, ids):
+    pq.write_table(pa.table({"id": ["a", "b", "a", "c", "b"], "prompt": list("vwxyz")}), tmp_path / "in.parquet")
+    proc = cli("run", f"data.input={tmp_path / 'in.parquet'}", f"run_dir={tmp_path / 'r'}", f"data.duplicate_ids={policy}",
+               "sampling.tokens_to_generate=3")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(pd.read_parquet(tmp_path / "r" / "results")["id"]) == sorted(ids)
+
+
+def test_truncated_parquet_is_a_clear_error(tmp_path):
+    good = write_prompts(tmp_path / "good.parquet", 100)
+    data = good.read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.parquet is not a readable Parquet file"):
+        prepare(compose([f"data.input={tmp_path / 'cut.parquet'}", f"run_dir={tmp_path / 'r'}"]))
+
+
+def test_zero_rows_complete_with_a_summary_of_zero(tmp_path):
+    write_prompts(tmp_path / "empty.parquet", 0, prompts=[])
+    proc = cli("run", f"data.input={tmp_path / 'empty.parquet'}", f"run_dir={tmp_path / 'r'}")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["total"] == 0 and summary["ok"] == 0 and summary["failed"] == 0 and summary["complete"]
+
+
+def test_files_with_different_extra_columns_run_together(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["hi"], "extra": [1]}), tmp_path / "d1.parquet")
+    pq.write_table(pa.table({"prompt": pa.array(["yo"], pa.large_string()), "id": ["b"], "other": [[1, 2]]}),
+                   tmp_path / "d2.parquet")
+    proc = cli("run", f"data.input={tmp_path}/d*.parquet", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=3")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(pd.read_parquet(tmp_path / "r" / "results")["id"]) == ["a", "b"]
+
+
+def test_files_missing_the_prompt_column_are_named(tmp_path):
+    write_prompts(tmp_path / "d" / "ok.parquet", 2)
+    pq.write_table(pa.table({"id": ["z"], "text": ["x"]}), tmp_path / "d" / "bad.parquet")
+    proc = cli("run", f"data.input={tmp_path / 'd'}", f"run_dir={tmp_path / 'r'}")
+    assert proc.returncode == 1 and "bad.parquet: no prompt column 'prompt'" in proc.stderr and "['id', 'text']" in proc.stderr
+
+
+def test_changing_settings_on_resume_is_refused(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 10)
+    base = ["run", f"data.input={src}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=3"]
+    assert cli(*base).returncode == 0
+    proc = cli(*base, "sampling.temperature=0.5")
+    assert proc.returncode == 1 and "sampling.temperature was 1.0, now 0.5" in proc.stderr and "new run_dir" in proc.stderr
+    proc = cli(*base, "model=nemotron3_8b_base")
+    assert proc.returncode == 1 and "model was 'nemotron4_340b_instruct', now 'nemotron3_8b_base'" in proc.stderr
+    write_prompts(src, 11)
+    proc = cli(*base)
+    assert proc.returncode == 1 and "input files changed" in proc.stderr
