@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import aiohttp
 import pyarrow as pa
@@ -19,7 +20,8 @@ import pyarrow as pa
 from .config import Config
 from .engines.protocols import RejectedError, TransientError, make_protocol
 from .prompts import format_prompt, postprocess
-from .work import Plan, RunPaths, UnitStats, atomic_write_text, claim, commit_unit, done_units, read_unit, result_schema
+from .work import (Plan, RunPaths, UnitStats, atomic_write_text, claim, commit_unit, done_units, heartbeat,
+                   is_committed, read_unit, result_schema)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,14 @@ def check_prompt(value) -> str | None:
     return None
 
 
+class EngineLost(RuntimeError):
+    """The engine this replica talks to died; its unfinished units go back to the pool."""
+
+
+class TooManyErrors(RuntimeError):
+    """More than client.max_error_fraction of the rows failed: stop instead of burning GPU hours."""
+
+
 @dataclass
 class ClientStats:
     rows: UnitStats = field(default_factory=UnitStats)
@@ -90,70 +100,133 @@ class ClientStats:
 
 
 class Client:
-    """Runs a plan's not-yet-committed units against one engine endpoint."""
+    """Runs a plan's not-yet-committed units against one engine endpoint.
+
+    `request_stop()` (thread-safe) makes it stop taking work, give in-flight requests up to
+    client.grace_s, commit the units that finished and abandon the rest (they are redone on resume).
+    A failure while stopping, or once the engine is gone, never becomes a row error.
+    """
 
     def __init__(self, cfg: Config, plan: Plan, paths: RunPaths, url: str, attempt: str, owner: str,
-                 model_name: str = "mock"):
+                 model_name: str = "mock", engine_alive: Callable[[], bool] | None = None):
         self.cfg, self.plan, self.paths, self.url = cfg, plan, paths, url.rstrip("/")
         self.attempt, self.owner = attempt, owner
         self.protocol = make_protocol(cfg, model_name)
         self.schema = result_schema(plan)
         self.stats = ClientStats()
-        self.stopping = asyncio.Event()
+        self.engine_alive = engine_alive or (lambda: True)
+        self.stop_reason: str | None = None
+        self.fatal: Exception | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping: asyncio.Event | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Thread-safe: stop taking work and wind down within client.grace_s."""
+        self.stop_reason = self.stop_reason or reason
+        if self.loop is not None and self.stopping is not None:
+            self.loop.call_soon_threadsafe(self.stopping.set)
+
+    def _halt(self, error: Exception) -> None:
+        if self.fatal is None:
+            self.fatal = error
+        self.stopping.set()
 
     async def run(self) -> ClientStats:
+        self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
+        if self.stop_reason:
+            self.stopping.set()
         in_flight = self.protocol.in_flight
         queue: asyncio.Queue = asyncio.Queue(maxsize=in_flight)
         timeout = aiohttp.ClientTimeout(total=self.cfg.client.request_timeout_s)
-        connector = aiohttp.TCPConnector(limit=in_flight, force_close=False)
+        connector = aiohttp.TCPConnector(limit=in_flight)
+        heartbeat(self.paths, self.attempt, self.owner)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             self.session = session
-            reporter = asyncio.create_task(self._report_progress())
-            workers = [asyncio.create_task(self._worker(queue)) for _ in range(in_flight)]
+            helpers = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._watch())]
+            work = asyncio.gather(self._produce(queue, in_flight), *[self._worker(queue) for _ in range(in_flight)])
+            stop = asyncio.create_task(self.stopping.wait())
             try:
-                await self._produce(queue, len(workers))
-                await asyncio.gather(*workers)
+                await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    grace = 0.0 if isinstance(self.fatal, EngineLost) else self.cfg.client.grace_s
+                    try:
+                        await asyncio.wait_for(asyncio.shield(work), timeout=grace)
+                    except asyncio.TimeoutError:
+                        pass
+                failed = work.done() and not work.cancelled() and work.exception()
+                await _cancel(work)
+                if failed and self.fatal is None:
+                    raise failed
             finally:
-                for w in workers:
-                    w.cancel()
-                reporter.cancel()
+                await _cancel(stop, *helpers)
                 self._write_progress()
+        if self.fatal is not None:
+            raise self.fatal
         return self.stats
 
+    async def _watch(self) -> None:
+        """Heartbeat for our claims, and notice at once when the engine process dies."""
+        beat_every = max(0.5, self.cfg.client.lease_s / 4)
+        last_beat = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            if not self.engine_alive():
+                self._halt(EngineLost("the engine process exited during the run; unfinished units go back to the pool"))
+                return
+            if time.monotonic() - last_beat >= beat_every:
+                await asyncio.to_thread(heartbeat, self.paths, self.attempt, self.owner)
+                last_beat = time.monotonic()
+
     async def _produce(self, queue: asyncio.Queue, workers: int) -> None:
-        done = done_units(self.paths)
-        batch: list[tuple[UnitBuffer, int, str]] = []
-        fmt, batch_size = self.cfg.model.prompt, self.protocol.batch_size
-        for unit in range(len(self.plan.units)):
-            if self.stopping.is_set():
-                break
-            if unit in done:
-                self.stats.skipped_units += 1
-                continue
-            if not claim(self.paths, self.attempt, unit, self.owner):
-                continue
-            buf = UnitBuffer(unit, self.plan.units[unit][2])
-            for ids, prompts in read_unit(self.plan, unit, self.cfg.data.read_batch_rows):
-                base = len(buf.ids)
-                buf.ids.extend(ids)
-                for offset, prompt in enumerate(prompts):
-                    problem = check_prompt(prompt)
-                    if not problem:
-                        prompt, problem = self._fit_context(prompt)
-                    if problem:
-                        buf.fail(base + offset, problem)
-                        continue
-                    batch.append((buf, base + offset, format_prompt(prompt, fmt)))
-                    if len(batch) >= batch_size:
-                        await queue.put(batch)
-                        batch = []
-            buf.read_done = True
-            if buf.complete:
-                await self._commit(buf)
-        if batch:
-            await queue.put(batch)
+        await self._produce_units(queue)
         for _ in range(workers):
             await queue.put(None)
+
+    async def _produce_units(self, queue: asyncio.Queue) -> None:
+        done = done_units(self.paths)
+        self.stats.skipped_units = len(done)
+        pending = [u for u in range(len(self.plan.units)) if u not in done]
+        batch: list[tuple[UnitBuffer, int, str]] = []
+        lease = self.cfg.client.lease_s
+        while pending and not self.stopping.is_set():
+            waiting = []
+            for unit in pending:
+                if self.stopping.is_set():
+                    return
+                if is_committed(self.paths, unit):
+                    continue
+                if not claim(self.paths, self.attempt, unit, self.owner, lease):
+                    waiting.append(unit)
+                    continue
+                batch = await self._read_unit(unit, batch, queue)
+            if batch and not self.stopping.is_set():
+                await queue.put(batch)
+                batch = []
+            pending = [u for u in waiting if not is_committed(self.paths, u)]
+            if pending:  # held by other replicas: wait for them to commit, or for their lease to lapse
+                await asyncio.sleep(min(2.0, lease / 4))
+
+    async def _read_unit(self, unit: int, batch: list, queue: asyncio.Queue) -> list:
+        fmt, batch_size = self.cfg.model.prompt, self.protocol.batch_size
+        buf = UnitBuffer(unit, self.plan.units[unit][2])
+        for ids, prompts in read_unit(self.plan, unit, self.cfg.data.read_batch_rows):
+            base = len(buf.ids)
+            buf.ids.extend(ids)
+            for offset, prompt in enumerate(prompts):
+                problem = check_prompt(prompt)
+                if not problem:
+                    prompt, problem = self._fit_context(prompt)
+                if problem:
+                    buf.fail(base + offset, problem)
+                    continue
+                batch.append((buf, base + offset, format_prompt(prompt, fmt)))
+                if len(batch) >= batch_size:
+                    await queue.put(batch)
+                    batch = []
+        buf.read_done = True
+        if buf.complete:
+            await self._commit(buf)
+        return batch
 
     def _fit_context(self, prompt: str) -> tuple[str, str | None]:
         """The prompt within the model's context (estimated from its UTF-8 size), truncated when allowed."""
@@ -173,7 +246,8 @@ class Client:
             batch = await queue.get()
             if batch is None:
                 return
-            await self._send(batch)
+            if not self.stopping.is_set():  # once stopping, queued requests are abandoned unsent
+                await self._send(batch)
 
     async def _send(self, batch: list[tuple[UnitBuffer, int, str]]) -> None:
         prompts = [p for _, _, p in batch]
@@ -197,6 +271,8 @@ class Client:
                 break
             except (TransientError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransientError) else str(exc)
+                if self.stopping.is_set() or not self.engine_alive():
+                    return  # abandoned: the unit is redone on resume, never recorded as an error
                 if attempt <= client.max_retries:
                     delay = min(client.retry_backoff_max_s, client.retry_backoff_s * 2 ** (attempt - 1))
                     await asyncio.sleep(delay * (0.5 + random.random()))
@@ -211,6 +287,8 @@ class Client:
         else:
             attempt = client.max_retries + 1
             error = f"gave up after {attempt} attempts: {error}"
+        if not self.engine_alive():
+            return
         for buf, i, _ in batch:
             buf.fail(i, error, attempt)
         await self._commit_ready(batch)
@@ -228,6 +306,11 @@ class Client:
         await asyncio.to_thread(commit_unit, self.paths, buf.unit, table, stats.__dict__)
         self.stats.rows = self.stats.rows + stats
         self.stats.last_commit_at = time.time()
+        rows, client = self.stats.rows, self.cfg.client
+        if rows.rows >= client.min_rows_for_error_check and rows.failed > client.max_error_fraction * rows.rows:
+            self._halt(TooManyErrors(
+                f"{rows.failed} of {rows.rows} rows failed (more than client.max_error_fraction="
+                f"{client.max_error_fraction}); stopping early. See the error column of {self.paths.results}"))
 
     def _write_progress(self) -> None:
         rows = self.stats.rows
@@ -239,3 +322,13 @@ class Client:
         while True:
             await asyncio.sleep(self.cfg.client.progress_interval_s)
             self._write_progress()
+
+
+async def _cancel(*tasks) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - already reported through self.fatal
+            pass

@@ -176,6 +176,7 @@ class ClusterConfig:
     setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load ...), verbatim
     sbatch_args: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, {name: value}
     srun_args: List[str] = field(default_factory=list)  # extra arguments of the engine's srun step
+    max_requeues: int = 3  # times a job requeues itself at its time limit (submitit checkpointing)
     poll_interval_s: float = 2.0  # how often job states are read while waiting
     unknown_state_timeout_s: float = 300.0  # give up waiting on a job whose state cannot be read for this long
 

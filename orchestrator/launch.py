@@ -11,8 +11,10 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -25,7 +27,7 @@ from .engines.server import EngineServer
 from .layout import build_layout
 from .report import build_summary, one_line, write_replica_stats, write_summary
 from .sbatch import engine_step_prefix, submitit_parameters
-from .work import InputError, Plan, RunPaths, atomic_write_text, build_plan, committed_stats
+from .work import InputError, Plan, RunPaths, atomic_write_text, build_plan, committed_stats, log_event
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
@@ -103,32 +105,110 @@ def engine_server(cfg: Config, paths: RunPaths, attempt: str, replica: int) -> E
                         launcher=launcher, rank_dir=paths.root / "work" / f"ranks-{tag}")
 
 
+class Preempted(RuntimeError):
+    """The job was told to stop (SIGTERM, or the time-limit/preemption signal); what finished is committed."""
+
+
+class NodeJob:
+    """What each task of a job runs. On node 0: engine up, proven, client, engine down, stats.
+
+    submitit calls `checkpoint()` on its time-limit/preemption signal (USR2): the client stops taking
+    work, in-flight requests get client.grace_s, finished units are committed, and submitit requeues the
+    job with the same arguments (up to cluster.max_requeues times), which resumes from the commits.
+    SIGTERM (scontrol requeue, preemption) stops the same way.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, attempt: str, started_at: float, replica: int = 0):
+        self.args = (cfg, run_dir, attempt, started_at, replica)
+        self._client = None
+        self._thread: threading.Thread | None = None
+        self._stop_reason: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {"args": self.args}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["args"])
+
+    def __call__(self) -> dict | None:
+        import submitit
+
+        if submitit.JobEnvironment().global_rank != 0:
+            return None
+        return self.run_node0()
+
+    def _request_stop(self, reason: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+        if self._client is not None:
+            self._client.request_stop(reason)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        cfg = self.args[0]
+        self._request_stop("time limit or preemption signal")
+        if self._thread is not None:
+            self._thread.join(timeout=cfg.client.grace_s + 30)
+        return submitit.helpers.DelayedSubmission(NodeJob(*self.args))
+
+    def run_node0(self) -> dict:
+        from .client import Client
+
+        cfg, run_dir, attempt, started_at, replica = self.args
+        paths = RunPaths(Path(run_dir))
+        plan = Plan.from_json(paths.plan.read_text())
+        owner = f"r{replica}"
+        where = f"replica {replica} (job {os.environ.get('SLURM_JOB_ID', 'local')}, host {socket.gethostname()})"
+        log_event(paths, f"{where}: starting the {cfg.engine.name} engine")
+        previous = signal.signal(signal.SIGTERM, lambda *_: self._request_stop("SIGTERM"))
+        server = engine_server(cfg, paths, attempt, replica)
+        server.start()
+        outcome: list = []
+        try:
+            url = server.wait_ready()
+            print(f"engine ready at {url} ({cfg.engine.name}, protocol {cfg.engine.protocol})", flush=True)
+            log_event(paths, f"{where}: engine ready at {url}")
+            self._client = Client(cfg, plan, paths, url, attempt, owner, server.model_name, engine_alive=server.alive)
+            if self._stop_reason:
+                self._client.request_stop(self._stop_reason)
+
+            def target() -> None:
+                try:
+                    outcome.append(asyncio.run(self._client.run()))
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    outcome.append(exc)
+
+            self._thread = threading.Thread(target=target, name="orchestrator-client")
+            self._thread.start()
+            while self._thread.is_alive():  # the main thread stays free for signal handlers
+                self._thread.join(timeout=0.5)
+        except BaseException as exc:
+            log_event(paths, f"{where}: failed: {exc}".splitlines()[0])
+            raise
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, previous)
+        result = outcome[0] if outcome else RuntimeError("the client ended without a result")
+        if isinstance(result, BaseException):
+            log_event(paths, f"{where}: failed: {result}")
+            raise result
+        stats = result
+        record = {"owner": owner, "rows": asdict(stats.rows), "first_request_at": stats.first_request_at,
+                  "last_commit_at": stats.last_commit_at}
+        write_replica_stats(paths, attempt, owner, record)
+        if self._client.stop_reason:
+            log_event(paths, f"{where}: stopped ({self._client.stop_reason}); {stats.rows.units} unit(s) committed "
+                             f"by this replica; the rest is redone on resume")
+            raise Preempted(f"stopped by {self._client.stop_reason}; committed work is kept, rerun or requeue resumes")
+        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+        write_summary(paths, summary)
+        log_event(paths, f"{where}: finished; run {summary['committed']}/{summary['total']} rows committed")
+        return summary
+
+
 def node_main(cfg: Config, run_dir: str, attempt: str, started_at: float, replica: int = 0) -> dict | None:
-    """Runs in every task of the job: on node 0, engine up, proven, client, engine down, stats."""
-    import submitit
-
-    from .client import Client
-
-    if submitit.JobEnvironment().global_rank != 0:
-        return None
-    paths = RunPaths(Path(run_dir))
-    plan = Plan.from_json(paths.plan.read_text())
-    owner = f"r{replica}-{socket.gethostname()}-{os.getpid()}"
-    server = engine_server(cfg, paths, attempt, replica)
-    server.start()
-    try:
-        url = server.wait_ready()
-        print(f"engine ready at {url} ({cfg.engine.name}, protocol {cfg.engine.protocol})", flush=True)
-        client = Client(cfg, plan, paths, url, attempt, owner, server.model_name)
-        stats = asyncio.run(client.run())
-    finally:
-        server.stop()
-    record = {"owner": owner, "rows": asdict(stats.rows), "first_request_at": stats.first_request_at,
-              "last_commit_at": stats.last_commit_at}
-    write_replica_stats(paths, attempt, owner, record)
-    summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
-    write_summary(paths, summary)
-    return summary
+    """Run one replica's job body in this process (what the executors run)."""
+    return NodeJob(cfg, run_dir, attempt, started_at, replica)()
 
 
 def _summary_extra(cfg: Config, paths: RunPaths) -> dict:
@@ -142,7 +222,7 @@ def make_executor(cfg: Config, paths: RunPaths):
 
     folder = str(paths.logs / "submitit" / "%j")
     if cfg.cluster.name == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
         executor.update_parameters(**submitit_parameters(cfg))
         return executor
     if cfg.layout.nodes > 1 and cfg.engine.name != "mock" and not cfg.engine.url:
@@ -224,7 +304,7 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         print(f"nothing left to do\nresults: {paths.results}\nsummary: {one_line(summary)}")
         return summary
     executor = make_executor(cfg, paths)
-    jobs = [executor.submit(node_main, cfg, str(paths.root), attempt, started_at, replica)
+    jobs = [executor.submit(NodeJob(cfg, str(paths.root), attempt, started_at, replica))
             for replica in range(cfg.replicas)]
     ids = " ".join(str(job.job_id) for job in jobs)
     if not cfg.wait:
@@ -248,10 +328,14 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
             bar.n = already + _rows_done(paths, attempt)
             bar.refresh()
 
+    failures: list[RunError] = []
     try:
         wait_for_jobs(jobs, cfg, tick)
         for job in jobs:
-            _job_result(job, paths)
+            try:
+                _job_result(job, paths)
+            except RunError as exc:
+                failures.append(exc)
     except KeyboardInterrupt:
         for job in jobs:
             job.cancel(check=False)
@@ -261,6 +345,11 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
             tick()
             bar.close()
     summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+    if failures and not summary["complete"]:
+        raise failures[0]
+    for failure in failures:  # the run completed all the same: other replicas took the lost work
+        print(f"warning: {failure}", file=sys.stderr)
+    summary["failed_jobs"] = len(failures)
     write_summary(paths, summary)
     print(f"results: {paths.results}")
     print(f"summary: {one_line(summary)}")

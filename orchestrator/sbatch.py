@@ -33,7 +33,7 @@ def submitit_parameters(cfg: Config) -> dict[str, Any]:
         "mem": c.mem,
         "exclusive": True if c.exclusive else None,
         "setup": list(c.setup) or None,
-        "additional_parameters": dict(c.sbatch_args) or None,
+        "additional_parameters": {"requeue": True, **dict(c.sbatch_args)},  # scontrol requeue and preemption resume
     }
     return {k: v for k, v in params.items() if v is not None}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,17 +261,58 @@ def done_units(paths: RunPaths) -> set[int]:
     return done
 
 
-def claim(paths: RunPaths, attempt: str, unit: int, owner: str) -> bool:
-    """Take a unit for this attempt of the run; False when another replica took it first."""
+def heartbeat(paths: RunPaths, attempt: str, owner: str) -> None:
+    """A replica says it is alive; its claims stay its own while it does."""
+    folder = paths.root / "work" / "heartbeat" / attempt
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / owner).touch()
+
+
+def _silent_for(paths: RunPaths, attempt: str, owner: str, claim_file: Path) -> float:
+    beat = paths.root / "work" / "heartbeat" / attempt / owner
+    try:
+        last = beat.stat().st_mtime
+    except FileNotFoundError:
+        last = claim_file.stat().st_mtime
+    return time.time() - last
+
+
+def claim(paths: RunPaths, attempt: str, unit: int, owner: str, lease_s: float | None = None) -> bool:
+    """Take a unit for this attempt of the run. A unit already claimed is ours again when we hold it (a
+    requeued replica), and is taken over when its holder has been silent for lease_s (a lost replica).
+    Two takers racing for one unit may both run it: commits are per-unit renames, so rows never double."""
     folder = paths.claims / attempt
     folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{unit:08d}"
     try:
-        fd = os.open(folder / f"{unit:08d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        return False
+        try:
+            holder = path.read_text()
+        except FileNotFoundError:
+            return False
+        if holder == owner:
+            return True
+        if lease_s is None or not holder or _silent_for(paths, attempt, holder, path) < lease_s:
+            return False
+        tmp = folder / f".{unit:08d}.{owner}.{uuid.uuid4().hex}"
+        tmp.write_text(owner)
+        os.replace(tmp, path)
+        return True
     with os.fdopen(fd, "w") as fh:
         fh.write(owner)
     return True
+
+
+def is_committed(paths: RunPaths, unit: int) -> bool:
+    return paths.result_file(unit).exists()
+
+
+def log_event(paths: RunPaths, message: str) -> None:
+    """One line in <run_dir>/run.log: what happened to the run, for the person reading it later."""
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
+    with open(paths.root / "run.log", "a") as fh:
+        fh.write(line)
 
 
 def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict) -> None:

@@ -48,6 +48,16 @@ def nemo_command(cfg: Config, port: int | str) -> list[str]:
             "web_server=False", f"port={port}", *e.extra_args]
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started us dies (Linux), so no engine is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     """A port free on this node now (the engine binds it moments later)."""
     with socket.socket() as sock:
@@ -93,9 +103,13 @@ class EngineServer:
             log.flush()
             try:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+                                             start_new_session=True, preexec_fn=_die_with_parent)
             except OSError as exc:
                 raise EngineError(f"cannot start the engine ({exc}): {shlex.join(cmd)}") from None
+
+    def alive(self) -> bool:
+        """False once the engine process (or its srun step) has exited; an external engine counts as alive."""
+        return self.proc is None or self.proc.poll() is None
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
