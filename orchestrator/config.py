@@ -141,6 +141,8 @@ class EngineConfig:
     seed: int = 0
     max_natural_tokens: int = 512
     fail_rank: int = -1  # this engine rank exits at once (tests of a rank dying before readiness)
+    stall_rate: float = 0.0  # fraction of requests that hang for stall_s (injected timeouts)
+    stall_s: float = 30.0
     # NeMo server (megatron_gpt_eval.py) knobs
     checkpoint: Optional[str] = None
     script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"

@@ -64,6 +64,8 @@ class EngineSettings:
     max_natural_tokens: int = 512    # a prompt's natural answer length is 1..max_natural_tokens
     model_name: str = "mock"
     max_model_len: int = 4096
+    stall_rate: float = 0.0          # fraction of requests that hang for stall_s before being served (timeouts)
+    stall_s: float = 30.0
 
 
 def tokenize(text: str) -> list[str]:
@@ -204,7 +206,7 @@ class _Engine:
         self.slots = asyncio.Semaphore(settings.capacity)
         self.fail_rng = random.Random(settings.seed)
         self.started, self.created = time.monotonic(), int(time.time())
-        self.counters = dict.fromkeys(("requests", "prompts", "errors", "bad_requests", "generated_tokens",
+        self.counters = dict.fromkeys(("requests", "prompts", "errors", "stalls", "bad_requests", "generated_tokens",
                                        "active", "waiting", "peak_active", "peak_waiting"), 0)
         self.busy_s = 0.0
 
@@ -219,6 +221,11 @@ class _Engine:
             self._count("errors")
             return True
         return False
+
+    async def _maybe_stall(self) -> None:
+        if self.s.stall_rate > 0 and self.fail_rng.random() < self.s.stall_rate:
+            self._count("stalls")
+            await asyncio.sleep(self.s.stall_s)
 
     @asynccontextmanager
     async def _hold(self, gate):
@@ -250,6 +257,7 @@ class _Engine:
         if message is not None:
             self._count("bad_requests")
             return _json(message)
+        await self._maybe_stall()
         if self._fail():
             return _json({"error": "simulated engine failure"}, 500)
 
@@ -291,6 +299,7 @@ class _Engine:
             self._count("bad_requests")
             return checked
         prompts, p = checked
+        await self._maybe_stall()
         if self._fail():
             return _oai_error("simulated engine failure", 500, kind="server_error")
 

@@ -26,7 +26,8 @@ def mock_command(cfg: Config, port: int | str, port_file: Path | None, rank_dir:
            "--request-latency-s", str(e.request_latency_s), "--token-latency-s", str(e.token_latency_s),
            "--capacity", str(e.capacity), "--error-rate", str(e.error_rate), "--seed", str(e.seed),
            "--max-natural-tokens", str(e.max_natural_tokens), "--model-name", cfg.model.name,
-           "--max-model-len", str(cfg.model.architecture.max_seq_len)]
+           "--max-model-len", str(cfg.model.architecture.max_seq_len),
+           "--stall-rate", str(e.stall_rate), "--stall-s", str(e.stall_s)]
     if port_file is not None:
         cmd += ["--port-file", str(port_file)]
     if rank_dir is not None:

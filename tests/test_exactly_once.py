@@ -1,0 +1,122 @@
+"""Never lose a row: SIGKILL and rerun, injected faults, reading results while a run goes on."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import write_prompts
+
+EXE = shutil.which("orchestrator")
+SLOW = ["engine.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20", "sampling.tokens_to_generate=6"]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def committed(run_dir: Path) -> int:
+    folder = run_dir / "results"
+    return len([p for p in folder.iterdir() if p.suffix == ".parquet"]) if folder.is_dir() else 0
+
+
+def job_pids(run_dir: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def answers(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "results").sort_values("id").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("base")
+    src = write_prompts(base / "in.parquet", 600)
+    run_dir = base / "run"
+    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", *SLOW)
+    assert proc.returncode == 0, proc.stderr
+    return src, answers(run_dir)
+
+
+@pytest.mark.parametrize("kill_after_units", [1, 12, 28])
+def test_sigkill_then_rerun_gives_every_id_once_and_the_same_answers(tmp_path, uninterrupted, kill_after_units):
+    src, expected = uninterrupted
+    run_dir = tmp_path / "run"
+    args = ["run", f"data.input={src}", f"run_dir={run_dir}", *SLOW]
+    first = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while committed(run_dir) < kill_after_units:
+        assert first.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    pids = job_pids(run_dir)
+    assert pids, "the job process running the client was not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    first.wait(timeout=120)
+    assert first.returncode != 0
+    done_before = committed(run_dir)
+    assert kill_after_units <= done_before < 30
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert f"{done_before * 20}/600 rows already committed" in second.stdout
+    got = answers(run_dir)
+    assert list(got["id"]) == list(expected["id"])  # every id, exactly once
+    assert list(got["response"]) == list(expected["response"])  # and no answer differs
+    assert (got["status"] == "ok").all()
+    assert subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout == b""
+
+
+def test_engine_errors_and_timeouts_end_as_ok_or_recorded_errors(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 400)
+    run_dir = tmp_path / "run"
+    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "engine.error_rate=0.05", "engine.stall_rate=0.05",
+               "engine.stall_s=5", "client.request_timeout_s=1", "client.max_retries=1", "client.retry_backoff_s=0.05",
+               "engine.protocol=openai", "client.max_in_flight=32", "sampling.tokens_to_generate=4",
+               "data.unit_rows=50")
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_parquet(run_dir / "results")
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(400))
+    assert set(df["status"]) <= {"ok", "error"} and (df["status"] == "error").any() and (df["attempts"] > 1).any()
+    errors = df[df["status"] == "error"]["error"]
+    assert errors.str.contains("gave up after 2 attempts").all()
+    assert errors.str.contains("HTTP 500").any() and errors.str.contains("TimeoutError").any()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ok"] == (df["status"] == "ok").sum() and summary["failed"] == (df["status"] == "error").sum()
+    assert summary["total"] == len(df) == 400
+
+
+def test_too_many_errors_stop_the_run_early(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 2000)
+    run_dir = tmp_path / "run"
+    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "engine.error_rate=0.6", "client.max_retries=0",
+               "client.max_error_fraction=0.3", "client.min_rows_for_error_check=100", "engine.protocol=openai",
+               "data.unit_rows=50", "sampling.tokens_to_generate=2")
+    assert proc.returncode == 1
+    assert "client.max_error_fraction=0.3" in proc.stderr and "stopping early" in proc.stderr
+    assert committed(run_dir) < 40  # it did not burn through the whole input
+
+
+def test_results_read_during_a_run_are_never_partial(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 600)
+    run_dir = tmp_path / "run"
+    run = subprocess.Popen([EXE, "run", f"data.input={src}", f"run_dir={run_dir}", *SLOW],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, reads = 0, 0
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline:
+        if committed(run_dir):
+            table = ds.dataset(run_dir / "results", format="parquet").to_table(columns=["id", "status"])
+            ids = table.column("id").to_pylist()
+            assert len(ids) == len(set(ids)) and len(ids) % 20 == 0  # whole units, each row once
+            assert len(ids) >= seen
+            seen, reads = len(ids), reads + 1
+    assert run.wait(timeout=60) == 0
+    assert reads > 5 and 0 < seen <= 600
