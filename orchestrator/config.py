@@ -179,6 +179,7 @@ class ClusterConfig:
     sbatch_args: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, {name: value}
     srun_args: List[str] = field(default_factory=list)  # extra arguments of the engine's srun step
     max_requeues: int = 3  # times a job requeues itself at its time limit (submitit checkpointing)
+    signal_delay_s: int = 90  # Slurm's warning signal (USR2) comes this long before the time limit
     poll_interval_s: float = 2.0  # how often job states are read while waiting
     unknown_state_timeout_s: float = 300.0  # give up waiting on a job whose state cannot be read for this long
 

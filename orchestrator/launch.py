@@ -145,10 +145,13 @@ class NodeJob:
     def checkpoint(self, *args, **kwargs):
         import submitit
 
-        cfg = self.args[0]
+        cfg, run_dir, _, _, replica = self.args
         self._request_stop("time limit or preemption signal")
         if self._thread is not None:
             self._thread.join(timeout=cfg.client.grace_s + 30)
+        units = self._client.stats.rows.units if self._client is not None else 0
+        log_event(RunPaths(Path(run_dir)), f"replica {replica}: stopped (time limit or preemption signal); "
+                                           f"{units} unit(s) committed since it started; requeueing")
         return submitit.helpers.DelayedSubmission(NodeJob(*self.args))
 
     def run_node0(self) -> dict:
@@ -182,6 +185,8 @@ class NodeJob:
             self._thread.start()
             while self._thread.is_alive():  # the main thread stays free for signal handlers
                 self._thread.join(timeout=0.5)
+        except SystemExit:  # submitit requeued the job after checkpoint()
+            raise
         except BaseException as exc:
             log_event(paths, f"{where}: failed: {exc}".splitlines()[0])
             raise

@@ -25,6 +25,7 @@ def submitit_parameters(cfg: Config) -> dict[str, Any]:
         "ntasks_per_node": 1,
         "gpus_per_node": layout.gpus_per_node,
         "time": c.timeout_min,
+        "signal_delay_s": c.signal_delay_s,
         "partition": c.partition,
         "account": c.account,
         "qos": c.qos,
@@ -88,6 +89,7 @@ def rank_lines(cfg: Config, engine_cmd: list[str]) -> list[str]:
 def _sbatch_option_lines(cfg: Config) -> list[str]:
     params = submitit_parameters(cfg)
     params.pop("setup", None)
+    params.pop("signal_delay_s", None)
     extra = params.pop("additional_parameters", {})
     params["ntasks_per_node"] = cfg.layout.gpus_per_node  # the plain recipe: one task per GPU
     params.pop("cpus_per_task", None)

@@ -114,3 +114,82 @@ def test_wait_false_returns_job_ids_and_hostile_values_stay_values(slurm_cluster
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] == 20
     assert not marker.exists()
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def committed_units(run_dir: Path) -> int:
+    folder = run_dir / "results"
+    return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
+
+
+def start_run(*args) -> subprocess.Popen:
+    return subprocess.Popen([EXE, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def first_job_id(run_dir: Path) -> str:
+    wait_for(lambda: list((run_dir / "logs" / "submitit").glob("*/*_submitted.pkl")), 60, "the job to be submitted")
+    return sorted(p.parent.name for p in (run_dir / "logs" / "submitit").glob("*/*_submitted.pkl"))[0]
+
+
+SLOW_SLURM = ["engine.request_latency_s=0.3", "client.batch_size=10", "data.unit_rows=20",
+              "sampling.tokens_to_generate=4", "model=nemotron_mini_4b_instruct", "layout.nodes=1",
+              "layout.gpus_per_node=8", "layout.tensor_parallel=8"]
+
+
+def test_scontrol_requeue_of_a_running_job_resumes_with_exactly_once_results(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 600)
+    run_dir = tmp_path / "run"
+    run = start_run("cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}", f"run_dir={run_dir}",
+                    *SLOW_SLURM)
+    job = first_job_id(run_dir)
+    wait_for(lambda: committed_units(run_dir) >= 3, 120, "a few committed units")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, out + err
+    df = pd.read_parquet(run_dir / "results")
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(600)) and (df["status"] == "ok").all()
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert re.search(r"Restarts=[1-9]", shown), shown
+    log = (run_dir / "run.log").read_text()
+    assert log.count("replica 0") >= 4 and "finished" in log
+    assert leftover(run_dir) == ""
+
+
+def test_a_job_reaching_its_time_limit_requeues_itself_and_finishes(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 1200)
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}",
+                   f"run_dir={run_dir}", "cluster.timeout_min=1", "cluster.signal_delay_s=30", "cluster.max_requeues=10", *SLOW_SLURM,
+                   timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = pd.read_parquet(run_dir / "results")
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(1200)) and (df["status"] == "ok").all()
+    log = (run_dir / "run.log").read_text()
+    assert "stopped (time limit or preemption signal)" in log and "finished" in log
+    assert sacct_state(first_job_id(run_dir)) == "COMPLETED"
+    assert leftover(run_dir) == ""
+
+
+def test_losing_one_replica_mid_run_still_completes(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 800)
+    run_dir = tmp_path / "run"
+    run = start_run("cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}", f"run_dir={run_dir}",
+                    "replicas=2", "client.lease_s=4", *SLOW_SLURM)
+    rank0 = lambda: glob.glob(f"{run_dir}/work/ranks-*-r0/rank-0.json")  # noqa: E731
+    wait_for(lambda: rank0() and committed_units(run_dir) >= 4, 120, "replica 0 serving and some commits")
+    victim = json.loads(Path(rank0()[0]).read_text())["pid"]
+    subprocess.run(["kill", "-9", str(victim)], check=True)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, out + err
+    assert "warning: job" in err and "the engine process exited during the run" in err
+    df = pd.read_parquet(run_dir / "results")
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(800)) and (df["status"] == "ok").all()
+    log = (run_dir / "run.log").read_text()
+    assert "replica 0" in log and "failed: the engine process exited" in log
+    assert leftover(run_dir) == ""

@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     port_file = args.pop("port_file")
     rank_dir, fail_rank = args.pop("rank_dir"), args.pop("fail_rank")
     rank = int(os.environ.get("SLURM_PROCID", "0"))
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # Slurm's time-limit warning is for the orchestrator, not us
     if rank == fail_rank:
         print(f"rank {rank}: simulated failure (--fail-rank)", file=sys.stderr, flush=True)
         return 1
