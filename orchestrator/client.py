@@ -303,7 +303,7 @@ class Client:
     async def _commit(self, buf: UnitBuffer) -> None:
         buf.remaining = -1  # committed: never again
         table, stats = buf.table(self.schema)
-        await asyncio.to_thread(commit_unit, self.paths, buf.unit, table, stats.__dict__)
+        await asyncio.to_thread(commit_unit, self.paths, buf.unit, table, stats.__dict__, self.owner)
         self.stats.rows = self.stats.rows + stats
         self.stats.last_commit_at = time.time()
         rows, client = self.stats.rows, self.cfg.client

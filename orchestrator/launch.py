@@ -27,7 +27,8 @@ from .engines.server import EngineServer
 from .layout import build_layout
 from .report import build_summary, one_line, write_replica_stats, write_summary
 from .sbatch import engine_step_prefix, submitit_parameters
-from .work import InputError, Plan, RunPaths, atomic_write_text, build_plan, committed_stats, log_event
+from .work import (InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, committed_rows,
+                   done_units, log_event)
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
@@ -62,6 +63,8 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
                              f"disagree: {'; '.join(changed[:8])}. Rerun with the original settings to resume, or "
                              f"choose a new run_dir= for a fresh run")
         plan = Plan.from_json(paths.plan.read_text())
+    else:
+        plan = apply_duplicate_policy(plan, cfg.data)
     paths.make()
     atomic_write_text(stored_print, json.dumps(current, indent=1, sort_keys=True))
     atomic_write_text(paths.plan, plan.to_json())
@@ -300,7 +303,7 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
     started_at = time.time()
     plan, paths = prepare(cfg)
     attempt = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    already = committed_stats(paths).rows
+    already = committed_rows(plan, done_units(paths))
     if already:
         print(f"resuming {paths.root}: {already}/{plan.total_rows} rows already committed", flush=True)
     if already == plan.total_rows:

@@ -119,8 +119,12 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
         raise InputError(f"input files disagree on the id column {data.id_column!r} ({detail}); "
                          f"give every file the same id column type, or none")
     id_type = kinds.pop() if kinds else ""
-    plan = Plan(files, units, data.prompt_column, data.id_column if id_type else None,
+    return Plan(files, units, data.prompt_column, data.id_column if id_type else None,
                 id_type or "string", data.unit_rows)
+
+
+def apply_duplicate_policy(plan: Plan, data: DataConfig) -> Plan:
+    """Refuse repeated ids (with examples), or apply the policy the user opted into. Reads every id once."""
     if plan.id_column and data.duplicate_ids != "keep":
         count, examples = find_duplicate_ids(plan, data.read_batch_rows * 64)
         if count and data.duplicate_ids == "error":
@@ -315,14 +319,19 @@ def log_event(paths: RunPaths, message: str) -> None:
         fh.write(line)
 
 
-def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict) -> None:
-    """Write a unit's results under work/tmp, then rename into results/ (atomic on one filesystem)."""
+def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner: str = "local") -> None:
+    """Write a unit's results under work/tmp, then rename into results/ (atomic on one filesystem).
+    Its stats go in the file's footer, and then in the owner's ledger, so totals need no footer reads."""
     meta = dict(table.schema.metadata or {})
     meta[b"orchestrator.stats"] = json.dumps(stats).encode()
     table = table.replace_schema_metadata(meta)
     tmp = paths.tmp / f"{unit:08d}.{uuid.uuid4().hex}.parquet"
     pq.write_table(table, tmp)
     os.replace(tmp, paths.result_file(unit))
+    ledger = paths.root / "work" / "ledger"
+    ledger.mkdir(parents=True, exist_ok=True)
+    with open(ledger / f"{owner}.jsonl", "a") as fh:
+        fh.write(json.dumps({"unit": unit, **stats}) + "\n")
 
 
 @dataclass
@@ -340,12 +349,35 @@ class UnitStats:
                          self.output_tokens + other.output_tokens, self.units + other.units)
 
 
-def committed_stats(paths: RunPaths) -> UnitStats:
-    """Totals over every committed unit, read from the result files' footers only."""
+def _ledger(paths: RunPaths) -> dict[int, dict]:
+    entries: dict[int, dict] = {}
+    folder = paths.root / "work" / "ledger"
+    for path in folder.glob("*.jsonl") if folder.is_dir() else []:
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by a crash: that unit's footer is read instead
+                continue
+            entries[record.pop("unit")] = record
+    return entries
+
+
+def committed_stats(paths: RunPaths, done: set[int] | None = None) -> UnitStats:
+    """Totals over every committed unit: from the ledgers, and from a file's footer where a crash left
+    a committed unit out of them."""
+    done = done_units(paths) if done is None else done
+    ledger = _ledger(paths)
     total = UnitStats()
-    for unit in sorted(done_units(paths)):
-        meta = pq.read_schema(paths.result_file(unit)).metadata or {}
-        raw = meta.get(b"orchestrator.stats")
-        if raw:
-            total = total + UnitStats(**json.loads(raw))
+    for unit in done:
+        record = ledger.get(unit)
+        if record is None:
+            raw = (pq.read_schema(paths.result_file(unit)).metadata or {}).get(b"orchestrator.stats")
+            record = json.loads(raw) if raw else None
+        if record:
+            total = total + UnitStats(**record)
     return total
+
+
+def committed_rows(plan: Plan, done: set[int]) -> int:
+    """Rows of the committed units, from the plan alone (no file is opened)."""
+    return sum(plan.units[u][2] for u in done if u < len(plan.units))

@@ -103,3 +103,19 @@ def test_commit_is_atomic_and_carries_stats(tmp_path):
     stats = committed_stats(paths)
     assert (stats.rows, stats.ok, stats.failed, stats.output_tokens) == (2, 1, 1, 5)
     assert pq.read_table(paths.result_file(7)).column("id").to_pylist() == ["a", "b"]
+
+
+def test_totals_come_from_the_ledger_and_fall_back_to_footers(tmp_path):
+    import shutil
+
+    paths = RunPaths(tmp_path)
+    paths.make()
+    for unit in range(3):
+        commit_unit(paths, unit, pa.table({"id": [f"{unit}"]}), {"rows": 1, "ok": 1, "failed": 0, "output_tokens": 2, "units": 1}, "r0")
+    ledger = tmp_path / "work" / "ledger" / "r0.jsonl"
+    assert len(ledger.read_text().splitlines()) == 3
+    ledger.write_text(ledger.read_text().splitlines()[0] + "\n" + '{"unit": 1, "rows"')  # a crash cut the rest
+    stats = committed_stats(paths)
+    assert (stats.rows, stats.ok, stats.output_tokens, stats.units) == (3, 3, 6, 3)
+    shutil.rmtree(tmp_path / "work" / "ledger")
+    assert committed_stats(paths).rows == 3
