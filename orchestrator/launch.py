@@ -63,11 +63,14 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
                              f"disagree: {'; '.join(changed[:8])}. Rerun with the original settings to resume, or "
                              f"choose a new run_dir= for a fresh run")
         plan = Plan.from_json(paths.plan.read_text())
+        resumed = True
     else:
         plan = apply_duplicate_policy(plan, cfg.data)
+        resumed = False
     paths.make()
-    atomic_write_text(stored_print, json.dumps(current, indent=1, sort_keys=True))
-    atomic_write_text(paths.plan, plan.to_json())
+    if not resumed:  # the plan is fixed at the first start
+        atomic_write_text(stored_print, json.dumps(current, indent=1, sort_keys=True))
+        atomic_write_text(paths.plan, plan.to_json())
     atomic_write_text(paths.root / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return plan, paths
 
