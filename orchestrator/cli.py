@@ -24,7 +24,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def cmd_run(cfg) -> None:
-    from .launch import RunError, run
+    from .launch import run
 
     run(cfg)
 

@@ -11,7 +11,7 @@ from orchestrator.config import compose
 from orchestrator.engines.protocols import NemoProtocol, RejectedError, TransientError
 from orchestrator.engines.server import EngineError, EngineServer
 from orchestrator.launch import prepare
-from orchestrator.work import done_units, read_unit
+from orchestrator.work import done_units
 from tests.conftest import write_prompts
 
 

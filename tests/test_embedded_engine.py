@@ -1,7 +1,6 @@
 """Tests of the embedded (simulated) engine: a real server, hit over HTTP with requests."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
