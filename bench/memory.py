@@ -2,8 +2,10 @@
 
 Two Parquet inputs (row groups of 65,536 rows, prompts of ~100-200 characters), one zero-latency
 embedded engine process (NeMo route), and for each input the client in its own subprocess:
-`orchestrator.config.compose([...])` with engine.url set, `orchestrator.launch.prepare(cfg)`, then
-`asyncio.run(orchestrator.client.Client(cfg, plan, paths, url, "bench", "r0").run())`. The child's peak
+`orchestrator.config.compose([...])` with engine.url set, the stored plan loaded as the job does
+(`Plan.from_json`), then `asyncio.run(orchestrator.client.Client(cfg, plan, paths, url, "bench", "r0").run())`.
+`prepare()` (the CLI's step before submitting: footers, fingerprint, the duplicate-id scan) runs first
+in a separate, unmeasured subprocess, as it runs in the CLI process and not in the job. The child's peak
 RSS comes from `os.wait4` (ru_maxrss, KiB on Linux): the client alone, not the engine.
 sampling.tokens_to_generate=4. ratio = peak(2M) / peak(100k). Target: <= 1.2.
 
@@ -13,8 +15,8 @@ a client spawned from this script after it wrote a 2M-row input would report thi
 its own. The clients are therefore spawned (and reaped with wait4) by a tiny launcher process that
 this script starts first, before it imports pyarrow or allocates anything; its own peak is printed.
 
-The child's peak before the client loop starts (imports + prepare(), which reads the input's footers
-and, since the duplicate-id check, the whole id column) is printed as "after imports+prepare".
+The child's peak before the client loop starts (imports + the stored plan) is printed as
+"after imports+plan".
 
     python bench/memory.py [--small 100000] [--large 2000000] [--override data.duplicate_ids=keep]
 """
@@ -41,10 +43,15 @@ def child(url: str, data: str, run_dir: str, out: str, *overrides: str) -> None:
     from orchestrator.client import Client
     from orchestrator.config import compose
     from orchestrator.launch import prepare
+    from orchestrator.work import Plan, RunPaths
 
     cfg = compose([f"engine.url={url}", f"sampling.tokens_to_generate={TOKENS}",
                    f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}", *overrides])
-    plan, paths = prepare(cfg)
+    if out == "--prepare":  # the CLI's step, in its own unmeasured process
+        prepare(cfg)
+        return
+    paths = RunPaths(Path(run_dir).resolve())
+    plan = Plan.from_json(paths.plan.read_text())
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     stats = asyncio.run(Client(cfg, plan, paths, url, "bench", "r0").run())
@@ -99,7 +106,9 @@ class Launcher:
 def measure(launch: Launcher, url: str, data: Path, work: Path, tag: str, timeout_s: float,
             overrides: list[str]) -> dict:
     out = work / f"{tag}.json"
-    cmd = [sys.executable, __file__, "--child", url, str(data), str(work / f"run-{tag}"), str(out), *overrides]
+    run_dir = str(work / f"run-{tag}")
+    subprocess.run([sys.executable, __file__, "--child", url, str(data), run_dir, "--prepare", *overrides], check=True)
+    cmd = [sys.executable, __file__, "--child", url, str(data), run_dir, str(out), *overrides]
     answer = launch.run(cmd, timeout_s)
     if answer["rc"] != 0:
         raise RuntimeError(f"{tag}: client ended with {answer['rc']} (timeout {timeout_s:.0f} s)")
@@ -149,7 +158,7 @@ def bench(launch: Launcher) -> int:
         with Engine(work) as engine:
             for tag, data, n in (("small", small, args.small), ("large", large, args.large)):
                 r = results[tag] = measure(launch, engine.url, data, work, tag, args.timeout_s, args.override)
-                print(f"{n:>9} rows: peak RSS {r['peak_rss_kib'] / 1024:.1f} MiB (after imports+prepare "
+                print(f"{n:>9} rows: peak RSS {r['peak_rss_kib'] / 1024:.1f} MiB (after imports+plan "
                       f"{r['maxrss_before_client_kib'] / 1024:.1f} MiB); rows {r['rows']}, ok {r['ok']}, "
                       f"units {r['units']}; client {r['client_s']:.1f} s ({r['rows'] / r['client_s']:.0f} rows/s), "
                       f"subprocess wall {r['wall_s']:.1f} s (launcher's own peak "

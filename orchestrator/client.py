@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import aiohttp
+import pandas  # noqa: F401 - pyarrow imports it on the first pa.array(list): pay that at start, not mid-run
 import pyarrow as pa
 
 from .config import Config
 from .engines.protocols import RejectedError, TransientError, make_protocol
 from .prompts import format_prompt, postprocess
-from .work import (Plan, RunPaths, UnitStats, atomic_write_text, claim, commit_unit, done_units, heartbeat,
-                   is_committed, read_unit, result_schema)
+from .work import (Plan, RunPaths, UnitReader, UnitStats, atomic_write_text, claim, commit_unit, done_units,
+                   heartbeat, is_committed, result_schema)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Client:
         self.attempt, self.owner = attempt, owner
         self.protocol = make_protocol(cfg, model_name)
         self.schema = result_schema(plan)
+        self.reader = UnitReader(plan, cfg.data.read_batch_rows)
         self.stats = ClientStats()
         self.engine_alive = engine_alive or (lambda: True)
         self.stop_reason: str | None = None
@@ -209,7 +211,7 @@ class Client:
     async def _read_unit(self, unit: int, batch: list, queue: asyncio.Queue) -> list:
         fmt, batch_size = self.cfg.model.prompt, self.protocol.batch_size
         buf = UnitBuffer(unit, self.plan.units[unit][2])
-        for ids, prompts in read_unit(self.plan, unit, self.cfg.data.read_batch_rows):
+        for ids, prompts in self.reader.read(unit):
             base = len(buf.ids)
             buf.ids.extend(ids)
             for offset, prompt in enumerate(prompts):
@@ -287,11 +289,26 @@ class Client:
         else:
             attempt = client.max_retries + 1
             error = f"gave up after {attempt} attempts: {error}"
+            if not await self._engine_answers():
+                self._halt(EngineLost(f"the engine at {self.url} no longer answers ({error}); unfinished units "
+                                      f"go back to the pool"))
+                return
         if not self.engine_alive():
             return
         for buf, i, _ in batch:
             buf.fail(i, error, attempt)
         await self._commit_ready(batch)
+
+    async def _engine_answers(self) -> bool:
+        """Whether anything answers HTTP at the engine's address (any status will do): a failed row is then
+        the row's problem; no answer at all means the engine is gone, and the rows are not to blame."""
+        try:
+            async with self.session.get(self.url + "/", timeout=aiohttp.ClientTimeout(total=10)):
+                return True
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            return False
+        except aiohttp.ClientError:
+            return True
 
     async def _commit_ready(self, batch) -> None:
         seen = set()

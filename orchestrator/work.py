@@ -7,6 +7,7 @@ unit redone after a crash replaces nothing but its own file.
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import os
@@ -126,7 +127,7 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
 def apply_duplicate_policy(plan: Plan, data: DataConfig) -> Plan:
     """Refuse repeated ids (with examples), or apply the policy the user opted into. Reads every id once."""
     if plan.id_column and data.duplicate_ids != "keep":
-        count, examples = find_duplicate_ids(plan, data.read_batch_rows * 64)
+        count, examples = find_duplicate_ids(plan, data.read_batch_rows * 8)
         if count and data.duplicate_ids == "error":
             shown = "; ".join(f"{ident!r} at {', '.join(where)}" for ident, where in examples)
             raise InputError(f"{count} rows repeat an id of column {plan.id_column!r} (e.g. {shown}); ids must be "
@@ -147,58 +148,89 @@ def _id_batches(plan: Plan, batch_rows: int):
 
 
 def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 3) -> tuple[int, list]:
-    """Rows whose id repeats an earlier one, and a few examples with where they are; memory is 8 bytes a row."""
+    """Rows whose id repeats an earlier one, and a few examples with where they are. One 64-bit hash per
+    row, sorted in place: about 9 bytes of memory per row."""
     import numpy as np
     import pandas as pd
 
-    hashes = [pd.util.hash_array(column.to_numpy(zero_copy_only=False).astype(object)) for _, _, column in
-              _id_batches(plan, batch_rows)]
-    if not hashes:
-        return 0, []
-    every = np.concatenate(hashes)
-    unique, counts = np.unique(every, return_counts=True)
-    repeated = unique[counts > 1]
-    extra = int(counts[counts > 1].sum() - len(repeated))
+    def hashes(column) -> "np.ndarray":
+        return pd.util.hash_array(column.to_numpy(zero_copy_only=False).astype(object))
+
+    every = np.empty(plan.total_rows, dtype=np.uint64)
+    filled = 0
+    for _, _, column in _id_batches(plan, batch_rows):
+        every[filled:filled + len(column)] = hashes(column)
+        filled += len(column)
+    every = every[:filled]
+    every.sort()
+    repeats = every[1:] == every[:-1]
+    extra = int(repeats.sum())
     if not extra:
         return 0, []
-    wanted = set(repeated[:max_examples].tolist())
+    wanted = np.unique(every[1:][repeats])[:max_examples]
+    del every, repeats
     found: dict = {}
     for source, row, column in _id_batches(plan, batch_rows):
-        batch_hashes = pd.util.hash_array(column.to_numpy(zero_copy_only=False).astype(object))
-        for offset in np.nonzero(np.isin(batch_hashes, list(wanted)))[0]:
-            ident = column[int(offset)].as_py()
-            found.setdefault(ident, []).append(f"{source.name}:{row + int(offset)}")
+        for offset in np.nonzero(np.isin(hashes(column), wanted))[0]:
+            found.setdefault(column[int(offset)].as_py(), []).append(f"{source.name}:{row + int(offset)}")
     return extra, [(ident, where[:4]) for ident, where in list(found.items())[:max_examples]]
 
 
+class UnitReader:
+    """Reads units' rows as record batches. Consecutive units of one file continue one sequential pass
+    (each row group is decoded once); a unit elsewhere starts at the row group holding its first row."""
+
+    def __init__(self, plan: Plan, batch_rows: int):
+        self.plan, self.batch_rows = plan, batch_rows
+        self._file: int | None = None
+        self._batches: Iterator | None = None
+        self._pending = None  # a batch whose rows run past the last unit read
+        self._position = 0  # row of the file where the pending (or next) batch starts
+        self._group_starts: list[int] = []
+
+    def _open(self, file_index: int, start: int) -> None:
+        pf = pq.ParquetFile(self.plan.files[file_index].path)
+        starts, offset = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(offset)
+            offset += pf.metadata.row_group(g).num_rows
+        first = max(0, bisect.bisect_right(starts, start) - 1)
+        columns = [self.plan.prompt_column] + ([self.plan.id_column] if self.plan.id_column else [])
+        self._batches = pf.iter_batches(batch_size=self.batch_rows, row_groups=list(range(first, len(starts))),
+                                        columns=columns)
+        self._file, self._group_starts, self._pending = file_index, starts, None
+        self._position = starts[first] if starts else 0
+
+    def read(self, unit: int) -> Iterator[tuple[list, list]]:
+        """Yield (ids, prompts) for one unit's rows, in order."""
+        file_index, start, count = self.plan.units[unit]
+        group_start = self._group_starts[max(0, bisect.bisect_right(self._group_starts, start) - 1)] \
+            if self._file == file_index and self._group_starts else 0
+        if self._file != file_index or start < self._position or group_start > self._position:
+            self._open(file_index, start)
+        source, end = self.plan.files[file_index], start + count
+        while self._position < end:
+            batch, self._pending = self._pending, None
+            if batch is None:
+                batch = next(self._batches, None)
+                if batch is None:
+                    return
+            lo, hi = max(start, self._position), min(end, self._position + batch.num_rows)
+            if lo < hi:
+                part = batch.slice(lo - self._position, hi - lo)
+                prompts = part.column(0).to_pylist()
+                ids = part.column(1).to_pylist() if self.plan.id_column else \
+                    [f"{source.name}:{row}" for row in range(lo, hi)]
+                yield ids, prompts
+            if self._position + batch.num_rows > end:
+                self._pending = batch  # the next unit starts inside this batch
+                return
+            self._position += batch.num_rows
+
+
 def read_unit(plan: Plan, unit: int, batch_rows: int) -> Iterator[tuple[list, list]]:
-    """Yield (ids, prompts) record batches for one unit, reading only the row groups it overlaps."""
-    file_index, start, count = plan.units[unit]
-    source = plan.files[file_index]
-    pf = pq.ParquetFile(source.path)
-    columns = [plan.prompt_column] + ([plan.id_column] if plan.id_column else [])
-    groups, offset, first_offset = [], 0, None
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if offset + n > start and offset < start + count:
-            groups.append(g)
-            first_offset = offset if first_offset is None else first_offset
-        offset += n
-    position = first_offset or 0
-    end = start + count
-    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
-        lo, hi = max(start, position), min(end, position + batch.num_rows)
-        if lo < hi:
-            part = batch.slice(lo - position, hi - lo)
-            prompts = part.column(0).to_pylist()
-            if plan.id_column:
-                ids = part.column(1).to_pylist()
-            else:
-                ids = [f"{source.name}:{row}" for row in range(lo, hi)]
-            yield ids, prompts
-        position += batch.num_rows
-        if position >= end:
-            break
+    """Yield (ids, prompts) record batches for one unit (a one-off reader)."""
+    return UnitReader(plan, batch_rows).read(unit)
 
 
 def result_schema(plan: Plan) -> pa.Schema:

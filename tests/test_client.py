@@ -235,3 +235,29 @@ def test_engine_that_never_answers_hits_the_deadline(tmp_path):
             server.wait_ready()
     finally:
         server.stop()
+
+
+def test_an_engine_that_disappears_is_lost_not_blamed_on_the_rows(tmp_path):
+    from orchestrator.client import EngineLost
+
+    src = write_prompts(tmp_path / "in.parquet", 300)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10", "client.batch_size=10",
+                   "engine.request_latency_s=0.05", "client.max_retries=2", "client.retry_backoff_s=0.01"])
+    plan, paths = prepare(cfg)
+    server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
+    server.start()
+    server.wait_ready()
+    url = server.url
+    client = Client(cfg, plan, paths, url, "a", "r0")  # engine_alive unknown, as with engine.url
+
+    async def scenario():
+        task = asyncio.create_task(client.run())
+        while len(done_units(paths)) < 3:
+            await asyncio.sleep(0.01)
+        server.stop()
+        return await task
+
+    with pytest.raises(EngineLost, match="no longer answers"):
+        asyncio.run(scenario())
+    df = results(paths)
+    assert (df["status"] == "ok").all() and len(df) < 300  # nothing recorded as an error

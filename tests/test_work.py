@@ -118,3 +118,22 @@ def test_totals_come_from_the_ledger_and_fall_back_to_footers(tmp_path):
     assert (stats.rows, stats.ok, stats.output_tokens, stats.units) == (3, 3, 6, 3)
     shutil.rmtree(tmp_path / "work" / "ledger")
     assert committed_stats(paths).rows == 3
+
+
+def test_unit_reader_reads_any_order_and_each_row_once(tmp_path):
+    from orchestrator.work import UnitReader
+
+    write_prompts(tmp_path / "a.parquet", 100, row_group_size=30)
+    write_prompts(tmp_path / "b.parquet", 50, start=100, row_group_size=7)
+    plan = build_plan(DataConfig(unit_rows=9), str(tmp_path / "*.parquet"))
+    order = list(range(len(plan.units)))
+    shuffled = order[::3] + order[1::3] + order[2::3][::-1]  # forward, skipping, and backwards
+    for units in (order, shuffled):
+        reader = UnitReader(plan, batch_rows=4)
+        got = {}
+        for unit in units:
+            got[unit] = [row for ids, prompts in reader.read(unit) for row in zip(ids, prompts)]
+            assert len(got[unit]) == plan.units[unit][2]
+        flat = [row for unit in order for row in got[unit]]
+        assert [r[0] for r in flat] == [f"q{i}" for i in range(150)]
+        assert all(p.startswith(f"Question number {i}:") for i, (_, p) in enumerate(flat))

@@ -6,7 +6,9 @@ TRT-LLM): continuous batching, so one prompt per request and many requests in fl
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from ..config import Config
@@ -29,13 +31,12 @@ class Completion:
 
 
 def _count_output_tokens(tokens: list[str], prompt: str) -> int:
-    """Tokens past the echoed prompt: NeMo returns tokens for prompt + generation."""
-    covered, i = 0, 0
-    target = len(prompt)
-    while i < len(tokens) and covered < target:
-        covered += len(tokens[i].replace("\u2581", " "))
-        i += 1
-    return len(tokens) - i
+    """Tokens past the echoed prompt: NeMo returns tokens for prompt + generation. (A sentencepiece
+    token's "\u2581" stands for one space, so token lengths are text lengths.)"""
+    if not prompt:
+        return len(tokens)
+    ends = list(accumulate(map(len, tokens)))
+    return len(tokens) - min(len(tokens), bisect_left(ends, len(prompt)) + 1)
 
 
 class NemoProtocol:
