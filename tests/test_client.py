@@ -16,14 +16,21 @@ from tests.conftest import write_prompts
 
 
 @contextmanager
-def running_engine(cfg, tmp_path):
+def engine_process(cfg, tmp_path):
+    """The engine started (not yet proven ready), and stopped on the way out."""
     server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
     server.start()
     try:
-        server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def running_engine(cfg, tmp_path):
+    with engine_process(cfg, tmp_path) as server:
+        server.wait_ready()
+        yield server
 
 
 def run_client(cfg, tmp_path, attempt="a1"):
@@ -217,24 +224,15 @@ def test_nemo_codec_reads_a_bare_string_as_a_rejection_and_5xx_as_transient():
 def test_engine_that_dies_before_ready_fails_fast_with_its_log(tmp_path):
     cfg = compose(["engine=nemo", "engine.checkpoint=/nonexistent/model.nemo", "engine.script=/nonexistent/eval.py",
                    "engine.ready_timeout_s=600", "engine.host=127.0.0.1"])
-    server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
-    server.start()
-    try:
-        with pytest.raises(EngineError, match="exited with status"):
-            server.wait_ready()
-    finally:
-        server.stop()
+    with engine_process(cfg, tmp_path) as server, pytest.raises(EngineError, match="exited with status"):
+        server.wait_ready()
 
 
 def test_engine_that_never_answers_hits_the_deadline(tmp_path):
     cfg = compose(["engine.ready_timeout_s=1", "engine.error_rate=1.0"])
-    server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
-    server.start()
-    try:
-        with pytest.raises(EngineError, match="did not answer a one-token generation within 1 s"):
-            server.wait_ready()
-    finally:
-        server.stop()
+    with engine_process(cfg, tmp_path) as server, \
+            pytest.raises(EngineError, match="did not answer a one-token generation within 1 s"):
+        server.wait_ready()
 
 
 def test_an_engine_that_disappears_is_lost_not_blamed_on_the_rows(tmp_path):
@@ -244,20 +242,17 @@ def test_an_engine_that_disappears_is_lost_not_blamed_on_the_rows(tmp_path):
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10", "client.batch_size=10",
                    "engine.request_latency_s=0.05", "client.max_retries=2", "client.retry_backoff_s=0.01"])
     plan, paths = prepare(cfg)
-    server = EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port")
-    server.start()
-    server.wait_ready()
-    url = server.url
-    client = Client(cfg, plan, paths, url, "a", "r0")  # engine_alive unknown, as with engine.url
+    with running_engine(cfg, tmp_path) as server:
+        client = Client(cfg, plan, paths, server.url, "a", "r0")  # engine_alive unknown, as with engine.url
 
-    async def scenario():
-        task = asyncio.create_task(client.run())
-        while len(done_units(paths)) < 3:
-            await asyncio.sleep(0.01)
-        server.stop()
-        return await task
+        async def scenario():
+            task = asyncio.create_task(client.run())
+            while len(done_units(paths)) < 3:
+                await asyncio.sleep(0.01)
+            server.stop()
+            return await task
 
-    with pytest.raises(EngineLost, match="no longer answers"):
-        asyncio.run(scenario())
+        with pytest.raises(EngineLost, match="no longer answers"):
+            asyncio.run(scenario())
     df = results(paths)
     assert (df["status"] == "ok").all() and len(df) < 300  # nothing recorded as an error
