@@ -334,10 +334,16 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         bar = tqdm(total=plan.total_rows, initial=already, unit="prompt", file=sys.stderr,
                    disable=not sys.stderr.isatty() and os.environ.get("ORCHESTRATOR_PROGRESS") != "1")
 
+    last_line = [time.monotonic()]
+
     def tick() -> None:
-        if bar is not None:
-            bar.n = already + _rows_done(paths, attempt)
-            bar.refresh()
+        if bar is None:
+            return
+        bar.n = already + _rows_done(paths, attempt)
+        bar.refresh()
+        if bar.disable and time.monotonic() - last_line[0] >= 60:  # logs of sbatch-submitted runs get a line a minute
+            last_line[0] = time.monotonic()
+            print(f"progress: {bar.n}/{plan.total_rows} rows committed", file=sys.stderr, flush=True)
 
     failures: list[RunError] = []
     try:
