@@ -11,9 +11,19 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
-EXAMPLE_INPUT = PROJECT_ROOT / "examples" / "mt_bench_prompts.parquet"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent
+
+
+def bundled(name: str) -> Path:
+    """A top-level folder of the project (conf, examples, slurm_templates): from the source tree when
+    running from one (editable install), else the copy installed inside the package."""
+    source = PROJECT_ROOT / name
+    return source if (PROJECT_ROOT / "pyproject.toml").is_file() and source.is_dir() else PACKAGE_DIR / name
+
+
+CONF_DIR = bundled("conf")
+EXAMPLE_INPUT = bundled("examples") / "mt_bench_prompts.parquet"
 
 PROMPT_FORMATS = ("nemotron4_chat", "steerlm", "nemotron_mini", "raw")
 ENGINES = ("mock", "nemo")

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import PROJECT_ROOT, Config
+from .config import Config, bundled
 
-TEMPLATES_DIR = PROJECT_ROOT / "slurm_templates"
+TEMPLATES_DIR = bundled("slurm_templates")
 
 
 def submitit_parameters(cfg: Config) -> dict[str, Any]:
