@@ -1,4 +1,4 @@
-"""Launching with submitit, and `node_main`, which runs inside each job.
+"""Launching with submitit, and `NodeJob`, which runs inside each job.
 
 The local and Slurm paths run the same job code and differ only in the executor. In a Slurm job,
 submitit runs one orchestrator task per node in the user's environment; the task on node 0 starts
@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -36,6 +37,11 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY
 
 class RunError(RuntimeError):
     """The run could not start or did not finish; the message says why."""
+
+
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config, as written to config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def check_writable(root: Path) -> None:
@@ -71,7 +77,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     if not resumed:  # the plan is fixed at the first start
         atomic_write_text(stored_print, json.dumps(current, indent=1, sort_keys=True))
         atomic_write_text(paths.plan, plan.to_json())
-    atomic_write_text(paths.root / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_text(paths.root / "config.yaml", config_yaml(cfg))
     return plan, paths
 
 
@@ -215,11 +221,6 @@ class NodeJob:
         write_summary(paths, summary)
         log_event(paths, f"{where}: finished; run {summary['committed']}/{summary['total']} rows committed")
         return summary
-
-
-def node_main(cfg: Config, run_dir: str, attempt: str, started_at: float, replica: int = 0) -> dict | None:
-    """Run one replica's job body in this process (what the executors run)."""
-    return NodeJob(cfg, run_dir, attempt, started_at, replica)()
 
 
 def _summary_extra(cfg: Config, paths: RunPaths) -> dict:
@@ -396,7 +397,7 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
         atomic_write_text(out / name, text)
         written.append(out / name)
 
-    write("config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write("config.yaml", config_yaml(cfg))
     server = engine_server(cfg, paths, "<attempt>", 0)
     if cfg.engine.name == "mock":
         engine_cmd = mock_command(cfg, cfg.engine.port, server.port_file, server.rank_dir)
@@ -407,7 +408,7 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
     ranks = "\n".join(rank_lines(cfg, engine_cmd))
     write("engine_ranks.sh", _with_port(
         f"# The engine step started by the orchestrator's task on node 0 (PORT: {port_note}):\n"
-        f"{shlex_join(step)}\n\n# What each rank runs, with the environment srun gives it:\n{ranks}\n"))
+        f"{shlex.join(step)}\n\n# What each rank runs, with the environment srun gives it:\n{ranks}\n"))
     if cfg.cluster.name == "slurm":
         executor = make_executor(cfg, paths)
         script = executor._make_submission_file_text(executor._submitit_command_str, "render")
@@ -415,17 +416,11 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
         write("job.sbatch", script.replace("#!/bin/bash\n", "#!/bin/bash\n" + note, 1))
         client_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, name="local"), replicas=1)
         client_yaml = out / "client.yaml"
-        write("client.yaml", OmegaConf.to_yaml(OmegaConf.structured(client_cfg)))
+        write("client.yaml", config_yaml(client_cfg))
         template_cmd = nemo_command(cfg, PORT_PLACEHOLDER) if cfg.engine.name == "nemo" else engine_cmd
         write("nemo_server.sbatch", _with_port(render_template(
             "nemo_server.sbatch", cfg, template_cmd, client_yaml, cfg.engine.port or 1424)))
     return written
-
-
-def shlex_join(argv: list[str]) -> str:
-    import shlex
-
-    return shlex.join(argv)
 
 
 def _with_port(text: str) -> str:

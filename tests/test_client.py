@@ -178,16 +178,22 @@ class RecordingServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def test_openai_strategy_keeps_max_in_flight_requests_and_never_more(tmp_path):
-    src = write_prompts(tmp_path / "in.parquet", 200)
-    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "client.max_in_flight=12"])
+def run_against_recorder(cfg, route: str):
+    """The client over cfg's input against a RecordingServer on `route`; returns (server, paths)."""
     plan, paths = prepare(cfg)
-    server = RecordingServer("/v1/completions")
+    server = RecordingServer(route)
     url = server.start()
     try:
         asyncio.run(Client(cfg, plan, paths, url, "a", "r0").run())
     finally:
         server.stop()
+    return server, paths
+
+
+def test_openai_strategy_keeps_max_in_flight_requests_and_never_more(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 200)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "client.max_in_flight=12"])
+    server, paths = run_against_recorder(cfg, "/v1/completions")
     assert server.peak == 12 and sum(server.sizes) == 200
     assert (results(paths)["response"] == "answer").all()
 
@@ -195,13 +201,7 @@ def test_openai_strategy_keeps_max_in_flight_requests_and_never_more(tmp_path):
 def test_nemo_strategy_sends_full_batches_of_128_with_one_waiting(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 1000)
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=300"])
-    plan, paths = prepare(cfg)
-    server = RecordingServer("/generate")
-    url = server.start()
-    try:
-        asyncio.run(Client(cfg, plan, paths, url, "a", "r0").run())
-    finally:
-        server.stop()
+    server, paths = run_against_recorder(cfg, "/generate")
     assert server.sizes.count(128) == 7 and sum(server.sizes) == 1000 and max(server.sizes) <= 128
     assert server.peak == 2  # one generating, the next already queued at the server
     df = results(paths)
