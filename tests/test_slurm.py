@@ -39,6 +39,19 @@ def sacct_state(job_id: str, deadline_s: float = 60) -> str:
     return state
 
 
+def sacct_job_name(job_id: str, deadline_s: float = 30) -> str:
+    """The job's name from accounting; right after a job ends sacct may still say "allocation"."""
+    deadline = time.monotonic() + deadline_s
+    name = ""
+    while time.monotonic() < deadline:
+        name = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName%200", "-j", job_id],
+                              capture_output=True, text=True).stdout.strip()
+        if name and name != "allocation":
+            return name
+        time.sleep(0.5)
+    return name
+
+
 def leftover(run_dir: Path) -> str:
     return subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True, text=True).stdout.strip()
 
@@ -109,8 +122,7 @@ def test_wait_false_returns_job_ids_and_hostile_values_stay_values(slurm_cluster
     (job,) = job_ids(proc.stdout)
     assert f"squeue -j {job}" in proc.stdout
     assert sacct_state(job, deadline_s=120) == "COMPLETED"
-    name = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName%100", "-j", job], capture_output=True, text=True).stdout
-    assert name.strip() == hostile
+    assert sacct_job_name(job) == hostile
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] == 20
     assert not marker.exists()
