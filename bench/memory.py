@@ -45,7 +45,7 @@ def child(url: str, data: str, run_dir: str, out: str, *overrides: str) -> None:
     from orchestrator.launch import prepare
     from orchestrator.work import Plan, RunPaths
 
-    cfg = compose([f"engine.url={url}", f"sampling.tokens_to_generate={TOKENS}",
+    cfg = compose(["engine=endpoint", f"engine.url={url}", f"sampling.tokens_to_generate={TOKENS}",
                    f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}", *overrides])
     if out == "--prepare":  # the CLI's step, in its own unmeasured process
         prepare(cfg)

@@ -4,7 +4,7 @@ One zero-latency embedded engine process (NeMo route, PUT /generate). 100,000 pr
 
 (a) bare loop: aiohttp, the same prompts already formatted with the default model's prompt template,
     128 sentences per request, 2 requests in flight (NeMo strategy), the same body the pipeline sends
-    (NemoProtocol.payload, tokens_to_generate=16); each response is JSON-decoded and nothing else.
+    (NemoCodec.payload, tokens_to_generate=16); each response is JSON-decoded and nothing else.
 (b) `orchestrator run engine.url=... sampling.tokens_to_generate=16 ...`; prompts_per_s from
     summary.json (over generate_s: first request to last commit).
 
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from _common import CpuWatch, Engine, cleanup, cpu_probe, hydra_quote, load, machine, run_orchestrator, tmpdir, write_prompts
 from orchestrator.config import compose
-from orchestrator.engines.protocols import NemoProtocol
+from orchestrator.engines.codecs import NemoCodec
 from orchestrator.prompts import format_prompt
 
 TOKENS = 16
@@ -73,7 +73,7 @@ def main() -> int:
         cpu = CpuWatch()
         data = write_prompts(work / "prompts.parquet", args.prompts)
         cfg = compose([f"sampling.tokens_to_generate={TOKENS}"])
-        protocol = NemoProtocol(cfg)
+        protocol = NemoCodec(cfg)
         prompts = pq.read_table(data, columns=["prompt"]).column("prompt").to_pylist()
         formatted = [format_prompt(p, cfg.model.prompt) for p in prompts]
         bodies = [protocol.payload(formatted[i:i + BATCH]) for i in range(0, len(formatted), BATCH)]
@@ -85,7 +85,7 @@ def main() -> int:
             bare.append(n / secs)
             for r in range(args.rounds):  # a b a b ... a: each pipeline run between two bare runs
                 run_dir = work / f"run{r}"
-                overrides = [f"engine.url={engine.url}", f"sampling.tokens_to_generate={TOKENS}",
+                overrides = ["engine=endpoint", f"engine.url={engine.url}", f"sampling.tokens_to_generate={TOKENS}",
                              f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}"]
                 wall, _ = run_orchestrator(overrides, timeout_s=args.timeout_s)
                 summary = json.loads((run_dir / "summary.json").read_text())

@@ -32,14 +32,22 @@ def cmd_run(cfg) -> None:
 def cmd_plan(cfg) -> None:
     from .layout import GPUS, build_layout, format_layout, problems, valid_layouts
 
+    from .engines.base import adapter_for
+
     layout = build_layout(cfg, check=False)
-    found = problems(cfg.model, cfg.layout)
+    found = problems(cfg.model, cfg.layout) + adapter_for(cfg).problems(cfg)
     arch = cfg.model.architecture
     print(f"model:      {cfg.model.name} ({cfg.model.card}), {cfg.model.dtype}")
     print(f"            {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} heads, "
           f"{arch.kv_heads} KV groups")
     print(f"layout:     {layout.describe()}")
     print(f"            {layout.gpus} GPUs per replica, {layout.gpus * cfg.replicas} in all")
+    engine = adapter_for(cfg)
+    if engine.starts_process:
+        tasks = engine.tasks_per_node(cfg)
+        print(f"engine:     {cfg.engine.name}, {tasks} task(s) per node "
+              f"({'one per GPU' if tasks == cfg.layout.gpus_per_node and tasks > 1 else 'one per node'}), "
+              f"{tasks * cfg.layout.nodes} in all")
     print(f"memory/GPU: weights {layout.weights_gb:.1f} GB + KV cache {layout.kv_cache_gb:.1f} GB "
           f"(batch {cfg.layout.max_batch_size} x {cfg.layout.max_seq_len or arch.max_seq_len} tokens) = "
           f"{layout.total_gb:.1f} GB of {layout.usable_gb:.1f} GB usable")
@@ -60,11 +68,12 @@ def cmd_plan(cfg) -> None:
 def cmd_serve_engine(cfg) -> None:
     import os
 
-    from .engines.server import mock_command
+    from .engines.base import Rendezvous
+    from .engines.mock import ADAPTER
 
     if cfg.engine.name != "mock":
         _fail("serve-engine runs the embedded engine only (engine=mock)")
-    cmd = mock_command(cfg, cfg.engine.port, None)
+    cmd = ADAPTER.node_argv(cfg, 0, Rendezvous(port=cfg.engine.port, master_addr="", master_port=0))
     print(f"embedded engine on http://{cfg.engine.host}:{cfg.engine.port} (Ctrl-C to stop)", flush=True)
     os.execv(cmd[0], cmd)  # the engine replaces this process: signals reach it, nothing is left behind
 
@@ -93,11 +102,8 @@ def main(argv: list[str] | None = None) -> None:
 def _hydra_main(command: str, args: list[str]) -> None:
     import hydra
 
-    from .config import CONF_DIR, ConfigError, register_configs, to_config
-    from .engines.server import EngineError
-    from .launch import RunError
-    from .layout import LayoutError
-    from .work import InputError
+    from .config import CONF_DIR, register_configs, to_config
+    from .errors import OrchestratorError
 
     register_configs()
 
@@ -105,7 +111,7 @@ def _hydra_main(command: str, args: list[str]) -> None:
     def task(dict_cfg) -> None:
         try:
             COMMANDS[command](to_config(dict_cfg))
-        except (ConfigError, LayoutError, InputError, EngineError, RunError) as exc:
+        except OrchestratorError as exc:
             _fail(str(exc), 1)
 
     saved = sys.argv

@@ -19,7 +19,8 @@ import pandas  # noqa: F401 - pyarrow imports it on the first pa.array(list): pa
 import pyarrow as pa
 
 from .config import Config
-from .engines.protocols import RejectedError, TransientError, make_protocol
+from .errors import EngineError, RunError
+from .engines.codecs import EngineInfo, RejectedError, TransientError, make_codec, openai_api
 from .prompts import format_prompt, postprocess
 from .work import (Plan, RunPaths, UnitReader, UnitStats, atomic_write_text, claim, commit_unit, done_units,
                    heartbeat, is_committed, result_schema)
@@ -78,11 +79,11 @@ def check_prompt(value) -> str | None:
     return None
 
 
-class EngineLost(RuntimeError):
+class EngineLost(EngineError):
     """The engine this replica talks to died; its unfinished units go back to the pool."""
 
 
-class TooManyErrors(RuntimeError):
+class TooManyErrors(RunError):
     """More than client.max_error_fraction of the rows failed: stop instead of burning GPU hours."""
 
 
@@ -109,10 +110,17 @@ class Client:
     """
 
     def __init__(self, cfg: Config, plan: Plan, paths: RunPaths, url: str, attempt: str, owner: str,
-                 model_name: str = "mock", engine_alive: Callable[[], bool] | None = None):
+                 model_name: str = "mock", engine_alive: Callable[[], bool] | None = None,
+                 info: EngineInfo | None = None):
         self.cfg, self.plan, self.paths, self.url = cfg, plan, paths, url.rstrip("/")
         self.attempt, self.owner = attempt, owner
-        self.protocol = make_protocol(cfg, model_name)
+        self.info = info or EngineInfo(url=self.url, protocol=cfg.engine.protocol or "nemo", model_name=model_name,
+                                       api=openai_api(cfg))
+        self.protocol = make_codec(cfg, self.info)
+        self.context = self.info.max_model_len or cfg.model.architecture.max_seq_len
+        # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
+        # truncation (data.truncate_prompts) cuts by its exact count
+        self.exact_tokens = self.info.can_tokenize
         self.schema = result_schema(plan)
         self.reader = UnitReader(plan, cfg.data.read_batch_rows)
         self.stats = ClientStats()
@@ -126,7 +134,10 @@ class Client:
         """Thread-safe: stop taking work and wind down within client.grace_s."""
         self.stop_reason = self.stop_reason or reason
         if self.loop is not None and self.stopping is not None:
-            self.loop.call_soon_threadsafe(self.stopping.set)
+            try:
+                self.loop.call_soon_threadsafe(self.stopping.set)
+            except RuntimeError:  # the loop has closed: the client already ended, nothing to stop
+                pass
 
     def _halt(self, error: Exception) -> None:
         if self.fatal is None:
@@ -216,7 +227,13 @@ class Client:
             buf.ids.extend(ids)
             for offset, prompt in enumerate(prompts):
                 problem = check_prompt(prompt)
-                if not problem:
+                if not problem and self.exact_tokens:
+                    if self.cfg.data.truncate_prompts:
+                        try:
+                            prompt = await self._truncate_exact(prompt)
+                        except (TransientError, aiohttp.ClientError, asyncio.TimeoutError):
+                            prompt, problem = self._fit_context(prompt)
+                elif not problem:
                     prompt, problem = self._fit_context(prompt)
                 if problem:
                     buf.fail(base + offset, problem)
@@ -230,9 +247,34 @@ class Client:
             await self._commit(buf)
         return batch
 
+    async def _count_tokens(self, prompt: str) -> int:
+        body = self.protocol.payload([format_prompt(prompt, self.cfg.model.prompt)], tokens_to_generate=1)
+        request = {"model": self.info.model_name}
+        request.update({"messages": body["messages"]} if "messages" in body else {"prompt": body["prompt"]})
+        async with self.session.post(self.url + "/tokenize", json=request) as resp:
+            answer = await resp.json(content_type=None)
+        if resp.status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("count"), int):
+            raise TransientError(f"/tokenize answered HTTP {resp.status}: {str(answer)[:200]}")
+        return answer["count"]
+
+    async def _truncate_exact(self, prompt: str) -> str:
+        """The longest start of the prompt whose formatted text leaves room for one generated token, by the
+        engine's own count (a few /tokenize calls, only for prompts that may be too long)."""
+        limit = self.context - max(1, self.cfg.sampling.min_tokens_to_generate)
+        if len(prompt.encode()) + 64 < limit or await self._count_tokens(prompt) <= limit:  # a token is >= 1 byte
+            return prompt
+        lo, hi = 0, len(prompt)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if await self._count_tokens(prompt[:mid]) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return prompt[:lo]
+
     def _fit_context(self, prompt: str) -> tuple[str, str | None]:
         """The prompt within the model's context (estimated from its UTF-8 size), truncated when allowed."""
-        data, context = self.cfg.data, self.cfg.model.architecture.max_seq_len
+        data, context = self.cfg.data, self.context
         size = len(prompt.encode())
         estimate = size / data.bytes_per_token
         if estimate <= context:

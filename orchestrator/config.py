@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .errors import ConfigError  # noqa: F401 - re-exported
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
 
@@ -25,16 +27,17 @@ def bundled(name: str) -> Path:
 CONF_DIR = bundled("conf")
 EXAMPLE_INPUT = bundled("examples") / "mt_bench_prompts.parquet"
 
-PROMPT_FORMATS = ("nemotron4_chat", "steerlm", "nemotron_mini", "raw")
-ENGINES = ("mock", "nemo")
-PROTOCOLS = ("nemo", "openai")
-CLUSTERS = ("local", "slurm")
+# chat_template: the prompt goes to the engine's chat API, which applies the tokenizer's own template
+PROMPT_FORMATS = ("nemotron4_chat", "steerlm", "nemotron_mini", "raw", "chat_template")
+PROTOCOLS = ("nemo", "openai", "triton")
+OPENAI_APIS = ("completions", "chat")
 DUPLICATE_POLICIES = ("error", "positional", "keep")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the problem and the fix."""
+def choices(group: str) -> tuple[str, ...]:
+    """The options of a config group (`engine`, `cluster`, `model`): one YAML each in conf/<group>/."""
+    return tuple(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -53,7 +56,7 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
 
 @dataclass
 class ArchitectureConfig:
-    num_layers: int = MISSING
+    num_layers: int = MISSING  # MISSING values are read from model.path/config.json when it is set
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING
     num_attention_heads: int = MISSING
@@ -87,6 +90,7 @@ class PromptConfig:
 class ModelConfig:
     name: str = MISSING
     card: str = ""  # the model card's name
+    path: Optional[str] = None  # a Hugging Face checkpoint directory (vllm, sglang, trtllm load it)
     dtype: str = "bf16"
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -137,12 +141,22 @@ class SamplingConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "mock"  # one of ENGINES
-    protocol: str = "nemo"  # request strategy: nemo (batched PUT /generate) or openai (/v1/completions)
-    host: str = "127.0.0.1"  # the address the engine binds
-    url: Optional[str] = None  # an engine already running (http://host:port): nothing is started
+    name: str = "mock"  # one of conf/engine/*.yaml; each has one adapter in orchestrator/engines/
+    protocol: Optional[str] = None  # nemo, openai or triton; None = the engine's own (endpoint: found from its routes)
+    api: Optional[str] = None  # OpenAI route: completions or chat; None = chat for model.prompt.format=chat_template
+    host: str = "127.0.0.1"  # the address the engine's HTTP server binds
+    url: Optional[str] = None  # engine=endpoint: the running server (http://host:port, a /v1 suffix is fine)
     port: int = 0  # 0 = a free port chosen on the node
     ready_timeout_s: float = 300.0  # deadline for the first one-token generation
+    command: List[str] = field(default_factory=list)  # the engine's program, e.g. [vllm, serve]; [] = the adapter's
+    extra_args: List[str] = field(default_factory=list)  # appended to every rank's command line
+    env: Dict[str, str] = field(default_factory=dict)  # environment of the engine ranks
+    master_addr: Optional[str] = None  # multi-node rendezvous host; None = node 0's hostname
+    master_port: int = 0  # multi-node rendezvous port; 0 = a free port chosen on node 0
+    served_model_name: Optional[str] = None  # the name the server answers to (Triton's model name); None = model.name
+    skip_special_tokens: Optional[bool] = None  # OpenAI engines; None = false when end strings are set, so they match
+    use_tokenizer: bool = True  # count prompt tokens with the engine's /tokenize where it has one
+    options: Dict[str, Any] = field(default_factory=dict)  # adapter-specific settings, listed in its YAML
     # embedded (mock) engine knobs
     request_latency_s: float = 0.0
     token_latency_s: float = 0.0
@@ -153,20 +167,24 @@ class EngineConfig:
     fail_rank: int = -1  # this engine rank exits at once (tests of a rank dying before readiness)
     stall_rate: float = 0.0  # fraction of requests that hang for stall_s (injected timeouts)
     stall_s: float = 30.0
-    # NeMo server (megatron_gpt_eval.py) knobs
-    checkpoint: Optional[str] = None
-    script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+    # NeMo checkpoints (engine=nemo, engine=triton)
+    checkpoint: Optional[str] = None  # the .nemo file, inside the container
+    script: Optional[str] = None  # the NeMo script that serves it; None = the adapter's
     precision: str = "bf16"
-    extra_args: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_choice("engine.name", self.name, ENGINES)
-        _check_choice("engine.protocol", self.protocol, PROTOCOLS)
+        _check_choice("engine.name", self.name, choices("engine"))
+        if self.protocol is not None:
+            _check_choice("engine.protocol", self.protocol, PROTOCOLS)
+        if self.api is not None:
+            _check_choice("engine.api", self.api, OPENAI_APIS)
         _check_range("engine.capacity", self.capacity, lo=1)
         _check_range("engine.error_rate", self.error_rate, lo=0, hi=1)
         _check_range("engine.request_latency_s", self.request_latency_s, lo=0)
         _check_range("engine.token_latency_s", self.token_latency_s, lo=0)
         _check_range("engine.ready_timeout_s", self.ready_timeout_s, lo=0, lo_open=True)
+        _check_range("engine.port", self.port, lo=0, hi=65535)
+        _check_range("engine.master_port", self.master_port, lo=0, hi=65535)
 
 
 @dataclass
@@ -194,7 +212,7 @@ class ClusterConfig:
     unknown_state_timeout_s: float = 300.0  # give up waiting on a job whose state cannot be read for this long
 
     def __post_init__(self) -> None:
-        _check_choice("cluster.name", self.name, CLUSTERS)
+        _check_choice("cluster.name", self.name, choices("cluster"))
         _check_range("cluster.timeout_min", self.timeout_min, lo=1)
         if self.cpus_per_task is not None:
             _check_range("cluster.cpus_per_task", self.cpus_per_task, lo=1)
@@ -276,10 +294,13 @@ def to_config(cfg: DictConfig | dict) -> Config:
     """Validate a composed config into dataclasses; raises ConfigError with the key and the fix."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from .hf import fill_architecture
+
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
         if "hydra" in merged:
             del merged["hydra"]
+        fill_architecture(merged.model)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config: {exc}") from None

@@ -23,20 +23,18 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .clusters.base import cluster_for
 from .config import Config
+from .engines.base import check_engine
 from .engines.server import EngineServer
+from .errors import ConfigError, OrchestratorError, RunError
 from .layout import build_layout
 from .report import build_summary, one_line, write_replica_stats, write_summary
-from .sbatch import engine_step_prefix, submitit_parameters
 from .work import (InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, committed_rows,
                    done_units, log_event)
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
-
-
-class RunError(RuntimeError):
-    """The run could not start or did not finish; the message says why."""
 
 
 def config_yaml(cfg: Config) -> str:
@@ -55,8 +53,10 @@ def check_writable(root: Path) -> None:
 
 
 def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
-    """Everything checked before a job is submitted: layout, input, run directory. Writes plan and config."""
+    """Everything checked before a job is submitted: layout, engine, cluster, input, run directory.
+    Writes plan and config."""
     build_layout(cfg)
+    check_launch(cfg)
     plan = build_plan(cfg.data, cfg.input_path)
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)
@@ -81,15 +81,28 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     return plan, paths
 
 
+def check_launch(cfg: Config) -> None:
+    """The engine's and the cluster's own checks, before any GPU is asked for."""
+    engine = check_engine(cfg)
+    found = cluster_for(cfg).problems(cfg, engine)
+    if found:
+        raise ConfigError("\n".join(found))
+
+
 def fingerprint(cfg: Config, plan: Plan) -> dict:
     """What decides the answers: model, prompt format, sampling, engine, and the exact input files."""
     return {
         "model": cfg.model.name,
+        "model.path": cfg.model.path,
+        "model.max_seq_len": cfg.model.architecture.max_seq_len,
         "model.prompt": asdict(cfg.model.prompt),
         "end_strings": cfg.end_strings,
         "sampling": asdict(cfg.sampling),
         "engine": cfg.engine.name,
         "engine.seed": cfg.engine.seed if cfg.engine.name == "mock" else None,
+        "engine.settings": {k: getattr(cfg.engine, k) for k in ("checkpoint", "url", "protocol", "api", "precision",
+                                                               "extra_args", "options", "served_model_name",
+                                                               "skip_special_tokens")},
         "data": {k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
                                                    "truncate_prompts", "bytes_per_token")},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
@@ -112,12 +125,13 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def engine_server(cfg: Config, paths: RunPaths, attempt: str, replica: int) -> EngineServer:
     tag = f"{attempt}-r{replica}"
-    launcher = engine_step_prefix(cfg) if cfg.cluster.name == "slurm" else []
-    return EngineServer(cfg, paths.logs / f"engine-{tag}.log", paths.root / "work" / f"engine-{tag}.port",
-                        launcher=launcher, rank_dir=paths.root / "work" / f"ranks-{tag}")
+    server = EngineServer(cfg, paths.logs / f"engine-{tag}.log", paths.root / "work" / f"engine-{tag}.port",
+                          rank_dir=paths.root / "work" / f"ranks-{tag}")
+    server.launcher = cluster_for(cfg).step_prefix(cfg, server.adapter) if server.adapter.starts_process else []
+    return server
 
 
-class Preempted(RuntimeError):
+class Preempted(OrchestratorError):
     """The job was told to stop (SIGTERM, or the time-limit/preemption signal); what finished is committed."""
 
 
@@ -167,23 +181,25 @@ class NodeJob:
         return submitit.helpers.DelayedSubmission(NodeJob(*self.args))
 
     def run_node0(self) -> dict:
-        from .client import Client
+        from .client import Client, EngineLost
 
         cfg, run_dir, attempt, started_at, replica = self.args
         paths = RunPaths(Path(run_dir))
         plan = Plan.from_json(paths.plan.read_text())
         owner = f"r{replica}"
         where = f"replica {replica} (job {os.environ.get('SLURM_JOB_ID', 'local')}, host {socket.gethostname()})"
-        log_event(paths, f"{where}: starting the {cfg.engine.name} engine")
         previous = signal.signal(signal.SIGTERM, lambda *_: self._request_stop("SIGTERM"))
         server = engine_server(cfg, paths, attempt, replica)
+        log_event(paths, f"{where}: starting the {cfg.engine.name} engine" if server.adapter.starts_process
+                  else f"{where}: connecting to the engine at {server.url}")
         server.start()
         outcome: list = []
         try:
-            url = server.wait_ready()
-            print(f"engine ready at {url} ({cfg.engine.name}, protocol {cfg.engine.protocol})", flush=True)
-            log_event(paths, f"{where}: engine ready at {url}")
-            self._client = Client(cfg, plan, paths, url, attempt, owner, server.model_name, engine_alive=server.alive)
+            info = server.wait_ready()
+            what = f"engine={cfg.engine.name}, protocol {info.protocol}" + (f" ({info.api})" if info.api else "")
+            print(f"engine ready at {info.url} ({what}, model {info.model_name})", flush=True)
+            log_event(paths, f"{where}: engine ready at {info.url} ({what}, model {info.model_name})")
+            self._client = Client(cfg, plan, paths, info.url, attempt, owner, engine_alive=server.alive, info=info)
             if self._stop_reason:
                 self._client.request_stop(self._stop_reason)
 
@@ -206,6 +222,8 @@ class NodeJob:
             server.stop()
             signal.signal(signal.SIGTERM, previous)
         result = outcome[0] if outcome else RuntimeError("the client ended without a result")
+        if isinstance(result, EngineLost) and server.adapter.starts_process:
+            result = EngineLost(f"{result}; engine log {server.log_path}:\n{server.log_tail()}")
         if isinstance(result, BaseException):
             log_event(paths, f"{where}: failed: {result}")
             raise result
@@ -229,20 +247,8 @@ def _summary_extra(cfg: Config, paths: RunPaths) -> dict:
 
 
 def make_executor(cfg: Config, paths: RunPaths):
-    """submitit's LocalExecutor or SlurmExecutor, with this config's parameters."""
-    import submitit
-
-    folder = str(paths.logs / "submitit" / "%j")
-    if cfg.cluster.name == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
-        executor.update_parameters(**submitit_parameters(cfg))
-        return executor
-    if cfg.layout.nodes > 1 and cfg.engine.name != "mock" and not cfg.engine.url:
-        raise RunError(f"cluster=local runs on one machine; {cfg.model.name} needs {cfg.layout.nodes} nodes: "
-                       f"use cluster=slurm")
-    executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(timeout_min=cfg.cluster.timeout_min)
-    return executor
+    """submitit's executor for this config's cluster adapter, with its parameters."""
+    return cluster_for(cfg).executor(cfg, paths)
 
 
 def _rows_done(paths: RunPaths, attempt: str) -> int:
@@ -257,25 +263,16 @@ def _rows_done(paths: RunPaths, attempt: str) -> int:
     return done
 
 
-def job_state(job) -> str:
-    """The job's state read fresh (sacct on Slurm); UNKNOWN when it cannot be read."""
-    if job.__class__.__name__ == "LocalJob":
-        return "COMPLETED" if job.done() else "RUNNING"
-    try:
-        return str(job.watcher.get_state(job.job_id, mode="force")).split()[0].upper()
-    except Exception:  # noqa: BLE001 - any failure to read the state counts as unknown
-        return "UNKNOWN"
-
-
 def wait_for_jobs(jobs: list, cfg: Config, on_tick) -> None:
     """Poll until every job is in a terminal state; never forever on a state that cannot be read."""
+    cluster = cluster_for(cfg)
     unknown_since: dict[str, float] = {}
     pending = list(jobs)
     while pending:
         on_tick()
         still = []
         for job in pending:
-            state = job_state(job)
+            state = cluster.state(job)
             if state in TERMINAL_STATES:
                 continue
             if state == "UNKNOWN":
@@ -289,17 +286,7 @@ def wait_for_jobs(jobs: list, cfg: Config, on_tick) -> None:
             still.append(job)
         pending = still
         if pending:
-            time.sleep(cfg.client.progress_interval_s if cfg.cluster.name == "local" else cfg.cluster.poll_interval_s)
-
-
-def _job_result(job, paths: RunPaths):
-    try:
-        return job.task(0).result() if job.__class__.__name__ != "LocalJob" else job.result()
-    except Exception as exc:  # submitit re-raises the job's failure with its traceback
-        lines = str(exc).strip().splitlines()
-        raised = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", line)]
-        tail = "\n".join(lines[raised[-1]:raised[-1] + 15] if raised else lines[-12:])
-        raise RunError(f"job {job.job_id} failed; logs in {paths.logs}\n{tail}") from None
+            time.sleep(cluster.poll_interval_s(cfg))
 
 
 def run(cfg: Config, show_progress: bool = True) -> dict:
@@ -315,18 +302,19 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         write_summary(paths, summary)
         print(f"nothing left to do\nresults: {paths.results}\nsummary: {one_line(summary)}")
         return summary
-    executor = make_executor(cfg, paths)
+    cluster = cluster_for(cfg)
+    executor = cluster.executor(cfg, paths)
     jobs = [executor.submit(NodeJob(cfg, str(paths.root), attempt, started_at, replica))
             for replica in range(cfg.replicas)]
     ids = " ".join(str(job.job_id) for job in jobs)
     if not cfg.wait:
         print(f"submitted job(s) {ids} for {paths.root}")
-        if cfg.cluster.name == "slurm":
-            print(f"follow with: squeue -j {','.join(str(j.job_id) for j in jobs)}; "
-                  f"sacct -j {','.join(str(j.job_id) for j in jobs)}; tail -f {paths.logs}/submitit/*/*_0_log.out")
+        hint = cluster.follow_hint(jobs, paths)
+        if hint:
+            print(hint)
         print(f"when done: {paths.root / 'summary.json'}; results: {paths.results}")
         return {"jobs": [str(j.job_id) for j in jobs], "run_dir": str(paths.root)}
-    if cfg.cluster.name == "slurm":
+    if cluster.follow_hint(jobs, paths):
         print(f"submitted job(s) {ids}", flush=True)
     bar = None
     if show_progress:
@@ -351,7 +339,7 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         wait_for_jobs(jobs, cfg, tick)
         for job in jobs:
             try:
-                _job_result(job, paths)
+                cluster.result(job, paths)
             except RunError as exc:
                 failures.append(exc)
     except KeyboardInterrupt:
@@ -377,51 +365,68 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
 
 
 PORT_PLACEHOLDER = "__ORCHESTRATOR_PORT__"
+MASTER_PORT_PLACEHOLDER = "__ORCHESTRATOR_MASTER_PORT__"
+MASTER_ADDR_PLACEHOLDER = "__ORCHESTRATOR_MASTER_ADDR__"
 
 
 def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
-    """Write what `run` would submit, and submit nothing: the sbatch script, the engine's srun step and
-    per-rank command lines, the resolved config, and the plain sbatch template filled from the config."""
+    """Write what `run` would submit, and submit nothing: the cluster's job script, the engine's step and
+    per-task command lines, the resolved config, and the plain sbatch template filled from the config."""
     import dataclasses
 
-    from .engines.server import mock_command, nemo_command
+    from .engines.base import Rendezvous
+    from .engines.codecs import make_codec
     from .sbatch import rank_lines, render_template
 
     build_layout(cfg)
+    check_launch(cfg)
+    cluster = cluster_for(cfg)
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     out = Path(out_dir) if out_dir else paths.root / "render"
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def write(name: str, text: str) -> None:
-        atomic_write_text(out / name, text)
+        atomic_write_text(out / name, _with_placeholders(text))
         written.append(out / name)
 
     write("config.yaml", config_yaml(cfg))
     server = engine_server(cfg, paths, "<attempt>", 0)
-    if cfg.engine.name == "mock":
-        engine_cmd = mock_command(cfg, cfg.engine.port, server.port_file, server.rank_dir)
-    else:
-        engine_cmd = nemo_command(cfg, cfg.engine.port or PORT_PLACEHOLDER)
-    step = server.launcher + engine_cmd
-    port_note = "a free port chosen on node 0 when the job starts" if not cfg.engine.port else str(cfg.engine.port)
-    ranks = "\n".join(rank_lines(cfg, engine_cmd))
-    write("engine_ranks.sh", _with_port(
-        f"# The engine step started by the orchestrator's task on node 0 (PORT: {port_note}):\n"
-        f"{shlex.join(step)}\n\n# What each rank runs, with the environment srun gives it:\n{ranks}\n"))
+    engine = server.adapter
+    if not engine.starts_process:
+        return written
+    e = cfg.engine
+    rv = Rendezvous(port=e.port or (0 if engine.reports_port else PORT_PLACEHOLDER),
+                    master_addr=e.master_addr or MASTER_ADDR_PLACEHOLDER,
+                    master_port=e.master_port or MASTER_PORT_PLACEHOLDER,
+                    port_file=server.rendezvous.port_file, rank_dir=server.rendezvous.rank_dir)
+    step = server.launcher + engine.step_command(cfg, rv)
+    tasks = engine.tasks_per_node(cfg)
+    notes = ["PORT: " + ("a free port chosen on node 0 when the job starts" if not e.port else str(e.port))]
+    if cfg.layout.nodes > 1 and (e.master_port or e.master_addr or MASTER_PORT_PLACEHOLDER in " ".join(step)):
+        notes.append("MASTER_ADDR: node 0's hostname; MASTER_PORT: a free port on node 0")
+    env = engine.env(cfg)
+    env_line = f"# environment of the engine tasks: {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())}\n" \
+        if env else ""
+    ranks = "\n".join(rank_lines(cfg, tasks, [engine.node_argv(cfg, n, rv) for n in range(cfg.layout.nodes)]))
+    write("engine_ranks.sh",
+          f"# The engine step started by the orchestrator's task on node 0 ({'; '.join(notes)}):\n{env_line}"
+          f"{shlex.join(step)}\n\n# What each rank runs, with the environment srun gives it:\n{ranks}\n")
+    cluster.render(cfg, paths, engine, write)
     if cfg.cluster.name == "slurm":
-        executor = make_executor(cfg, paths)
-        script = executor._make_submission_file_text(executor._submitit_command_str, "render")
-        note = f"# submitted {cfg.replicas} time(s), once per replica\n" if cfg.replicas > 1 else ""
-        write("job.sbatch", script.replace("#!/bin/bash\n", "#!/bin/bash\n" + note, 1))
-        client_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, name="local"), replicas=1)
+        protocol = make_codec(cfg, protocol=engine.protocol_for(cfg)).name
+        client_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, name="local"), replicas=1,
+                                         engine=dataclasses.replace(e, name="endpoint", protocol=protocol))
         client_yaml = out / "client.yaml"
         write("client.yaml", config_yaml(client_cfg))
-        template_cmd = nemo_command(cfg, PORT_PLACEHOLDER) if cfg.engine.name == "nemo" else engine_cmd
-        write("nemo_server.sbatch", _with_port(render_template(
-            "nemo_server.sbatch", cfg, template_cmd, client_yaml, cfg.engine.port or 1424)))
+        template_rv = dataclasses.replace(rv, port=PORT_PLACEHOLDER, master_addr=e.master_addr or "$MASTER_ADDR",
+                                          port_file=None)
+        write("engine_job.sbatch", render_template(
+            "engine_job.sbatch", cfg, tasks, engine.step_command(cfg, template_rv), client_yaml,
+            e.port or 1424, protocol, engine.step_args))
     return written
 
 
-def _with_port(text: str) -> str:
-    return text.replace(PORT_PLACEHOLDER, '"$PORT"')
+def _with_placeholders(text: str) -> str:
+    return (text.replace(PORT_PLACEHOLDER, '"$PORT"').replace(MASTER_PORT_PLACEHOLDER, '"$MASTER_PORT"')
+            .replace(MASTER_ADDR_PLACEHOLDER, '"$MASTER_ADDR"'))

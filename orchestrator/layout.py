@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .config import DTYPE_BYTES, ArchitectureConfig, Config, LayoutConfig, ModelConfig
+from .errors import LayoutError  # noqa: F401 - re-exported
 
 GB = 1e9
 
@@ -23,8 +24,6 @@ GPUS = {
 }
 
 
-class LayoutError(ValueError):
-    """The layout cannot run the model; the message says why and which layouts would."""
 
 
 @dataclass(frozen=True)

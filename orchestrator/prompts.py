@@ -8,12 +8,13 @@ TEMPLATES = {
     "steerlm": "<extra_id_0>System\n{system}\n<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n<extra_id_2>{attributes}\n",
     "nemotron_mini": "<extra_id_0>System\n{system}\n\n<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n",
     "raw": "{prompt}",
+    "chat_template": "{prompt}",  # the engine's chat API renders it with the tokenizer's template
 }
 
 
 def format_prompt(prompt: str, cfg: PromptConfig) -> str:
     """The text the engine receives for one user prompt."""
-    if cfg.format == "raw":
+    if cfg.format in ("raw", "chat_template"):
         return prompt
     return TEMPLATES[cfg.format].format(system=cfg.system, prompt=prompt, attributes=cfg.steerlm_attributes)
 

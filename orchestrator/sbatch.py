@@ -56,8 +56,9 @@ def container_flags(cfg: Config) -> list[str]:
     return flags
 
 
-def engine_step_prefix(cfg: Config) -> list[str]:
-    """The srun step that starts one engine rank per GPU across the allocation, from node 0's task.
+def engine_step_prefix(cfg: Config, tasks_per_node: int, step_args: tuple[str, ...] = ()) -> list[str]:
+    """The srun step that starts the engine's tasks across the allocation, from node 0's task
+    (`tasks_per_node`: one per GPU for NeMo and TRT-LLM, one per node for vLLM and SGLang).
 
     --ntasks: otherwise the step inherits the job's SLURM_NTASKS (one per node);
     --distribution=block: otherwise a tensor-parallel group may straddle nodes;
@@ -66,32 +67,32 @@ def engine_step_prefix(cfg: Config) -> list[str]:
     --kill-on-bad-exit: one rank dying ends the step, so readiness fails fast instead of hanging.
     """
     layout = cfg.layout
-    return ["srun", "--overlap", f"--nodes={layout.nodes}", f"--ntasks={layout.nodes * layout.gpus_per_node}",
-            f"--ntasks-per-node={layout.gpus_per_node}", f"--cpus-per-task={max(1, task_cpus(cfg) // layout.gpus_per_node)}",
-            "--mem=0", "--distribution=block", "--kill-on-bad-exit=1",
+    return ["srun", "--overlap", f"--nodes={layout.nodes}", f"--ntasks={layout.nodes * tasks_per_node}",
+            f"--ntasks-per-node={tasks_per_node}", f"--cpus-per-task={max(1, task_cpus(cfg) // tasks_per_node)}",
+            "--mem=0", "--distribution=block", "--kill-on-bad-exit=1", *step_args,
             *container_flags(cfg), *cfg.cluster.srun_args]
 
 
-def rank_lines(cfg: Config, engine_cmd: list[str]) -> list[str]:
-    """One line per engine rank: where it runs, the environment srun gives it, its command."""
-    layout = cfg.layout
-    world = layout.nodes * layout.gpus_per_node
+def rank_lines(cfg: Config, tasks_per_node: int, node_lines: list[list[str]]) -> list[str]:
+    """One line per engine task: where it runs, the environment srun gives it, its command."""
+    world = cfg.layout.nodes * tasks_per_node
     lines = []
     for rank in range(world):
-        node, local = divmod(rank, layout.gpus_per_node)
+        node, local = divmod(rank, tasks_per_node)
         role = "serves HTTP" if rank == 0 else "worker"
-        lines.append(f"# rank {rank} on node {node}, GPU {local} ({role})\n"
+        where = f"GPU {local}" if tasks_per_node == cfg.layout.gpus_per_node else f"{cfg.layout.gpus_per_node} GPU(s)"
+        lines.append(f"# rank {rank} on node {node}, {where} ({role})\n"
                      f"SLURM_PROCID={rank} SLURM_LOCALID={local} SLURM_NODEID={node} SLURM_NTASKS={world} "
-                     f"{shlex.join(engine_cmd)}")
+                     f"{shlex.join(node_lines[node])}")
     return lines
 
 
-def _sbatch_option_lines(cfg: Config) -> list[str]:
+def _sbatch_option_lines(cfg: Config, tasks_per_node: int) -> list[str]:
     params = submitit_parameters(cfg)
     params.pop("setup", None)
     params.pop("signal_delay_s", None)
     extra = params.pop("additional_parameters", {})
-    params["ntasks_per_node"] = cfg.layout.gpus_per_node  # the plain recipe: one task per GPU
+    params["ntasks_per_node"] = tasks_per_node  # the plain recipe: the engine's tasks are the job's
     params.pop("cpus_per_task", None)
     params.update(extra)
     lines = []
@@ -102,7 +103,14 @@ def _sbatch_option_lines(cfg: Config) -> list[str]:
     return lines
 
 
-def render_template(name: str, cfg: Config, engine_cmd: list[str], client_config: Path, port: int) -> str:
+# Where the plain template polls until the server answers (the client then proves a real generation)
+READY_ROUTES = {"nemo": ("/generate", "-X PUT -H 'Content-Type: application/json' -d '{\"sentences\": [\"Hello\"], "
+                                       "\"tokens_to_generate\": 1}'"),
+                "openai": ("/v1/models", "-f"), "triton": ("/v2/health/ready", "-f")}
+
+
+def render_template(name: str, cfg: Config, tasks_per_node: int, engine_cmd: list[str], client_config: Path,
+                    port: int, protocol: str, step_args: tuple[str, ...] = ()) -> str:
     """Fill `slurm_templates/<name>` from the config; values are shell-quoted, `$$` is a literal `$`."""
     template = string.Template((TEMPLATES_DIR / name).read_text())
     layout = cfg.layout
@@ -110,14 +118,16 @@ def render_template(name: str, cfg: Config, engine_cmd: list[str], client_config
               "--config-name", client_config.stem, "hydra.run.dir=.", "hydra.output_subdir=null",
               "hydra/job_logging=stdout"]
     return template.substitute(
-        sbatch_options="\n".join(_sbatch_option_lines(cfg)),
+        sbatch_options="\n".join(_sbatch_option_lines(cfg, tasks_per_node)),
         setup="\n".join(cfg.cluster.setup),
         nodes=layout.nodes,
-        ntasks=layout.nodes * layout.gpus_per_node,
-        gpus_per_node=layout.gpus_per_node,
-        container_flags=" ".join(shlex.quote(f) for f in container_flags(cfg) + list(cfg.cluster.srun_args)),
+        ntasks=layout.nodes * tasks_per_node,
+        tasks_per_node=tasks_per_node,
+        step_flags=" ".join(shlex.quote(f) for f in [*step_args, *container_flags(cfg), *cfg.cluster.srun_args]),
         engine_command=shlex.join(engine_cmd),
         port=shlex.quote(str(port)),
         ready_timeout_s=int(cfg.engine.ready_timeout_s),
         client_command=shlex.join(client),
+        ready_path=READY_ROUTES[protocol][0],
+        ready_curl=READY_ROUTES[protocol][1],
     )

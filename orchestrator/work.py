@@ -21,12 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import DataConfig
+from .errors import InputError  # noqa: F401 - re-exported
 
 RESULT_PREFIX = "part-"
 
 
-class InputError(ValueError):
-    """The input cannot be read as prompts; the message names the file and the fix."""
 
 
 @dataclass

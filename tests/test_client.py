@@ -8,7 +8,7 @@ from aiohttp import web
 
 from orchestrator.client import Client
 from orchestrator.config import compose
-from orchestrator.engines.protocols import NemoProtocol, RejectedError, TransientError
+from orchestrator.engines.codecs import NemoCodec, RejectedError, TransientError
 from orchestrator.engines.server import EngineError, EngineServer
 from orchestrator.launch import prepare
 from orchestrator.work import done_units
@@ -209,7 +209,7 @@ def test_nemo_strategy_sends_full_batches_of_128_with_one_waiting(tmp_path):
 
 
 def test_nemo_codec_reads_a_bare_string_as_a_rejection_and_5xx_as_transient():
-    proto = NemoProtocol(compose([]))
+    proto = NemoCodec(compose([]))
     with pytest.raises(RejectedError, match="temperature must be"):
         proto.parse(200, "temperature must be a positive number less than or equal to 100.0", ["p"])
     with pytest.raises(RejectedError, match="Maximum number of sentences is 128"):
@@ -256,3 +256,16 @@ def test_an_engine_that_disappears_is_lost_not_blamed_on_the_rows(tmp_path):
             asyncio.run(scenario())
     df = results(paths)
     assert (df["status"] == "ok").all() and len(df) < 300  # nothing recorded as an error
+
+
+def test_a_stop_request_after_the_client_ended_is_harmless(tmp_path):
+    """SIGTERM can arrive while the job stops its engine, after the client's event loop has closed
+    (seen on Slurm at a time limit): it must not turn a finished run into a failed job."""
+    src = write_prompts(tmp_path / "in.parquet", 20)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}"])
+    plan, paths = prepare(cfg)
+    with running_engine(cfg, tmp_path) as server:
+        client = Client(cfg, plan, paths, server.url, "a", "r0")
+        asyncio.run(client.run())
+    client.request_stop("SIGTERM")
+    assert client.stop_reason == "SIGTERM"

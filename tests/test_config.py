@@ -47,7 +47,11 @@ def test_public_keys_override():
 
 def test_nemo_engine_exists_as_the_seed_engine():
     cfg = compose(["engine=nemo", "engine.checkpoint=/models/340b.nemo"])
-    assert cfg.engine.name == "nemo" and cfg.engine.protocol == "nemo" and cfg.engine.port == 0  # a free port on node 0
+    from orchestrator.engines.base import adapter_for
+
+    adapter = adapter_for(cfg)
+    assert cfg.engine.name == "nemo" and adapter.protocol_for(cfg) == "nemo" and cfg.engine.port == 0  # a free port on node 0
+    assert adapter.tasks_per_node(cfg) == cfg.layout.gpus_per_node == 8  # one task per GPU
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -56,7 +60,7 @@ def test_nemo_engine_exists_as_the_seed_engine():
     ("sampling.tokens_to_generate=0", "sampling.tokens_to_generate"),
     ("engine.error_rate=2", "engine.error_rate"),
     ("client.batch_size=129", "client.batch_size"),
-    ("engine.protocol=grpc", "nemo, openai"),
+    ("engine.protocol=grpc", "nemo, openai, triton"),
     ("replicas=0", "replicas"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, needle):

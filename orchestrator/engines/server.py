@@ -1,4 +1,8 @@
-"""The engine process's one owner: builds its command, starts it, proves it can generate, stops it."""
+"""The engine process's one owner: starts the adapter's step, proves it can generate, always stops it.
+
+    with EngineServer(cfg, log_path, port_file, launcher=step_prefix) as server:
+        info = server.wait_ready()
+"""
 from __future__ import annotations
 
 import os
@@ -6,47 +10,18 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import requests
 
 from ..config import Config
-from .protocols import RejectedError, TransientError, make_protocol
+from ..errors import EngineError
+from .base import Rendezvous, adapter_for
+from .codecs import EngineInfo, RejectedError, TransientError
+from .probe import normalise_url, ready
 
-
-class EngineError(RuntimeError):
-    """The engine died or never answered a generation; the message says which and where its log is."""
-
-
-def mock_command(cfg: Config, port: int | str, port_file: Path | None, rank_dir: Path | None = None) -> list[str]:
-    e = cfg.engine
-    cmd = [sys.executable, "-m", "orchestrator.engines.embedded", "--host", e.host, "--port", str(port),
-           "--request-latency-s", str(e.request_latency_s), "--token-latency-s", str(e.token_latency_s),
-           "--capacity", str(e.capacity), "--error-rate", str(e.error_rate), "--seed", str(e.seed),
-           "--max-natural-tokens", str(e.max_natural_tokens), "--model-name", cfg.model.name,
-           "--max-model-len", str(cfg.model.architecture.max_seq_len),
-           "--stall-rate", str(e.stall_rate), "--stall-s", str(e.stall_s)]
-    if port_file is not None:
-        cmd += ["--port-file", str(port_file)]
-    if rank_dir is not None:
-        cmd += ["--rank-dir", str(rank_dir)]
-    if e.fail_rank >= 0:
-        cmd += ["--fail-rank", str(e.fail_rank)]
-    return cmd
-
-
-def nemo_command(cfg: Config, port: int | str) -> list[str]:
-    """The 340B card's megatron_gpt_eval.py line, from the layout (run on every rank)."""
-    e, layout = cfg.engine, cfg.layout
-    if not e.checkpoint:
-        raise EngineError("engine=nemo needs engine.checkpoint=/path/to/model.nemo (inside the container)")
-    return ["python3", e.script, f"gpt_model_file={e.checkpoint}", "pipeline_model_parallel_split_rank=0",
-            "server=True", f"tensor_model_parallel_size={layout.tensor_parallel}",
-            f"pipeline_model_parallel_size={layout.pipeline_parallel}", f"trainer.precision={e.precision}",
-            f"trainer.devices={layout.gpus_per_node}", f"trainer.num_nodes={layout.nodes}",
-            "web_server=False", f"port={port}", *e.extra_args]
+__all__ = ["EngineError", "EngineServer", "free_port"]
 
 
 def _die_with_parent() -> None:
@@ -67,36 +42,62 @@ def free_port() -> int:
 
 
 class EngineServer:
-    """Starts the configured engine on this node and waits until it has answered a real generation."""
+    """Starts the configured engine (its step, from this node) and waits until it has answered a real
+    generation. An external engine (engine=endpoint) is only proven, never started or stopped."""
 
     def __init__(self, cfg: Config, log_path: Path, port_file: Path, launcher: list[str] | None = None,
                  rank_dir: Path | None = None):
         self.cfg, self.log_path, self.port_file = cfg, log_path, port_file
-        self.launcher = list(launcher or [])  # e.g. the srun step that starts one rank per GPU
+        self.adapter = adapter_for(cfg)
+        self.launcher = list(launcher or [])  # e.g. the srun step that starts the engine's tasks
         self.rank_dir = rank_dir
         self.proc: subprocess.Popen | None = None
+        self.info: EngineInfo | None = None
         self.port: int | None = None
-        self.model_name = cfg.model.name
-        if cfg.engine.name != "mock" and not cfg.engine.url:
-            self.port = cfg.engine.port or free_port()
+        if self.adapter.starts_process and cfg.engine.port:
+            self.port = cfg.engine.port
+        elif self.adapter.starts_process and self.picks_port_here:
+            self.port = free_port()
+        multi = cfg.layout.nodes > 1
+        self.rendezvous = Rendezvous(
+            port=self.port if self.port is not None else 0,
+            master_addr=cfg.engine.master_addr or socket.gethostname(),
+            master_port=cfg.engine.master_port or (free_port() if multi else 0),
+            port_file=None if self.picks_port_here else str(port_file),
+            rank_dir=None if rank_dir is None else str(rank_dir))
+
+    @property
+    def picks_port_here(self) -> bool:
+        """True: node 0 picks the port; False: the engine binds port 0 and writes it to port_file."""
+        return not self.adapter.reports_port
+
+    @property
+    def model_name(self) -> str:
+        return self.info.model_name if self.info else (self.cfg.engine.served_model_name or self.cfg.model.name)
 
     def command(self) -> list[str]:
-        if self.cfg.engine.name == "mock":
-            return self.launcher + mock_command(self.cfg, self.cfg.engine.port, self.port_file, self.rank_dir)
-        return self.launcher + nemo_command(self.cfg, self.port)
+        return self.launcher + self.adapter.step_command(self.cfg, self.rendezvous)
 
     @property
     def url(self) -> str:
-        if self.cfg.engine.url:
-            return self.cfg.engine.url.rstrip("/")
+        if not self.adapter.starts_process:
+            return normalise_url(self.cfg.engine.url or "")
         host = self.cfg.engine.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
         return f"http://{host}:{self.port}"
 
+    def __enter__(self) -> "EngineServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def start(self) -> None:
-        if self.cfg.engine.url:
+        if not self.adapter.starts_process:
             return
         cmd = self.command()
+        env = dict(os.environ, **self.adapter.env(self.cfg))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
@@ -104,9 +105,10 @@ class EngineServer:
             log.flush()
             try:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True, preexec_fn=_die_with_parent)
+                                             env=env, start_new_session=True, preexec_fn=_die_with_parent)
             except OSError as exc:
-                raise EngineError(f"cannot start the engine ({exc}): {shlex.join(cmd)}") from None
+                raise EngineError(f"cannot start engine={self.adapter.name} ({exc.strerror}: {cmd[0]}); install it "
+                                  f"or point engine.command at it. Command: {shlex.join(cmd)}") from None
 
     def alive(self) -> bool:
         """False once the engine process (or its srun step) has exited; an external engine counts as alive."""
@@ -114,9 +116,8 @@ class EngineServer:
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            tail = self.log_tail()
             raise EngineError(f"the engine exited with status {self.proc.returncode} before it was ready; "
-                              f"log {self.log_path}:\n{tail}")
+                              f"log {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -124,43 +125,33 @@ class EngineServer:
         except OSError:
             return ""
 
-    def wait_ready(self, poll_s: float = 0.2) -> str:
-        """Poll until a one-token generation succeeds; fail fast when the process dies; bounded by the deadline."""
+    def wait_ready(self, poll_s: float = 0.2) -> EngineInfo:
+        """Poll until a one-token generation succeeds; fail fast when the process dies or a connection to an
+        external engine is refused; bounded by engine.ready_timeout_s."""
         deadline = time.monotonic() + self.cfg.engine.ready_timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:
             self._check_alive()
-            if self.port is None and self.cfg.engine.url:
-                self.port = -1
-            if self.port is None and self.port_file.exists():
+            if self.port is None and self.adapter.starts_process and self.port_file.exists():
                 self.port = int(self.port_file.read_text().strip())
-            if self.port is not None:
+            if self.port is not None or not self.adapter.starts_process:
                 try:
-                    self.probe()
-                    return self.url
+                    self.info = ready(self.cfg, self.url, self.adapter.protocol_for(self.cfg))
+                    return self.info
+                except requests.ConnectionError as exc:
+                    if not self.adapter.starts_process:
+                        raise EngineError(f"nothing answers at engine.url={self.cfg.engine.url} (connection "
+                                          f"refused or unreachable: {type(exc).__name__}); start the server, or "
+                                          f"check the host and port") from None
+                    last = f"{type(exc).__name__}: {exc}"
                 except (requests.RequestException, TransientError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
                 except RejectedError as exc:
-                    raise EngineError(f"the engine refused the readiness generation: {exc}") from None
+                    raise EngineError(f"the engine at {self.url} refused the readiness generation: {exc}") from None
             time.sleep(poll_s)
+        where = f"log {self.log_path}:\n{self.log_tail()}" if self.adapter.starts_process else f"engine.url={self.url}"
         raise EngineError(f"the engine did not answer a one-token generation within "
-                          f"{self.cfg.engine.ready_timeout_s:.0f} s (engine.ready_timeout_s); last: {last}; "
-                          f"log {self.log_path}:\n{self.log_tail()}")
-
-    def probe(self) -> None:
-        """One real one-token generation, through the protocol the client will use."""
-        protocol = make_protocol(self.cfg, self.model_name)
-        if protocol.name == "openai":
-            models = requests.get(self.url + "/v1/models", timeout=10).json()
-            self.model_name = models["data"][0]["id"]
-            protocol = make_protocol(self.cfg, self.model_name)
-        resp = requests.request(protocol.method, self.url + protocol.path, timeout=60,
-                                json=protocol.payload(["Hello"], tokens_to_generate=1))
-        try:
-            body = resp.json()
-        except ValueError:
-            body = resp.text
-        protocol.parse(resp.status_code, body, ["Hello"])
+                          f"{self.cfg.engine.ready_timeout_s:.0f} s (engine.ready_timeout_s); last: {last}; {where}")
 
     def stop(self, grace_s: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -1,0 +1,68 @@
+"""The cluster adapter: submit, state, result, the engine step's prefix, and render, per way of running.
+
+Local and Slurm run the same job code (`NodeJob`) through submitit and differ only here, as hydra's
+submitit launchers differ only in their executor.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+from ..config import Config, choices
+from ..errors import ConfigError, RunError
+from ..work import RunPaths
+
+
+class ClusterAdapter:
+    name = ""
+
+    def problems(self, cfg: Config, engine) -> list[str]:
+        """What this way of running cannot do with the config; checked before submission."""
+        return []
+
+    def executor(self, cfg: Config, paths: RunPaths):
+        raise NotImplementedError
+
+    def step_prefix(self, cfg: Config, engine) -> list[str]:
+        """What starts the engine's tasks from node 0's job task (empty: run it here as one process)."""
+        return []
+
+    def state(self, job) -> str:
+        """The job's state read fresh; UNKNOWN when it cannot be read."""
+        raise NotImplementedError
+
+    def result(self, job, paths: RunPaths):
+        """The job's return value; its failure as a RunError with the job's own last words."""
+        try:
+            return self._result(job)
+        except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's failure with its traceback
+            lines = str(exc).strip().splitlines()
+            raised = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", line)]
+            tail = "\n".join(lines[raised[-1]:raised[-1] + 15] if raised else lines[-12:])
+            raise RunError(f"job {job.job_id} failed; logs in {paths.logs}\n{tail}") from None
+
+    def _result(self, job):
+        return job.result()
+
+    def poll_interval_s(self, cfg: Config) -> float:
+        return cfg.cluster.poll_interval_s
+
+    def follow_hint(self, jobs: list, paths: RunPaths) -> str:
+        return ""
+
+    def render(self, cfg: Config, paths: RunPaths, engine, write) -> None:
+        """Write, through write(name, text), the files this way of running would submit."""
+
+
+def cluster_for(cfg: Config) -> ClusterAdapter:
+    name = cfg.cluster.name
+    try:
+        return importlib.import_module(f"{__package__}.{name}").ADAPTER
+    except (ImportError, AttributeError):
+        raise ConfigError(f"cluster={name} has no adapter (orchestrator/clusters/{name}.py with ADAPTER); "
+                          f"choose one of: {', '.join(choices('cluster'))}") from None
+
+
+def submitit_folder(paths: RunPaths) -> str:
+    return str(Path(paths.logs) / "submitit" / "%j")

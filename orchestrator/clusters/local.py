@@ -1,0 +1,32 @@
+"""cluster=local: this machine, through submitit's LocalExecutor (the same job code Slurm runs)."""
+from __future__ import annotations
+
+from ..config import Config
+from ..work import RunPaths
+from .base import ClusterAdapter, submitit_folder
+
+
+class LocalCluster(ClusterAdapter):
+    name = "local"
+
+    def problems(self, cfg: Config, engine) -> list[str]:
+        if cfg.layout.nodes > 1 and engine.starts_process and not engine.simulated:
+            return [f"cluster=local runs on one machine; {cfg.model.name} on engine={engine.name} needs "
+                    f"{cfg.layout.nodes} nodes: use cluster=slurm"]
+        return []
+
+    def executor(self, cfg: Config, paths: RunPaths):
+        import submitit
+
+        executor = submitit.LocalExecutor(folder=submitit_folder(paths))
+        executor.update_parameters(timeout_min=cfg.cluster.timeout_min)
+        return executor
+
+    def state(self, job) -> str:
+        return "COMPLETED" if job.done() else "RUNNING"
+
+    def poll_interval_s(self, cfg: Config) -> float:
+        return cfg.client.progress_interval_s
+
+
+ADAPTER = LocalCluster()

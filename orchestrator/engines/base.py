@@ -1,0 +1,116 @@
+"""The engine adapter: everything that differs between engines, in one class per engine.
+
+An adapter says how many tasks per node its server needs, each node's argv, which protocol (codec)
+its server speaks, and what must be true of the config before any GPU is asked for. Nothing else in
+the project asks which engine it is. A new engine is one file in this folder (a subclass registered
+as `ADAPTER`) plus one YAML in `conf/engine/`, and passes `tests/test_engine_contract.py`.
+"""
+from __future__ import annotations
+
+import importlib
+import shlex
+from dataclasses import dataclass
+
+from ..config import Config, choices
+from ..errors import ConfigError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """What node 0 decides when a replica starts: the HTTP port and the multi-node rendezvous point."""
+
+    port: int | str
+    master_addr: str
+    master_port: int | str
+    port_file: str | None = None  # where an engine that picks its own port writes it (the embedded engine)
+    rank_dir: str | None = None  # where the embedded engine's ranks record their placement
+
+
+class EngineAdapter:
+    name = ""
+    protocol = "openai"  # what its server speaks: a codec in codecs.py
+    per_gpu_tasks = False  # True: one task per GPU (NeMo, TRT-LLM); False: one per node (vLLM, SGLang)
+    default_command: tuple[str, ...] = ()
+    max_nodes: int | None = None  # None: any number of nodes per replica
+    needs_hf_checkpoint = False  # loads model.path (a Hugging Face directory)
+    starts_process = True  # False: an engine that is already running (endpoint)
+    simulated = False  # True: the embedded engine, which runs its multi-node shape on one machine too
+    reports_port = False  # True: it binds a free port itself and writes it to the port file (embedded engine)
+    binds_all_interfaces = False  # its server ignores engine.host and listens on 0.0.0.0
+    step_args: tuple[str, ...] = ()  # extra arguments of the engine's srun step (e.g. --mpi=pmix)
+
+    def protocol_for(self, cfg: Config) -> str | None:
+        """The protocol the client speaks to it; None: found from the server's routes at readiness."""
+        return self.protocol
+
+    def tasks_per_node(self, cfg: Config) -> int:
+        return cfg.layout.gpus_per_node if self.per_gpu_tasks else 1
+
+    def command(self, cfg: Config) -> list[str]:
+        return list(cfg.engine.command or self.default_command)
+
+    def node_argv(self, cfg: Config, node: int, rv: Rendezvous) -> list[str]:
+        """The command line every task of replica node `node` runs."""
+        raise NotImplementedError
+
+    def env(self, cfg: Config) -> dict[str, str]:
+        """Environment of every engine rank (on top of the job's)."""
+        return {str(k): str(v) for k, v in cfg.engine.env.items()}
+
+    def problems(self, cfg: Config) -> list[str]:
+        """What is wrong with the config for this engine, each with the fix; checked before submission."""
+        found = []
+        if cfg.engine.url and self.starts_process:
+            found.append(f"engine.url is for an engine that is already running: use engine=endpoint "
+                         f"engine.url={cfg.engine.url} (engine={self.name} starts its own server)")
+        if self.max_nodes is not None and cfg.layout.nodes > self.max_nodes:
+            found.append(f"engine={self.name} runs on at most {self.max_nodes} node(s) per replica; "
+                         f"layout.nodes={cfg.layout.nodes}: use a layout on one node, or another engine")
+        if self.needs_hf_checkpoint and not cfg.model.path:
+            found.append(f"engine={self.name} loads a Hugging Face checkpoint: set model.path=/path/to/checkpoint "
+                         f"(for {cfg.model.name}, the -hf conversion of its weights)")
+        protocol = self.protocol_for(cfg)
+        if cfg.model.prompt.format == "chat_template" and protocol not in ("openai", None):
+            found.append(f"model.prompt.format=chat_template needs an engine with a chat API; engine={self.name} "
+                         f"speaks {protocol}: set model.prompt.format to the model's card format")
+        return found
+
+    def step_command(self, cfg: Config, rv: Rendezvous) -> list[str]:
+        """The argv the engine step runs on every task: the node's argv directly when all nodes run the
+        same line, else a `bash -c` that picks the line by $SLURM_NODEID (every line shell-quoted)."""
+        lines = [self.node_argv(cfg, node, rv) for node in range(cfg.layout.nodes)]
+        if all(line == lines[0] for line in lines):
+            return lines[0]
+        cases = "".join(f"  {node}) exec {shlex.join(line)} ;;\n" for node, line in enumerate(lines))
+        script = (f'case "${{SLURM_NODEID:-0}}" in\n{cases}'
+                  f'  *) echo "engine step: unexpected SLURM_NODEID=$SLURM_NODEID" >&2; exit 2 ;;\nesac')
+        return ["bash", "-c", script]
+
+    def model_source(self, cfg: Config) -> str:
+        return cfg.model.path or cfg.model.name
+
+    def served_name(self, cfg: Config) -> str:
+        return cfg.engine.served_model_name or cfg.model.name
+
+
+def adapter_for(cfg: Config) -> EngineAdapter:
+    """The adapter of cfg.engine.name: module orchestrator/engines/<name>.py, attribute ADAPTER."""
+    name = cfg.engine.name
+    try:
+        module = importlib.import_module(f"{__package__}.{name}")
+        adapter = module.ADAPTER
+    except (ImportError, AttributeError):
+        raise ConfigError(f"engine={name} has no adapter (orchestrator/engines/{name}.py with ADAPTER); "
+                          f"choose one of: {', '.join(choices('engine'))}") from None
+    return adapter
+
+
+def check_engine(cfg: Config) -> EngineAdapter:
+    """The adapter, after its checks pass; raises ConfigError naming every problem and its fix."""
+    adapter = adapter_for(cfg)
+    found = adapter.problems(cfg)
+    if found:
+        raise ConfigError(f"engine={cfg.engine.name} cannot run this config:\n" + "\n".join(f"  - {p}" for p in found))
+    return adapter

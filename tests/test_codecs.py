@@ -1,0 +1,74 @@
+"""Codecs: every field of every answer is checked, and each protocol's request carries what it must."""
+import pytest
+
+from orchestrator.config import compose
+from orchestrator.engines.codecs import EngineInfo, RejectedError, TransientError, make_codec
+
+
+def codec(protocol, *overrides, **info):
+    cfg = compose(list(overrides))
+    return make_codec(cfg, EngineInfo(url="http://x", protocol=protocol, model_name="m", **info))
+
+
+@pytest.mark.parametrize("body", [
+    {"choices": [{"text": None}]}, {"choices": [{"text": 7}]}, {"choices": []},
+    {"choices": [{"text": "ok"}], "usage": {"completion_tokens": "many"}},
+    {"choices": [{"text": "ok"}], "usage": "lots"}, "not json",
+])
+def test_openai_answers_that_cannot_be_used_are_rejected_not_crashes(body):
+    with pytest.raises(RejectedError, match="malformed"):
+        codec("openai").parse(200, body, ["p"])
+
+
+@pytest.mark.parametrize("body", [
+    {"sentences": [None]}, {"sentences": [3]}, {"sentences": ["a", "b"]},
+    {"sentences": ["a"], "tokens": "oops"}, {"sentences": ["a"], "tokens": [["x", 1]]},
+])
+def test_nemo_answers_that_cannot_be_used_are_rejected(body):
+    with pytest.raises(RejectedError, match="malformed"):
+        codec("nemo").parse(200, body, ["p"])
+
+
+def test_triton_answers_that_cannot_be_used_are_rejected():
+    c = codec("triton", inputs={"prompts": "BYTES", "max_output_len": "INT64"})
+    for body in ({"outputs": [{"name": "outputs", "data": [None]}]}, {"outputs": []}, {"x": 1}, []):
+        with pytest.raises(RejectedError, match="malformed"):
+            c.parse(200, body, ["p"])
+    with pytest.raises(TransientError):
+        c.parse(503, {"error": "busy"}, ["p"])
+    with pytest.raises(RejectedError, match="HTTP 400: unknown input"):
+        c.parse(400, {"error": "unknown input"}, ["p"])
+
+
+def test_openai_errors_keep_the_engine_message():
+    c = codec("openai")
+    msg = "This model's maximum context length is 4096 tokens. However, your prompt contains at least 4097"
+    with pytest.raises(RejectedError, match="HTTP 400: This model's maximum context length is 4096"):
+        c.parse(400, {"error": {"message": msg, "type": "BadRequestError", "param": None, "code": 400}}, ["p"])
+    with pytest.raises(RejectedError, match="Not Found"):
+        c.parse(404, {"detail": "Not Found"}, ["p"])
+    with pytest.raises(TransientError):
+        c.parse(500, {"error": {"message": "engine dead"}}, ["p"])
+
+
+def test_special_token_end_strings_are_not_skipped_by_the_engine():
+    body = codec("openai").payload(["hi"])  # the 340B card's end strings include <extra_id_1>
+    assert body["skip_special_tokens"] is False and "<extra_id_1>" in body["stop"]
+    assert "skip_special_tokens" not in codec("openai", "sampling.end_strings=[]").payload(["hi"])
+    assert codec("openai", "engine.skip_special_tokens=true").payload(["hi"])["skip_special_tokens"] is True
+
+
+def test_chat_api_sends_messages_with_the_system_prompt():
+    c = codec("openai", "model.prompt.format=chat_template", "model.prompt.system=Be brief.", api="chat")
+    body = c.payload(["What is 2+2?"])
+    assert c.path == "/v1/chat/completions" and "prompt" not in body
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    answer = {"choices": [{"message": {"role": "assistant", "content": "4"}}], "usage": {"completion_tokens": 1}}
+    assert c.parse(200, answer, ["What is 2+2?"])[0].text == "4"
+
+
+def test_greedy_and_seed_map_to_each_protocol():
+    o = codec("openai", "sampling.greedy=true", "sampling.seed=7").payload(["p"])
+    assert o["temperature"] == 0.0 and o["seed"] == 7
+    n = codec("nemo", "sampling.greedy=true", "sampling.seed=7").payload(["p"])
+    assert n["greedy"] is True and n["random_seed"] == 7
