@@ -35,7 +35,8 @@ def cmd_plan(cfg) -> None:
     from .engines.base import adapter_for
 
     layout = build_layout(cfg, check=False)
-    found = problems(cfg.model, cfg.layout) + adapter_for(cfg).problems(cfg)
+    found = problems(cfg.model, cfg.layout)
+    engine_problems = adapter_for(cfg).problems(cfg)
     arch = cfg.model.architecture
     print(f"model:      {cfg.model.name} ({cfg.model.card}), {cfg.model.dtype}")
     print(f"            {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} heads, "
@@ -51,8 +52,12 @@ def cmd_plan(cfg) -> None:
     print(f"memory/GPU: weights {layout.weights_gb:.1f} GB + KV cache {layout.kv_cache_gb:.1f} GB "
           f"(batch {cfg.layout.max_batch_size} x {cfg.layout.max_seq_len or arch.max_seq_len} tokens) = "
           f"{layout.total_gb:.1f} GB of {layout.usable_gb:.1f} GB usable")
+    for p in engine_problems:
+        print(f"engine:     {p}")
     if not found:
         print("fits:       yes")
+        if engine_problems:
+            sys.exit(1)
         return
     print("fits:       no")
     for p in found:

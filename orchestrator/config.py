@@ -157,6 +157,7 @@ class EngineConfig:
     skip_special_tokens: Optional[bool] = None  # OpenAI engines; None = false when end strings are set, so they match
     use_tokenizer: bool = True  # count prompt tokens with the engine's /tokenize where it has one
     options: Dict[str, Any] = field(default_factory=dict)  # adapter-specific settings, listed in its YAML
+    extra_body: Dict[str, Any] = field(default_factory=dict)  # extra JSON fields of every request (e.g. vLLM's ignore_eos)
     # embedded (mock) engine knobs
     request_latency_s: float = 0.0
     token_latency_s: float = 0.0

@@ -102,7 +102,7 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "engine.seed": cfg.engine.seed if cfg.engine.name == "mock" else None,
         "engine.settings": {k: getattr(cfg.engine, k) for k in ("checkpoint", "url", "protocol", "api", "precision",
                                                                "extra_args", "options", "served_model_name",
-                                                               "skip_special_tokens")},
+                                                               "skip_special_tokens", "extra_body")},
         "data": {k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
                                                    "truncate_prompts", "bytes_per_token")},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],

@@ -105,6 +105,7 @@ class NemoCodec:
         }
         if s.seed is not None:
             self.base["random_seed"] = s.seed
+        self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list[str], tokens_to_generate: int | None = None) -> dict:
         body = dict(self.base, sentences=prompts)
@@ -165,6 +166,7 @@ class OpenAICodec:
             self.base["top_k"] = s.top_k
         if s.seed is not None:
             self.base["seed"] = s.seed
+        self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list[str], tokens_to_generate: int | None = None) -> dict:
         if self.chat:
@@ -217,6 +219,7 @@ class TritonCodec:
         self.in_flight = cfg.client.max_in_flight or (2 * cfg.engine.capacity if self.generate else 2)
         self.sampling = cfg.sampling
         self.end_strings = list(cfg.end_strings)
+        self.extra_body = dict(cfg.engine.extra_body)
 
     def _tensors(self, n: int, tokens: int) -> list[dict]:
         s = self.sampling
@@ -239,7 +242,7 @@ class TritonCodec:
                     "top_k": 1 if s.greedy else s.top_k}
             if self.end_strings:
                 body["stop_words"] = self.end_strings
-            return body
+            return dict(body, **self.extra_body)
         prompt = {"name": "prompts", "datatype": "BYTES", "shape": [len(prompts), 1], "data": list(prompts)}
         return {"inputs": [prompt] + self._tensors(len(prompts), tokens)}
 
