@@ -89,7 +89,7 @@ class TestEngineContract:
         found = adapter.problems(cfg)
         if adapter.needs_hf_checkpoint:
             assert any("model.path=" in p for p in found)
-        if engine in ("nemo", "triton"):
+        if adapter.needs_nemo_checkpoint:
             assert any("engine.checkpoint=" in p for p in found)
         if adapter.starts_process:
             bad = compose([f"engine={engine}", "engine.url=http://127.0.0.1:9"])

@@ -35,6 +35,7 @@ class EngineAdapter:
     default_command: tuple[str, ...] = ()
     max_nodes: int | None = None  # None: any number of nodes per replica
     needs_hf_checkpoint = False  # loads model.path (a Hugging Face directory)
+    needs_nemo_checkpoint = False  # loads engine.checkpoint (a .nemo file)
     starts_process = True  # False: an engine that is already running (endpoint)
     simulated = False  # True: the embedded engine, which runs its multi-node shape on one machine too
     reports_port = False  # True: it binds a free port itself and writes it to the port file (embedded engine)
@@ -71,6 +72,8 @@ class EngineAdapter:
         if self.needs_hf_checkpoint and not cfg.model.path:
             found.append(f"engine={self.name} loads a Hugging Face checkpoint: set model.path=/path/to/checkpoint "
                          f"(for {cfg.model.name}, the -hf conversion of its weights)")
+        if self.needs_nemo_checkpoint and not cfg.engine.checkpoint:
+            found.append(f"engine={self.name} needs engine.checkpoint=/path/to/model.nemo (as seen inside the container)")
         protocol = self.protocol_for(cfg)
         if cfg.model.prompt.format == "chat_template" and protocol not in ("openai", None):
             found.append(f"model.prompt.format=chat_template needs an engine with a chat API; engine={self.name} "

@@ -14,6 +14,7 @@ class NemoAdapter(EngineAdapter):
     per_gpu_tasks = True
     default_command = ("python3",)
     binds_all_interfaces = True
+    needs_nemo_checkpoint = True
 
     def node_argv(self, cfg: Config, node: int, rv: Rendezvous) -> list[str]:
         e, layout = cfg.engine, cfg.layout
@@ -23,12 +24,6 @@ class NemoAdapter(EngineAdapter):
             f"pipeline_model_parallel_size={layout.pipeline_parallel}", f"trainer.precision={e.precision}",
             f"trainer.devices={layout.gpus_per_node}", f"trainer.num_nodes={layout.nodes}",
             "web_server=False", f"port={rv.port}", *e.extra_args]
-
-    def problems(self, cfg: Config) -> list[str]:
-        found = super().problems(cfg)
-        if not cfg.engine.checkpoint:
-            found.append("engine=nemo needs engine.checkpoint=/path/to/model.nemo (as seen inside the container)")
-        return found
 
 
 ADAPTER = NemoAdapter()

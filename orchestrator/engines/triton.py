@@ -14,6 +14,7 @@ class TritonAdapter(EngineAdapter):
     protocol = "triton"
     default_command = ("python3",)
     max_nodes = 1
+    needs_nemo_checkpoint = True
 
     def node_argv(self, cfg: Config, node: int, rv: Rendezvous) -> list[str]:
         e, o = cfg.engine, cfg.engine.options
@@ -25,12 +26,6 @@ class TritonAdapter(EngineAdapter):
             "--max_input_len", str(o.get("max_input_len", cfg.model.architecture.max_seq_len - cfg.sampling.tokens_to_generate)),
             "--max_output_len", str(o.get("max_output_len", cfg.sampling.tokens_to_generate)),
             "--max_batch_size", str(o.get("max_batch_size", cfg.layout.max_batch_size)), *e.extra_args]
-
-    def problems(self, cfg: Config) -> list[str]:
-        found = super().problems(cfg)
-        if not cfg.engine.checkpoint:
-            found.append("engine=triton needs engine.checkpoint=/path/to/model.nemo (as seen inside the container)")
-        return found
 
 
 ADAPTER = TritonAdapter()
