@@ -314,7 +314,10 @@ class Client:
                 error = str(exc)
                 break
             except (TransientError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransientError) else str(exc)
+                if isinstance(exc, asyncio.TimeoutError):
+                    error = f"timed out: no answer within client.request_timeout_s={client.request_timeout_s:g} s"
+                else:
+                    error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransientError) else str(exc)
                 if self.stopping.is_set() or not self.engine_alive():
                     return  # abandoned: the unit is redone on resume, never recorded as an error
                 if attempt <= client.max_retries:

@@ -256,6 +256,11 @@ class ClientConfig:
         _check_range("client.max_retries", self.max_retries, lo=0)
         _check_range("client.max_error_fraction", self.max_error_fraction, lo=0, hi=1)
         _check_range("client.lease_s", self.lease_s, lo=0, lo_open=True)
+        _check_range("client.request_timeout_s", self.request_timeout_s, lo=0, lo_open=True)  # 0 is not "never"
+        for key in ("retry_backoff_s", "retry_backoff_max_s", "grace_s"):
+            _check_range(f"client.{key}", getattr(self, key), lo=0)
+        _check_range("client.progress_interval_s", self.progress_interval_s, lo=0, lo_open=True)
+        _check_range("client.min_rows_for_error_check", self.min_rows_for_error_check, lo=0)
         if self.max_in_flight is not None:
             _check_range("client.max_in_flight", self.max_in_flight, lo=1)
 
@@ -291,12 +296,35 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="orchestrator_schema", node=Config)
 
 
+def _check_unknown_keys(cfg: DictConfig | dict, schema: type, prefix: str = "") -> None:
+    """A key the schema does not have is a typo (Hydra's own hint, `+key=`, adds it silently): refuse it
+    and name the closest valid key. Free-form dictionaries (engine.env, engine.options, ...) take any key."""
+    import dataclasses
+    import difflib
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key in (cfg.keys() if isinstance(cfg, (DictConfig, dict)) else []):
+        if not prefix and key == "hydra":
+            continue
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"{prefix}{key} is not a config key; {hint}")
+        kind = hints[key]
+        value = cfg[key] if isinstance(cfg, dict) else cfg.get(key)
+        if dataclasses.is_dataclass(kind) and isinstance(value, (DictConfig, dict)):
+            _check_unknown_keys(value, kind, f"{prefix}{key}.")
+
+
 def to_config(cfg: DictConfig | dict) -> Config:
     """Validate a composed config into dataclasses; raises ConfigError with the key and the fix."""
     from omegaconf.errors import OmegaConfBaseException
 
     from .hf import fill_architecture
 
+    _check_unknown_keys(cfg, Config)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
         if "hydra" in merged:

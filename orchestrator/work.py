@@ -126,13 +126,17 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
 def apply_duplicate_policy(plan: Plan, data: DataConfig) -> Plan:
     """Refuse repeated ids (with examples), or apply the policy the user opted into. Reads every id once."""
     if plan.id_column and data.duplicate_ids != "keep":
-        count, examples = find_duplicate_ids(plan, data.read_batch_rows * 8)
+        count, examples, nulls = find_duplicate_ids(plan, data.read_batch_rows * 8)
+        if nulls[0] and data.duplicate_ids == "error":
+            raise InputError(f"{nulls[0]} row(s) have a null id in column {plan.id_column!r} (first at {nulls[1]}); "
+                             f"ids must be set for exactly-once results. Fill them in, or opt in: "
+                             f"data.duplicate_ids=positional (ids become <file>:<row>)")
         if count and data.duplicate_ids == "error":
             shown = "; ".join(f"{ident!r} at {', '.join(where)}" for ident, where in examples)
             raise InputError(f"{count} rows repeat an id of column {plan.id_column!r} (e.g. {shown}); ids must be "
                              f"unique for exactly-once results. Fix the input, or opt in: data.duplicate_ids=positional "
                              f"(ids become <file>:<row>) or data.duplicate_ids=keep (every row runs; ids repeat in results)")
-        if count:  # positional
+        if count or nulls[0]:  # positional
             plan.id_column, plan.id_type = None, "string"
     return plan
 
@@ -146,9 +150,9 @@ def _id_batches(plan: Plan, batch_rows: int):
             row += batch.num_rows
 
 
-def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 3) -> tuple[int, list]:
-    """Rows whose id repeats an earlier one, and a few examples with where they are. One 64-bit hash per
-    row, sorted in place: about 9 bytes of memory per row."""
+def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 3) -> tuple[int, list, tuple]:
+    """Rows whose id repeats an earlier one, a few examples with where they are, and (null ids, where the
+    first is). One 64-bit hash per row, sorted in place: about 9 bytes of memory per row."""
     import numpy as np
     import pandas as pd
 
@@ -156,23 +160,27 @@ def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 
         return pd.util.hash_array(column.to_numpy(zero_copy_only=False).astype(object))
 
     every = np.empty(plan.total_rows, dtype=np.uint64)
-    filled = 0
-    for _, _, column in _id_batches(plan, batch_rows):
+    filled, nulls, first_null = 0, 0, None
+    for source, row, column in _id_batches(plan, batch_rows):
         every[filled:filled + len(column)] = hashes(column)
         filled += len(column)
+        if column.null_count:
+            nulls += column.null_count
+            if first_null is None:
+                first_null = f"{source.name}:{row + int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))}"
     every = every[:filled]
     every.sort()
     repeats = every[1:] == every[:-1]
     extra = int(repeats.sum())
     if not extra:
-        return 0, []
+        return 0, [], (nulls, first_null)
     wanted = np.unique(every[1:][repeats])[:max_examples]
     del every, repeats
     found: dict = {}
     for source, row, column in _id_batches(plan, batch_rows):
         for offset in np.nonzero(np.isin(hashes(column), wanted))[0]:
             found.setdefault(column[int(offset)].as_py(), []).append(f"{source.name}:{row + int(offset)}")
-    return extra, [(ident, where[:4]) for ident, where in list(found.items())[:max_examples]]
+    return extra, [(ident, where[:4]) for ident, where in list(found.items())[:max_examples]], (nulls, first_null)
 
 
 class UnitReader:

@@ -82,3 +82,26 @@ def test_changing_settings_on_resume_is_refused(tmp_path):
     write_prompts(src, 11)
     proc = cli(*base)
     assert proc.returncode == 1 and "input files changed" in proc.stderr
+
+
+def test_a_null_id_among_good_ids_is_refused_before_submitting(tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a", None, "c"], "prompt": ["p1", "p2", "p3"]}), src)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(InputError, match=r"1 row\(s\) have a null id in column 'id' \(first at in.parquet:1\)"):
+        prepare(cfg)
+    positional = compose([f"data.input={src}", f"run_dir={tmp_path / 'p'}", "data.duplicate_ids=positional"])
+    plan, _ = prepare(positional)
+    assert plan.id_column is None  # ids become <file>:<row>
+
+
+@pytest.mark.parametrize("override,key", [
+    ("client.request_timeout_s=0", "client.request_timeout_s"), ("client.retry_backoff_s=-1", "client.retry_backoff_s"),
+    ("client.grace_s=-5", "client.grace_s"), ("engine.port=70000", "engine.port"),
+    ("client.retry_backoff_max_s=-1", "client.retry_backoff_max_s"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, key):
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}=.* is out of range"):
+        compose([override])

@@ -84,3 +84,10 @@ def test_typo_in_a_key_is_rejected(cli_env):
     proc = subprocess.run([*orchestrator_cmd(), "plan", "sampling.temprature=0.5"], capture_output=True, text=True, env=cli_env)
     assert proc.returncode != 0
     assert "temprature" in proc.stderr + proc.stdout
+
+
+def test_a_misspelled_key_added_with_plus_is_refused_with_the_closest_key():
+    """Hydra's own hint for a misspelled key is `+key=value`, which used to be accepted and dropped."""
+    with pytest.raises(ConfigError, match=r"sampling.temprature is not a config key; did you mean sampling.temperature\?"):
+        compose(["+sampling.temprature=0.5"])
+    assert compose(["+engine.env.VLLM_HOST_IP=127.0.0.1"]).engine.env == {"VLLM_HOST_IP": "127.0.0.1"}
