@@ -31,7 +31,7 @@ from .errors import ConfigError, OrchestratorError, RunError
 from .layout import build_layout
 from .report import build_summary, one_line, write_replica_stats, write_summary
 from .work import (InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, committed_rows,
-                   done_units, log_event)
+                   done_units, log_event, publish_once)
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
@@ -63,22 +63,27 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     current = fingerprint(cfg, plan)
     stored_print = paths.root / "fingerprint.json"
     if paths.plan.exists() and stored_print.exists():
-        changed = _differences(json.loads(stored_print.read_text()), current)
-        if changed:
-            raise InputError(f"run_dir {paths.root} was started with other settings, so old and new results would "
-                             f"disagree: {'; '.join(changed[:8])}. Rerun with the original settings to resume, or "
-                             f"choose a new run_dir= for a fresh run")
+        _check_same_settings(paths, stored_print, current)
         plan = Plan.from_json(paths.plan.read_text())
         resumed = True
     else:
         plan = apply_duplicate_policy(plan, cfg.data)
         resumed = False
     paths.make()
-    if not resumed:  # the plan is fixed at the first start
-        atomic_write_text(stored_print, json.dumps(current, indent=1, sort_keys=True))
+    if not resumed:  # the plan is fixed at the first start; of two first starts at once, one publishes
+        if not publish_once(stored_print, json.dumps(current, indent=1, sort_keys=True)):
+            _check_same_settings(paths, stored_print, current)
         atomic_write_text(paths.plan, plan.to_json())
     atomic_write_text(paths.root / "config.yaml", config_yaml(cfg))
     return plan, paths
+
+
+def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> None:
+    changed = _differences(json.loads(stored_print.read_text()), current)
+    if changed:
+        raise InputError(f"run_dir {paths.root} was started with other settings, so old and new results would "
+                         f"disagree: {'; '.join(changed[:8])}. Rerun with the original settings to resume, or "
+                         f"choose a new run_dir= for a fresh run")
 
 
 def check_launch(cfg: Config) -> None:
@@ -188,6 +193,11 @@ class NodeJob:
         plan = Plan.from_json(paths.plan.read_text())
         owner = f"r{replica}"
         where = f"replica {replica} (job {os.environ.get('SLURM_JOB_ID', 'local')}, host {socket.gethostname()})"
+        if len(done_units(paths)) == len(plan.units):  # e.g. requeued after the others finished: no engine start
+            summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+            write_summary(paths, summary)
+            log_event(paths, f"{where}: nothing left to do; the engine was not started")
+            return summary
         previous = signal.signal(signal.SIGTERM, lambda *_: self._request_stop("SIGTERM"))
         server = engine_server(cfg, paths, attempt, replica)
         log_event(paths, f"{where}: starting the {cfg.engine.name} engine" if server.adapter.starts_process
@@ -304,8 +314,18 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         return summary
     cluster = cluster_for(cfg)
     executor = cluster.executor(cfg, paths)
-    jobs = [executor.submit(NodeJob(cfg, str(paths.root), attempt, started_at, replica))
-            for replica in range(cfg.replicas)]
+    jobs: list = []
+    try:
+        for replica in range(cfg.replicas):
+            jobs.append(executor.submit(NodeJob(cfg, str(paths.root), attempt, started_at, replica)))
+    except Exception as exc:  # noqa: BLE001 - sbatch refused, Slurm down, ...: never leave a partial run behind
+        for job in jobs:
+            job.cancel(check=False)
+        done = f"; cancelled the {len(jobs)} job(s) already submitted ({', '.join(str(j.job_id) for j in jobs)})" \
+            if jobs else ""
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"submitting replica {len(jobs)} of {cfg.replicas} failed: {reason}{done}. Nothing was "
+                       f"committed by them; rerun the same command once the cluster accepts jobs") from None
     ids = " ".join(str(job.job_id) for job in jobs)
     if not cfg.wait:
         print(f"submitted job(s) {ids} for {paths.root}")

@@ -294,6 +294,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def publish_once(path: Path, text: str) -> bool:
+    """Write path whole if nobody has (link is atomic and refuses to replace); False when another process
+    published it first."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def done_units(paths: RunPaths) -> set[int]:
     """Units whose result file is committed (one directory listing)."""
     done = set()

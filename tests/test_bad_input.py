@@ -105,3 +105,16 @@ def test_out_of_range_values_are_refused_naming_the_key(override, key):
 
     with pytest.raises(ConfigError, match=f"{key}=.* is out of range"):
         compose([override])
+
+
+def test_two_first_starts_at_once_cannot_mix_settings(tmp_path):
+    """The second of two first starts on one new run_dir (it saw no plan yet) must still be checked
+    against the settings the first one published."""
+    src = write_prompts(tmp_path / "in.parquet", 30)
+    first = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=8"])
+    prepare(first)
+    (tmp_path / "r" / "plan.json").unlink()  # the moment between the two first starts
+    second = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=16"])
+    with pytest.raises(InputError, match="was started with other settings.*tokens_to_generate was 8, now 16"):
+        prepare(second)
+    prepare(first)  # the same settings are welcome

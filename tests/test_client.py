@@ -11,7 +11,7 @@ from orchestrator.config import compose
 from orchestrator.engines.codecs import NemoCodec, RejectedError, TransientError
 from orchestrator.engines.server import EngineError, EngineServer
 from orchestrator.launch import prepare
-from orchestrator.work import done_units
+from orchestrator.work import RunPaths, done_units
 from tests.conftest import write_prompts
 
 
@@ -269,3 +269,51 @@ def test_a_stop_request_after_the_client_ended_is_harmless(tmp_path):
         asyncio.run(client.run())
     client.request_stop("SIGTERM")
     assert client.stop_reason == "SIGTERM"
+
+
+def test_a_job_with_nothing_left_does_not_start_its_engine(tmp_path):
+    """A job requeued after every unit was committed (a node crash, another replica finishing) must not
+    load the model again: the engine here cannot even start, and the job still succeeds."""
+    from orchestrator.launch import NodeJob
+
+    src = write_prompts(tmp_path / "in.parquet", 30)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10"])
+    plan, paths = prepare(cfg)
+    with running_engine(cfg, tmp_path) as server:
+        asyncio.run(Client(cfg, plan, paths, server.url, "a1", "r0").run())
+    broken = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10",
+                      "engine.command=[/nonexistent/engine]"])
+    summary = NodeJob(broken, str(paths.root), "a2", 0.0).run_node0()
+    assert summary["complete"] and summary["ok"] == 30
+    assert "nothing left to do; the engine was not started" in (paths.root / "run.log").read_text()
+    assert not list(paths.logs.glob("engine-a2-*.log"))
+
+
+def test_a_failed_submission_cancels_what_it_submitted(tmp_path, monkeypatch):
+    from orchestrator.clusters.local import LocalCluster
+    from orchestrator.errors import RunError
+    from orchestrator.launch import run
+
+    submitted = []
+    real_executor = LocalCluster.executor
+
+    class Refusing:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def submit(self, fn):
+            if submitted:
+                raise RuntimeError("sbatch: error: Batch job submission failed: Invalid account")
+            submitted.append(self.inner.submit(fn))
+            return submitted[-1]
+
+    monkeypatch.setattr(LocalCluster, "executor", lambda self, cfg, paths: Refusing(real_executor(self, cfg, paths)))
+    src = write_prompts(tmp_path / "in.parquet", 2000)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "replicas=3", "engine.request_latency_s=0.5"])
+    with pytest.raises(RunError, match=r"submitting replica 1 of 3 failed: sbatch: error: .*Invalid account; "
+                                       r"cancelled the 1 job\(s\) already submitted"):
+        run(cfg, show_progress=False)
+    (job,) = submitted
+    job.wait()  # bounded by the cancel: the job was stopped, not left running
+    assert job.state == "INTERRUPTED"  # stopped by the cancel; left alone it would finish every row
+    assert len(done_units(RunPaths(tmp_path / "r"))) < 2000 // 2048 + 1 or not (tmp_path / "r" / "summary.json").exists()
