@@ -299,6 +299,22 @@ def wait_for_jobs(jobs: list, cfg: Config, on_tick) -> None:
             time.sleep(cluster.poll_interval_s(cfg))
 
 
+class FrontEndStopped(Exception):
+    """SIGTERM or SIGHUP (a closed terminal) reached the front-end while it waited on its jobs."""
+
+
+def _raise_on_stop_signals() -> dict:
+    """While waiting, SIGTERM and SIGHUP stop the front-end the way Ctrl-C does: its jobs are cancelled,
+    so a local job and its engine never outlive it. Returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, _frame):
+        raise FrontEndStopped(signal.Signals(signum).name)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def run(cfg: Config, show_progress: bool = True) -> dict:
     """Plan, submit one job per replica through submitit, follow progress until they end (wait=true)."""
     started_at = time.time()
@@ -355,6 +371,7 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
             print(f"progress: {bar.n}/{plan.total_rows} rows committed", file=sys.stderr, flush=True)
 
     failures: list[RunError] = []
+    stop_signals = _raise_on_stop_signals()
     try:
         wait_for_jobs(jobs, cfg, tick)
         for job in jobs:
@@ -362,11 +379,16 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
                 cluster.result(job, paths)
             except RunError as exc:
                 failures.append(exc)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, FrontEndStopped) as exc:
         for job in jobs:
             job.cancel(check=False)
-        raise
+        why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        raise RunError(f"interrupted by {why}: cancelled job(s) {ids}; what they committed is kept "
+                       f"({committed_rows(plan, done_units(paths))}/{plan.total_rows} rows). Rerun the same command "
+                       f"to resume") from None
     finally:
+        for signum, handler in stop_signals.items():
+            signal.signal(signum, handler)
         if bar is not None:
             tick()
             bar.close()

@@ -123,3 +123,28 @@ def test_serve_engine_runs_the_embedded_engine(tmp_path):
 def test_help_lists_the_commands():
     out = cli("--help").stdout
     assert "run" in out and "plan" in out and "serve-engine" in out
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_stopping_the_front_end_stops_its_local_job_and_engine(tmp_path, signum):
+    """Closing the terminal (SIGHUP) or SIGTERM used to leave the local job and its engine running on."""
+    import signal as signals
+
+    src = write_prompts(tmp_path / "in.parquet", 3000)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([EXE, "run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20",
+                             "client.batch_size=10", "engine.request_latency_s=0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "results").is_dir() or not list((run_dir / "results").glob("*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no commit"
+        time.sleep(0.1)
+    proc.send_signal(getattr(signals, signum))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"interrupted by {signum}: cancelled job(s)" in err and "Rerun" in err
+    deadline = time.monotonic() + 30  # the job and the engine go with it, within a bounded time
+    while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout.strip():
+        assert time.monotonic() < deadline, subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True,
+                                                           text=True).stdout
+        time.sleep(0.2)
+    assert len(list((run_dir / "results").glob("*.parquet"))) < 150
