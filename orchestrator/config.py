@@ -151,6 +151,7 @@ class EngineConfig:
     command: List[str] = field(default_factory=list)  # the engine's program, e.g. [vllm, serve]; [] = the adapter's
     extra_args: List[str] = field(default_factory=list)  # appended to every rank's command line
     env: Dict[str, str] = field(default_factory=dict)  # environment of the engine ranks
+    node_env: Dict[str, List[str]] = field(default_factory=dict)  # per node: {NAME: [node 0's value, node 1's, ...]}
     master_addr: Optional[str] = None  # multi-node rendezvous host; None = node 0's hostname
     master_port: int = 0  # multi-node rendezvous port; 0 = a free port chosen on node 0
     served_model_name: Optional[str] = None  # the name the server answers to (Triton's model name); None = model.name

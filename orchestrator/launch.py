@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -450,7 +449,8 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
     env = engine.env(cfg)
     env_line = f"# environment of the engine tasks: {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())}\n" \
         if env else ""
-    ranks = "\n".join(rank_lines(cfg, tasks, [engine.node_argv(cfg, n, rv) for n in range(cfg.layout.nodes)]))
+    ranks = "\n".join(rank_lines(cfg, tasks, [engine.node_env_prefix(cfg, n) + engine.node_argv(cfg, n, rv)
+                                             for n in range(cfg.layout.nodes)]))
     write("engine_ranks.sh",
           f"# The engine step started by the orchestrator's task on node 0 ({'; '.join(notes)}):\n{env_line}"
           f"{shlex.join(step)}\n\n# What each rank runs, with the environment srun gives it:\n{ranks}\n")

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,3 +73,22 @@ def slurm_cluster():
             pytest.fail(f"CI=true and the Slurm cluster is unavailable: {why}")
         pytest.skip(why)
     return "debug"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("ORCHESTRATOR_VLLM_VENV", Path.home() / ".cache" / "orchestrator-vllm-venv"))
+TINY = Path(os.environ.get("ORCHESTRATOR_TINY_MODEL", Path.home() / ".cache" / "orchestrator" / "tiny-nemotron"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny random-weight Nemotron built offline (idempotent: seconds when it exists)."""
+    python = VENV / "bin" / "python"
+    if not (VENV / "bin" / "vllm").exists():
+        why = f"no vLLM venv at {VENV}: run `bash scripts/install_vllm.sh`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and vLLM is not installed: {why}")
+        pytest.skip(why)
+    subprocess.run([str(python), str(ROOT / "scripts" / "build_tiny_model.py"), str(TINY)], check=True,
+                   capture_output=True, timeout=300)
+    return TINY

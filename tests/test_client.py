@@ -317,3 +317,17 @@ def test_a_failed_submission_cancels_what_it_submitted(tmp_path, monkeypatch):
     job.wait()  # bounded by the cancel: the job was stopped, not left running
     assert job.state == "INTERRUPTED"  # stopped by the cancel; left alone it would finish every row
     assert len(done_units(RunPaths(tmp_path / "r"))) < 2000 // 2048 + 1 or not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_a_failed_job_reports_its_own_message_with_the_engine_log_not_frames():
+    from orchestrator.clusters.base import job_failure
+
+    report = ("Job (task=0) failed during processing with trace:\n----------------------\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise EngineLost(msg)\n"
+              "orchestrator.client.EngineLost: the engine process exited during the run; engine log /r/e.log:\n"
+              "RuntimeError: CUDA error: an illegal memory access\nsrun: error: n2: task 1: Killed\n"
+              "\n----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n"
+              "  - /r/logs/1_0_log.err\n")
+    assert job_failure(report).splitlines() == [
+        "the engine process exited during the run; engine log /r/e.log:",
+        "RuntimeError: CUDA error: an illegal memory access", "srun: error: n2: task 1: Killed"]

@@ -123,3 +123,22 @@ class TestEngineContract:
         if cfg.layout.nodes > 1 and not adapter.per_gpu_tasks:
             assert all("head-node" in j and "29555" in j for j in joined)  # every node finds the rendezvous
             assert recorded[0] != recorded[1]  # node ranks differ
+
+
+def test_node_env_gives_each_node_its_own_value(tmp_path):
+    """engine.node_env: what must differ per node (vLLM's CPU binding, a node-local cache) reaches each node."""
+    record = tmp_path / "env.jsonl"
+    recorder = tmp_path / "engine-program"
+    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"open({str(record)!r}, 'a').write(json.dumps([os.environ.get('BIND'), sys.argv[1:]]) + '\\n')\n")
+    recorder.chmod(0o755)
+    cfg = compose(required("vllm") + ["model=nemotron4_340b_instruct", f"engine.command=[{recorder}]",
+                                      "+engine.node_env.BIND=['0','1']"])
+    adapter = check_engine(cfg)
+    step = adapter.step_command(cfg, Rendezvous(port=1, master_addr="h", master_port=2))
+    for node in (0, 1):
+        subprocess.run(step, env={"SLURM_NODEID": str(node), "PATH": "/usr/bin:/bin"}, check=True, timeout=60)
+    seen = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [b for b, _ in seen] == ["0", "1"] and "--headless" in seen[1][1] and "--headless" not in seen[0][1]
+    bad = compose(required("vllm") + ["model=nemotron4_340b_instruct", "+engine.node_env.BIND=['0']"])
+    assert any("engine.node_env.BIND has 1 value(s); give one per node" in p for p in adapter.problems(bad))

@@ -37,10 +37,7 @@ class ClusterAdapter:
         try:
             return self._result(job)
         except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's failure with its traceback
-            lines = str(exc).strip().splitlines()
-            raised = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", line)]
-            tail = "\n".join(lines[raised[-1]:raised[-1] + 15] if raised else lines[-12:])
-            raise RunError(f"job {job.job_id} failed; logs in {paths.logs}\n{tail}") from None
+            raise RunError(f"job {job.job_id} failed; logs in {paths.logs}\n{job_failure(str(exc))}") from None
 
     def _result(self, job):
         return job.result()
@@ -53,6 +50,22 @@ class ClusterAdapter:
 
     def render(self, cfg: Config, paths: RunPaths, engine, write) -> None:
         """Write, through write(name, text), the files this way of running would submit."""
+
+
+def job_failure(text: str, max_lines: int = 25) -> str:
+    """The job's own error from submitit's report: the message of the last traceback (all its lines: ours
+    carry the engine log's tail), without the frames, and without the module path of our own errors."""
+    lines = re.split(r"\n-{10,}\nYou can check full logs", text)[0].strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return "\n".join(lines[-12:])
+    i = starts[-1] + 1
+    while i < len(lines) and (lines[i].startswith(" ") or not lines[i].strip()):
+        i += 1
+    message = lines[i:i + max_lines]
+    if message:
+        message[0] = re.sub(r"^orchestrator\.[\w.]+\.\w+: ", "", message[0])
+    return "\n".join(message)
 
 
 def cluster_for(cfg: Config) -> ClusterAdapter:

