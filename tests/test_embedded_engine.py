@@ -964,6 +964,15 @@ def test_openai_route_capacity():
 # ---------------------------------------------------------------- command line
 
 
+def _wait_for_port_file(proc, port_file) -> str:
+    deadline = time.monotonic() + 20
+    while not port_file.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "engine did not write its port file"
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{int(port_file.read_text())}"
+
+
 def test_subprocess_with_port_file(tmp_path):
     port_file = tmp_path / "engine.port"
     proc = subprocess.Popen(
@@ -973,12 +982,7 @@ def test_subprocess_with_port_file(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "engine did not write its port file"
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        url = _wait_for_port_file(proc, port_file)
         assert requests.get(url + "/health", timeout=10).status_code == 200
         assert requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == "cli-model"
         out = requests.put(url + "/generate", json={"sentences": ["hi"], "tokens_to_generate": 9}, timeout=10).json()
@@ -1000,12 +1004,7 @@ def test_subprocess_routes_flag(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "engine did not write its port file"
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        url = _wait_for_port_file(proc, port_file)
         assert requests.get(url + "/v2/health/ready", timeout=10).status_code == 200
         assert requests.get(url + "/health", timeout=10).json() == {"error": "Not Found"}
         meta = requests.get(url + "/v2/models/steerlm", timeout=10).json()

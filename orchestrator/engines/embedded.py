@@ -637,9 +637,11 @@ class _Engine:
         n_prompt, n_completion = sum(n for _, n, _ in prompts), sum(g.completion_tokens for g in gens)
         return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
-    async def completions(self, request: web.Request) -> web.Response:
+    async def _oai_answer(self, request: web.Request, check):
+        """What both OpenAI routes do before answering: count, validate, stall or fail as configured, generate.
+        Returns (prompts, generations), or the error response."""
         self._count("requests")
-        checked = self._check_completion(await _read_object(request))
+        checked = check(await _read_object(request))
         if isinstance(checked, web.Response):
             self._count("bad_requests")
             return checked
@@ -647,7 +649,13 @@ class _Engine:
         await self._maybe_stall()
         if self._fail():
             return _oai_error("simulated engine failure", 500, kind="server_error")
-        gens = await self._oai_generate(prompts, p)
+        return prompts, await self._oai_generate(prompts, p)
+
+    async def completions(self, request: web.Request) -> web.Response:
+        answered = await self._oai_answer(request, self._check_completion)
+        if isinstance(answered, web.Response):
+            return answered
+        prompts, gens = answered
         choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
                    for i, g in enumerate(gens)]
         return _json({
@@ -677,16 +685,10 @@ class _Engine:
         return rows, p
 
     async def chat_completions(self, request: web.Request) -> web.Response:
-        self._count("requests")
-        checked = self._check_chat(await _read_object(request))
-        if isinstance(checked, web.Response):
-            self._count("bad_requests")
-            return checked
-        prompts, p = checked
-        await self._maybe_stall()
-        if self._fail():
-            return _oai_error("simulated engine failure", 500, kind="server_error")
-        (g,) = await self._oai_generate(prompts, p)
+        answered = await self._oai_answer(request, self._check_chat)
+        if isinstance(answered, web.Response):
+            return answered
+        prompts, (g,) = answered
         message = {"role": "assistant", "content": g.text, "refusal": None, "annotations": None, "audio": None,
                    "function_call": None, "reasoning": None}
         return _json({
