@@ -1,6 +1,8 @@
 """A real vLLM across the two nodes of the local Slurm cluster: vLLM's multi-node launch without Ray
 (--nnodes/--node-rank/--master-addr, rank 1 --headless), one task per node."""
 import glob
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -60,7 +62,8 @@ def test_killing_the_vllm_rank_on_n2_fails_the_job_fast_with_the_engine_log(two_
                 not in (b"srun", b"bash")]
     assert headless, "no headless vLLM rank found"
     killed_at = time.monotonic()
-    subprocess.run(["kill", "-9", *headless], check=True)
+    for pid in headless:  # the rank and its worker processes, as when its node goes down
+        os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 1, out + err
     assert time.monotonic() - killed_at < 120
@@ -71,3 +74,5 @@ def test_killing_the_vllm_rank_on_n2_fails_the_job_fast_with_the_engine_log(two_
     (job,) = {p.parent.name for p in (run_dir / "logs" / "submitit").glob("*/*_submitted.pkl")}
     assert sacct_state(job) == "FAILED"
     assert leftover(run_dir) == ""
+    wait_for(lambda: not subprocess.run(["pgrep", "-f", "VLLM::"], capture_output=True).stdout.strip(), 60,
+             "every vLLM process of the job to end")
