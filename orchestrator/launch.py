@@ -461,8 +461,7 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
                                          engine=dataclasses.replace(e, name="endpoint", protocol=protocol))
         client_yaml = out / "client.yaml"
         write("client.yaml", config_yaml(client_cfg))
-        template_rv = dataclasses.replace(rv, port=PORT_PLACEHOLDER, master_addr=e.master_addr or "$MASTER_ADDR",
-                                          port_file=None)
+        template_rv = dataclasses.replace(rv, port=PORT_PLACEHOLDER, port_file=None)  # the script exports them
         write("engine_job.sbatch", render_template(
             "engine_job.sbatch", cfg, tasks, engine.step_command(cfg, template_rv), client_yaml,
             e.port or 1424, protocol, engine.step_args))

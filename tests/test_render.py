@@ -118,3 +118,50 @@ def test_the_plain_template_runs_its_steps_with_exact_arguments(tmp_path):
     # the client ran against the address the script found, and failed fast: nothing listens there
     assert proc.returncode != 0 and "nothing answers at engine.url=http://127.0.0.1:1424" in proc.stderr
     assert not marker.exists()
+
+
+ENGINE_340B = {  # each engine's 340B line (Triton: its nearest valid layout, one node of H200)
+    "vllm": ["engine=vllm", "model.path=/models/Nemotron-4-340B-Instruct-hf"],
+    "sglang": ["engine=sglang", "model.path=/models/Nemotron-4-340B-Instruct-hf"],
+    "trtllm": ["engine=trtllm", "model.path=/models/Nemotron-4-340B-Instruct-hf"],
+    "triton": ["engine=triton", "engine.checkpoint=/models/Nemotron-4-340B-Instruct.nemo",
+               "engine.options.model_type=nemotron", "layout.gpu=h200_141gb", "layout.nodes=1",
+               "layout.pipeline_parallel=1"],
+}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINE_340B))
+@pytest.mark.parametrize("name", ["engine_ranks.sh", "engine_job.sbatch"])
+def test_each_engines_340b_render_matches_its_saved_reference(tmp_path, engine, name):
+    run_dir = tmp_path / "run"
+    cfg = compose(["cluster=slurm", "model=nemotron4_340b_instruct", "cluster.partition=batch",
+                   "cluster.account=llm", f"run_dir={run_dir}", "data.input=/lustre/prompts", *ENGINE_340B[engine]])
+    got = normalise({p.name: p.read_text() for p in render(cfg)}[name], run_dir)
+    ref = Path(__file__).parent / "reference" / f"render_{engine}_340b" / name
+    if os.environ.get(REFRESH) == "1":
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(got)
+    assert ref.exists(), f"no reference {ref}; create it with {REFRESH}=1 pytest {__file__}"
+    assert got == ref.read_text(), (f"{name} differs from {ref}; if the change is intended, refresh with "
+                                    f"{REFRESH}=1 pytest {__file__} and review the diff")
+
+
+def test_the_plain_template_gives_each_node_its_line_with_the_scripts_values(tmp_path):
+    """The engine command of engine_job.sbatch, run as srun would on node 1 with the variables the script
+    exports: the rendezvous values are expanded, not passed on as literal '$MASTER_ADDR'."""
+    import json
+    import re
+
+    record = tmp_path / "argv.json"
+    recorder = tmp_path / "engine-program"
+    recorder.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    recorder.chmod(0o755)
+    cfg = compose(["cluster=slurm", "model=nemotron4_340b_instruct", f"run_dir={tmp_path / 'run'}",
+                   "data.input=/lustre/prompts", "engine=vllm", "model.path=/m", f"engine.command=[{recorder}]"])
+    text = {p.name: p.read_text() for p in render(cfg)}["engine_job.sbatch"]
+    command = re.search(r"\nsrun [^\n]*\\\n    (.*) &\nSERVER=", text, re.S).group(1)
+    subprocess.run(["bash", "-c", f"export PORT=4242 MASTER_ADDR=node-a MASTER_PORT=29777; {command}"],
+                   env={"SLURM_NODEID": "1", "PATH": "/usr/bin:/bin"}, check=True, timeout=60)
+    argv = json.loads(record.read_text())
+    assert argv[argv.index("--master-addr") + 1] == "node-a" and argv[argv.index("--master-port") + 1] == "29777"
+    assert argv[argv.index("--port") + 1] == "4242" and argv[argv.index("--node-rank") + 1] == "1" and "--headless" in argv
