@@ -91,6 +91,20 @@ def _open(path: Path) -> pq.ParquetFile:
                          f"pandas.read_*(...).to_parquet(...) or drop it from data.input") from None
 
 
+def _id_type(kind: pa.DataType, path: Path, data: DataConfig) -> str:
+    """The id column's type in results: text or integers. Dictionary-encoded ids (pandas categoricals) are
+    their values; any other type is refused here, before anything is submitted."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_null(kind):  # no value at all (an empty file): its nulls, if any, are refused as null ids
+        return "string"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
+        return str(kind)
+    raise InputError(f"{path}: id column {data.id_column!r} has type {kind}; ids must be text or integers. Cast "
+                     f"it (e.g. df[{data.id_column!r}].astype(str)), or point data.id_column at another column (a name the "
+                     f"files lack gives positional ids <file>:<row>)")
+
+
 def build_plan(data: DataConfig, input_spec: str) -> Plan:
     """Check every input file's schema (from its footer only) and cut the rows into units."""
     paths, root = discover_inputs(input_spec)
@@ -107,7 +121,7 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
         if pa.types.is_list(ptype) or pa.types.is_large_list(ptype) or pa.types.is_struct(ptype):
             raise InputError(f"{path}: prompt column {data.prompt_column!r} has type {ptype}, not text; "
                              f"store one prompt string per row")
-        id_types[str(path)] = str(schema.field(data.id_column).type) if data.id_column in names else ""
+        id_types[str(path)] = _id_type(schema.field(data.id_column).type, path, data) if data.id_column in names else ""
         meta = pq.read_metadata(path)
         stat = path.stat()
         files.append(InputFile(str(path), os.path.relpath(path, root), meta.num_rows, stat.st_size, stat.st_mtime_ns))

@@ -1,4 +1,5 @@
 """Bad input, each case: a clear message before anything is submitted, or a recorded row error."""
+import decimal
 import json
 import shutil
 import subprocess
@@ -118,3 +119,29 @@ def test_two_first_starts_at_once_cannot_mix_settings(tmp_path):
     with pytest.raises(InputError, match="was started with other settings.*tokens_to_generate was 8, now 16"):
         prepare(second)
     prepare(first)  # the same settings are welcome
+
+
+def test_dictionary_encoded_ids_work_end_to_end(tmp_path):
+    """pandas categoricals are stored dictionary-encoded; they used to fail inside the job, after the plan
+    was fixed, so that run_dir could never succeed."""
+    from orchestrator.launch import run
+
+    df = pd.DataFrame({"id": pd.Categorical([f"c{i}" for i in range(30)]), "prompt": [f"q {i}" for i in range(30)]})
+    df.to_parquet(tmp_path / "in.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "in.parquet").field("id").type)
+    cfg = compose([f"data.input={tmp_path / 'in.parquet'}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10"])
+    summary = run(cfg, show_progress=False)
+    out = pd.read_parquet(tmp_path / "r" / "results")
+    assert summary["complete"] and sorted(out["id"]) == sorted(f"c{i}" for i in range(30))
+
+
+@pytest.mark.parametrize("column", [
+    lambda: pa.array([decimal.Decimal("1.5"), decimal.Decimal("2.5")], pa.decimal128(4, 1)),
+    lambda: pa.array([{"a": 1}, {"a": 2}]), lambda: pa.array([[1], [2]]),
+])
+def test_id_columns_that_cannot_be_ids_are_refused_before_submitting(tmp_path, column):
+    pq.write_table(pa.table({"id": column(), "prompt": ["p1", "p2"]}), tmp_path / "in.parquet")
+    cfg = compose([f"data.input={tmp_path / 'in.parquet'}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(InputError, match=r"id column 'id' has type .*; ids must be text or integers"):
+        prepare(cfg)
+    assert not (tmp_path / "r" / "plan.json").exists()
