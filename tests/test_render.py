@@ -34,13 +34,15 @@ def normalise(text: str, run_dir: Path) -> str:
 @pytest.mark.parametrize("name", ["job.sbatch", "engine_ranks.sh", "engine_job.sbatch"])
 def test_render_matches_the_saved_reference(tmp_path, name):
     run_dir = tmp_path / "run"
-    got = normalise(render_340b(run_dir)[name], run_dir)
-    ref = REFERENCE / name
+    assert_matches_reference(normalise(render_340b(run_dir)[name], run_dir), REFERENCE / name)
+
+
+def assert_matches_reference(got: str, ref: Path) -> None:
     if os.environ.get(REFRESH) == "1":
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(got)
     assert ref.exists(), f"no reference {ref}; create it with {REFRESH}=1 pytest {__file__}"
-    assert got == ref.read_text(), (f"{name} differs from {ref}; if the change is intended, refresh with "
+    assert got == ref.read_text(), (f"{ref.name} differs from {ref}; if the change is intended, refresh with "
                                     f"{REFRESH}=1 pytest {__file__} and review the diff")
 
 
@@ -137,13 +139,7 @@ def test_each_engines_340b_render_matches_its_saved_reference(tmp_path, engine, 
     cfg = compose(["cluster=slurm", "model=nemotron4_340b_instruct", "cluster.partition=batch",
                    "cluster.account=llm", f"run_dir={run_dir}", "data.input=/lustre/prompts", *ENGINE_340B[engine]])
     got = normalise({p.name: p.read_text() for p in render(cfg)}[name], run_dir)
-    ref = Path(__file__).parent / "reference" / f"render_{engine}_340b" / name
-    if os.environ.get(REFRESH) == "1":
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(got)
-    assert ref.exists(), f"no reference {ref}; create it with {REFRESH}=1 pytest {__file__}"
-    assert got == ref.read_text(), (f"{name} differs from {ref}; if the change is intended, refresh with "
-                                    f"{REFRESH}=1 pytest {__file__} and review the diff")
+    assert_matches_reference(got, Path(__file__).parent / "reference" / f"render_{engine}_340b" / name)
 
 
 def test_the_plain_template_gives_each_node_its_line_with_the_scripts_values(tmp_path):
