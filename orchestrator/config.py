@@ -291,6 +291,11 @@ class Config:
         return self.data.input or str(EXAMPLE_INPUT)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config, as written to config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 

@@ -20,10 +20,9 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 from .clusters.base import cluster_for
-from .config import Config
+from .config import Config, config_yaml
 from .engines.base import check_engine
 from .engines.server import EngineServer
 from .errors import ConfigError, OrchestratorError, RunError
@@ -34,11 +33,6 @@ from .work import (InputError, Plan, RunPaths, apply_duplicate_policy, atomic_wr
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
-
-
-def config_yaml(cfg: Config) -> str:
-    """The fully resolved config, as written to config.yaml."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def check_writable(root: Path) -> None:
@@ -405,19 +399,12 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
     return summary
 
 
-PORT_PLACEHOLDER = "__ORCHESTRATOR_PORT__"
-MASTER_PORT_PLACEHOLDER = "__ORCHESTRATOR_MASTER_PORT__"
-MASTER_ADDR_PLACEHOLDER = "__ORCHESTRATOR_MASTER_ADDR__"
-
-
 def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
     """Write what `run` would submit, and submit nothing: the cluster's job script, the engine's step and
     per-task command lines, the resolved config, and the plain sbatch template filled from the config."""
-    import dataclasses
 
     from .engines.base import Rendezvous
-    from .engines.codecs import make_codec
-    from .sbatch import rank_lines, render_template
+    from .sbatch import MASTER_ADDR_PLACEHOLDER, MASTER_PORT_PLACEHOLDER, PORT_PLACEHOLDER, rank_lines, with_placeholders
 
     build_layout(cfg)
     check_launch(cfg)
@@ -428,7 +415,7 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
     written = []
 
     def write(name: str, text: str) -> None:
-        atomic_write_text(out / name, _with_placeholders(text))
+        atomic_write_text(out / name, with_placeholders(text))
         written.append(out / name)
 
     write("config.yaml", config_yaml(cfg))
@@ -454,20 +441,5 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
     write("engine_ranks.sh",
           f"# The engine step started by the orchestrator's task on node 0 ({'; '.join(notes)}):\n{env_line}"
           f"{shlex.join(step)}\n\n# What each rank runs, with the environment srun gives it:\n{ranks}\n")
-    cluster.render(cfg, paths, engine, write)
-    if cfg.cluster.name == "slurm":
-        protocol = make_codec(cfg, protocol=engine.protocol_for(cfg)).name
-        client_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, name="local"), replicas=1,
-                                         engine=dataclasses.replace(e, name="endpoint", protocol=protocol))
-        client_yaml = out / "client.yaml"
-        write("client.yaml", config_yaml(client_cfg))
-        template_rv = dataclasses.replace(rv, port=PORT_PLACEHOLDER, port_file=None)  # the script exports them
-        write("engine_job.sbatch", render_template(
-            "engine_job.sbatch", cfg, tasks, engine.step_command(cfg, template_rv), client_yaml,
-            e.port or 1424, protocol, engine.step_args))
+    cluster.render(cfg, paths, engine, write, out, rv)
     return written
-
-
-def _with_placeholders(text: str) -> str:
-    return (text.replace(PORT_PLACEHOLDER, '"$PORT"').replace(MASTER_PORT_PLACEHOLDER, '"$MASTER_PORT"')
-            .replace(MASTER_ADDR_PLACEHOLDER, '"$MASTER_ADDR"'))

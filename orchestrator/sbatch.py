@@ -14,6 +14,16 @@ from typing import Any
 from .config import Config, bundled
 
 TEMPLATES_DIR = bundled("slurm_templates")
+# values known only when the job runs: rendered as the shell variables the scripts set
+PORT_PLACEHOLDER = "__ORCHESTRATOR_PORT__"
+MASTER_PORT_PLACEHOLDER = "__ORCHESTRATOR_MASTER_PORT__"
+MASTER_ADDR_PLACEHOLDER = "__ORCHESTRATOR_MASTER_ADDR__"
+
+
+def with_placeholders(text: str) -> str:
+    """Rendered text with each placeholder as its shell variable (after quoting, so it expands)."""
+    return (text.replace(PORT_PLACEHOLDER, '"$PORT"').replace(MASTER_PORT_PLACEHOLDER, '"$MASTER_PORT"')
+            .replace(MASTER_ADDR_PLACEHOLDER, '"$MASTER_ADDR"'))
 
 
 def submitit_parameters(cfg: Config) -> dict[str, Any]:

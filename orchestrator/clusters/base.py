@@ -48,8 +48,9 @@ class ClusterAdapter:
     def follow_hint(self, jobs: list, paths: RunPaths) -> str:
         return ""
 
-    def render(self, cfg: Config, paths: RunPaths, engine, write) -> None:
-        """Write, through write(name, text), the files this way of running would submit."""
+    def render(self, cfg: Config, paths: RunPaths, engine, write, out: Path, rv) -> None:
+        """Write, through write(name, text) into out, the files this way of running would submit (rv: the
+        engine's rendezvous, with placeholders for what the job decides)."""
 
 
 def job_failure(text: str, max_lines: int = 25) -> str:

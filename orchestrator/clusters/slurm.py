@@ -2,8 +2,12 @@
 the task on node 0 starts the engine's tasks as an `srun --overlap` step across the allocation."""
 from __future__ import annotations
 
-from ..config import Config
-from ..sbatch import engine_step_prefix, submitit_parameters
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import Config, config_yaml
+from ..engines.codecs import make_codec
+from ..sbatch import PORT_PLACEHOLDER, engine_step_prefix, render_template, submitit_parameters
 from ..work import RunPaths
 from .base import ClusterAdapter, submitit_folder
 
@@ -34,11 +38,21 @@ class SlurmCluster(ClusterAdapter):
         ids = ",".join(str(j.job_id) for j in jobs)
         return f"follow with: squeue -j {ids}; sacct -j {ids}; tail -f {paths.logs}/submitit/*/*_0_log.out"
 
-    def render(self, cfg: Config, paths: RunPaths, engine, write) -> None:
+    def render(self, cfg: Config, paths: RunPaths, engine, write, out: Path, rv) -> None:
         executor = self.executor(cfg, paths)
         script = executor._make_submission_file_text(executor._submitit_command_str, "render")
         note = f"# submitted {cfg.replicas} time(s), once per replica\n" if cfg.replicas > 1 else ""
         write("job.sbatch", script.replace("#!/bin/bash\n", "#!/bin/bash\n" + note, 1))
+        # the plain template, for operators who submit with sbatch: its client is engine=endpoint
+        protocol = make_codec(cfg, protocol=engine.protocol_for(cfg)).name
+        e = cfg.engine
+        client_cfg = replace(cfg, cluster=replace(cfg.cluster, name="local"), replicas=1,
+                             engine=replace(e, name="endpoint", protocol=protocol))
+        write("client.yaml", config_yaml(client_cfg))
+        template_rv = replace(rv, port=PORT_PLACEHOLDER, port_file=None)  # the script exports them
+        write("engine_job.sbatch", render_template(
+            "engine_job.sbatch", cfg, engine.tasks_per_node(cfg), engine.step_command(cfg, template_rv),
+            out / "client.yaml", e.port or 1424, protocol, engine.step_args))
 
 
 ADAPTER = SlurmCluster()
