@@ -73,10 +73,10 @@ def cmd_plan(cfg) -> None:
 def cmd_serve_engine(cfg) -> None:
     import os
 
-    from .engines.base import Rendezvous
+    from .engines.base import Rendezvous, adapter_for
     from .engines.mock import ADAPTER
 
-    if cfg.engine.name != "mock":
+    if not adapter_for(cfg).simulated:
         _fail("serve-engine runs the embedded engine only (engine=mock)")
     cmd = ADAPTER.node_argv(cfg, 0, Rendezvous(port=cfg.engine.port, master_addr="", master_port=0))
     print(f"embedded engine on http://{cfg.engine.host}:{cfg.engine.port} (Ctrl-C to stop)", flush=True)

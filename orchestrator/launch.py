@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .clusters.base import cluster_for
 from .config import Config, config_yaml
-from .engines.base import check_engine
+from .engines.base import adapter_for, check_engine
 from .engines.server import EngineServer
 from .errors import ConfigError, OrchestratorError, RunError
 from .layout import build_layout
@@ -97,7 +97,7 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "end_strings": cfg.end_strings,
         "sampling": asdict(cfg.sampling),
         "engine": cfg.engine.name,
-        "engine.seed": cfg.engine.seed if cfg.engine.name == "mock" else None,
+        "engine.answers": adapter_for(cfg).answer_settings(cfg),
         "engine.settings": {k: getattr(cfg.engine, k) for k in ("checkpoint", "url", "protocol", "api", "precision",
                                                                "extra_args", "options", "served_model_name",
                                                                "skip_special_tokens", "extra_body")},

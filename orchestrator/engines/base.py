@@ -60,6 +60,10 @@ class EngineAdapter:
         """Environment of every engine rank (on top of the job's)."""
         return {str(k): str(v) for k, v in cfg.engine.env.items()}
 
+    def answer_settings(self, cfg: Config) -> dict:
+        """Settings of this engine, beyond the common ones, that decide its answers (for the resume check)."""
+        return {}
+
     def node_env_prefix(self, cfg: Config, node: int) -> list[str]:
         """`env NAME=VALUE ...` for what differs per node (engine.node_env), e.g. each node's CPU binding."""
         pairs = [f"{name}={values[node]}" for name, values in sorted(cfg.engine.node_env.items())]

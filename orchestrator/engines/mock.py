@@ -18,6 +18,9 @@ class MockAdapter(EngineAdapter):
     def protocol_for(self, cfg: Config) -> str:
         return cfg.engine.protocol or self.protocol
 
+    def answer_settings(self, cfg: Config) -> dict:
+        return {"engine.seed": cfg.engine.seed}  # the simulated text is a function of prompt and seed
+
     def command(self, cfg: Config) -> list[str]:
         return list(cfg.engine.command or [sys.executable, "-m", "orchestrator.engines.embedded"])
 
