@@ -641,7 +641,11 @@ class _Engine:
         """What both OpenAI routes do before answering: count, validate, stall or fail as configured, generate.
         Returns (prompts, generations), or the error response."""
         self._count("requests")
-        checked = check(await _read_object(request))
+        body = await _read_object(request)
+        if body is None:
+            checked = _oai_error("request body must be a JSON object")
+        else:
+            checked = self._check_model(body) or check(body)
         if isinstance(checked, web.Response):
             self._count("bad_requests")
             return checked
@@ -663,11 +667,18 @@ class _Engine:
             "model": self.s.model_name, "choices": choices, "usage": self._usage(prompts, gens),
         })
 
-    def _check_completion(self, body: dict | None):
-        if body is None:
-            return _oai_error("request body must be a JSON object")
-        if (error := self._check_model(body)) is not None:
-            return error
+    def _rows(self, texts: list[str], max_tokens):
+        """(text, prompt tokens, token budget) per prompt, or the context error of the first that does not fit."""
+        rows = []
+        for text in texts:
+            n = len(_TOKEN_RE.findall(text))
+            budget = self._budget(n, max_tokens)
+            if isinstance(budget, web.Response):
+                return budget
+            rows.append((text, n, budget))
+        return rows
+
+    def _check_completion(self, body: dict):
         prompt = body.get("prompt")
         prompt = [prompt] if isinstance(prompt, str) else prompt
         if not prompt or not _is_str_list(prompt):
@@ -675,14 +686,8 @@ class _Engine:
         message, param, p = _check(body, _OAI_RULES)
         if message is not None:
             return _oai_error(message, param=param)
-        rows = []
-        for text in prompt:
-            n = len(_TOKEN_RE.findall(text))
-            budget = self._budget(n, p["max_tokens"])
-            if isinstance(budget, web.Response):
-                return budget
-            rows.append((text, n, budget))
-        return rows, p
+        rows = self._rows(prompt, p["max_tokens"])
+        return rows if isinstance(rows, web.Response) else (rows, p)
 
     async def chat_completions(self, request: web.Request) -> web.Response:
         answered = await self._oai_answer(request, self._check_chat)
@@ -701,23 +706,15 @@ class _Engine:
             "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
         })
 
-    def _check_chat(self, body: dict | None):
-        if body is None:
-            return _oai_error("request body must be a JSON object")
-        if (error := self._check_model(body)) is not None:
-            return error
+    def _check_chat(self, body: dict):
         messages = body.get("messages")
         if (message := _check_messages(messages)) is not None:
             return _oai_error(message, param="messages")
         message, param, p = _check(body, _CHAT_RULES)
         if message is not None:
             return _oai_error(message, param=param)
-        prompt = render_chat(messages)
-        n = len(_TOKEN_RE.findall(prompt))
-        budget = self._budget(n, p["max_completion_tokens"] or p["max_tokens"])
-        if isinstance(budget, web.Response):
-            return budget
-        return [(prompt, n, budget)], p
+        rows = self._rows([render_chat(messages)], p["max_completion_tokens"] or p["max_tokens"])
+        return rows if isinstance(rows, web.Response) else (rows, p)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's ``POST /tokenize``: ``{"prompt": str}`` or ``{"messages": [...]}`` (rendered with
