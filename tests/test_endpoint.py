@@ -102,3 +102,22 @@ def test_triton_infer_sends_only_the_inputs_the_model_lists(tmp_path):
     with faithful_server(tmp_path, "triton", "--triton-max-len-input", "max_output_token") as url:
         summary, df = endpoint_run(tmp_path, url, "engine.served_model_name=served-model")
     assert summary["complete"] and (df["status"] == "ok").all()
+
+
+def test_truncation_cuts_by_the_engines_own_token_count(tmp_path):
+    """With /tokenize, a too-long prompt is refused by the engine itself (its message), and
+    data.truncate_prompts=true keeps the longest start that the engine counts as fitting."""
+    long = "a " * 6000  # 2 bytes a token: the 4-bytes-per-token estimate would keep twice too much
+    src = write_prompts(tmp_path / "in.parquet", 2, prompts=["short question", long])
+    with faithful_server(tmp_path, "openai", "--max-model-len", "1024") as url:
+        def go(name, *extra):
+            cfg = compose(["engine=endpoint", f"engine.url={url}", f"data.input={src}", f"run_dir={tmp_path / name}",
+                           "sampling.tokens_to_generate=8", "model.prompt.format=raw", *extra])
+            run(cfg, show_progress=False)
+            return pd.read_parquet(tmp_path / name / "results").sort_values("id").reset_index(drop=True)
+
+        refused = go("refused")
+        kept = go("kept", "data.truncate_prompts=true")
+    assert list(refused["status"]) == ["ok", "error"]
+    assert "This model's maximum context length is 1024 tokens" in refused.loc[1, "error"]
+    assert list(kept["status"]) == ["ok", "ok"]
