@@ -3,7 +3,8 @@
 Builds a run directory whose plan has 100,000 units (one row each), commits every unit (a real
 result file per unit and the ledger lines, as the client writes them), then times what a rerun does
 before submitting anything: `prepare()` (input footers, fingerprint check, stored plan) and counting
-the committed rows, and separately the summary's totals over all units.
+the committed rows (each result file's size checked against the ledger), and separately the summary's
+totals over all units.
 Run: python bench/resume.py [units]
 """
 import json
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.config import compose
 from orchestrator.launch import prepare
-from orchestrator.work import RunPaths, committed_rows, committed_stats, done_units
+from orchestrator.work import RunPaths, committed_rows, committed_stats, scan_committed
 
 units = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
 root = Path(tempfile.mkdtemp(prefix="bench-resume-"))
@@ -37,14 +38,15 @@ try:
     started = time.perf_counter()
     for unit in range(units):
         paths.result_file(unit).write_bytes(data)
-        ledger.append(json.dumps({"unit": unit, "rows": 1, "ok": 1, "failed": 0, "output_tokens": 3, "units": 1}))
+        ledger.append(json.dumps({"unit": unit, "rows": 1, "ok": 1, "failed": 0, "output_tokens": 3, "units": 1,
+                                  "bytes": len(data), "at": time.time()}))
     (paths.root / "work" / "ledger").mkdir(parents=True, exist_ok=True)
     (paths.root / "work" / "ledger" / "r0.jsonl").write_text("\n".join(ledger) + "\n")
     setup = time.perf_counter() - started
 
     started = time.perf_counter()
     plan, paths = prepare(cfg)
-    done = done_units(RunPaths(paths.root))
+    done = scan_committed(RunPaths(paths.root), plan, put_aside=True).units  # what `run` does: every file checked
     already = committed_rows(plan, done)
     find_done = time.perf_counter() - started
     started = time.perf_counter()

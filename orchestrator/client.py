@@ -20,10 +20,10 @@ import pyarrow as pa
 
 from .config import Config
 from .errors import EngineError, RunError
-from .engines.codecs import EngineInfo, RejectedError, TransientError, make_codec, openai_api
+from .engines.codecs import EngineInfo, MalformedAnswer, RejectedError, TransientError, make_codec, openai_api
 from .prompts import format_prompt, postprocess
 from .work import (Plan, RunPaths, UnitReader, UnitStats, atomic_write_text, claim, commit_unit, done_units,
-                   heartbeat, is_committed, result_schema)
+                   heartbeat, is_committed, kept_rows, mark_retried, result_schema, retried, retry_units)
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,11 @@ class UnitBuffer:
         self.attempts: list = [0] * rows
         self.remaining = rows
         self.read_done = False
+        self.retryable = 0  # failed rows the engine is to blame for: a rerun with retry_failed=true may recover them
 
-    def fail(self, i: int, message: str, attempts: int = 0) -> None:
+    def fail(self, i: int, message: str, attempts: int = 0, retryable: bool = False) -> None:
         self.status[i], self.error[i], self.attempts[i] = "error", message, attempts
+        self.retryable += retryable
         self.remaining -= 1
 
     def succeed(self, i: int, text: str, tokens: int | None, latency: float, attempts: int) -> None:
@@ -65,7 +67,7 @@ class UnitBuffer:
         ], schema=schema)
         ok = sum(1 for s in self.status if s == "ok")
         tokens = sum(t for t in self.output_tokens if t)
-        return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1)
+        return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1, self.retryable)
 
 
 def check_prompt(value) -> str | None:
@@ -83,22 +85,32 @@ class EngineLost(EngineError):
     """The engine this replica talks to died; its unfinished units go back to the pool."""
 
 
+class EngineHung(EngineLost):
+    """Requests were in flight and the engine answered none of them for a whole request timeout."""
+
+
 class TooManyErrors(RunError):
     """More than client.max_error_fraction of the rows failed: stop instead of burning GPU hours."""
 
 
 @dataclass
 class ClientStats:
+    """One replica's totals in one attempt of the run, across its requeued segments."""
+
     rows: UnitStats = field(default_factory=UnitStats)
-    first_request_at: float | None = None
+    first_request_at: float | None = None  # this segment
     last_commit_at: float | None = None
     skipped_units: int = 0
+    earlier: list = field(default_factory=list)  # [first request, last commit] of the segments before a requeue
+
+    @property
+    def segments(self) -> list:
+        now = [[self.first_request_at, self.last_commit_at]] if self.first_request_at and self.last_commit_at else []
+        return self.earlier + now
 
     @property
     def generate_s(self) -> float:
-        if self.first_request_at is None or self.last_commit_at is None:
-            return 0.0
-        return max(0.0, self.last_commit_at - self.first_request_at)
+        return sum(max(0.0, end - start) for start, end in self.segments)
 
 
 class Client:
@@ -124,11 +136,26 @@ class Client:
         self.schema = result_schema(plan)
         self.reader = UnitReader(plan, cfg.data.read_batch_rows)
         self.stats = ClientStats()
+        self._continue_attempt()
+        self.retry_units = retry_units(paths, attempt) if cfg.retry_failed else set()
+        self.timeout_s = cfg.request_timeout_s
+        self.last_answer_at = time.monotonic()  # any HTTP answer from the engine: a hung engine gives none
         self.engine_alive = engine_alive or (lambda: True)
         self.stop_reason: str | None = None
         self.fatal: Exception | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
+
+    def _continue_attempt(self) -> None:
+        """A job requeued within one attempt continues its replica's totals, so progress and the summary
+        count every segment, not the last one."""
+        try:
+            record = json.loads((self.paths.progress / f"{self.owner}.json").read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(record, dict) and record.get("attempt") == self.attempt:
+            self.stats.rows = UnitStats.of(record)
+            self.stats.earlier = [list(s) for s in record.get("segments", [])]
 
     def request_stop(self, reason: str) -> None:
         """Thread-safe: stop taking work and wind down within client.grace_s."""
@@ -150,7 +177,7 @@ class Client:
             self.stopping.set()
         in_flight = self.protocol.in_flight
         queue: asyncio.Queue = asyncio.Queue(maxsize=in_flight)
-        timeout = aiohttp.ClientTimeout(total=self.cfg.client.request_timeout_s)
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         connector = aiohttp.TCPConnector(limit=in_flight)
         heartbeat(self.paths, self.attempt, self.owner)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -197,8 +224,9 @@ class Client:
 
     async def _produce_units(self, queue: asyncio.Queue) -> None:
         done = done_units(self.paths)
-        self.stats.skipped_units = len(done)
-        pending = [u for u in range(len(self.plan.units)) if u not in done]
+        retry = {u for u in self.retry_units if not retried(self.paths, self.attempt, u)}
+        self.stats.skipped_units = len(done - retry)
+        pending = [u for u in range(len(self.plan.units)) if u not in done or u in retry]
         batch: list[tuple[UnitBuffer, int, str]] = []
         lease = self.cfg.client.lease_s
         while pending and not self.stopping.is_set():
@@ -206,12 +234,19 @@ class Client:
             for unit in pending:
                 if self.stopping.is_set():
                     return
-                if is_committed(self.paths, unit):
+                if is_committed(self.paths, unit) and unit not in retry:
                     continue
                 if not claim(self.paths, self.attempt, unit, self.owner, lease):
                     waiting.append(unit)
                     continue
-                batch = await self._read_unit(unit, batch, queue)
+                keep = None
+                if unit in retry:
+                    if retried(self.paths, self.attempt, unit):  # done before this job was requeued
+                        continue
+                    keep = await asyncio.to_thread(kept_rows, self.paths, unit)
+                    if keep is not None and len(keep["status"]) != self.plan.units[unit][2]:
+                        keep = None  # not this unit's rows: redo it whole
+                batch = await self._read_unit(unit, batch, queue, keep)
             if batch and not self.stopping.is_set():
                 await queue.put(batch)
                 batch = []
@@ -219,13 +254,20 @@ class Client:
             if pending:  # held by other replicas: wait for them to commit, or for their lease to lapse
                 await asyncio.sleep(min(2.0, lease / 4))
 
-    async def _read_unit(self, unit: int, batch: list, queue: asyncio.Queue) -> list:
+    async def _read_unit(self, unit: int, batch: list, queue: asyncio.Queue, keep: dict | None = None) -> list:
+        """Queue a unit's rows; with keep (a retried unit's committed columns), its ok rows are kept as
+        they are and only the others are sent again."""
         fmt, batch_size = self.cfg.model.prompt, self.protocol.batch_size
         buf = UnitBuffer(unit, self.plan.units[unit][2])
         for ids, prompts in self.reader.read(unit):
             base = len(buf.ids)
             buf.ids.extend(ids)
             for offset, prompt in enumerate(prompts):
+                i = base + offset
+                if keep is not None and keep["status"][i] == "ok":
+                    buf.succeed(i, keep["response"][i], keep["output_tokens"][i], keep["latency_s"][i],
+                                keep["attempts"][i])
+                    continue
                 problem = check_prompt(prompt)
                 if not problem and self.exact_tokens:
                     if self.cfg.data.truncate_prompts:
@@ -311,11 +353,19 @@ class Client:
                         body = await resp.text()
                     completions = self.protocol.parse(resp.status, body, prompts)
             except RejectedError as exc:
-                error = str(exc)
+                error, retryable = str(exc), isinstance(exc, MalformedAnswer)
                 break
             except (TransientError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):
-                    error = f"timed out: no answer within client.request_timeout_s={client.request_timeout_s:g} s"
+                    error = f"timed out: no answer within {self.timeout_s:g} s (client.request_timeout_s)"
+                    silent = time.monotonic() - self.last_answer_at
+                    hung_after = client.hung_after_s or self.timeout_s
+                    if silent >= hung_after and not self.stopping.is_set():
+                        self._halt(EngineHung(
+                            f"the engine at {self.url} answered nothing for {silent:.0f} s while requests were in "
+                            f"flight (client.hung_after_s={hung_after:g} s): it is hung. Unfinished units go back "
+                            f"to the pool, no row is blamed; rerun to resume"))
+                        return
                 else:
                     error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransientError) else str(exc)
                 if self.stopping.is_set() or not self.engine_alive():
@@ -325,6 +375,7 @@ class Client:
                     await asyncio.sleep(delay * (0.5 + random.random()))
                 continue
             latency = time.perf_counter() - started
+            self.last_answer_at = time.monotonic()
             end_strings = self.cfg.end_strings
             strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
             for (buf, i, sent), comp in zip(batch, completions):
@@ -332,7 +383,7 @@ class Client:
             await self._commit_ready(batch)
             return
         else:
-            attempt = client.max_retries + 1
+            attempt, retryable = client.max_retries + 1, True
             error = f"gave up after {attempt} attempts: {error}"
             if not await self._engine_answers():
                 self._halt(EngineLost(f"the engine at {self.url} no longer answers ({error}); unfinished units "
@@ -341,7 +392,7 @@ class Client:
         if not self.engine_alive():
             return
         for buf, i, _ in batch:
-            buf.fail(i, error, attempt)
+            buf.fail(i, error, attempt, retryable)
         await self._commit_ready(batch)
 
     async def _engine_answers(self) -> bool:
@@ -366,6 +417,8 @@ class Client:
         buf.remaining = -1  # committed: never again
         table, stats = buf.table(self.schema)
         await asyncio.to_thread(commit_unit, self.paths, buf.unit, table, stats.__dict__, self.owner)
+        if buf.unit in self.retry_units:
+            await asyncio.to_thread(mark_retried, self.paths, self.attempt, buf.unit)
         self.stats.rows = self.stats.rows + stats
         self.stats.last_commit_at = time.time()
         rows, client = self.stats.rows, self.cfg.client
@@ -375,10 +428,11 @@ class Client:
                 f"{client.max_error_fraction}); stopping early. See the error column of {self.paths.results}"))
 
     def _write_progress(self) -> None:
-        rows = self.stats.rows
+        """This replica's totals in this attempt (all its segments): the progress bar and summary.json
+        read them."""
         atomic_write_text(self.paths.progress / f"{self.owner}.json", json.dumps(
-            {"owner": self.owner, "attempt": self.attempt, "rows": rows.rows, "ok": rows.ok,
-             "failed": rows.failed, "units": rows.units, "updated": time.time()}))
+            {"owner": self.owner, "attempt": self.attempt, **self.stats.rows.__dict__,
+             "segments": self.stats.segments, "updated": time.time()}))
 
     async def _report_progress(self) -> None:
         while True:

@@ -245,7 +245,9 @@ class ClientConfig:
     max_retries: int = 4  # retries of a transient failure before the rows are recorded as errors
     retry_backoff_s: float = 1.0  # first backoff; doubles each retry, with jitter
     retry_backoff_max_s: float = 30.0
-    request_timeout_s: float = 3600.0
+    request_timeout_s: Optional[float] = None  # None = the engine's worst case: see request_timeout()
+    max_s_per_token: float = 0.25  # the slowest generation step a healthy engine takes, for that worst case
+    hung_after_s: Optional[float] = None  # no answer at all this long while requests wait: the engine is hung; None = the request timeout
     progress_interval_s: float = 1.0  # how often progress is written for the terminal
     max_error_fraction: float = 0.5  # stop early when more than this share of rows failed...
     min_rows_for_error_check: int = 200  # ...once at least this many rows have an outcome
@@ -257,7 +259,11 @@ class ClientConfig:
         _check_range("client.max_retries", self.max_retries, lo=0)
         _check_range("client.max_error_fraction", self.max_error_fraction, lo=0, hi=1)
         _check_range("client.lease_s", self.lease_s, lo=0, lo_open=True)
-        _check_range("client.request_timeout_s", self.request_timeout_s, lo=0, lo_open=True)  # 0 is not "never"
+        if self.request_timeout_s is not None:
+            _check_range("client.request_timeout_s", self.request_timeout_s, lo=0, lo_open=True)  # 0 is not "never"
+        _check_range("client.max_s_per_token", self.max_s_per_token, lo=0, lo_open=True)
+        if self.hung_after_s is not None:
+            _check_range("client.hung_after_s", self.hung_after_s, lo=0, lo_open=True)
         for key in ("retry_backoff_s", "retry_backoff_max_s", "grace_s"):
             _check_range(f"client.{key}", getattr(self, key), lo=0)
         _check_range("client.progress_interval_s", self.progress_interval_s, lo=0, lo_open=True)
@@ -278,6 +284,7 @@ class Config:
     replicas: int = 1
     run_dir: str = MISSING
     wait: bool = True  # block with progress until the run ends; false: print job ids and return
+    retry_failed: bool = False  # a rerun also redoes the rows recorded as errors (each once), keeping the ok rows
 
     def __post_init__(self) -> None:
         _check_range("replicas", self.replicas, lo=1)
@@ -285,6 +292,14 @@ class Config:
     @property
     def end_strings(self) -> list[str]:
         return list(self.sampling.end_strings if self.sampling.end_strings is not None else self.model.end_strings)
+
+    @property
+    def request_timeout_s(self) -> float:
+        """client.request_timeout_s, or a healthy engine's worst case for one request: a start-up allowance
+        plus the whole generation at the slowest step, twice over (it may wait behind one other batch)."""
+        if self.client.request_timeout_s is not None:
+            return self.client.request_timeout_s
+        return 300.0 + 2 * self.sampling.tokens_to_generate * self.client.max_s_per_token
 
     @property
     def input_path(self) -> str:

@@ -25,17 +25,20 @@ from .clusters.base import cluster_for
 from .config import Config, config_yaml
 from .engines.base import adapter_for, check_engine
 from .engines.server import EngineServer
-from .errors import ConfigError, OrchestratorError, RunError
+from .errors import ConfigError, EngineError, OrchestratorError, RunError
 from .layout import build_layout
-from .report import build_summary, one_line, write_replica_stats, write_summary
+from .report import build_summary, one_line, write_summary
 from .work import (InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, committed_rows,
-                   done_units, log_event, publish_once)
+                   done_units, log_event, publish_once, remaining_units, scan_committed, write_retry_units)
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
 
 
 def check_writable(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise RunError(f"run_dir={str(root)!r} is a file, not a directory; choose another run_dir= (or move that "
+                       f"file away)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{uuid.uuid4().hex}"
@@ -99,8 +102,9 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "engine": cfg.engine.name,
         "engine.answers": adapter_for(cfg).answer_settings(cfg),
         "engine.settings": {k: getattr(cfg.engine, k) for k in ("checkpoint", "url", "protocol", "api", "precision",
-                                                               "extra_args", "options", "served_model_name",
-                                                               "skip_special_tokens", "extra_body")},
+                                                               "command", "script", "extra_args", "options",
+                                                               "served_model_name", "skip_special_tokens",
+                                                               "extra_body")},
         "data": {k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
                                                    "truncate_prompts", "bytes_per_token")},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
@@ -111,14 +115,45 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     found = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
+        if key not in old and prefix.startswith("engine.settings"):  # recorded by a later version: not a change
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
             if key == "input_files":
-                found.append("the input files changed (paths, sizes or modification times)")
+                found.append(_input_changes(a or [], b or []))
             else:
                 found.append(f"{prefix}{key} was {a!r}, now {b!r}")
     return found
+
+
+def _input_changes(old: list, new: list) -> str:
+    """Which input files changed since the first start, and how: [path, rows, size, mtime_ns] each."""
+    before, after = {f[0]: f for f in old}, {f[0]: f for f in new}
+    said = [f"{p} is gone" for p in before if p not in after] + [f"{p} is new" for p in after if p not in before]
+    for path in before.keys() & after.keys():
+        (_, rows0, size0, _), (_, rows1, size1, _) = before[path], after[path]
+        if before[path] != after[path]:
+            said.append(f"{path} changed (" + (f"{rows0} -> {rows1} rows" if rows0 != rows1 else
+                                               f"{size0} -> {size1} bytes" if size0 != size1 else
+                                               "modified since") + ")")
+    shown = ", ".join(sorted(said)[:4]) + (f" and {len(said) - 4} more" if len(said) > 4 else "")
+    return f"the input files changed since the first start: {shown}"
+
+
+def check_engine_identity(paths: RunPaths, info) -> None:
+    """What the running engine says about itself (its served model, protocol, context) is part of the
+    run's settings: behind an unchanged engine.url there may now be another model."""
+    identity = {"served model": info.model_name, "protocol": info.protocol, "api": info.api,
+                "context": info.max_model_len}
+    path = paths.root / "engine.json"
+    if publish_once(path, json.dumps(identity, indent=1, sort_keys=True)):
+        return
+    changed = _differences(json.loads(path.read_text()), identity)
+    if changed:
+        raise EngineError(f"the engine at {info.url} is not the one that answered this run_dir's committed rows: "
+                          f"{'; '.join(changed)}. Resume against the original engine, or choose a new run_dir= for a "
+                          f"fresh run")
 
 
 def engine_server(cfg: Config, paths: RunPaths, attempt: str, replica: int) -> EngineServer:
@@ -186,7 +221,7 @@ class NodeJob:
         plan = Plan.from_json(paths.plan.read_text())
         owner = f"r{replica}"
         where = f"replica {replica} (job {os.environ.get('SLURM_JOB_ID', 'local')}, host {socket.gethostname()})"
-        if len(done_units(paths)) == len(plan.units):  # e.g. requeued after the others finished: no engine start
+        if not remaining_units(paths, plan, attempt):  # e.g. requeued after the others finished: no engine start
             summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
             write_summary(paths, summary)
             log_event(paths, f"{where}: nothing left to do; the engine was not started")
@@ -202,6 +237,7 @@ class NodeJob:
             what = f"engine={cfg.engine.name}, protocol {info.protocol}" + (f" ({info.api})" if info.api else "")
             print(f"engine ready at {info.url} ({what}, model {info.model_name})", flush=True)
             log_event(paths, f"{where}: engine ready at {info.url} ({what}, model {info.model_name})")
+            check_engine_identity(paths, info)
             self._client = Client(cfg, plan, paths, info.url, attempt, owner, engine_alive=server.alive, info=info)
             if self._stop_reason:
                 self._client.request_stop(self._stop_reason)
@@ -220,6 +256,7 @@ class NodeJob:
             raise
         except BaseException as exc:
             log_event(paths, f"{where}: failed: {exc}".splitlines()[0])
+            _failed_summary(cfg, paths, plan, attempt, started_at, exc)
             raise
         finally:
             server.stop()
@@ -229,11 +266,9 @@ class NodeJob:
             result = EngineLost(f"{result}; engine log {server.log_path}:\n{server.log_tail()}")
         if isinstance(result, BaseException):
             log_event(paths, f"{where}: failed: {result}")
+            _failed_summary(cfg, paths, plan, attempt, started_at, result)
             raise result
         stats = result
-        record = {"owner": owner, "rows": asdict(stats.rows), "first_request_at": stats.first_request_at,
-                  "last_commit_at": stats.last_commit_at}
-        write_replica_stats(paths, attempt, owner, record)
         if self._client.stop_reason:
             log_event(paths, f"{where}: stopped ({self._client.stop_reason}); {stats.rows.units} unit(s) committed "
                              f"by this replica; the rest is redone on resume")
@@ -242,6 +277,19 @@ class NodeJob:
         write_summary(paths, summary)
         log_event(paths, f"{where}: finished; run {summary['committed']}/{summary['total']} rows committed")
         return summary
+
+
+def _failed_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, started_at: float,
+                    error: BaseException) -> None:
+    """A run that fails still says where it stands: summary.json with complete=false and the reason."""
+    if isinstance(error, (SystemExit, KeyboardInterrupt)):
+        return
+    try:
+        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+        summary["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        write_summary(paths, summary)
+    except (OSError, OrchestratorError):  # the failure itself may be a full disk: the error is what matters
+        pass
 
 
 def _summary_extra(cfg: Config, paths: RunPaths) -> dict:
@@ -266,13 +314,25 @@ def _rows_done(paths: RunPaths, attempt: str) -> int:
     return done
 
 
-def wait_for_jobs(jobs: list, cfg: Config, on_tick) -> None:
-    """Poll until every job is in a terminal state; never forever on a state that cannot be read."""
+def wait_for_jobs(jobs: list, cfg: Config, on_tick, complete=None, settle_s: float = 30.0) -> list:
+    """Poll until every job is in a terminal state; never forever on a state that cannot be read. Once
+    complete() says the run has nothing left (checked every few polls), jobs still queued or running get
+    settle_s to end by themselves (writing their stats), then are cancelled: a requeued job waiting in the
+    queue, with no work left, never holds the run open. Returns the jobs cancelled so."""
     cluster = cluster_for(cfg)
     unknown_since: dict[str, float] = {}
     pending = list(jobs)
+    checked_at, complete_since = 0.0, None
     while pending:
         on_tick()
+        if complete is not None and complete_since is None and time.monotonic() - checked_at >= 10.0:
+            checked_at = time.monotonic()
+            if complete():
+                complete_since = time.monotonic()
+        if complete_since is not None and time.monotonic() - complete_since >= settle_s:
+            for job in pending:
+                job.cancel(check=False)
+            return pending
         still = []
         for job in pending:
             state = cluster.state(job)
@@ -290,6 +350,7 @@ def wait_for_jobs(jobs: list, cfg: Config, on_tick) -> None:
         pending = still
         if pending:
             time.sleep(cluster.poll_interval_s(cfg))
+    return []
 
 
 class FrontEndStopped(Exception):
@@ -308,15 +369,114 @@ def _raise_on_stop_signals() -> dict:
     return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
+class RunLock:
+    """One front-end per run_dir: work/frontend.json names it (host, pid) and its jobs. Another start on the
+    same run_dir is refused while that front-end is alive (its pid on this host, or its heartbeat: the
+    file's time, refreshed while it waits) or while any of its jobs is queued or running; a lock left by a
+    front-end and jobs that are all gone is taken over."""
+
+    def __init__(self, cfg: Config, paths: RunPaths):
+        self.cfg, self.path = cfg, paths.root / "work" / "frontend.json"
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "cluster": cfg.cluster.name, "jobs": [],
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(5):
+            if publish_once(self.path, json.dumps(self.record)):
+                self.held = True
+                return
+            try:
+                other = json.loads(self.path.read_text())
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                other = {}
+            holder = self._still_running(other)
+            if holder:
+                raise RunError(f"run_dir {self.path.parent.parent} is in use by {holder}; a second run there would "
+                               f"compute the same units twice. Wait for it to end, stop it, or choose another run_dir=."
+                               f" (If it is certainly gone, delete {self.path}.)")
+            stale = self.path.with_name(f".frontend.stale-{uuid.uuid4().hex}")
+            try:
+                os.rename(self.path, stale)
+                stale.unlink()
+            except FileNotFoundError:  # another start took it over first: look again
+                continue
+        raise RunError(f"could not take {self.path}: other starts keep taking it; try again")
+
+    def _still_running(self, other: dict) -> str:
+        host, pid, jobs = other.get("host"), other.get("pid"), [str(j) for j in other.get("jobs", [])]
+        from .clusters.local import pid_alive
+
+        if host == socket.gethostname() and isinstance(pid, int) and pid_alive(pid):
+            return f"the orchestrator front-end pid {pid} on {host} (started {other.get('started')})"
+        try:
+            silent = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return ""
+        if host != socket.gethostname() and silent < max(60.0, 4 * self.cfg.cluster.poll_interval_s):
+            return f"the orchestrator front-end pid {pid} on {host} (started {other.get('started')})"
+        if jobs:
+            live = cluster_for(self.cfg).live_jobs(jobs, host or "") if other.get("cluster") == self.cfg.cluster.name \
+                else None
+            if live is None:
+                return f"job(s) {' '.join(jobs)} (cluster={other.get('cluster')}, submitted from {host}), whose state " \
+                       f"cannot be read from here"
+            if live:
+                return f"job(s) {' '.join(live)} (cluster={other.get('cluster')}, submitted from {host})"
+        return ""
+
+    def jobs(self, ids: list[str]) -> None:
+        self.record["jobs"] = ids
+        atomic_write_text(self.path, json.dumps(self.record))
+
+    def beat(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self, keep_for_jobs: bool) -> None:
+        """wait=false leaves the record of its jobs, so a start while they run is refused."""
+        if self.held and not keep_for_jobs:
+            self.path.unlink(missing_ok=True)
+
+
 def run(cfg: Config, show_progress: bool = True) -> dict:
     """Plan, submit one job per replica through submitit, follow progress until they end (wait=true)."""
     started_at = time.time()
     plan, paths = prepare(cfg)
+    lock = RunLock(cfg, paths)
+    lock.acquire()
+    submitted = False
+    try:
+        summary = _run(cfg, plan, paths, lock, started_at, show_progress)
+        submitted = "jobs" in summary and not cfg.wait
+        return summary
+    finally:
+        lock.release(keep_for_jobs=submitted)
+
+
+def _run(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at: float, show_progress: bool) -> dict:
     attempt = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    already = committed_rows(plan, done_units(paths))
+    committed = scan_committed(paths, plan, put_aside=True)
+    for damaged in committed.damaged:
+        print(f"warning: {damaged}", file=sys.stderr)
+        log_event(paths, f"front-end: {damaged}")
+    already = committed_rows(plan, committed.units)
+    retry = sorted(u for u, st in committed.stats.items() if st.get("failed")) if cfg.retry_failed else []
     if already:
         print(f"resuming {paths.root}: {already}/{plan.total_rows} rows already committed", flush=True)
-    if already == plan.total_rows:
+    if retry:
+        failed = sum(committed.stats[u]["failed"] for u in retry)
+        write_retry_units(paths, attempt, retry)
+        print(f"retry_failed=true: redoing the {failed} failed row(s) of {len(retry)} unit(s); their ok rows are kept",
+              flush=True)
+        log_event(paths, f"front-end: retry_failed=true: redoing {failed} failed row(s) of {len(retry)} unit(s)")
+    elif cfg.retry_failed:
+        print("retry_failed=true: no committed row failed", flush=True)
+    if already == plan.total_rows and not retry:
         summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
         write_summary(paths, summary)
         print(f"nothing left to do\nresults: {paths.results}\nsummary: {one_line(summary)}")
@@ -335,6 +495,7 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise RunError(f"submitting replica {len(jobs)} of {cfg.replicas} failed: {reason}{done}. Nothing was "
                        f"committed by them; rerun the same command once the cluster accepts jobs") from None
+    lock.jobs([str(job.job_id) for job in jobs])
     ids = " ".join(str(job.job_id) for job in jobs)
     if not cfg.wait:
         print(f"submitted job(s) {ids} for {paths.root}")
@@ -353,11 +514,13 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
                    disable=not sys.stderr.isatty() and os.environ.get("ORCHESTRATOR_PROGRESS") != "1")
 
     last_line = [time.monotonic()]
+    done_base = already - sum(plan.units[u][2] for u in retry)  # retried rows count again as they are redone
 
     def tick() -> None:
+        lock.beat()
         if bar is None:
             return
-        bar.n = already + _rows_done(paths, attempt)
+        bar.n = min(plan.total_rows, done_base + _rows_done(paths, attempt))
         bar.refresh()
         if bar.disable and time.monotonic() - last_line[0] >= 60:  # logs of sbatch-submitted runs get a line a minute
             last_line[0] = time.monotonic()
@@ -366,8 +529,15 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
     failures: list[RunError] = []
     stop_signals = _raise_on_stop_signals()
     try:
-        wait_for_jobs(jobs, cfg, tick)
+        left = wait_for_jobs(jobs, cfg, tick, lambda: remaining_units(paths, plan, attempt) == 0)
+        if left:
+            print(f"every unit is committed; cancelled job(s) {' '.join(str(j.job_id) for j in left)}, which had "
+                  f"nothing left to do", flush=True)
+            log_event(paths, f"front-end: run complete; cancelled job(s) {' '.join(str(j.job_id) for j in left)}, "
+                             f"which had nothing left to do")
         for job in jobs:
+            if job in left:
+                continue
             try:
                 cluster.result(job, paths)
             except RunError as exc:
@@ -376,9 +546,11 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         for job in jobs:
             job.cancel(check=False)
         why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        raise RunError(f"interrupted by {why}: cancelled job(s) {ids}; what they committed is kept "
-                       f"({committed_rows(plan, done_units(paths))}/{plan.total_rows} rows). Rerun the same command "
-                       f"to resume") from None
+        message = (f"interrupted by {why}: cancelled job(s) {ids}; what they committed is kept "
+                   f"({committed_rows(plan, done_units(paths))}/{plan.total_rows} rows). Rerun the same command "
+                   f"to resume")
+        _failed_summary(cfg, paths, plan, attempt, started_at, RunError(message))
+        raise RunError(message) from None
     finally:
         for signum, handler in stop_signals.items():
             signal.signal(signum, handler)
@@ -386,11 +558,13 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
             tick()
             bar.close()
     summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+    summary["failed_jobs"] = len(failures)
     if failures and not summary["complete"]:
+        summary["error"] = str(failures[0]).splitlines()[0]
+        write_summary(paths, summary)
         raise failures[0]
     for failure in failures:  # the run completed all the same: other replicas took the lost work
         print(f"warning: {failure}", file=sys.stderr)
-    summary["failed_jobs"] = len(failures)
     write_summary(paths, summary)
     print(f"results: {paths.results}")
     print(f"summary: {one_line(summary)}")

@@ -1,35 +1,50 @@
-"""summary.json: totals over every committed unit, timings of this attempt, stats that add."""
+"""summary.json: totals over every committed unit, timings of this attempt (every requeued segment
+included), stats that add."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_stats
+from .work import Plan, RunPaths, UnitStats, atomic_write_text, scan_committed
 
 
-def write_replica_stats(paths: RunPaths, attempt: str, owner: str, stats: dict) -> None:
-    folder = paths.root / "work" / "stats" / attempt
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / f"{owner}.json", json.dumps(stats))
+def attempt_progress(paths: RunPaths, attempt: str) -> list[dict]:
+    """Each replica's totals in this attempt, as its client last wrote them (all its segments)."""
+    found = []
+    for path in sorted(paths.progress.glob("*.json")) if paths.progress.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("attempt") == attempt:
+            found.append(record)
+    return found
 
 
-def read_replica_stats(paths: RunPaths, attempt: str) -> list[dict]:
-    folder = paths.root / "work" / "stats" / attempt
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+def busy_seconds(segments: list) -> float:
+    """Length of the union of [start, end] intervals: time when at least one replica was generating."""
+    total, reach = 0.0, None
+    for start, end in sorted(s for s in segments if s and s[0] and s[1] and s[1] >= s[0]):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
 
 
 def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, extra: dict | None = None) -> dict:
-    total = committed_stats(paths)
-    replicas = read_replica_stats(paths, attempt)
-    this_attempt = sum((UnitStats(**r["rows"]) for r in replicas), start=UnitStats())
-    starts = [r["first_request_at"] for r in replicas if r.get("first_request_at")]
-    ends = [r["last_commit_at"] for r in replicas if r.get("last_commit_at")]
-    generate_s = max(ends) - min(starts) if starts and ends else 0.0
+    total = scan_committed(paths, plan).total
+    replicas = attempt_progress(paths, attempt)
+    this_attempt = sum((UnitStats.of(r) for r in replicas), start=UnitStats())
+    generate_s = busy_seconds([s for r in replicas for s in r.get("segments", [])])
     summary = {
         "total": plan.total_rows,
         "ok": total.ok,
         "failed": total.failed,
+        "retryable": total.retryable,
         "committed": total.rows,
         "complete": total.rows == plan.total_rows,
         "units": len(plan.units),
@@ -38,7 +53,7 @@ def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, 
         "duration_s": round(time.time() - started_at, 3),
         "generate_s": round(generate_s, 3),
         "rows_this_attempt": this_attempt.rows,
-        "resumed_units": total.units - this_attempt.units,
+        "resumed_units": max(0, total.units - this_attempt.units),
         "prompts_per_s": round(this_attempt.rows / generate_s, 3) if generate_s > 0 else 0.0,
         "output_tokens_per_s": round(this_attempt.output_tokens / generate_s, 3) if generate_s > 0 else 0.0,
         "attempt": attempt,
@@ -54,6 +69,10 @@ def write_summary(paths: RunPaths, summary: dict) -> Path:
 
 
 def one_line(summary: dict) -> str:
-    return (f"{summary['ok']}/{summary['total']} ok, {summary['failed']} failed, "
+    line = (f"{summary['ok']}/{summary['total']} ok, {summary['failed']} failed, "
             f"{summary['prompts_per_s']:.1f} prompts/s, {summary['output_tokens_per_s']:.1f} output tokens/s, "
             f"{summary['duration_s']:.1f} s in all")
+    if summary.get("retryable"):
+        line += (f"; {summary['retryable']} failed row(s) were the engine's fault (5xx, timeouts, malformed answers): "
+                 f"rerun with retry_failed=true to redo the failed rows")
+    return line

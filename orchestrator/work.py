@@ -8,6 +8,7 @@ unit redone after a crash replaces nothing but its own file.
 from __future__ import annotations
 
 import bisect
+import errno
 import glob
 import json
 import os
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import DataConfig
-from .errors import InputError  # noqa: F401 - re-exported
+from .errors import InputError, RunError
 
 RESULT_PREFIX = "part-"
 
@@ -223,7 +224,18 @@ class UnitReader:
         self._position = starts[first] if starts else 0
 
     def read(self, unit: int) -> Iterator[tuple[list, list]]:
-        """Yield (ids, prompts) for one unit's rows, in order."""
+        """Yield (ids, prompts) for one unit's rows, in order; a file that cannot be decoded is named."""
+        file_index, start, count = self.plan.units[unit]
+        try:
+            yield from self._read(unit)
+        except (pa.ArrowException, OSError) as exc:
+            self._file = None  # start afresh at the next unit
+            path = self.plan.files[file_index].path
+            raise InputError(f"{path}: rows {start}-{start + count - 1} cannot be read ({str(exc).splitlines()[0][:200]}); "
+                             f"the file is damaged. Rewrite it from its source (the run's plan fixed its size, so "
+                             f"start a new run_dir=), or drop it from data.input") from None
+
+    def _read(self, unit: int) -> Iterator[tuple[list, list]]:
         file_index, start, count = self.plan.units[unit]
         group_start = self._group_starts[max(0, bisect.bisect_right(self._group_starts, start) - 1)] \
             if self._file == file_index and self._group_starts else 0
@@ -302,17 +314,33 @@ class RunPaths:
             d.mkdir(parents=True, exist_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _write_tmp(path: Path, text: str) -> Path:
+    """text in a temporary file beside path; nothing is left behind when the write fails (a full disk)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+    return tmp
+
+
+def write_error(path: Path, exc: OSError) -> RunError:
+    """A failed write as a sentence: which file, why, and what to do."""
+    fix = "free some space there, or choose another run_dir=" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else "check the run directory's permissions, or choose another run_dir="
+    return RunError(f"cannot write {path} ({exc.strerror or exc}); {fix}. What was committed before is kept")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = _write_tmp(path, text)
     os.replace(tmp, path)
 
 
 def publish_once(path: Path, text: str) -> bool:
     """Write path whole if nobody has (link is atomic and refuses to replace); False when another process
     published it first."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
+    tmp = _write_tmp(path, text)
     try:
         os.link(tmp, path)
         return True
@@ -375,6 +403,50 @@ def claim(paths: RunPaths, attempt: str, unit: int, owner: str, lease_s: float |
     return True
 
 
+def write_retry_units(paths: RunPaths, attempt: str, units: list[int]) -> None:
+    """retry_failed=true: the committed units whose error rows this attempt redoes, fixed by the front-end."""
+    folder = paths.root / "work" / "retry"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / f"{attempt}.json", json.dumps(sorted(units)))
+
+
+def retry_units(paths: RunPaths, attempt: str) -> set[int]:
+    try:
+        return set(json.loads((paths.root / "work" / "retry" / f"{attempt}.json").read_text()))
+    except FileNotFoundError:
+        return set()
+
+
+def _retried_marker(paths: RunPaths, attempt: str, unit: int) -> Path:
+    return paths.root / "work" / "retry" / f"{attempt}.done" / f"{unit:08d}"
+
+
+def mark_retried(paths: RunPaths, attempt: str, unit: int) -> None:
+    marker = _retried_marker(paths, attempt, unit)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def retried(paths: RunPaths, attempt: str, unit: int) -> bool:
+    return _retried_marker(paths, attempt, unit).exists()
+
+
+def remaining_units(paths: RunPaths, plan: "Plan", attempt: str) -> int:
+    """Units this attempt still has to commit: the uncommitted ones and, with retry_failed, the retried
+    ones not yet redone."""
+    done = done_units(paths)
+    return sum(1 for u in range(len(plan.units)) if u not in done) + \
+        sum(1 for u in retry_units(paths, attempt) if not retried(paths, attempt, u))
+
+
+def kept_rows(paths: RunPaths, unit: int) -> dict | None:
+    """A committed unit's columns (a retried unit keeps its ok rows); None when it cannot be read."""
+    try:
+        return pq.read_table(paths.result_file(unit)).to_pydict()
+    except (pa.ArrowException, OSError):
+        return None
+
+
 def is_committed(paths: RunPaths, unit: int) -> bool:
     return paths.result_file(unit).exists()
 
@@ -393,12 +465,17 @@ def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner:
     meta[b"orchestrator.stats"] = json.dumps(stats).encode()
     table = table.replace_schema_metadata(meta)
     tmp = paths.tmp / f"{unit:08d}.{uuid.uuid4().hex}.parquet"
-    pq.write_table(table, tmp)
+    try:
+        pq.write_table(table, tmp)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(paths.result_file(unit), exc) from None
+    size = tmp.stat().st_size
     os.replace(tmp, paths.result_file(unit))
     ledger = paths.root / "work" / "ledger"
     ledger.mkdir(parents=True, exist_ok=True)
-    with open(ledger / f"{owner}.jsonl", "a") as fh:
-        fh.write(json.dumps({"unit": unit, **stats}) + "\n")
+    with open(ledger / f"{owner}.jsonl", "a") as fh:  # bytes: what a resume checks the file against
+        fh.write(json.dumps({"unit": unit, **stats, "bytes": size, "at": time.time()}) + "\n")
 
 
 @dataclass
@@ -410,39 +487,123 @@ class UnitStats:
     failed: int = 0
     output_tokens: int = 0
     units: int = 0
+    retryable: int = 0  # failed rows the engine is to blame for (gave up on 5xx/timeouts, malformed answers)
 
     def __add__(self, other: "UnitStats") -> "UnitStats":
         return UnitStats(self.rows + other.rows, self.ok + other.ok, self.failed + other.failed,
-                         self.output_tokens + other.output_tokens, self.units + other.units)
+                         self.output_tokens + other.output_tokens, self.units + other.units,
+                         self.retryable + other.retryable)
+
+    @classmethod
+    def of(cls, record: dict) -> "UnitStats":
+        return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
 
 
 def _ledger(paths: RunPaths) -> dict[int, dict]:
+    """The newest ledger record of each unit (a retried unit has several)."""
     entries: dict[int, dict] = {}
     folder = paths.root / "work" / "ledger"
     for path in folder.glob("*.jsonl") if folder.is_dir() else []:
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut by a crash: that unit's footer is read instead
+        lines = path.read_text().splitlines()
+        try:  # one parse for the whole file (fast); line by line when a crash cut a line
+            records = json.loads("[" + ",".join(lines) + "]")
+        except ValueError:
+            records = []
+            for line in lines:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:  # a line cut by a crash: that unit's footer is read instead
+                    continue
+        for record in records:
+            unit = record.pop("unit", None) if isinstance(record, dict) else None
+            if unit is None:
                 continue
-            entries[record.pop("unit")] = record
+            if unit not in entries or record.get("at", 0) >= entries[unit].get("at", 0):
+                entries[unit] = record
     return entries
 
 
-def committed_stats(paths: RunPaths, done: set[int] | None = None) -> UnitStats:
-    """Totals over every committed unit: from the ledgers, and from a file's footer where a crash left
-    a committed unit out of them."""
-    done = done_units(paths) if done is None else done
+@dataclass
+class Committed:
+    """What results/ holds, checked: each good unit's stats record, and the damaged files put aside."""
+
+    stats: dict[int, dict]
+    damaged: list[str]
+
+    @property
+    def units(self) -> set[int]:
+        return set(self.stats)
+
+    def total_of(self, units=None) -> UnitStats:
+        records = self.stats.values() if units is None else [self.stats[u] for u in units if u in self.stats]
+        return UnitStats(**{k: sum(r.get(k, 0) for r in records) for k in UnitStats.__dataclass_fields__})
+
+    @property
+    def total(self) -> UnitStats:
+        return self.total_of()
+
+
+def _footer_stats(path: Path, rows: int | None) -> dict | str:
+    """A result file's stats from its footer, or why the file cannot be trusted."""
+    try:
+        meta = pq.read_metadata(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        return f"unreadable ({str(exc).splitlines()[0][:120]})"
+    if rows is not None and meta.num_rows != rows:
+        return f"holds {meta.num_rows} rows, the unit has {rows}"
+    raw = (meta.metadata or {}).get(b"orchestrator.stats")
+    if not raw:
+        return "has no orchestrator stats in its footer"
+    try:
+        record = json.loads(raw)
+        UnitStats.of(record)
+        return record
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "has unreadable stats in its footer"
+
+
+def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool = False) -> Committed:
+    """Every committed unit, checked: a file whose size is what its commit wrote is trusted with the
+    ledger's stats (one stat call, no read); any other is trusted only when its footer reads and holds the
+    unit's rows. A damaged file is moved to work/damaged/ when put_aside, so its unit is redone."""
     ledger = _ledger(paths)
-    total = UnitStats()
-    for unit in done:
-        record = ledger.get(unit)
-        if record is None:
-            raw = (pq.read_schema(paths.result_file(unit)).metadata or {}).get(b"orchestrator.stats")
-            record = json.loads(raw) if raw else None
-        if record:
-            total = total + UnitStats(**record)
-    return total
+    good: dict[int, dict] = {}
+    damaged: list[str] = []
+    if not paths.results.is_dir():
+        return Committed(good, damaged)
+    with os.scandir(paths.results) as entries:
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(RESULT_PREFIX) and name.endswith(".parquet")):
+                continue
+            try:
+                unit = int(name[len(RESULT_PREFIX):-len(".parquet")])
+                size = entry.stat().st_size
+            except (ValueError, OSError):
+                continue
+            record = ledger.get(unit)
+            if record is not None and record.get("bytes") == size:
+                good[unit] = record
+                continue
+            rows = plan.units[unit][2] if plan is not None and unit < len(plan.units) else None
+            found = _footer_stats(Path(entry.path), rows)
+            if isinstance(found, dict):
+                good[unit] = found
+                continue
+            why = f"{entry.path} is damaged: {size} bytes" + (
+                f" (its commit wrote {record['bytes']})" if record and "bytes" in record else "") + f", {found}"
+            if put_aside:
+                aside = paths.root / "work" / "damaged"
+                aside.mkdir(parents=True, exist_ok=True)
+                os.replace(entry.path, aside / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+                why += f"; moved to {aside}/ and the unit is redone"
+            damaged.append(why)
+    return Committed(good, damaged)
+
+
+def committed_stats(paths: RunPaths, done: set[int] | None = None) -> UnitStats:
+    """Totals over every committed unit that checks out (see scan_committed)."""
+    return scan_committed(paths).total_of(done)
 
 
 def committed_rows(plan: Plan, done: set[int]) -> int:

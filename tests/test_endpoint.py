@@ -17,10 +17,11 @@ from tests.conftest import write_prompts
 
 
 @contextmanager
-def faithful_server(tmp_path, routes: str, *extra: str):
+def faithful_server(tmp_path, routes: str, *extra: str, port: int = 0):
     """The embedded engine serving only `routes` (nemo, openai or triton), as a separate process."""
     port_file = tmp_path / f"{routes}.port"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.engines.embedded", "--port", "0", "--port-file",
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.engines.embedded", "--port", str(port), "--port-file",
                              str(port_file), "--routes", routes, "--model-name", "served-model", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

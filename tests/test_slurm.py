@@ -1,6 +1,7 @@
 """The Slurm path on the real local cluster (scripts/local_slurm.sh): two slurmd nodes, 8 GRES GPUs each."""
 import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -170,6 +171,8 @@ def test_scontrol_requeue_of_a_running_job_resumes_with_exactly_once_results(slu
     assert re.search(r"Restarts=[1-9]", shown), shown
     log = (run_dir / "run.log").read_text()
     assert log.count("replica 0") >= 4 and "finished" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rows_this_attempt"] == 600 and summary["resumed_units"] == 0  # both segments, not the last
     assert leftover(run_dir) == ""
 
 
@@ -184,6 +187,7 @@ def test_a_job_reaching_its_time_limit_requeues_itself_and_finishes(slurm_cluste
     assert sorted(df["id"]) == sorted(f"q{i}" for i in range(1200)) and (df["status"] == "ok").all()
     log = (run_dir / "run.log").read_text()
     assert "stopped (time limit or preemption signal)" in log and "finished" in log
+    assert json.loads((run_dir / "summary.json").read_text())["rows_this_attempt"] == 1200  # every segment
     assert sacct_state(first_job_id(run_dir)) == "COMPLETED"
     assert leftover(run_dir) == ""
 
@@ -205,3 +209,58 @@ def test_losing_one_replica_mid_run_still_completes(slurm_cluster, tmp_path):
     log = (run_dir / "run.log").read_text()
     assert "replica 0" in log and "failed: the engine process exited" in log
     assert leftover(run_dir) == ""
+
+
+def submitted_ids(run_dir: Path) -> list[str]:
+    return sorted({p.parent.name for p in (run_dir / "logs" / "submitit").glob("*/*_submitted.pkl")}, key=int)
+
+
+def test_waiting_ends_when_the_run_is_complete_while_a_job_still_waits_in_the_queue(slurm_cluster, tmp_path):
+    """As after a node crash: a job requeued with nothing left to do waits in the queue; `wait` must end
+    when every unit is committed, cancelling it, not when the queue lets it run."""
+    src = write_prompts(tmp_path / "in.parquet", 300)
+    run_dir = tmp_path / "run"
+    run = start_run("cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}", f"run_dir={run_dir}",
+                    "replicas=3", *SLOW_SLURM)
+    wait_for(lambda: len(submitted_ids(run_dir)) == 3, 60, "three submitted jobs")
+    third = submitted_ids(run_dir)[-1]  # two replicas fill both nodes; the third waits for resources
+    subprocess.run(["scontrol", "hold", third], check=True)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, out + err
+    assert f"cancelled job(s) {third}, which had nothing left to do" in out
+    assert sacct_state(third) == "CANCELLED"
+    df = pd.read_parquet(run_dir / "results")
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(300))
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
+
+
+def test_a_second_start_while_the_first_ones_jobs_run_is_refused_naming_them(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 400)
+    run_dir = tmp_path / "run"
+    args = ["run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}", f"run_dir={run_dir}",
+            *SLOW_SLURM]
+    proc = run_cli(*args, "wait=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job,) = job_ids(proc.stdout)
+    second = run_cli(*args)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert f"is in use by job(s) {job} (cluster=slurm" in second.stderr and "Traceback" not in second.stderr
+    assert sacct_state(job, deadline_s=240) == "COMPLETED"
+    commits = [json.loads(line)["unit"] for path in (run_dir / "work" / "ledger").glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert sorted(commits) == list(range(20))  # one job computed each unit once
+    assert "nothing left to do" in run_cli(*args).stdout  # its jobs are gone: the run_dir is free again
+
+
+def test_slurm_down_is_a_sentence_with_the_fix(slurm_cluster, tmp_path):
+    conf = tmp_path / "slurm.conf"
+    lines = [line for line in Path("/etc/slurm/slurm.conf").read_text().splitlines()
+             if not line.startswith("SlurmctldPort")]
+    conf.write_text("\n".join(lines + ["SlurmctldPort=9"]) + "\n")  # nothing listens there: the controller is down
+    src = write_prompts(tmp_path / "in.parquet", 10)
+    proc = subprocess.run([EXE, "run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}",
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, SLURM_CONF=str(conf)))
+    assert proc.returncode == 1
+    assert "Unable to contact slurm controller" in proc.stderr and "rerun the same command once the cluster" in proc.stderr
+    assert "Traceback" not in proc.stderr

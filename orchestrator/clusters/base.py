@@ -32,6 +32,11 @@ class ClusterAdapter:
         """The job's state read fresh; UNKNOWN when it cannot be read."""
         raise NotImplementedError
 
+    def live_jobs(self, ids: list[str], host: str) -> list[str] | None:
+        """Which of these jobs (submitted from host) are still queued or running; None when that cannot be
+        told from here."""
+        return None
+
     def result(self, job, paths: RunPaths):
         """The job's return value; its failure as a RunError with the job's own last words."""
         try:

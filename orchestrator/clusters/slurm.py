@@ -2,6 +2,7 @@
 the task on node 0 starts the engine's tasks as an `srun --overlap` step across the allocation."""
 from __future__ import annotations
 
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,16 @@ class SlurmCluster(ClusterAdapter):
             return str(job.watcher.get_state(job.job_id, mode="force")).split()[0].upper()
         except Exception:  # noqa: BLE001 - any failure to read the state counts as unknown
             return "UNKNOWN"
+
+    def live_jobs(self, ids: list[str], host: str) -> list[str] | None:
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
+                                 timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if out.returncode != 0:
+            return None if "Invalid job id" not in out.stderr else []  # every id has left the queue
+        return [i for i in ids if i in out.stdout.split()]
 
     def _result(self, job):
         return job.task(0).result()

@@ -27,7 +27,11 @@ class TransientError(Exception):
 
 
 class RejectedError(Exception):
-    """The engine refused the request, or answered something unusable; retrying cannot help."""
+    """The engine refused the request, or answered something unusable; retrying at once cannot help."""
+
+
+class MalformedAnswer(RejectedError):
+    """The engine answered something unusable: its fault, not the row's (retry_failed=true may recover it)."""
 
 
 @dataclass
@@ -69,7 +73,7 @@ def _status(status: int, body: Any, message: Any = None) -> None:
 
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise RejectedError(f"malformed answer: {what} is {type(value).__name__}, not text")
+        raise MalformedAnswer(f"malformed answer: {what} is {type(value).__name__}, not text")
     return value
 
 
@@ -77,7 +81,7 @@ def _tokens(value: Any, what: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RejectedError(f"malformed answer: {what} is {value!r}, not a token count")
+        raise MalformedAnswer(f"malformed answer: {what} is {value!r}, not a token count")
     return value
 
 
@@ -120,14 +124,14 @@ class NemoCodec:
             raise RejectedError(f"engine rejected the request: {str(body)[:500]}")
         sentences = body.get("sentences")
         if not isinstance(sentences, list) or len(sentences) != len(prompts):
-            raise RejectedError(f"malformed NeMo response: expected {len(prompts)} sentences")
+            raise MalformedAnswer(f"malformed NeMo response: expected {len(prompts)} sentences")
         tokens = body.get("tokens") or [None] * len(prompts)
         if not isinstance(tokens, list) or len(tokens) != len(prompts):
-            raise RejectedError(f"malformed NeMo response: expected {len(prompts)} token lists")
+            raise MalformedAnswer(f"malformed NeMo response: expected {len(prompts)} token lists")
         out = []
         for i, (text, tok, prompt) in enumerate(zip(sentences, tokens, prompts)):
             if tok is not None and not (isinstance(tok, list) and all(isinstance(t, str) for t in tok)):
-                raise RejectedError(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
+                raise MalformedAnswer(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
             out.append(Completion(_text(text, f"sentences[{i}]"), _count_output_tokens(tok, prompt) if tok else None))
         return out
 
@@ -188,10 +192,10 @@ class OpenAICodec:
             choice = body["choices"][0]
             text = choice["message"]["content"] if self.chat else choice["text"]
         except (KeyError, IndexError, TypeError):
-            raise RejectedError(f"malformed OpenAI response: no choices[0].{'message.content' if self.chat else 'text'}") from None
+            raise MalformedAnswer(f"malformed OpenAI response: no choices[0].{'message.content' if self.chat else 'text'}") from None
         usage = body.get("usage")
         if usage is not None and not isinstance(usage, dict):
-            raise RejectedError(f"malformed OpenAI response: usage is {type(usage).__name__}")
+            raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
         return [Completion(_text(text, "choices[0].text"), _tokens((usage or {}).get("completion_tokens"),
                                                                   "usage.completion_tokens"))]
 
@@ -250,14 +254,14 @@ class TritonCodec:
         if status != 200:
             _status(status, body, body.get("error") if isinstance(body, dict) else body)
         if not isinstance(body, dict):
-            raise RejectedError(f"malformed Triton response: {str(body)[:200]}")
+            raise MalformedAnswer(f"malformed Triton response: {str(body)[:200]}")
         if self.generate:
             return [Completion(_text(body.get("text_output"), "text_output"), None)]
         outputs = body.get("outputs")
         found = [o for o in outputs if isinstance(o, dict) and o.get("name") == "outputs"] if isinstance(outputs, list) else []
         data = found[0].get("data") if found else None
         if not isinstance(data, list) or len(data) != len(prompts):
-            raise RejectedError(f"malformed Triton response: expected an 'outputs' tensor of {len(prompts)} rows")
+            raise MalformedAnswer(f"malformed Triton response: expected an 'outputs' tensor of {len(prompts)} rows")
         return [Completion(_text(text, f"outputs[{i}]"), None) for i, text in enumerate(data)]
 
 
