@@ -85,7 +85,8 @@ def main() -> int:
             bare.append(n / secs)
             for r in range(args.rounds):  # a b a b ... a: each pipeline run between two bare runs
                 run_dir = work / f"run{r}"
-                overrides = ["engine=endpoint", f"engine.url={engine.url}", f"sampling.tokens_to_generate={TOKENS}",
+                overrides = ["engine=endpoint", f"engine.url={engine.url}", "engine.protocol=nemo",  # the bare loop's route
+                             f"sampling.tokens_to_generate={TOKENS}",
                              f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}"]
                 wall, _ = run_orchestrator(overrides, timeout_s=args.timeout_s)
                 summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,7 +1,9 @@
-"""Thin entry points: `orchestrator run|plan|serve-engine [key=value ...]` (Hydra overrides)."""
+"""Thin entry points: `orchestrator run|plan|render|serve-engine [key=value ...]` (Hydra overrides), and
+`orchestrator status|report|cancel RUN_DIR`."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 USAGE = """usage: orchestrator COMMAND [key=value ...] [hydra flags such as --cfg job]
 
@@ -10,11 +12,15 @@ commands:
   plan           print the model's layout, memory per GPU and whether it fits
   render         write the sbatch script(s), engine rank command lines and config; submit nothing
   serve-engine   run the embedded engine on its own (engine.port=..., engine.host=...)
+  status RUN_DIR [--json]   where a run stands: rows, errors by reason, rates, ETA, jobs, log tail
+  report RUN_DIR            write RUN_DIR/report/report.html (plots, config, summary)
+  cancel RUN_DIR            cancel the run's jobs; what is committed is kept (rerun to resume)
 
 examples:
   orchestrator run
   orchestrator run data.input=prompts.parquet run_dir=runs/a model=nemotron_mini_4b_instruct
   orchestrator plan model=nemotron4_340b_instruct layout.gpu=h200_141gb layout.nodes=1 layout.pipeline_parallel=1
+  orchestrator status runs/a
 """
 
 
@@ -93,15 +99,88 @@ def cmd_render(cfg) -> None:
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "render": cmd_render, "serve-engine": cmd_serve_engine}
 
 
+def cmd_status(args) -> None:
+    from .status import collect, format_status
+    from .sweep import is_sweep_dir, rows, table
+
+    if is_sweep_dir(args.run_dir):  # a sweep's directory: one line per member
+        if args.json:
+            import json
+
+            print(json.dumps({"sweep": str(args.run_dir), "members": rows(args.run_dir)}, indent=1))
+        else:
+            print(table(args.run_dir))
+        return
+    found = collect(args.run_dir)
+    if args.json:
+        import json
+
+        print(json.dumps(found, indent=1))
+    else:
+        print(format_status(found))
+
+
+def cmd_report(args) -> None:
+    from .html_report import write_report
+
+    print(write_report(args.run_dir))
+
+
+def cmd_cancel(args) -> None:
+    from .cancel import cancel
+
+    print(cancel(args.run_dir))
+
+
+# these take a run directory, not Hydra overrides: they read what a run wrote, from any machine
+RUN_DIR_COMMANDS = {"status": cmd_status, "report": cmd_report, "cancel": cmd_cancel}
+
+
+def _run_dir_main(command: str, args: list[str]) -> None:
+    import argparse
+
+    from .errors import OrchestratorError
+
+    parser = argparse.ArgumentParser(prog=f"orchestrator {command}")
+    parser.add_argument("run_dir", help="the run_dir= of an `orchestrator run`")
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    try:
+        RUN_DIR_COMMANDS[command](parser.parse_args(args))
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
+    except BrokenPipeError:  # `orchestrator status RUN_DIR | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command = argv[0]
+    if command in RUN_DIR_COMMANDS:
+        _run_dir_main(command, argv[1:])
+        return
     if command not in COMMANDS:
-        _fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}\n\n{USAGE}")
+        _fail(f"unknown command {command!r}; choose one of: {', '.join([*COMMANDS, *RUN_DIR_COMMANDS])}\n\n{USAGE}")
     _hydra_main(command, argv[1:])
+
+
+def inside_allocation(command: str, args: list[str]) -> list[str]:
+    """`orchestrator run` inside a Slurm job uses that job's allocation (cluster=allocation) instead of
+    submitting jobs from within it, unless cluster= or another config is given."""
+    import os
+
+    chosen = any(a.split("=")[0].lstrip("+~") in ("cluster", "--config-name", "-cn") or a in ("--config-name", "-cn")
+                 for a in args)
+    if command == "run" and os.environ.get("SLURM_JOB_ID") and not os.environ.get("SUBMITIT_EXECUTOR") and not chosen:
+        print(f"inside Slurm job {os.environ['SLURM_JOB_ID']}: running in its allocation (cluster=allocation)",
+              flush=True)
+        return [*args, "cluster=allocation"]
+    return args
 
 
 def _hydra_main(command: str, args: list[str]) -> None:
@@ -111,9 +190,31 @@ def _hydra_main(command: str, args: list[str]) -> None:
     from .errors import OrchestratorError
 
     register_configs()
+    args = inside_allocation(command, args)
+    sweep = None
+    if command == "run" and ("-m" in args or "--multirun" in args):
+        from .sweep import Sweep, sweep_overrides
+
+        try:
+            args = [*args, *sweep_overrides(args)]
+        except OrchestratorError as exc:
+            _fail(str(exc), 1)
+        sweep = Sweep()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(dict_cfg) -> None:
+        if sweep is not None:  # one member: submitted now, followed with the others at the end
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            try:
+                cfg = to_config(dict_cfg)
+            except OrchestratorError as exc:
+                _fail(str(exc), 1)
+            cfg.run_dir = str(Path(hc.runtime.output_dir).resolve())
+            name = str(Path(hc.runtime.output_dir).relative_to(hc.sweep.dir)) if hc.sweep.subdir else ""
+            sweep.add(cfg, name, list(hc.overrides.task), hc.sweep.dir)
+            return
         try:
             COMMANDS[command](to_config(dict_cfg))
         except OrchestratorError as exc:
@@ -125,6 +226,13 @@ def _hydra_main(command: str, args: list[str]) -> None:
         task()
     finally:
         sys.argv = saved
+    if sweep is not None and sweep.members:
+        try:
+            code = sweep.finish(wait=sweep.members[0]["cfg"].wait)
+        except OrchestratorError as exc:
+            _fail(str(exc), 1)
+        if code:
+            sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ engine never waits for the client.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -21,7 +22,8 @@ import pyarrow as pa
 from .config import Config
 from .errors import EngineError, RunError
 from .engines.codecs import EngineInfo, MalformedAnswer, RejectedError, TransientError, make_codec, openai_api
-from .prompts import format_prompt, postprocess
+from .conversation import Conversation
+from .prompts import format_prompt, postprocess, render_messages
 from .work import (Plan, RunPaths, UnitReader, UnitStats, atomic_write_text, claim, commit_unit, done_units,
                    heartbeat, is_committed, kept_rows, mark_retried, result_schema, retried, retry_units)
 
@@ -29,10 +31,16 @@ log = logging.getLogger(__name__)
 
 
 class UnitBuffer:
-    """Results of one unit, filled in any order, committed once every row has an outcome."""
+    """Results of one unit, filled in any order, committed once every row has an outcome. A row that is a
+    conversation has its outcome after its last turn (or its first failed one): the unit commits whole
+    conversations only."""
 
-    def __init__(self, unit: int, rows: int):
+    def __init__(self, unit: int, rows: int, turns: bool = False):
         self.unit = unit
+        self.responses: list | None = [None] * rows if turns else None  # every turn's answer (data.turns_column)
+        self.kept: dict[str, list] = {}  # data.keep_columns: arrow chunks in row order
+        self.conversations: dict[int, Conversation] = {}  # rows between turns
+        self.next_turn: list[int] = []  # rows whose next turn is ready to send
         self.ids: list = []
         self.response: list = [None] * rows
         self.status: list = [None] * rows
@@ -45,26 +53,53 @@ class UnitBuffer:
         self.retryable = 0  # failed rows the engine is to blame for: a rerun with retry_failed=true may recover them
 
     def fail(self, i: int, message: str, attempts: int = 0, retryable: bool = False) -> None:
+        conv = self.conversations.pop(i, None)
+        if conv is not None:
+            message, attempts = conv.why(message), conv.attempts + attempts
         self.status[i], self.error[i], self.attempts[i] = "error", message, attempts
         self.retryable += retryable
         self.remaining -= 1
 
-    def succeed(self, i: int, text: str, tokens: int | None, latency: float, attempts: int) -> None:
+    def succeed(self, i: int, text: str, tokens: int | None, latency: float, attempts: int,
+                responses: list | None = None) -> None:
+        conv = self.conversations.get(i)
+        if conv is not None:
+            conv.answered(text, tokens, latency, attempts)
+            if not conv.done:
+                self.next_turn.append(i)
+                return
+            del self.conversations[i]
+            responses, tokens, latency, attempts = conv.answers, conv.tokens, conv.latency_s, conv.attempts
+        if self.responses is not None:
+            self.responses[i] = responses
         self.response[i], self.status[i], self.output_tokens[i] = text, "ok", tokens
         self.latency[i], self.attempts[i] = latency, attempts
         self.remaining -= 1
+
+    def keep(self, part: pa.RecordBatch, columns: list[str]) -> None:
+        """The kept input columns of rows just read (categoricals as their values)."""
+        for name in columns:
+            column = part.column(name)
+            self.kept.setdefault(name, []).append(
+                column.dictionary_decode() if pa.types.is_dictionary(column.type) else column)
 
     @property
     def complete(self) -> bool:
         return self.read_done and self.remaining == 0
 
     def table(self, schema: pa.Schema) -> tuple[pa.Table, UnitStats]:
-        table = pa.Table.from_arrays([
-            pa.array(self.ids, schema.field("id").type), pa.array(self.response, pa.string()),
-            pa.array(self.status, pa.string()), pa.array(self.error, pa.string()),
-            pa.array(self.output_tokens, pa.int64()), pa.array(self.latency, pa.float64()),
-            pa.array(self.attempts, pa.int32()),
-        ], schema=schema)
+        columns = {
+            "id": pa.array(self.ids, schema.field("id").type), "response": pa.array(self.response, pa.string()),
+            "responses": pa.array(self.responses or [], pa.list_(pa.string())),
+            "status": pa.array(self.status, pa.string()), "error": pa.array(self.error, pa.string()),
+            "output_tokens": pa.array(self.output_tokens, pa.int64()), "latency_s": pa.array(self.latency, pa.float64()),
+            "attempts": pa.array(self.attempts, pa.int32()),
+        }
+        for name in schema.names:
+            if name not in columns:  # a kept input column
+                kind, chunks = schema.field(name).type, self.kept.get(name, [])
+                columns[name] = pa.concat_arrays([c.cast(kind) for c in chunks]) if chunks else pa.array([], kind)
+        table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
         ok = sum(1 for s in self.status if s == "ok")
         tokens = sum(t for t in self.output_tokens if t)
         return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1, self.retryable)
@@ -145,6 +180,10 @@ class Client:
         self.fatal: Exception | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
+        # one record per HTTP request, kept here and appended to work/requests/ with each progress write:
+        # `orchestrator status` and `report` read them, and no request waits for a write of its own
+        self.requests: list[dict] = []
+        self.requests_file = paths.requests / f"{attempt}-{owner}.jsonl"
 
     def _continue_attempt(self) -> None:
         """A job requeued within one attempt continues its replica's totals, so progress and the summary
@@ -173,6 +212,7 @@ class Client:
 
     async def run(self) -> ClientStats:
         self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
+        self.next_turns: collections.deque = collections.deque()  # see _worker
         if self.stop_reason:
             self.stopping.set()
         in_flight = self.protocol.in_flight
@@ -257,16 +297,27 @@ class Client:
     async def _read_unit(self, unit: int, batch: list, queue: asyncio.Queue, keep: dict | None = None) -> list:
         """Queue a unit's rows; with keep (a retried unit's committed columns), its ok rows are kept as
         they are and only the others are sent again."""
-        fmt, batch_size = self.cfg.model.prompt, self.protocol.batch_size
-        buf = UnitBuffer(unit, self.plan.units[unit][2])
-        for ids, prompts in self.reader.read(unit):
+        fmt, batch_size, plan = self.cfg.model.prompt, self.protocol.batch_size, self.plan
+        buf = UnitBuffer(unit, plan.units[unit][2], turns=bool(plan.turns_column))
+        for ids, part in self.reader.read_parts(unit):
             base = len(buf.ids)
             buf.ids.extend(ids)
+            buf.keep(part, plan.keep_columns)
+            prompts = _conversation_rows(part, plan) if plan.conversational else \
+                part.column(plan.prompt_column).to_pylist()
             for offset, prompt in enumerate(prompts):
                 i = base + offset
                 if keep is not None and keep["status"][i] == "ok":
                     buf.succeed(i, keep["response"][i], keep["output_tokens"][i], keep["latency_s"][i],
-                                keep["attempts"][i])
+                                keep["attempts"][i], (keep.get("responses") or [None] * (i + 1))[i])
+                    continue
+                if plan.conversational:
+                    item = self._start_conversation(buf, i, prompt)
+                    if item is not None:
+                        batch.append(item)
+                        if len(batch) >= batch_size:
+                            await queue.put(batch)
+                            batch = []
                     continue
                 problem = check_prompt(prompt)
                 if not problem and self.exact_tokens:
@@ -288,6 +339,45 @@ class Client:
         if buf.complete:
             await self._commit(buf)
         return batch
+
+    def _start_conversation(self, buf: UnitBuffer, i: int, row: tuple) -> tuple | None:
+        """The first request of a conversation row, or None when the row is recorded as an error."""
+        plan = self.plan
+        conv = Conversation.start(*row, has_messages=bool(plan.messages_column), has_turns=bool(plan.turns_column))
+        if isinstance(conv, str):
+            buf.fail(i, conv)
+            return None
+        buf.conversations[i] = conv
+        return self._turn_request(buf, i, conv)
+
+    def _turn_request(self, buf: UnitBuffer, i: int, conv: Conversation) -> tuple | None:
+        """(buf, row, what is sent) for the conversation's current turn: the messages on the chat API, else
+        the text in the model's prompt format. Without the engine's own token count, a conversation that
+        outgrows the context is a row error here (conversations are never truncated)."""
+        chat = getattr(self.protocol, "chat", False)
+        sent = [dict(m) for m in conv.messages] if chat else \
+            render_messages(conv.messages, self.cfg.model.prompt, conv.attributes)
+        if not self.exact_tokens:
+            size = sum(len(m["content"].encode()) for m in sent) if chat else len(sent.encode())
+            estimate = size / self.cfg.data.bytes_per_token
+            if estimate > self.context:
+                buf.fail(i, f"the conversation is about {estimate:.0f} tokens ({size} bytes), longer than the "
+                            f"model's {self.context}-token context (data.truncate_prompts does not cut conversations)")
+                return None
+        return buf, i, sent
+
+    def _queue_next_turns(self, batch) -> None:
+        """The next turn of every conversation a batch just answered, queued ahead of new rows."""
+        follow: list = []
+        for buf in dict.fromkeys(buf for buf, _, _ in batch):
+            rows, buf.next_turn = buf.next_turn, []
+            for i in rows:
+                item = self._turn_request(buf, i, buf.conversations[i])
+                if item is not None:
+                    follow.append(item)
+        size = self.protocol.batch_size
+        for start in range(0, len(follow), size):
+            self.next_turns.append(follow[start:start + size])
 
     async def _count_tokens(self, prompt: str) -> int:
         body = self.protocol.payload([format_prompt(prompt, self.cfg.model.prompt)], tokens_to_generate=1)
@@ -328,8 +418,11 @@ class Client:
                         f"{context}-token context; set data.truncate_prompts=true to keep its start")
 
     async def _worker(self, queue: asyncio.Queue) -> None:
+        """Sends batches: a conversation's next turn first, else new rows from the bounded queue. A worker
+        that answered a turn queues the next one before it looks again, so it (or another) always sends it;
+        next_turns holds at most one batch per worker."""
         while True:
-            batch = await queue.get()
+            batch = self.next_turns.popleft() if self.next_turns else await queue.get()
             if batch is None:
                 return
             if not self.stopping.is_set():  # once stopping, queued requests are abandoned unsent
@@ -344,6 +437,7 @@ class Client:
             if self.stats.first_request_at is None:
                 self.stats.first_request_at = time.time()
             started = time.perf_counter()
+            record = {"prompts": len(prompts), "attempt": attempt}
             try:
                 async with self.session.request(self.protocol.method, self.url + self.protocol.path,
                                                  json=payload) as resp:
@@ -354,6 +448,7 @@ class Client:
                     completions = self.protocol.parse(resp.status, body, prompts)
             except RejectedError as exc:
                 error, retryable = str(exc), isinstance(exc, MalformedAnswer)
+                self._record(record, started, error=error, done=False)
                 break
             except (TransientError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):
@@ -361,6 +456,7 @@ class Client:
                     silent = time.monotonic() - self.last_answer_at
                     hung_after = client.hung_after_s or self.timeout_s
                     if silent >= hung_after and not self.stopping.is_set():
+                        self._record(record, started, error=error)
                         self._halt(EngineHung(
                             f"the engine at {self.url} answered nothing for {silent:.0f} s while requests were in "
                             f"flight (client.hung_after_s={hung_after:g} s): it is hung. Unfinished units go back "
@@ -369,7 +465,10 @@ class Client:
                 else:
                     error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransientError) else str(exc)
                 if self.stopping.is_set() or not self.engine_alive():
+                    self._record(record, started, error=error)
                     return  # abandoned: the unit is redone on resume, never recorded as an error
+                # the last try's record is kept after the loop, once it is known whether its rows failed
+                self._record(record, started, error=error, done=attempt <= client.max_retries)
                 if attempt <= client.max_retries:
                     delay = min(client.retry_backoff_max_s, client.retry_backoff_s * 2 ** (attempt - 1))
                     await asyncio.sleep(delay * (0.5 + random.random()))
@@ -380,6 +479,8 @@ class Client:
             strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
             for (buf, i, sent), comp in zip(batch, completions):
                 buf.succeed(i, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens, latency, attempt)
+            self._record(record, started, ok=len(batch),
+                         tokens=sum(c.output_tokens for c in completions if isinstance(c.output_tokens, int)))
             await self._commit_ready(batch)
             return
         else:
@@ -388,12 +489,26 @@ class Client:
             if not await self._engine_answers():
                 self._halt(EngineLost(f"the engine at {self.url} no longer answers ({error}); unfinished units "
                                       f"go back to the pool"))
+                self.requests.append(record)
                 return
         if not self.engine_alive():
+            self.requests.append(record)
             return
         for buf, i, _ in batch:
             buf.fail(i, error, attempt, retryable)
+        record["failed"] = len(batch)
+        self.requests.append(record)
         await self._commit_ready(batch)
+
+    def _record(self, record: dict, started: float, ok: int = 0, tokens: int = 0, error: str | None = None,
+                done: bool = True) -> None:
+        """Fill in one HTTP request's record and keep it; done=False leaves keeping it to the caller (the
+        last try's rows count as failed only once they are recorded as errors)."""
+        record.update(at=round(time.time(), 3), latency_s=round(time.perf_counter() - started, 4),
+                      output_tokens=tokens, ok=ok, failed=0, replica=self.owner,
+                      error=error[:300] if error is not None else None)
+        if done:
+            self.requests.append(record)
 
     async def _engine_answers(self) -> bool:
         """Whether anything answers HTTP at the engine's address (any status will do): a failed row is then
@@ -407,6 +522,7 @@ class Client:
             return True
 
     async def _commit_ready(self, batch) -> None:
+        self._queue_next_turns(batch)
         seen = set()
         for buf, _, _ in batch:
             if buf.unit not in seen and buf.complete:
@@ -429,15 +545,39 @@ class Client:
 
     def _write_progress(self) -> None:
         """This replica's totals in this attempt (all its segments): the progress bar and summary.json
-        read them."""
+        read them. The request records gathered since the last call are appended in one write."""
+        self._flush_requests()
         atomic_write_text(self.paths.progress / f"{self.owner}.json", json.dumps(
             {"owner": self.owner, "attempt": self.attempt, **self.stats.rows.__dict__,
              "segments": self.stats.segments, "updated": time.time()}))
+
+    def _flush_requests(self) -> None:
+        """Timing records are for following the run, not results: a failed write loses them with a warning
+        and never stops the run."""
+        records, self.requests = self.requests, []
+        if not records:
+            return
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        try:
+            self.requests_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.requests_file, "a") as fh:
+                fh.write(text)
+        except OSError as exc:
+            log.warning("could not append %d request record(s) to %s (%s); the run goes on without them",
+                        len(records), self.requests_file, exc.strerror or exc)
 
     async def _report_progress(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.client.progress_interval_s)
             self._write_progress()
+
+
+def _conversation_rows(part: pa.RecordBatch, plan: Plan) -> list[tuple]:
+    """(messages, turns, attributes) per row of a record batch; None for a column the plan does not read."""
+    def column(name):
+        return part.column(name).to_pylist() if name else [None] * part.num_rows
+
+    return list(zip(column(plan.messages_column), column(plan.turns_column), column(plan.attributes_column)))
 
 
 async def _cancel(*tasks) -> None:

@@ -208,6 +208,7 @@ class ClusterConfig:
     setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load ...), verbatim
     sbatch_args: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, {name: value}
     srun_args: List[str] = field(default_factory=list)  # extra arguments of the engine's srun step
+    on_interrupt: str = "cancel"  # Ctrl-C/SIGTERM/SIGHUP of a waiting front-end: cancel its jobs, or leave them running
     max_requeues: int = 3  # times a job requeues itself at its time limit (submitit checkpointing)
     signal_delay_s: int = 90  # Slurm's warning signal (USR2) comes this long before the time limit
     poll_interval_s: float = 2.0  # how often job states are read while waiting
@@ -215,6 +216,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _check_choice("cluster.name", self.name, choices("cluster"))
+        _check_choice("cluster.on_interrupt", self.on_interrupt, ("cancel", "leave"))
         _check_range("cluster.timeout_min", self.timeout_min, lo=1)
         if self.cpus_per_task is not None:
             _check_range("cluster.cpus_per_task", self.cpus_per_task, lo=1)
@@ -230,6 +232,11 @@ class DataConfig:
     duplicate_ids: str = "error"  # error: refuse to start; positional: ids become "<file>:<row>"; keep: run every row
     truncate_prompts: bool = False  # cut prompts longer than the context (keep the start) instead of a row error
     bytes_per_token: float = 4.0  # for the context check without a tokenizer: UTF-8 bytes per token
+    # conversations (README "Conversations and multi-turn"); either replaces prompt_column
+    messages_column: Optional[str] = None  # a list of {role, content} per row: the conversation so far
+    turns_column: Optional[str] = None  # a list of user turns per row: each is sent with the model's earlier answers
+    attributes_column: Optional[str] = None  # SteerLM attribute line per row; None = model.prompt.steerlm_attributes
+    keep_columns: List[str] = field(default_factory=list)  # input columns copied into the results
 
     def __post_init__(self) -> None:
         _check_range("data.unit_rows", self.unit_rows, lo=1)
@@ -288,6 +295,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_range("replicas", self.replicas, lo=1)
+        if self.data.attributes_column and self.model.prompt.format != "steerlm":
+            raise ConfigError(f"data.attributes_column={self.data.attributes_column!r} needs a SteerLM model, but "
+                              f"model.prompt.format={self.model.prompt.format!r}; drop data.attributes_column or "
+                              f"choose a SteerLM model (model=llama2_70b_steerlm_chat)")
 
     @property
     def end_strings(self) -> list[str]:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -105,8 +105,11 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
                                                                "command", "script", "extra_args", "options",
                                                                "served_model_name", "skip_special_tokens",
                                                                "extra_body")},
-        "data": {k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
-                                                   "truncate_prompts", "bytes_per_token")},
+        "data": {**{k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
+                                                      "truncate_prompts", "bytes_per_token")},
+                 # conversations; unset is None, as in a run_dir started before they existed
+                 **{k: getattr(cfg.data, k) or None for k in ("messages_column", "turns_column",
+                                                             "attributes_column", "keep_columns")}},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
     }
 
@@ -279,6 +282,19 @@ class NodeJob:
         return summary
 
 
+def _kept_summary(paths: RunPaths, plan: Plan) -> dict | None:
+    """summary.json of a run that completed, when it still agrees with the results."""
+    try:
+        summary = json.loads((paths.root / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    total = scan_committed(paths, plan).total
+    if isinstance(summary, dict) and summary.get("complete") and summary.get("committed") == total.rows \
+            and summary.get("ok") == total.ok and summary.get("failed") == total.failed:
+        return summary
+    return None
+
+
 def _failed_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, started_at: float,
                     error: BaseException) -> None:
     """A run that fails still says where it stands: summary.json with complete=false and the reason."""
@@ -353,8 +369,13 @@ def wait_for_jobs(jobs: list, cfg: Config, on_tick, complete=None, settle_s: flo
     return []
 
 
+class Interrupted(RunError):
+    """The front-end was interrupted while it waited and cancelled its jobs."""
+
+
 class FrontEndStopped(Exception):
-    """SIGTERM or SIGHUP (a closed terminal) reached the front-end while it waited on its jobs."""
+    """SIGTERM, SIGHUP (a closed terminal) or SIGUSR2 (a time-limit warning) reached the front-end while it
+    waited on its jobs."""
 
 
 def _raise_on_stop_signals() -> dict:
@@ -366,7 +387,13 @@ def _raise_on_stop_signals() -> dict:
     def stop(signum, _frame):
         raise FrontEndStopped(signal.Signals(signum).name)
 
-    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)}
+
+
+def _incarnation() -> list | None:
+    """[job id, restart count] when running in a Slurm job's batch step: a requeued job is a new one."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return [job, os.environ.get("SLURM_RESTART_COUNT", "0")] if job else None
 
 
 class RunLock:
@@ -378,7 +405,7 @@ class RunLock:
     def __init__(self, cfg: Config, paths: RunPaths):
         self.cfg, self.path = cfg, paths.root / "work" / "frontend.json"
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "cluster": cfg.cluster.name, "jobs": [],
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "incarnation": _incarnation()}
         self.held = False
 
     def acquire(self) -> None:
@@ -408,6 +435,10 @@ class RunLock:
     def _still_running(self, other: dict) -> str:
         host, pid, jobs = other.get("host"), other.get("pid"), [str(j) for j in other.get("jobs", [])]
         from .clusters.local import pid_alive
+
+        mine, theirs = self.record["incarnation"], other.get("incarnation")
+        if mine and theirs and mine[0] == theirs[0] and mine != theirs:
+            return ""  # an earlier run of this same Slurm job, requeued since: it is gone
 
         if host == socket.gethostname() and isinstance(pid, int) and pid_alive(pid):
             return f"the orchestrator front-end pid {pid} on {host} (started {other.get('started')})"
@@ -443,22 +474,71 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
+@dataclass
+class Submission:
+    """One run's jobs, submitted and not yet followed; it holds the run_dir's lock until released."""
+
+    cfg: Config
+    plan: Plan
+    paths: RunPaths
+    lock: RunLock
+    attempt: str
+    started_at: float
+    already: int
+    retry: list
+    jobs: list = field(default_factory=list)
+    replicas: int = 0
+    summary: dict | None = None  # set when nothing was left to do: no job was submitted
+
+    @property
+    def ids(self) -> str:
+        return " ".join(str(job.job_id) for job in self.jobs)
+
+    def release(self, outcome: dict | None) -> None:
+        """wait=false, or jobs left running on an interrupt: the lock keeps naming them."""
+        self.lock.release(keep_for_jobs=bool(outcome and "jobs" in outcome))
+
+
 def run(cfg: Config, show_progress: bool = True) -> dict:
     """Plan, submit one job per replica through submitit, follow progress until they end (wait=true)."""
+    sub = submit(cfg)
+    outcome = None
+    try:
+        if sub.summary is not None:
+            outcome = sub.summary
+        elif not cfg.wait:
+            outcome = report_submitted(sub)
+        else:
+            outcome = follow(sub, show_progress)
+        return outcome
+    finally:
+        sub.release(outcome)
+
+
+def submit(cfg: Config) -> Submission:
+    """Everything up to the submitted jobs: checks, plan, the run_dir's lock, one job per replica."""
     started_at = time.time()
     plan, paths = prepare(cfg)
     lock = RunLock(cfg, paths)
     lock.acquire()
-    submitted = False
     try:
-        summary = _run(cfg, plan, paths, lock, started_at, show_progress)
-        submitted = "jobs" in summary and not cfg.wait
-        return summary
-    finally:
-        lock.release(keep_for_jobs=submitted)
+        return _submit(cfg, plan, paths, lock, started_at)
+    except BaseException:
+        lock.release(keep_for_jobs=False)
+        raise
 
 
-def _run(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at: float, show_progress: bool) -> dict:
+def report_submitted(sub: Submission) -> dict:
+    cluster, paths = cluster_for(sub.cfg), sub.paths
+    print(f"submitted job(s) {sub.ids} for {paths.root}")
+    hint = cluster.follow_hint(sub.jobs, paths)
+    if hint:
+        print(hint)
+    print(f"when done: {paths.root / 'summary.json'}; results: {paths.results}")
+    return {"jobs": [str(j.job_id) for j in sub.jobs], "run_dir": str(paths.root)}
+
+
+def _submit(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at: float) -> Submission:
     attempt = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     committed = scan_committed(paths, plan, put_aside=True)
     for damaged in committed.damaged:
@@ -476,16 +556,21 @@ def _run(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at: fl
         log_event(paths, f"front-end: retry_failed=true: redoing {failed} failed row(s) of {len(retry)} unit(s)")
     elif cfg.retry_failed:
         print("retry_failed=true: no committed row failed", flush=True)
+    sub = Submission(cfg, plan, paths, lock, attempt, started_at, already, retry)
     if already == plan.total_rows and not retry:
-        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
-        write_summary(paths, summary)
+        summary = _kept_summary(paths, plan)  # the finished run's own figures, not a rerun's zero rate
+        if summary is None:
+            summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+            write_summary(paths, summary)
         print(f"nothing left to do\nresults: {paths.results}\nsummary: {one_line(summary)}")
-        return summary
+        sub.summary = summary
+        return sub
     cluster = cluster_for(cfg)
+    replicas = cluster.replicas(cfg, adapter_for(cfg))
     executor = cluster.executor(cfg, paths)
     jobs: list = []
     try:
-        for replica in range(cfg.replicas):
+        for replica in range(replicas):
             jobs.append(executor.submit(NodeJob(cfg, str(paths.root), attempt, started_at, replica)))
     except Exception as exc:  # noqa: BLE001 - sbatch refused, Slurm down, ...: never leave a partial run behind
         for job in jobs:
@@ -493,19 +578,20 @@ def _run(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at: fl
         done = f"; cancelled the {len(jobs)} job(s) already submitted ({', '.join(str(j.job_id) for j in jobs)})" \
             if jobs else ""
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise RunError(f"submitting replica {len(jobs)} of {cfg.replicas} failed: {reason}{done}. Nothing was "
+        raise RunError(f"submitting replica {len(jobs)} of {replicas} failed: {reason}{done}. Nothing was "
                        f"committed by them; rerun the same command once the cluster accepts jobs") from None
     lock.jobs([str(job.job_id) for job in jobs])
-    ids = " ".join(str(job.job_id) for job in jobs)
-    if not cfg.wait:
-        print(f"submitted job(s) {ids} for {paths.root}")
-        hint = cluster.follow_hint(jobs, paths)
-        if hint:
-            print(hint)
-        print(f"when done: {paths.root / 'summary.json'}; results: {paths.results}")
-        return {"jobs": [str(j.job_id) for j in jobs], "run_dir": str(paths.root)}
+    sub.jobs, sub.replicas = jobs, replicas
+    return sub
+
+
+def follow(sub: Submission, show_progress: bool = True) -> dict:
+    """Wait for a submission's jobs with progress, then report: the summary, or the failure."""
+    cfg, plan, paths, lock, attempt = sub.cfg, sub.plan, sub.paths, sub.lock, sub.attempt
+    started_at, already, retry, jobs, replicas = sub.started_at, sub.already, sub.retry, sub.jobs, sub.replicas
+    cluster, ids = cluster_for(cfg), sub.ids
     if cluster.follow_hint(jobs, paths):
-        print(f"submitted job(s) {ids}", flush=True)
+        print(f"submitted job(s) {ids}" + (f" ({replicas} replicas)" if replicas > 1 else ""), flush=True)
     bar = None
     if show_progress:
         from tqdm import tqdm
@@ -543,14 +629,22 @@ def _run(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at: fl
             except RunError as exc:
                 failures.append(exc)
     except (KeyboardInterrupt, FrontEndStopped) as exc:
+        why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        if cfg.cluster.on_interrupt == "leave" and cluster.jobs_outlive_front_end:
+            hint = cluster.follow_hint(jobs, paths)
+            print(f"interrupted by {why}: job(s) {ids} go on running (cluster.on_interrupt=leave). "
+                  f"{hint + '. ' if hint else ''}Cancel them with: orchestrator cancel {paths.root}", flush=True)
+            return {"jobs": [str(j.job_id) for j in jobs], "run_dir": str(paths.root), "left_running": True}
         for job in jobs:
             job.cancel(check=False)
-        why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
         message = (f"interrupted by {why}: cancelled job(s) {ids}; what they committed is kept "
                    f"({committed_rows(plan, done_units(paths))}/{plan.total_rows} rows). Rerun the same command "
                    f"to resume")
         _failed_summary(cfg, paths, plan, attempt, started_at, RunError(message))
-        raise RunError(message) from None
+        if threading.current_thread() is threading.main_thread():  # a requeue's own SIGTERM must not cut us off
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        after = cluster.stopped_by(why)  # e.g. an allocation's time-limit warning: requeue it
+        raise Interrupted(message + after) from None
     finally:
         for signum, handler in stop_signals.items():
             signal.signal(signum, handler)
@@ -558,7 +652,7 @@ def _run(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at: fl
             tick()
             bar.close()
     summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
-    summary["failed_jobs"] = len(failures)
+    summary["failed_jobs"], summary["replicas"] = len(failures), replicas
     if failures and not summary["complete"]:
         summary["error"] = str(failures[0]).splitlines()[0]
         write_summary(paths, summary)

@@ -12,11 +12,43 @@ TEMPLATES = {
 }
 
 
+# how each chat format opens (with the system turn) and marks a turn; the assistant header is where the
+# model writes, and SteerLM puts its attribute line after every assistant header
+HEADERS = {
+    "nemotron4_chat": "<extra_id_0>System\n{system}\n",
+    "steerlm": "<extra_id_0>System\n{system}\n",
+    "nemotron_mini": "<extra_id_0>System\n{system}\n\n",
+}
+ROLE_TAGS = {"user": "<extra_id_1>User\n", "assistant": "<extra_id_1>Assistant\n"}
+
+
 def format_prompt(prompt: str, cfg: PromptConfig) -> str:
     """The text the engine receives for one user prompt."""
     if cfg.format in ("raw", "chat_template"):
         return prompt
     return TEMPLATES[cfg.format].format(system=cfg.system, prompt=prompt, attributes=cfg.steerlm_attributes)
+
+
+def render_messages(messages: list[dict], cfg: PromptConfig, attributes: str | None = None) -> str:
+    """A checked conversation (see conversation.check_messages) as the text a completion engine receives:
+    the model's format with its turns alternating, ending where the assistant writes. A system message
+    replaces model.prompt.system; `attributes` replaces model.prompt.steerlm_attributes. One user message
+    renders exactly as format_prompt does. raw joins the contents by lines (model.prompt.system is not
+    used, as for a prompt)."""
+    if cfg.format not in HEADERS:  # no template: a row's own system message is text like the others
+        return "\n".join(m["content"] for m in messages)
+    system = cfg.system
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    attribute_line = f"<extra_id_2>{cfg.steerlm_attributes if attributes is None else attributes}\n" \
+        if cfg.format == "steerlm" else ""
+    parts = [HEADERS[cfg.format].format(system=system)]
+    for m in messages:
+        parts.append(ROLE_TAGS[m["role"]])
+        if m["role"] == "assistant":
+            parts.append(attribute_line)
+        parts.append(f"{m['content']}\n")
+    return "".join(parts) + ROLE_TAGS["assistant"] + attribute_line
 
 
 def postprocess(output: str, sent_prompt: str, end_strings: list[str], strip_echo: bool = True) -> str:

@@ -9,15 +9,17 @@ from pathlib import Path
 from .work import Plan, RunPaths, UnitStats, atomic_write_text, scan_committed
 
 
-def attempt_progress(paths: RunPaths, attempt: str) -> list[dict]:
-    """Each replica's totals in this attempt, as its client last wrote them (all its segments)."""
+def attempt_progress(paths: RunPaths, attempt: str | None) -> list[dict]:
+    """Each replica's totals in this attempt (None: in whichever attempt it last ran), as its client last
+    wrote them (all its segments)."""
     found = []
     for path in sorted(paths.progress.glob("*.json")) if paths.progress.is_dir() else []:
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and record.get("attempt") == attempt:
+        if isinstance(record, dict) and isinstance(record.get("attempt"), str) \
+                and (attempt is None or record["attempt"] == attempt):
             found.append(record)
     return found
 

@@ -14,7 +14,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -25,8 +25,7 @@ from .config import DataConfig
 from .errors import InputError, RunError
 
 RESULT_PREFIX = "part-"
-
-
+RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "output_tokens", "latency_s", "attempts")
 
 
 @dataclass
@@ -46,10 +45,27 @@ class Plan:
     id_column: str | None  # None: ids are "<file>:<row>"
     id_type: str  # arrow type of the id column in results
     unit_rows: int
+    messages_column: str | None = None  # conversations (README "Conversations and multi-turn")
+    turns_column: str | None = None
+    attributes_column: str | None = None
+    keep_columns: list[str] = field(default_factory=list)
+    keep_schema: str = ""  # the kept columns' arrow types (base64 IPC schema), the same in every file
 
     @property
     def total_rows(self) -> int:
         return sum(f.rows for f in self.files)
+
+    @property
+    def conversational(self) -> bool:
+        """Rows are conversations (messages and/or turns) instead of one prompt each."""
+        return bool(self.messages_column or self.turns_column)
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The columns a unit's rows are read from, each once."""
+        named = ([self.messages_column, self.turns_column, self.attributes_column] if self.conversational
+                 else [self.prompt_column]) + list(self.keep_columns) + [self.id_column]
+        return list(dict.fromkeys(c for c in named if c))
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -106,22 +122,105 @@ def _id_type(kind: pa.DataType, path: Path, data: DataConfig) -> str:
                      f"files lack gives positional ids <file>:<row>)")
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+
+def _list_value(kind: pa.DataType) -> pa.DataType | None:
+    return kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else None
+
+
+def _column(path: Path, schema: pa.Schema, key: str, name: str) -> pa.DataType:
+    if name not in schema.names:
+        raise InputError(f"{path}: no column {name!r} ({key}); the columns are {schema.names}; "
+                         f"set {key}=<one of them>")
+    return schema.field(name).type
+
+
+def _check_conversation_columns(path: Path, schema: pa.Schema, data: DataConfig) -> None:
+    """The conversation columns' types, so that no row fails for a reason every row shares."""
+    if data.messages_column:
+        kind = _column(path, schema, "data.messages_column", data.messages_column)
+        item = _list_value(kind)
+        fields = {item.field(i).name: item.field(i).type for i in range(item.num_fields)} \
+            if item is not None and pa.types.is_struct(item) else {}
+        if not ("role" in fields and "content" in fields and _is_text(fields["role"]) and _is_text(fields["content"])):
+            raise InputError(
+                f"{path}: column {data.messages_column!r} (data.messages_column) has type {kind}; it must be a list "
+                f"of {{role, content}} structs with text values, e.g. [{{'role': 'user', 'content': 'Hi'}}] per row. "
+                f"Store the messages as lists of dicts (JSON text: df[col] = df[col].map(json.loads)), or point "
+                f"data.messages_column at another column")
+    if data.turns_column:
+        kind = _column(path, schema, "data.turns_column", data.turns_column)
+        item = _list_value(kind)
+        if item is None or not _is_text(item):
+            raise InputError(f"{path}: column {data.turns_column!r} (data.turns_column) has type {kind}; it must be "
+                             f"a list of user turns (text), e.g. ['first question', 'follow-up'] per row. Store "
+                             f"lists of strings, or point data.turns_column at another column")
+    if data.attributes_column:
+        kind = _column(path, schema, "data.attributes_column", data.attributes_column)
+        if not _is_text(kind):
+            raise InputError(f"{path}: column {data.attributes_column!r} (data.attributes_column) has type {kind}; "
+                             f"it must hold one SteerLM attribute line (text) per row, e.g. "
+                             f"'quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4'")
+
+
+def _kept_types(path: Path, schema: pa.Schema, data: DataConfig) -> dict[str, pa.DataType]:
+    """data.keep_columns in one file: they must exist, and not clash with a result column."""
+    out = {}
+    for name in dict.fromkeys(data.keep_columns):
+        if name in RESULT_COLUMNS:
+            raise InputError(f"data.keep_columns names {name!r}, which is a result column ({', '.join(RESULT_COLUMNS)}); "
+                             f"rename that input column, or drop it from data.keep_columns")
+        if name not in schema.names:
+            raise InputError(f"{path}: no column {name!r} to keep (data.keep_columns); the columns are "
+                             f"{schema.names}; keep only columns every input file has")
+        kind = schema.field(name).type
+        out[name] = kind.value_type if pa.types.is_dictionary(kind) else kind  # categoricals are their values
+    return out
+
+
+def keep_schema(plan: Plan) -> pa.Schema:
+    """The kept columns' fields, as the plan fixed them."""
+    import base64
+
+    if not plan.keep_schema:
+        return pa.schema([])
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.keep_schema)))
+
+
 def build_plan(data: DataConfig, input_spec: str) -> Plan:
     """Check every input file's schema (from its footer only) and cut the rows into units."""
+    import base64
+
     paths, root = discover_inputs(input_spec)
     files: list[InputFile] = []
     units: list[tuple[int, int, int]] = []
     id_types: dict[str, str] = {}
+    kept: dict[str, tuple[pa.DataType, Path]] = {}
+    conversational = bool(data.messages_column or data.turns_column)
     for index, path in enumerate(paths):
         schema = _open(path).schema_arrow
         names = schema.names
-        if data.prompt_column not in names:
+        if conversational:
+            _check_conversation_columns(path, schema, data)
+        elif data.prompt_column not in names:
             raise InputError(f"{path}: no prompt column {data.prompt_column!r}; the columns are "
-                             f"{names}; set data.prompt_column=<one of them>")
-        ptype = schema.field(data.prompt_column).type
-        if pa.types.is_list(ptype) or pa.types.is_large_list(ptype) or pa.types.is_struct(ptype):
+                             f"{names}; set data.prompt_column=<one of them> (or data.messages_column, "
+                             f"data.turns_column for conversations)")
+        elif _list_value(ptype := schema.field(data.prompt_column).type) is not None or pa.types.is_struct(ptype):
             raise InputError(f"{path}: prompt column {data.prompt_column!r} has type {ptype}, not text; "
-                             f"store one prompt string per row")
+                             f"store one prompt string per row (a list of {{role, content}} per row is "
+                             f"data.messages_column={data.prompt_column}; a list of user turns is "
+                             f"data.turns_column={data.prompt_column})")
+        for name, kind in _kept_types(path, schema, data).items():
+            first = kept.setdefault(name, (kind, path))
+            if first[0] != kind:
+                raise InputError(f"input files disagree on the type of kept column {name!r} ({first[1].name}: "
+                                 f"{first[0]}, {path.name}: {kind}); give every file the same type, or drop it "
+                                 f"from data.keep_columns")
         id_types[str(path)] = _id_type(schema.field(data.id_column).type, path, data) if data.id_column in names else ""
         meta = pq.read_metadata(path)
         stat = path.stat()
@@ -134,8 +233,11 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
         raise InputError(f"input files disagree on the id column {data.id_column!r} ({detail}); "
                          f"give every file the same id column type, or none")
     id_type = kinds.pop() if kinds else ""
+    kept_fields = pa.schema([(name, kind) for name, (kind, _) in kept.items()])
     return Plan(files, units, data.prompt_column, data.id_column if id_type else None,
-                id_type or "string", data.unit_rows)
+                id_type or "string", data.unit_rows, data.messages_column, data.turns_column,
+                data.attributes_column, list(kept),
+                base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "")
 
 
 def apply_duplicate_policy(plan: Plan, data: DataConfig) -> Plan:
@@ -217,7 +319,7 @@ class UnitReader:
             starts.append(offset)
             offset += pf.metadata.row_group(g).num_rows
         first = max(0, bisect.bisect_right(starts, start) - 1)
-        columns = [self.plan.prompt_column] + ([self.plan.id_column] if self.plan.id_column else [])
+        columns = self.plan.input_columns
         self._batches = pf.iter_batches(batch_size=self.batch_rows, row_groups=list(range(first, len(starts))),
                                         columns=columns)
         self._file, self._group_starts, self._pending = file_index, starts, None
@@ -225,6 +327,11 @@ class UnitReader:
 
     def read(self, unit: int) -> Iterator[tuple[list, list]]:
         """Yield (ids, prompts) for one unit's rows, in order; a file that cannot be decoded is named."""
+        for ids, part in self.read_parts(unit):
+            yield ids, part.column(self.plan.prompt_column).to_pylist()
+
+    def read_parts(self, unit: int) -> Iterator[tuple[list, pa.RecordBatch]]:
+        """Yield (ids, record batch of plan.input_columns) for one unit's rows, in order."""
         file_index, start, count = self.plan.units[unit]
         try:
             yield from self._read(unit)
@@ -251,10 +358,9 @@ class UnitReader:
             lo, hi = max(start, self._position), min(end, self._position + batch.num_rows)
             if lo < hi:
                 part = batch.slice(lo - self._position, hi - lo)
-                prompts = part.column(0).to_pylist()
-                ids = part.column(1).to_pylist() if self.plan.id_column else \
+                ids = part.column(self.plan.id_column).to_pylist() if self.plan.id_column else \
                     [f"{source.name}:{row}" for row in range(lo, hi)]
-                yield ids, prompts
+                yield ids, part
             if self._position + batch.num_rows > end:
                 self._pending = batch  # the next unit starts inside this batch
                 return
@@ -267,9 +373,13 @@ def read_unit(plan: Plan, unit: int, batch_rows: int) -> Iterator[tuple[list, li
 
 
 def result_schema(plan: Plan) -> pa.Schema:
+    """id, the kept input columns, response (the last turn's answer), responses (every turn's, with
+    data.turns_column), then the outcome."""
     return pa.schema([
         ("id", pa.type_for_alias(plan.id_type) if plan.id_type else pa.string()),
+        *keep_schema(plan),
         ("response", pa.string()),
+        *([("responses", pa.list_(pa.string()))] if plan.turns_column else []),
         ("status", pa.string()),
         ("error", pa.string()),
         ("output_tokens", pa.int64()),
@@ -297,6 +407,11 @@ class RunPaths:
     @property
     def progress(self) -> Path:
         return self.root / "work" / "progress"
+
+    @property
+    def requests(self) -> Path:
+        """One JSON line per HTTP request: <attempt>-<owner>.jsonl (what `orchestrator status` and `report` read)."""
+        return self.root / "work" / "requests"
 
     @property
     def plan(self) -> Path:

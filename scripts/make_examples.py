@@ -1,4 +1,6 @@
-"""Rebuild examples/mt_bench_prompts.parquet from ../shared/data/mt_bench_questions.jsonl (first turns)."""
+"""Rebuild examples/mt_bench_prompts.parquet from ../shared/data/mt_bench_questions.jsonl: all 80 questions,
+`prompt` (the first turn, what a plain `orchestrator run` sends), `turns` (both user turns, for
+`data.turns_column=turns`) and `category` (for `data.keep_columns=[category]`)."""
 import json
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ table = pa.table({
     "question_id": [r["question_id"] for r in rows],
     "category": [r["category"] for r in rows],
     "prompt": [r["turns"][0] for r in rows],
+    "turns": pa.array([list(r["turns"]) for r in rows], pa.list_(pa.string())),
 })
 out = root / "examples" / "mt_bench_prompts.parquet"
 pq.write_table(table, out)
-print(f"{out}: {table.num_rows} prompts")
+print(f"{out}: {table.num_rows} questions, {sum(len(t) for t in table['turns'].to_pylist())} turns")

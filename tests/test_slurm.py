@@ -264,3 +264,49 @@ def test_slurm_down_is_a_sentence_with_the_fix(slurm_cluster, tmp_path):
     assert proc.returncode == 1
     assert "Unable to contact slurm controller" in proc.stderr and "rerun the same command once the cluster" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("choice", ["cancel", "leave"])
+def test_ctrl_c_on_a_foreground_run_cancels_or_leaves_its_jobs_as_configured(slurm_cluster, tmp_path, choice):
+    import signal
+
+    src = write_prompts(tmp_path / "in.parquet", 400)
+    run_dir = tmp_path / "run"
+    run = start_run("cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}", f"run_dir={run_dir}",
+                    f"cluster.on_interrupt={choice}", *SLOW_SLURM)
+    job = first_job_id(run_dir)
+    wait_for(lambda: committed_units(run_dir) >= 2, 120, "a few committed units")
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    if choice == "cancel":
+        assert run.returncode == 1
+        assert f"interrupted by Ctrl-C: cancelled job(s) {job}" in err and "Rerun the same command to resume" in err
+        assert sacct_state(job) == "CANCELLED"
+    else:
+        assert run.returncode == 0, out + err
+        assert f"job(s) {job} go on running (cluster.on_interrupt=leave)" in out
+        assert f"squeue -j {job}" in out and f"orchestrator cancel {run_dir}" in out
+        assert sacct_state(job, deadline_s=240) == "COMPLETED"
+        assert sorted(pd.read_parquet(run_dir / "results")["id"]) == sorted(f"q{i}" for i in range(400))
+    assert "Traceback" not in err
+
+
+def test_a_sweep_on_slurm_submits_every_member_at_once(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 300)
+    args = ["run", "-m", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}",
+            "sampling.temperature=0.2,0.7", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SLOW_SLURM]
+    proc = run_cli(*args, "wait=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = re.findall(r"submitted job\(s\) (\d+) for", proc.stdout)
+    assert len(jobs) == 2
+    assert all(sacct_state(j, deadline_s=240) == "COMPLETED" for j in jobs)
+    times = []
+    for j in jobs:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "Start,End", "-j", j], capture_output=True, text=True)
+        times.append(out.stdout.strip().split("|"))
+    assert max(start for start, _ in times) < min(end for _, end in times)  # both members ran at the same time
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("nothing left to do") == 2
+    assert re.search(r"^sampling.temperature=0.2\s+complete\s+300\s", again.stdout, re.M)
+    assert re.search(r"^sampling.temperature=0.7\s+complete\s+300\s", again.stdout, re.M)

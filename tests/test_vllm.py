@@ -107,3 +107,31 @@ def test_a_too_long_prompt_is_a_row_error_with_vllms_own_message(vllm_server, tm
                        "sampling.tokens_to_generate=8")
     assert list(df["status"]) == ["ok", "error", "ok"]
     assert "This model's maximum context length is 4096 tokens" in df.loc[1, "error"]
+
+
+def test_multi_turn_chat_sends_turn_two_with_the_models_first_answer(vllm_server, tmp_path):
+    """MT-Bench style rows on the chat API: turn 2 goes out with vLLM's own answer to turn 1. Replaying that
+    conversation as a messages row gives the same greedy answer, so the answer really was in the request."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.config import compose
+    from orchestrator.launch import run
+
+    turns = [["What is 2 + 2?", "And times 3?"], ["Name a colour.", "Why that one?"]]
+    pq.write_table(pa.table({"id": ["r0", "r1"], "turns": turns, "category": ["math", "writing"]}),
+                   tmp_path / "turns.parquet")
+    base = ["model=hf", f"model.path={TINY}", "engine=endpoint", f"engine.url={vllm_server.url}/v1",
+            "sampling.greedy=true", "sampling.tokens_to_generate=12"]
+    run(compose(base + [f"data.input={tmp_path / 'turns.parquet'}", f"run_dir={tmp_path / 'turns'}",
+                        "data.turns_column=turns", "data.keep_columns=[category]"]), show_progress=False)
+    df = results(tmp_path / "turns").sort_values("id").reset_index(drop=True)
+    assert (df["status"] == "ok").all() and list(df["category"]) == ["math", "writing"]
+    assert df["responses"].map(len).tolist() == [2, 2] and (df["output_tokens"] > 0).all()
+    replay = [[{"role": "user", "content": t[0]}, {"role": "assistant", "content": r[0]}, {"role": "user", "content": t[1]}]
+              for t, r in zip(turns, df["responses"])]
+    pq.write_table(pa.table({"id": ["r0", "r1"], "messages": replay}), tmp_path / "replay.parquet")
+    run(compose(base + [f"data.input={tmp_path / 'replay.parquet'}", f"run_dir={tmp_path / 'replay'}",
+                        "data.messages_column=messages"]), show_progress=False)
+    again = results(tmp_path / "replay").sort_values("id").reset_index(drop=True)
+    assert list(again["response"]) == [r[1] for r in df["responses"]]

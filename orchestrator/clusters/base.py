@@ -16,6 +16,7 @@ from ..work import RunPaths
 
 class ClusterAdapter:
     name = ""
+    jobs_outlive_front_end = True  # cluster.on_interrupt=leave can leave them running (not local processes)
 
     def problems(self, cfg: Config, engine) -> list[str]:
         """What this way of running cannot do with the config; checked before submission."""
@@ -23,6 +24,10 @@ class ClusterAdapter:
 
     def executor(self, cfg: Config, paths: RunPaths):
         raise NotImplementedError
+
+    def replicas(self, cfg: Config, engine) -> int:
+        """How many replicas this run has (an allocation fits as many as its nodes hold)."""
+        return cfg.replicas
 
     def step_prefix(self, cfg: Config, engine) -> list[str]:
         """What starts the engine's tasks from node 0's job task (empty: run it here as one process)."""
@@ -46,6 +51,11 @@ class ClusterAdapter:
 
     def _result(self, job):
         return job.result()
+
+    def stopped_by(self, signal_name: str) -> str:
+        """What this way of running does once a signal stopped the front-end and its jobs; said after the
+        message."""
+        return ""
 
     def poll_interval_s(self, cfg: Config) -> float:
         return cfg.cluster.poll_interval_s

@@ -11,6 +11,7 @@ from .base import ClusterAdapter, submitit_folder
 
 class LocalCluster(ClusterAdapter):
     name = "local"
+    jobs_outlive_front_end = False  # a local job and its engine end with the front-end
 
     def problems(self, cfg: Config, engine) -> list[str]:
         if cfg.layout.nodes > 1 and engine.starts_process and not engine.simulated:

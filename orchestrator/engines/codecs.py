@@ -172,10 +172,14 @@ class OpenAICodec:
             self.base["seed"] = s.seed
         self.base.update(cfg.engine.extra_body)
 
-    def payload(self, prompts: list[str], tokens_to_generate: int | None = None) -> dict:
+    def payload(self, prompts: list, tokens_to_generate: int | None = None) -> dict:
+        """prompts: one prompt, or on the chat API one conversation (a list of {role, content}); the system
+        prompt of the config opens it unless it has its own."""
         if self.chat:
-            messages = [{"role": "system", "content": self.system}] if self.system else []
-            body = dict(self.base, messages=messages + [{"role": "user", "content": prompts[0]}])
+            messages = prompts[0] if isinstance(prompts[0], list) else [{"role": "user", "content": prompts[0]}]
+            if self.system and not (messages and messages[0]["role"] == "system"):
+                messages = [{"role": "system", "content": self.system}] + messages
+            body = dict(self.base, messages=messages)
         else:
             body = dict(self.base, prompt=prompts[0])
         if tokens_to_generate is not None:

@@ -1,0 +1,198 @@
+"""cluster=allocation: inside the user's own Slurm job (`sbatch -N 4 ... orchestrator run`).
+
+No job is submitted. The allocation's nodes are cut into replicas of `layout.nodes` nodes each, as
+many as fit; each replica is one `srun` step on its own nodes running the same job code a submitted
+replica runs (`NodeJob`, one task per node), and the front-end in the batch step drives them all. A
+replica's step starts its engine as a step of its own on exactly its nodes, so one replica's engine
+dying loses only that replica. Chosen automatically by `orchestrator run` inside a Slurm job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ..config import Config
+from ..errors import RunError
+from ..sbatch import engine_step_prefix
+from ..work import RunPaths
+from .base import ClusterAdapter
+
+
+def allocation_nodes() -> list[str]:
+    """The hostnames of this job's allocation, in Slurm's order."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RunError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol ({exc}); is Slurm's "
+                       f"scontrol on PATH inside the job?") from None
+    return out.split()
+
+
+def _gpus_per_node() -> int | None:
+    """GPUs each node of the allocation holds, when the job says (`--gpus-per-node`, `--gres=gpu:N`)."""
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        value = os.environ.get(key, "").split(":")[-1].split("(")[0]
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+class AllocationCluster(ClusterAdapter):
+    name = "allocation"
+    jobs_outlive_front_end = False  # its steps end with the batch step that drives them
+
+    def problems(self, cfg: Config, engine) -> list[str]:
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job:
+            return ["cluster=allocation runs inside a Slurm job (SLURM_JOB_ID is not set): put `orchestrator run` "
+                    "in a script you submit with sbatch, or use cluster=slurm to have jobs submitted for you"]
+        if not cfg.wait:
+            return [f"wait=false inside job {job} would end the job, and its replicas with it: leave wait=true "
+                    f"(the batch step drives the replicas until the run ends)"]
+        nodes, per = allocation_nodes(), cfg.layout.nodes if engine.starts_process else 1
+        if len(nodes) < per:
+            return [f"job {job} holds {len(nodes)} node(s), and one replica of {cfg.model.name} needs "
+                    f"layout.nodes={per}: {len(nodes)} // {per} = 0 replicas fit. Submit with sbatch -N {per} (or a "
+                    f"multiple of it), or choose a layout on fewer nodes (orchestrator plan lists them)"]
+        fit = len(nodes) // per
+        if cfg.replicas > 1 and cfg.replicas > fit:
+            return [f"replicas={cfg.replicas} does not fit job {job}: {len(nodes)} node(s) // layout.nodes={per} = "
+                    f"{fit} replica(s). Submit with sbatch -N {cfg.replicas * per}, or leave replicas unset to use "
+                    f"what fits"]
+        cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
+        tasks = engine.tasks_per_node(cfg) if engine.starts_process else 1
+        if cpus.isdigit() and int(cpus) < tasks:
+            return [f"job {job} has {cpus} CPU(s) on this node, and {cfg.engine.name} runs {tasks} task(s) per node "
+                    f"(one per GPU): submit with --exclusive, or --cpus-per-task={tasks}"]
+        gpus = _gpus_per_node()
+        if engine.starts_process and gpus is not None and gpus < cfg.layout.gpus_per_node:
+            return [f"job {job} has {gpus} GPU(s) per node, and the layout needs layout.gpus_per_node="
+                    f"{cfg.layout.gpus_per_node} (TP{cfg.layout.tensor_parallel} x PP{cfg.layout.pipeline_parallel} "
+                    f"on {cfg.layout.nodes} node(s)): submit with --gpus-per-node={cfg.layout.gpus_per_node}"]
+        return []
+
+    def replicas(self, cfg: Config, engine) -> int:
+        per = cfg.layout.nodes if engine.starts_process else 1
+        fit = len(allocation_nodes()) // per
+        return cfg.replicas if cfg.replicas > 1 else fit
+
+    def executor(self, cfg: Config, paths: RunPaths):
+        return StepExecutor(cfg, paths)
+
+    def step_prefix(self, cfg: Config, engine) -> list[str]:
+        """The engine's step, on exactly this replica's nodes (the step's own node list)."""
+        tasks = engine.tasks_per_node(cfg)
+        prefix = engine_step_prefix(cfg, tasks, engine.step_args)
+        cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
+        if cpus.isdigit() and not cfg.cluster.cpus_per_task:  # the node's CPUs as the user's job holds them
+            prefix = [f"--cpus-per-task={max(1, int(cpus) // tasks)}" if a.startswith("--cpus-per-task=") else a
+                      for a in prefix]
+        nodes = os.environ.get("SLURM_STEP_NODELIST")
+        return prefix + ([f"--nodelist={nodes}"] if nodes else [])
+
+    def state(self, job) -> str:
+        return job.state
+
+    def _result(self, job):
+        return job.result()
+
+    def live_jobs(self, ids: list[str], host: str) -> list[str] | None:
+        return None if ids else []  # its steps end with the front-end that drives them: its pid decides
+
+    def stopped_by(self, signal_name: str) -> str:
+        """The time-limit warning (`--signal=B:USR2@N`): the replicas have committed; requeue the job, which
+        runs the script again and resumes (a job submitted without --requeue says so)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if signal_name != "SIGUSR2" or not job:
+            return ""
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"; could not requeue job {job} ({exc}): submit the script again to resume"
+        if done.returncode != 0:
+            return f"; could not requeue job {job} ({done.stderr.strip()}): submit the script again to resume"
+        return f"; requeued job {job}: it runs the script again and resumes"
+
+    def follow_hint(self, jobs: list, paths: RunPaths) -> str:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        return f"follow with: sacct -j {job} (one step per replica); tail -f {paths.logs}/allocation/*.out"
+
+
+class StepExecutor:
+    """Starts each replica as an srun step of the allocation (the replica's nodes, one task per node)."""
+
+    def __init__(self, cfg: Config, paths: RunPaths):
+        self.cfg, self.paths = cfg, paths
+        self.nodes = allocation_nodes()
+        self.folder = paths.logs / "allocation"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def submit(self, node_job) -> "StepJob":
+        from ..engines.base import adapter_for
+
+        cfg = self.cfg
+        replica, attempt = node_job.args[4], node_job.args[2]
+        per = cfg.layout.nodes if adapter_for(cfg).starts_process else 1
+        mine = self.nodes[replica * per:(replica + 1) * per]
+        if len(mine) < per:
+            raise RunError(f"replica {replica} needs {per} node(s); the allocation has {len(self.nodes)}")
+        stem = self.folder / f"{attempt}-r{replica}"
+        with open(f"{stem}.pkl", "wb") as fh:
+            pickle.dump(node_job, fh)
+        cmd = ["srun", "--overlap", f"--nodes={per}", f"--ntasks={per}", "--ntasks-per-node=1",
+               f"--nodelist={','.join(mine)}", f"--job-name={cfg.cluster.job_name}-r{replica}", "--mem=0",
+               "--kill-on-bad-exit=0", f"--output={stem}-%t.out", sys.executable, "-m", "orchestrator.step",
+               f"{stem}.pkl"]
+        with open(f"{stem}.srun.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return StepJob(proc, f"{os.environ.get('SLURM_JOB_ID', 'allocation')}.r{replica}", Path(stem),
+                       cfg.client.grace_s + 30)
+
+
+class StepJob:
+    """One replica's step, owned by the front-end: it always stops it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, proc: subprocess.Popen, job_id: str, stem: Path, grace_s: float):
+        self.proc, self.job_id, self.stem, self.grace_s = proc, job_id, stem, grace_s
+
+    @property
+    def state(self) -> str:
+        code = self.proc.poll()
+        return "RUNNING" if code is None else ("COMPLETED" if code == 0 else "FAILED")
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def cancel(self, check: bool = False) -> None:
+        """srun passes SIGTERM to the replica's tasks, which stop within client.grace_s and commit."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=self.grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def result(self):
+        self.proc.wait()
+        error = Path(f"{self.stem}.error")
+        if self.proc.returncode != 0 or error.exists():
+            said = error.read_text() if error.exists() else ""
+            tail = "\n".join(Path(f"{self.stem}.srun.log").read_text(errors="replace").splitlines()[-8:]) \
+                if Path(f"{self.stem}.srun.log").exists() else ""
+            raise RuntimeError(said or f"the replica's step exited with status {self.proc.returncode}\n{tail}")
+        found = Path(f"{self.stem}.result.json")
+        return json.loads(found.read_text()) if found.exists() else None
+
+
+ADAPTER = AllocationCluster()

@@ -1,0 +1,419 @@
+"""`orchestrator status`: where a run stands, read from its directory alone.
+
+Everything here reads files the run writes anyway (plan.json, the commit ledger, progress, the request
+records under work/requests/, run.log, work/frontend.json) plus the scheduler's view of the jobs, so
+it works while the run goes on and after it, from any machine that shares the filesystem. The cost
+follows what is asked, not the run's size: totals come from the ledger, error texts only from the
+units that have failed rows (two columns), recent rates from the end of each request file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from .errors import RunError
+from .report import busy_seconds
+from .work import Plan, RunPaths, UnitStats, scan_committed
+
+WINDOW_S = 60.0  # what "recent" means for rates and the ETA
+LOG_LINES = 8
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) replica (\d+) \(job ([^,]+), host ([^)]*)\): (.*)$")
+_ID_LIKE = re.compile(r"\b(?=[0-9a-fA-F-]*\d)[0-9a-fA-F]{6,}(?:-[0-9a-fA-F]{4,})*\b")
+_NUMBER = re.compile(r"(?<!HTTP )(?<![\d.])\d+(?:\.\d+)?")
+
+
+def open_run(run_dir: str | Path) -> tuple[RunPaths, Plan]:
+    """The run's paths and plan; a directory that holds no run is a one-line error naming the fix."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise RunError(f"{root} is not a directory; give the run_dir= of an `orchestrator run` (the directory "
+                       f"that holds plan.json and results/)")
+    paths = RunPaths(root.resolve())
+    try:
+        plan = Plan.from_json(paths.plan.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{root} holds no run: {paths.plan.name} is missing. Give the run_dir= of an "
+                       f"`orchestrator run` (the directory that holds plan.json and results/)") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise RunError(f"{paths.plan} cannot be read as a run's plan ({exc}); is {root} a run directory of this "
+                       f"version of the orchestrator?") from None
+    return paths, plan
+
+
+def error_reason(text: str | None) -> str:
+    """An error text with its numbers and ids replaced, so errors that differ only in them group together
+    (HTTP status codes are kept: they are the reason)."""
+    first = (text or "").strip().splitlines()
+    line = first[0] if first else "(no error text)"
+    line = _NUMBER.sub("<n>", _ID_LIKE.sub("<id>", line))
+    line = re.sub(r"\s+", " ", line)
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
+    """Failed rows of the committed units grouped by reason, most frequent first. Only units whose
+    commit counted failed rows are opened, and of those only the status and error columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    examples: dict[str, str] = {}
+    for unit in sorted(u for u, st in stats.items() if st.get("failed")):
+        try:
+            table = pq.read_table(paths.result_file(unit), columns=["status", "error"])
+        except (OSError, pa.ArrowInvalid):  # replaced or put aside since the listing: the next status sees it
+            continue
+        errors = pc.filter(table.column("error"), pc.equal(table.column("status"), "error"))
+        for item in pc.value_counts(errors).to_pylist():
+            reason = error_reason(item["values"])
+            counts[reason] += item["counts"]
+            examples.setdefault(reason, item["values"] or "")
+    return [{"reason": r, "rows": n, "example": examples[r][:300]} for r, n in counts.most_common()]
+
+
+def read_requests(paths: RunPaths, since: float | None = None, chunk: int = 1 << 18) -> list[dict]:
+    """The request records of every replica and attempt, in order of their end. With since, only those that
+    ended after it, each file read from its end: the cost follows the window, not the run's length."""
+    found: list[dict] = []
+    folder = paths.requests
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        run_attempt = path.stem.rsplit("-", 1)[0]
+        for record in _tail_records(path, since, chunk):
+            if isinstance(record, dict) and isinstance(record.get("at"), (int, float)):
+                if since is None or record["at"] >= since:
+                    record.setdefault("run_attempt", run_attempt)
+                    found.append(record)
+    found.sort(key=lambda r: r["at"])
+    return found
+
+
+def _tail_records(path: Path, since: float | None, chunk: int) -> list:
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            start = 0 if since is None else max(0, size - chunk)
+            while True:
+                fh.seek(start)
+                lines = fh.read(size - start).splitlines()
+                if start > 0:
+                    lines = lines[1:]  # the first line may be cut
+                records = []
+                for line in lines:
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError:  # a line being appended, or cut by a crash
+                        continue
+                first = next((r.get("at") for r in records if isinstance(r, dict)), None)
+                if start == 0 or (isinstance(first, (int, float)) and first < since):
+                    return records
+                start = max(0, size - (size - start) * 4)
+    except OSError:
+        return []
+
+
+def _rates(records: list[dict], start: float, end: float) -> dict:
+    rows = sum(r.get("ok", 0) + r.get("failed", 0) for r in records)
+    tokens = sum(r.get("output_tokens") or 0 for r in records)
+    span = end - start
+    return {"window_s": round(span, 1), "rows": rows,
+            "prompts_per_s": round(rows / span, 3) if span > 0 else 0.0,
+            "output_tokens_per_s": round(tokens / span, 3) if span > 0 else 0.0}
+
+
+def attempt_start(attempt: str | None) -> float | None:
+    """When an attempt began, from its id (YYYYmmdd-HHMMSS-...)."""
+    try:
+        return time.mktime(time.strptime(attempt[:15], "%Y%m%d-%H%M%S")) if attempt else None
+    except ValueError:
+        return None
+
+
+def _progress(paths: RunPaths) -> list[dict]:
+    from .report import attempt_progress
+
+    return attempt_progress(paths, None)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def cluster_name(paths: RunPaths, frontend: dict) -> str:
+    if frontend.get("cluster"):
+        return str(frontend["cluster"])
+    try:
+        import yaml
+
+        return str(yaml.safe_load((paths.root / "config.yaml").read_text())["cluster"]["name"])
+    except Exception:  # noqa: BLE001 - an old or partial config: the jobs' states are then unknown
+        return ""
+
+
+def log_events(paths: RunPaths, since: float | None = None) -> list[tuple[float, int, str, str, str]]:
+    """run.log's replica lines: (time, replica, job, host, message), from since on."""
+    try:
+        text = (paths.root / "run.log").read_text(errors="replace")
+    except OSError:
+        return []
+    events = []
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line)
+        if not m:
+            continue
+        at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+        if since is None or at >= since - 1:  # run.log has whole seconds
+            events.append((at, int(m.group(2)), m.group(3), m.group(4), m.group(5)))
+    return events
+
+
+def log_tail(paths: RunPaths, lines: int = LOG_LINES) -> list[str]:
+    try:
+        with open(paths.root / "run.log", "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 64 * 1024))
+            return fh.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def submitted_jobs(paths: RunPaths, since: float | None) -> list[str]:
+    """Job ids submitit recorded under logs/submitit/, in the order they were submitted (from since on)."""
+    folder = paths.logs / "submitit"
+    found = []
+    for pkl in folder.glob("*/*_submitted.pkl") if folder.is_dir() else []:
+        try:
+            at = pkl.stat().st_mtime
+        except OSError:
+            continue
+        if since is None or at >= since - 1:
+            found.append((at, pkl.parent.name))
+    return [job for _, job in sorted(found)]
+
+
+def job_states(cluster: str, ids: list[str], host: str, paths: RunPaths) -> dict[str, str]:
+    """Each job's state as the scheduler sees it now; UNKNOWN when that cannot be read from here."""
+    if not ids:
+        return {}
+    if cluster == "local":
+        if host and host != socket.gethostname():
+            return {i: f"UNKNOWN (runs on {host})" for i in ids}
+        return {i: "RUNNING" if _local_job_alive(i, paths) else "ENDED" for i in ids}
+    if cluster != "slurm":
+        return {i: "UNKNOWN" for i in ids}
+    # the queue knows a job the moment it is submitted; accounting keeps it after it ends (and may lag)
+    queued = _slurm_query(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(ids)])
+    gone = [i for i in ids if queued is None or i not in queued]
+    ended = _slurm_query(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(gone)]) if gone else {}
+    if queued is None and ended is None:
+        return {i: "UNKNOWN (Slurm cannot be reached from here)" for i in ids}
+    return {i: (queued or {}).get(i) or (ended or {}).get(i) or ("ENDED" if queued is not None else "UNKNOWN")
+            for i in ids}
+
+
+def _slurm_query(argv: list[str]) -> dict[str, str] | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return {} if "Invalid job id" in out.stderr else None
+    states = {}
+    for line in out.stdout.splitlines():  # a requeued job has a line per run: the last one is now
+        job, _, state = line.strip().partition("|")
+        if job and state:
+            states[job] = state.split()[0].upper()
+    return states
+
+
+def _local_job_alive(job: str, paths: RunPaths) -> bool:
+    """A local job's id is its pid; the pid counts only while it is still this run's submitit job (a pid is
+    reused once its process is gone)."""
+    from .clusters.local import pid_alive
+
+    if not job.isdigit() or not pid_alive(int(job)):
+        return False
+    try:
+        cmdline = Path(f"/proc/{job}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return True
+    return str(paths.logs) in cmdline
+
+
+def collect(run_dir: str | Path, now: float | None = None) -> dict:
+    """Where the run stands: rows, errors by reason, rates, ETA, replicas and their jobs, timings, log tail."""
+    paths, plan = open_run(run_dir)
+    now = time.time() if now is None else now
+    committed = scan_committed(paths, plan)
+    total = committed.total
+    done_rows = sum(plan.units[u][2] for u in committed.units if u < len(plan.units))
+    progress = _progress(paths)
+    attempt = max((p["attempt"] for p in progress), default=None)
+    frontend = read_json(paths.root / "work" / "frontend.json")
+    since = attempt_start(attempt)
+    try:
+        front_end_started = time.mktime(time.strptime(str(frontend.get("started")), "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        front_end_started = None
+    if front_end_started and (since is None or front_end_started > since + 1):
+        attempt, since = None, front_end_started  # a newer start, whose replicas have not reported yet
+    current = [p for p in progress if p["attempt"] == attempt]
+    this_attempt = sum((UnitStats.of(p) for p in current), start=UnitStats())
+    generate_s = busy_seconds([s for p in current for s in p.get("segments", [])])
+
+    recent_records = [r for r in read_requests(paths, since=max(now - WINDOW_S, since or 0))
+                      if attempt is None or r.get("run_attempt") == attempt]
+    began = min((r["at"] - (r.get("latency_s") or 0) for r in recent_records), default=now)
+    recent = _rates(recent_records, max(now - WINDOW_S, began), now)
+    overall = {"window_s": round(generate_s, 1), "rows": this_attempt.rows,
+               "prompts_per_s": round(this_attempt.rows / generate_s, 3) if generate_s > 0 else 0.0,
+               "output_tokens_per_s": round(this_attempt.output_tokens / generate_s, 3) if generate_s > 0 else 0.0}
+    left = plan.total_rows - done_rows
+    if not left:
+        eta_s = 0.0
+    else:  # unknown until requests are answered
+        eta_s = round(left / recent["prompts_per_s"], 1) if recent["prompts_per_s"] > 0 else None
+
+    cluster = cluster_name(paths, frontend)
+    jobs = [str(j) for j in frontend.get("jobs", [])] or submitted_jobs(paths, since)
+    states = job_states(cluster, jobs, str(frontend.get("host") or ""), paths)
+    replicas = _replicas(paths, jobs, states, current, log_events(paths, since), recent_records)
+    seen = {s.split()[0] for s in states.values()}
+    state = "complete" if done_rows >= plan.total_rows else "running" if seen & ACTIVE_STATES else \
+        "unknown" if "UNKNOWN" in seen else "stopped"
+    summary = read_json(paths.root / "summary.json")
+    return {
+        "run_dir": str(paths.root),
+        "cluster": cluster,
+        "state": state,
+        "attempt": attempt,
+        "rows": {"total": plan.total_rows, "committed": done_rows, "ok": total.ok, "failed": total.failed,
+                 "retryable": total.retryable, "output_tokens": total.output_tokens,
+                 "units": len(plan.units), "units_done": len(committed.units)},
+        "errors": error_groups(paths, committed.stats),
+        "damaged": committed.damaged,
+        "rates": {"recent": recent, "overall": overall},
+        "eta_s": eta_s,
+        "jobs": [{"job": j, "state": states.get(j, "UNKNOWN")} for j in jobs],
+        "replicas": replicas,
+        "log": log_tail(paths),
+        "summary": summary or None,
+        "now": round(now, 3),
+    }
+
+
+def _replicas(paths: RunPaths, jobs: list[str], states: dict, progress: list[dict], events: list,
+              recent: list[dict]) -> list[dict]:
+    """Each replica of this attempt: its job and state, rows, and where its time went (queue wait: from
+    submission to the job's first line in run.log; start-up: engine start to readiness; generation: first
+    request to last commit of each segment)."""
+    found: dict[int, dict] = {}
+
+    def replica(n: int) -> dict:
+        return found.setdefault(n, {"replica": f"r{n}", "job": jobs[n] if n < len(jobs) else None, "host": None,
+                                    "started_at": None, "startup_s": 0.0, "ready": False, "last_event": None})
+
+    starting: dict[int, float] = {}
+    for at, n, job, host, message in events:
+        r = replica(n)
+        if job != "local":
+            r["job"] = job
+        r["host"] = host
+        r["last_event"] = message
+        if message.startswith(("starting the ", "connecting to the engine")):
+            starting[n] = at
+            r["started_at"] = r["started_at"] or at
+        elif message.startswith("engine ready at") and n in starting:
+            r["startup_s"] += at - starting.pop(n)
+            r["ready"] = True
+    for record in progress:
+        owner = str(record.get("owner", ""))
+        if owner[1:].isdigit():
+            r = replica(int(owner[1:]))
+            r.update({k: record.get(k, 0) for k in ("rows", "ok", "failed", "output_tokens")})
+            r["generation_s"] = round(busy_seconds(record.get("segments", [])), 1)
+            r["updated"] = record.get("updated")
+    for n in range(len(jobs)):
+        replica(n)
+    per_owner = Counter()
+    for record in recent:
+        per_owner[record.get("replica")] += record.get("ok", 0) + record.get("failed", 0)
+    out = []
+    for n in sorted(found):
+        r = found[n]
+        r["state"] = states.get(r["job"], "UNKNOWN") if r["job"] else "UNKNOWN"
+        submitted = _submitted_at(paths, r["job"])
+        r["queue_wait_s"] = round(r["started_at"] - submitted, 1) if r["started_at"] and submitted else None
+        r["startup_s"] = round(r["startup_s"], 1) if r["ready"] else None
+        r["recent_rows"] = per_owner.get(r["replica"], 0)
+        out.append(r)
+    return out
+
+
+def _submitted_at(paths: RunPaths, job: str | None) -> float | None:
+    try:
+        return (paths.logs / "submitit" / job / f"{job}_submitted.pkl").stat().st_mtime if job else None
+    except OSError:
+        return None
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_status(s: dict) -> str:
+    """The status as a few lines for a terminal."""
+    rows = s["rows"]
+    share = 100.0 * rows["committed"] / rows["total"] if rows["total"] else 100.0
+    lines = [f"run:        {s['run_dir']}" + (f" (cluster={s['cluster']})" if s["cluster"] else ""),
+             f"state:      {s['state']}" + ("; rerun the same command to resume" if s["state"] == "stopped" else ""),
+             f"rows:       {rows['committed']}/{rows['total']} committed ({share:.1f}%), {rows['ok']} ok, "
+             f"{rows['failed']} failed; {rows['units_done']}/{rows['units']} units"]
+    if s["errors"]:
+        lines.append(f"errors:     {rows['failed']} row(s) in {len(s['errors'])} group(s):")
+        width = max(len(str(e["rows"])) for e in s["errors"])
+        lines += [f"            {e['rows']:>{width}}  {e['reason']}" for e in s["errors"][:10]]
+        if len(s["errors"]) > 10:
+            lines.append(f"            ... and {len(s['errors']) - 10} more group(s) (--json lists them all)")
+    for damaged in s["damaged"]:
+        lines.append(f"damaged:    {damaged}")
+    recent, overall = s["rates"]["recent"], s["rates"]["overall"]
+    lines.append(f"rate:       recent {recent['prompts_per_s']:.1f} prompts/s, {recent['output_tokens_per_s']:.1f} "
+                 f"output tokens/s (last {recent['window_s']:.0f} s)" if recent["rows"] else
+                 f"rate:       recent: no request answered in the last {WINDOW_S:.0f} s")
+    lines.append(f"            overall {overall['prompts_per_s']:.1f} prompts/s, {overall['output_tokens_per_s']:.1f} "
+                 f"output tokens/s over {_duration(overall['window_s'])} of generation (this attempt)")
+    if s["state"] != "complete":
+        lines.append(f"eta:        {_duration(s['eta_s'])} at the recent rate" if s["eta_s"] is not None
+                     else "eta:        unknown until requests are answered")
+    if s["replicas"]:
+        lines.append("replicas:")
+        for r in s["replicas"]:
+            times = ", ".join(f"{what} {_duration(r.get(key))}" for what, key in (
+                ("queue wait", "queue_wait_s"), ("start-up", "startup_s"), ("generating", "generation_s"))
+                if r.get(key) is not None)
+            done = f"{r['rows']} rows ({r['ok']} ok, {r['failed']} failed)" if "rows" in r else "no rows yet"
+            lines.append(f"  {r['replica']}  job {r['job'] or '?'}  {r['state']}"
+                         + (f" on {r['host']}" if r["host"] else "") + f"; {done}" + (f"; {times}" if times else ""))
+    if s["log"]:
+        lines.append(f"run.log (last {len(s['log'])} lines):")
+        lines += [f"  {line}" for line in s["log"]]
+    return "\n".join(lines)

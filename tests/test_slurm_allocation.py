@@ -1,0 +1,115 @@
+"""cluster=allocation on the real local cluster: an sbatch script whose only command is
+`orchestrator run` uses its own allocation (no nested sbatch), one srun step per replica."""
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import write_prompts
+from tests.test_slurm import ranks, sacct_state, wait_for
+
+pytestmark = pytest.mark.slurm
+EXE = shutil.which("orchestrator") or "orchestrator"
+
+
+def submit(tmp_path: Path, partition: str, nodes: int, *overrides: str) -> tuple[str, Path]:
+    """The README's recipe: #SBATCH lines plus one `orchestrator run` line."""
+    out = tmp_path / "job.out"
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join([
+        "#!/bin/bash",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --exclusive",
+        "#SBATCH --requeue",
+        f"#SBATCH --partition={partition}",
+        f"#SBATCH --output={out}",
+        "#SBATCH --open-mode=append",
+        f"exec {EXE} run " + " ".join(overrides),
+    ]) + "\n")
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True)
+    return job.stdout.strip().split(";")[0], out
+
+
+def steps(job: str) -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,JobName", "-j", job], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def test_an_sbatch_job_fills_its_allocation_with_replicas_and_submits_nothing(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 400)
+    run_dir = tmp_path / "run"
+    job, out = submit(tmp_path, slurm_cluster, 2, "model=nemotron_mini_4b_instruct", "layout.nodes=1",
+                      "layout.gpus_per_node=8", "layout.tensor_parallel=8", f"data.input={src}", f"run_dir={run_dir}",
+                      "data.unit_rows=20", "client.batch_size=10", "engine.request_latency_s=0.2",
+                      "sampling.tokens_to_generate=4")
+    assert sacct_state(job, deadline_s=240) == "COMPLETED", out.read_text()
+    text = out.read_text()
+    assert f"inside Slurm job {job}: running in its allocation" in text
+    df = pd.read_parquet(run_dir / "results")
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(400)) and (df["status"] == "ok").all()
+    owners = {p.read_text() for p in (run_dir / "work" / "claims").glob("*/*")}
+    assert owners == {"r0", "r1"}  # two replicas, one per node, shared the plan
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["cluster"] == "allocation" and summary["replicas"] == 2
+    names = [line.split("|")[1] for line in steps(job)]
+    assert "orchestrator-r0" in names and "orchestrator-r1" in names  # replicas are steps of this job
+    assert not (run_dir / "logs" / "submitit").exists(), "a job was submitted from inside the allocation"
+
+
+def test_a_requeued_allocation_resumes_from_its_commits_on_two_nodes_per_replica(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 600)
+    run_dir = tmp_path / "run"
+    job, out = submit(tmp_path, slurm_cluster, 2, "model=nemotron4_340b_instruct", "engine=mock",
+                      f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "client.batch_size=10",
+                      "engine.request_latency_s=0.3", "sampling.tokens_to_generate=4")
+    results = run_dir / "results"
+    wait_for(lambda: results.is_dir() and len(list(results.glob("*.parquet"))) >= 3, 180, "a few committed units")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    deadline = time.monotonic() + 400
+    while True:  # after the requeue the job runs again and must finish by itself
+        state = sacct_state(job, deadline_s=10)
+        if state == "COMPLETED":
+            break
+        assert time.monotonic() < deadline and state not in ("FAILED", "CANCELLED", "TIMEOUT"), (state, out.read_text())
+    df = pd.read_parquet(results)
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(600)) and (df["status"] == "ok").all()
+    text = out.read_text()
+    assert "resuming" in text, text
+    placed = {(r["node"], r["world_size"]) for r in ranks(run_dir)}
+    assert {node for node, _ in placed} == {"n1", "n2"} and {w for _, w in placed} == {16}  # TP8 x PP2 on 2 nodes
+
+
+def test_a_layout_that_does_not_fit_the_allocation_is_refused_with_the_arithmetic(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 10)
+    job, out = submit(tmp_path, slurm_cluster, 1, "model=nemotron4_340b_instruct", "engine=mock",
+                      f"data.input={src}", f"run_dir={tmp_path / 'run'}")
+    assert sacct_state(job, deadline_s=120) == "FAILED"
+    text = out.read_text()
+    assert f"job {job} holds 1 node(s), and one replica of nemotron4_340b_instruct needs layout.nodes=2: " \
+           f"1 // 2 = 0 replicas fit" in text
+    assert "Traceback" not in text
+    assert len(steps(job)) <= 2  # the job and its batch step: no engine was started
+
+
+def test_one_replicas_engine_dying_loses_only_that_replica(slurm_cluster, tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 600)
+    run_dir = tmp_path / "run"
+    job, out = submit(tmp_path, slurm_cluster, 2, "model=nemotron_mini_4b_instruct", "layout.nodes=1",
+                      "layout.gpus_per_node=8", "layout.tensor_parallel=8", f"data.input={src}", f"run_dir={run_dir}",
+                      "data.unit_rows=20", "client.batch_size=10", "engine.request_latency_s=0.3",
+                      "sampling.tokens_to_generate=4", "client.lease_s=4")
+    rank0 = lambda: list(run_dir.glob("work/ranks-*-r0/rank-0.json"))  # noqa: E731
+    results = run_dir / "results"
+    wait_for(lambda: rank0() and results.is_dir() and len(list(results.glob("*.parquet"))) >= 4, 180,
+             "replica 0 serving and some commits")
+    subprocess.run(["kill", "-9", str(json.loads(rank0()[0].read_text())["pid"])], check=True)
+    assert sacct_state(job, deadline_s=300) == "COMPLETED", out.read_text()
+    text = out.read_text()
+    assert f"warning: job {job}.r0 failed" in text and "the engine process exited during the run" in text
+    df = pd.read_parquet(results)
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(600)) and (df["status"] == "ok").all()
