@@ -515,14 +515,18 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         sub.release(outcome)
 
 
-def submit(cfg: Config) -> Submission:
-    """Everything up to the submitted jobs: checks, plan, the run_dir's lock, one job per replica."""
+def submit(cfg: Config, defer: bool = False) -> Submission:
+    """Everything up to the submitted jobs: checks, plan, the run_dir's lock, one job per replica
+    (defer: all but the jobs, which submit_jobs() submits with other runs')."""
     started_at = time.time()
     plan, paths = prepare(cfg)
     lock = RunLock(cfg, paths)
     lock.acquire()
     try:
-        return _submit(cfg, plan, paths, lock, started_at)
+        sub = _submit(cfg, plan, paths, lock, started_at)
+        if sub.summary is None and not defer:
+            submit_jobs([sub])
+        return sub
     except BaseException:
         lock.release(keep_for_jobs=False)
         raise
@@ -565,24 +569,45 @@ def _submit(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at:
         print(f"nothing left to do\nresults: {paths.results}\nsummary: {one_line(summary)}")
         sub.summary = summary
         return sub
-    cluster = cluster_for(cfg)
-    replicas = cluster.replicas(cfg, adapter_for(cfg))
-    executor = cluster.executor(cfg, paths)
+    sub.replicas = cluster_for(cfg).replicas(cfg, adapter_for(cfg))
+    return sub
+
+
+def submit_jobs(subs: list[Submission], folder: RunPaths | None = None) -> None:
+    """Submit the jobs of one or more runs (a sweep's members). Runs whose jobs ask the cluster for the
+    same resources go in as one job array where the cluster has arrays (submitit logs under folder)."""
+    groups: dict = {}
+    for sub in subs:
+        key = cluster_for(sub.cfg).array_key(sub.cfg)
+        groups.setdefault(key if key is not None else id(sub), []).append(sub)
+    for group in groups.values():
+        _submit_group(group, folder if len(group) > 1 and folder is not None else group[0].paths)
+
+
+def _submit_group(group: list[Submission], folder: RunPaths) -> None:
+    cluster = cluster_for(group[0].cfg)
+    executor = cluster.executor(group[0].cfg, folder)
+    pending = [(sub, replica) for sub in group for replica in range(sub.replicas)]
     jobs: list = []
     try:
-        for replica in range(replicas):
-            jobs.append(executor.submit(NodeJob(cfg, str(paths.root), attempt, started_at, replica)))
+        with cluster.batch(executor, len(pending) > 1 and len(group) > 1):
+            for sub, replica in pending:
+                jobs.append(executor.submit(NodeJob(sub.cfg, str(sub.paths.root), sub.attempt, sub.started_at,
+                                                    replica)))
     except Exception as exc:  # noqa: BLE001 - sbatch refused, Slurm down, ...: never leave a partial run behind
-        for job in jobs:
+        submitted = [job for job in jobs if getattr(job, "_job_id", getattr(job, "job_id", None))]
+        for job in submitted:
             job.cancel(check=False)
-        done = f"; cancelled the {len(jobs)} job(s) already submitted ({', '.join(str(j.job_id) for j in jobs)})" \
-            if jobs else ""
+        done = f"; cancelled the {len(submitted)} job(s) already submitted " \
+               f"({', '.join(str(j.job_id) for j in submitted)})" if submitted else ""
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise RunError(f"submitting replica {len(jobs)} of {replicas} failed: {reason}{done}. Nothing was "
-                       f"committed by them; rerun the same command once the cluster accepts jobs") from None
-    lock.jobs([str(job.job_id) for job in jobs])
-    sub.jobs, sub.replicas = jobs, replicas
-    return sub
+        what = f"replica {len(jobs)} of {len(pending)}" if len(group) == 1 else f"a job array of {len(pending)} jobs"
+        raise RunError(f"submitting {what} failed: {reason}{done}. Nothing was committed by them; rerun the same "
+                       f"command once the cluster accepts jobs") from None
+    for (sub, _), job in zip(pending, jobs):
+        sub.jobs.append(job)
+    for sub in group:
+        sub.lock.jobs([str(job.job_id) for job in sub.jobs])
 
 
 def follow(sub: Submission, show_progress: bool = True) -> dict:

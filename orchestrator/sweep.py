@@ -68,7 +68,7 @@ class Sweep:
                   "submission": None, "error": None, "cfg": cfg}
         print(f"sweep member {name or '(no overrides)'}: {cfg.run_dir}", flush=True)
         try:
-            member["submission"] = submit(cfg)
+            member["submission"] = submit(cfg, defer=True)  # the jobs go in together, at finish()
         except OrchestratorError as exc:
             member["error"] = str(exc)
             print(f"error: sweep member {name}: {exc}", file=sys.stderr, flush=True)
@@ -88,8 +88,19 @@ class Sweep:
 
     def finish(self, wait: bool) -> int:
         """Follow every member (wait=true) or report their jobs; print the table; the exit status."""
-        from .launch import Interrupted, follow, report_submitted
+        from .launch import Interrupted, follow, report_submitted, submit_jobs
+        from .work import RunPaths
 
+        pending = [m for m in self.members if m["submission"] is not None and m["submission"].summary is None]
+        try:
+            submit_jobs([m["submission"] for m in pending], RunPaths(self.dir))
+        except OrchestratorError as exc:  # the array was refused: no member's jobs went in
+            for member in pending:
+                member["error"] = str(exc).splitlines()[0]
+                member["submission"].release(None)
+                member["submission"] = None
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        self._write()
         try:
             for i, member in enumerate(self.members):
                 sub = member["submission"]

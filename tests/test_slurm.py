@@ -297,8 +297,8 @@ def test_a_sweep_on_slurm_submits_every_member_at_once(slurm_cluster, tmp_path):
             "sampling.temperature=0.2,0.7", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SLOW_SLURM]
     proc = run_cli(*args, "wait=false")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    jobs = re.findall(r"submitted job\(s\) (\d+) for", proc.stdout)
-    assert len(jobs) == 2
+    jobs = re.findall(r"submitted job\(s\) ([\d_]+) for", proc.stdout)
+    assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1 and all("_" in j for j in jobs)  # one array
     assert all(sacct_state(j, deadline_s=240) == "COMPLETED" for j in jobs)
     times = []
     for j in jobs:

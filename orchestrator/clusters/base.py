@@ -25,6 +25,16 @@ class ClusterAdapter:
     def executor(self, cfg: Config, paths: RunPaths):
         raise NotImplementedError
 
+    def array_key(self, cfg: Config) -> str | None:
+        """Runs with the same key can go in one job array (None: this way of running has no arrays)."""
+        return None
+
+    def batch(self, executor, array: bool):
+        """The context in which jobs submitted go in as one job array (when array)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def replicas(self, cfg: Config, engine) -> int:
         """How many replicas this run has (an allocation fits as many as its nodes hold)."""
         return cfg.replicas

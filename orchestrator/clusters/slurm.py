@@ -23,6 +23,17 @@ class SlurmCluster(ClusterAdapter):
         executor.update_parameters(**submitit_parameters(cfg))
         return executor
 
+    def array_key(self, cfg: Config) -> str | None:
+        """Jobs asking for the same resources (nodes, GPUs, time, partition, ...) can share one array."""
+        import json
+
+        return json.dumps([submitit_parameters(cfg), cfg.cluster.max_requeues], sort_keys=True, default=str)
+
+    def batch(self, executor, array: bool):
+        import contextlib
+
+        return executor.batch() if array else contextlib.nullcontext()
+
     def step_prefix(self, cfg: Config, engine) -> list[str]:
         return engine_step_prefix(cfg, engine.tasks_per_node(cfg), engine.step_args)
 
