@@ -27,9 +27,10 @@ from .engines.base import adapter_for, check_engine
 from .engines.server import EngineServer
 from .errors import ConfigError, EngineError, OrchestratorError, RunError
 from .layout import build_layout
-from .report import build_summary, one_line, write_summary
+from .report import attempt_progress, build_summary, one_line, write_summary
 from .work import (InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, committed_rows,
-                   done_units, log_event, publish_once, remaining_units, scan_committed, write_retry_units)
+                   UnitStats, done_units, log_event, publish_once, remaining_units, scan_committed,
+                   write_retry_units)
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}
@@ -282,13 +283,12 @@ class NodeJob:
         return summary
 
 
-def _kept_summary(paths: RunPaths, plan: Plan) -> dict | None:
-    """summary.json of a run that completed, when it still agrees with the results."""
+def _kept_summary(paths: RunPaths, total: UnitStats) -> dict | None:
+    """summary.json of a run that completed, when it still agrees with the committed totals."""
     try:
         summary = json.loads((paths.root / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    total = scan_committed(paths, plan).total
     if isinstance(summary, dict) and summary.get("complete") and summary.get("committed") == total.rows \
             and summary.get("ok") == total.ok and summary.get("failed") == total.failed:
         return summary
@@ -319,15 +319,7 @@ def make_executor(cfg: Config, paths: RunPaths):
 
 
 def _rows_done(paths: RunPaths, attempt: str) -> int:
-    done = 0
-    for p in paths.progress.glob("*.json"):
-        try:
-            record = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("attempt") == attempt:
-            done += record.get("rows", 0)
-    return done
+    return sum(record.get("rows", 0) for record in attempt_progress(paths, attempt))
 
 
 def wait_for_jobs(jobs: list, cfg: Config, on_tick, complete=None, settle_s: float = 30.0) -> list:
@@ -562,7 +554,7 @@ def _submit(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at:
         print("retry_failed=true: no committed row failed", flush=True)
     sub = Submission(cfg, plan, paths, lock, attempt, started_at, already, retry)
     if already == plan.total_rows and not retry:
-        summary = _kept_summary(paths, plan)  # the finished run's own figures, not a rerun's zero rate
+        summary = _kept_summary(paths, committed.total)  # the finished run's own figures, not a rerun's zero rate
         if summary is None:
             summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
             write_summary(paths, summary)

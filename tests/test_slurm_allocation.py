@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import write_prompts
-from tests.test_slurm import ranks, sacct_state, wait_for
+from tests.test_slurm import SLOW_SLURM, ranks, sacct_state, wait_for
 
 pytestmark = pytest.mark.slurm
 EXE = shutil.which("orchestrator") or "orchestrator"
@@ -43,10 +43,7 @@ def steps(job: str) -> list[str]:
 def test_an_sbatch_job_fills_its_allocation_with_replicas_and_submits_nothing(slurm_cluster, tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 400)
     run_dir = tmp_path / "run"
-    job, out = submit(tmp_path, slurm_cluster, 2, "model=nemotron_mini_4b_instruct", "layout.nodes=1",
-                      "layout.gpus_per_node=8", "layout.tensor_parallel=8", f"data.input={src}", f"run_dir={run_dir}",
-                      "data.unit_rows=20", "client.batch_size=10", "engine.request_latency_s=0.2",
-                      "sampling.tokens_to_generate=4")
+    job, out = submit(tmp_path, slurm_cluster, 2, f"data.input={src}", f"run_dir={run_dir}", *SLOW_SLURM)
     assert sacct_state(job, deadline_s=240) == "COMPLETED", out.read_text()
     text = out.read_text()
     assert f"inside Slurm job {job}: running in its allocation" in text
@@ -99,10 +96,8 @@ def test_a_layout_that_does_not_fit_the_allocation_is_refused_with_the_arithmeti
 def test_one_replicas_engine_dying_loses_only_that_replica(slurm_cluster, tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 600)
     run_dir = tmp_path / "run"
-    job, out = submit(tmp_path, slurm_cluster, 2, "model=nemotron_mini_4b_instruct", "layout.nodes=1",
-                      "layout.gpus_per_node=8", "layout.tensor_parallel=8", f"data.input={src}", f"run_dir={run_dir}",
-                      "data.unit_rows=20", "client.batch_size=10", "engine.request_latency_s=0.3",
-                      "sampling.tokens_to_generate=4", "client.lease_s=4")
+    job, out = submit(tmp_path, slurm_cluster, 2, f"data.input={src}", f"run_dir={run_dir}", "client.lease_s=4",
+                      *SLOW_SLURM)
     rank0 = lambda: list(run_dir.glob("work/ranks-*-r0/rank-0.json"))  # noqa: E731
     results = run_dir / "results"
     wait_for(lambda: rank0() and results.is_dir() and len(list(results.glob("*.parquet"))) >= 4, 180,

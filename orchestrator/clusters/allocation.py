@@ -46,6 +46,11 @@ def _gpus_per_node() -> int | None:
     return None
 
 
+def nodes_per_replica(cfg: Config, engine) -> int:
+    """A replica's share of the allocation: its layout's nodes, or one node for an engine it does not start."""
+    return cfg.layout.nodes if engine.starts_process else 1
+
+
 class AllocationCluster(ClusterAdapter):
     name = "allocation"
     jobs_outlive_front_end = False  # its steps end with the batch step that drives them
@@ -58,7 +63,7 @@ class AllocationCluster(ClusterAdapter):
         if not cfg.wait:
             return [f"wait=false inside job {job} would end the job, and its replicas with it: leave wait=true "
                     f"(the batch step drives the replicas until the run ends)"]
-        nodes, per = allocation_nodes(), cfg.layout.nodes if engine.starts_process else 1
+        nodes, per = allocation_nodes(), nodes_per_replica(cfg, engine)
         if len(nodes) < per:
             return [f"job {job} holds {len(nodes)} node(s), and one replica of {cfg.model.name} needs "
                     f"layout.nodes={per}: {len(nodes)} // {per} = 0 replicas fit. Submit with sbatch -N {per} (or a "
@@ -81,7 +86,7 @@ class AllocationCluster(ClusterAdapter):
         return []
 
     def replicas(self, cfg: Config, engine) -> int:
-        per = cfg.layout.nodes if engine.starts_process else 1
+        per = nodes_per_replica(cfg, engine)
         fit = len(allocation_nodes()) // per
         return cfg.replicas if cfg.replicas > 1 else fit
 
@@ -141,7 +146,7 @@ class StepExecutor:
 
         cfg = self.cfg
         replica, attempt = node_job.args[4], node_job.args[2]
-        per = cfg.layout.nodes if adapter_for(cfg).starts_process else 1
+        per = nodes_per_replica(cfg, adapter_for(cfg))
         mine = self.nodes[replica * per:(replica + 1) * per]
         if len(mine) < per:
             raise RunError(f"replica {replica} needs {per} node(s); the allocation has {len(self.nodes)}")
