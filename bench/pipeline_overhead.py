@@ -13,7 +13,7 @@ round's ratio is its pipeline prompts/s over the mean of those two bare runs. On
 whose speed drifts, adjacent runs are what compare; the headline is the median of the rounds' ratios
 (best/best is printed too). Target: >= 0.80.
 
-    python bench/pipeline_overhead.py [--prompts 100000] [--rounds 5]
+    python bench/pipeline_overhead.py [--prompts 100000] [--rounds 5] [--override client.journal_sync_s=0.1]
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=100000)
     ap.add_argument("--rounds", type=int, default=5, help="pipeline runs, each between two bare-loop runs")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="per pipeline run")
+    ap.add_argument("--override", action="append", default=[], help="KEY=VALUE for every pipeline run (diagnosis)")
     args = ap.parse_args()
 
     work = tmpdir("bench-overhead-")
@@ -87,7 +88,7 @@ def main() -> int:
                 run_dir = work / f"run{r}"
                 overrides = ["engine=endpoint", f"engine.url={engine.url}", "engine.protocol=nemo",  # the bare loop's route
                              f"sampling.tokens_to_generate={TOKENS}",
-                             f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}"]
+                             f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}", *args.override]
                 wall, _ = run_orchestrator(overrides, timeout_s=args.timeout_s)
                 summary = json.loads((run_dir / "summary.json").read_text())
                 if summary["ok"] != args.prompts:
@@ -100,7 +101,8 @@ def main() -> int:
         print(f"machine: {machine()}; {load_before}, {probe_before} (before); {load()}, {cpu_probe()} (after)")
         print(cpu.report())
         print(f"prompts: {args.prompts}, {BATCH} per request, {IN_FLIGHT} in flight, tokens_to_generate={TOKENS}, "
-              f"model={cfg.model.name} ({cfg.model.prompt.format}); {args.rounds} rounds a b a b ... a")
+              f"model={cfg.model.name} ({cfg.model.prompt.format}); {args.rounds} rounds a b a b ... a"
+              + (f"; overrides {' '.join(args.override)}" if args.override else ""))
         ratios = []
         for r in range(args.rounds):
             around = (bare[r] + bare[r + 1]) / 2

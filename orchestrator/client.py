@@ -19,13 +19,16 @@ import aiohttp
 import pandas  # noqa: F401 - pyarrow imports it on the first pa.array(list): pay that at start, not mid-run
 import pyarrow as pa
 
-from .config import Config
+from .config import Config, config_yaml
 from .errors import EngineError, RunError
+from .engines import auth
 from .engines.codecs import EngineInfo, MalformedAnswer, RejectedError, TransientError, make_codec, openai_api
 from .conversation import Conversation
 from .prompts import format_prompt, postprocess, render_messages
-from .work import (Plan, RunPaths, UnitReader, UnitStats, atomic_write_text, claim, commit_unit, done_units,
-                   heartbeat, is_committed, kept_rows, mark_retried, result_schema, retried, retry_units)
+from .claims import WAIT, Scheduler, result_exists
+from .journal import Entry, Journals, UnitJournal, settings_digest
+from .work import (Ledger, Plan, RunPaths, UnitReader, UnitStats, commit_unit, done_units, kept_rows, mark_retried,
+                   result_schema, retried, retry_units, write_progress)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ log = logging.getLogger(__name__)
 class UnitBuffer:
     """Results of one unit, filled in any order, committed once every row has an outcome. A row that is a
     conversation has its outcome after its last turn (or its first failed one): the unit commits whole
-    conversations only."""
+    conversations only. Rows whose outcome is new are listed in `fresh` until the client appends them to
+    the unit's journal (see journal.py)."""
 
     def __init__(self, unit: int, rows: int, turns: bool = False):
         self.unit = unit
@@ -50,7 +54,12 @@ class UnitBuffer:
         self.attempts: list = [0] * rows
         self.remaining = rows
         self.read_done = False
+        self.abandoned = False  # another copy of the unit committed first: its rows are not sent any more
         self.retryable = 0  # failed rows the engine is to blame for: a rerun with retry_failed=true may recover them
+        self.blamed: set[int] = set()  # those rows
+        self.fresh: list[int] = []  # rows with an outcome that is not in the unit's journal yet
+        self.journal: UnitJournal | None = None  # this replica's journal of the unit
+        self.replayed_from: list = []  # other replicas' journals replayed into it (removed at the commit)
 
     def fail(self, i: int, message: str, attempts: int = 0, retryable: bool = False) -> None:
         conv = self.conversations.pop(i, None)
@@ -58,7 +67,10 @@ class UnitBuffer:
             message, attempts = conv.why(message), conv.attempts + attempts
         self.status[i], self.error[i], self.attempts[i] = "error", message, attempts
         self.retryable += retryable
+        if retryable:
+            self.blamed.add(i)
         self.remaining -= 1
+        self.fresh.append(i)
 
     def succeed(self, i: int, text: str, tokens: int | None, latency: float, attempts: int,
                 responses: list | None = None) -> None:
@@ -75,6 +87,27 @@ class UnitBuffer:
         self.response[i], self.status[i], self.output_tokens[i] = text, "ok", tokens
         self.latency[i], self.attempts[i] = latency, attempts
         self.remaining -= 1
+        self.fresh.append(i)
+
+    def restore(self, i: int, entry: Entry) -> None:
+        """A row's outcome as a journal (or a retried unit's commit) holds it: nothing to send, nothing
+        to journal again."""
+        if self.responses is not None:
+            self.responses[i] = entry.responses
+        self.status[i], self.response[i], self.error[i] = entry.status, entry.response, entry.error
+        self.output_tokens[i], self.latency[i], self.attempts[i] = entry.output_tokens, entry.latency_s, entry.attempts
+        if entry.blamed and entry.status == "error":
+            self.retryable += 1
+            self.blamed.add(i)
+        self.remaining -= 1
+
+    def journal_row(self, i: int) -> list:
+        """Row i's outcome as its journal record holds it (see journal.py)."""
+        row = [i, self.ids[i], self.status[i], self.response[i], self.error[i], self.output_tokens[i], self.latency[i],
+               self.attempts[i], int(i in self.blamed)]
+        if self.responses is not None:
+            row.append(self.responses[i])
+        return row
 
     def keep(self, part: pa.RecordBatch, columns: list[str]) -> None:
         """The kept input columns of rows just read (categoricals as their values)."""
@@ -136,6 +169,9 @@ class ClientStats:
     first_request_at: float | None = None  # this segment
     last_commit_at: float | None = None
     skipped_units: int = 0
+    journal_rows: int = 0  # rows taken from the journals of units interrupted before their commit (not asked again)
+    backup_copies: int = 0  # units this replica ran as a backup copy of a straggler's (client.backups)
+    discarded_rows: int = 0  # rows answered for a unit another copy committed first (thrown away, counted)
     earlier: list = field(default_factory=list)  # [first request, last commit] of the segments before a requeue
 
     @property
@@ -152,13 +188,14 @@ class Client:
     """Runs a plan's not-yet-committed units against one engine endpoint.
 
     `request_stop()` (thread-safe) makes it stop taking work, give in-flight requests up to
-    client.grace_s, commit the units that finished and abandon the rest (they are redone on resume).
-    A failure while stopping, or once the engine is gone, never becomes a row error.
+    client.grace_s, commit the units that finished and leave the rest: the rows they have answered are in
+    their journals (journal.py), and only the others are sent again on resume. A failure while stopping,
+    or once the engine is gone, never becomes a row error.
     """
 
     def __init__(self, cfg: Config, plan: Plan, paths: RunPaths, url: str, attempt: str, owner: str,
                  model_name: str = "mock", engine_alive: Callable[[], bool] | None = None,
-                 info: EngineInfo | None = None):
+                 info: EngineInfo | None = None, replica: int = 0):
         self.cfg, self.plan, self.paths, self.url = cfg, plan, paths, url.rstrip("/")
         self.attempt, self.owner = attempt, owner
         self.info = info or EngineInfo(url=self.url, protocol=cfg.engine.protocol or "nemo", model_name=model_name,
@@ -171,8 +208,23 @@ class Client:
         self.schema = result_schema(plan)
         self.reader = UnitReader(plan, cfg.data.read_batch_rows)
         self.stats = ClientStats()
-        self._continue_attempt()
         self.retry_units = retry_units(paths, attempt) if cfg.retry_failed else set()
+        done = done_units(paths)
+        retry = {u for u in self.retry_units if not retried(paths, attempt, u)}
+        self.stats.skipped_units = len(done - retry)
+        self.scheduler = Scheduler(paths, attempt, owner, [u for u in range(len(plan.units)) if u not in done or u in retry],
+                                   index=replica, lease_s=cfg.client.lease_s, backups=cfg.client.backups, retry=retry,
+                                   retried=lambda unit: retried(paths, attempt, unit))
+        self.ledger = Ledger(paths, owner)
+        # rows answered in units not committed yet survive a kill (journal.py); this replica's journals, and
+        # which units have one (one listing; those of units committed since are removed)
+        self.journals = Journals(paths, owner, attempt, settings_digest(paths, fallback=lambda: config_yaml(cfg)))
+        self.journals.scan(stale=lambda unit: unit in done and unit not in self.retry_units)
+        self._journal_due: set[UnitBuffer] = set()  # units with rows to append to their journal
+        self.active: dict[int, UnitBuffer] = {}  # units being run, by unit
+        self.dirty = False  # a commit since progress was last written
+        self.records_at = time.monotonic()  # when request records were last written
+        self._continue_attempt()
         self.timeout_s = cfg.request_timeout_s
         self.last_answer_at = time.monotonic()  # any HTTP answer from the engine: a hung engine gives none
         self.engine_alive = engine_alive or (lambda: True)
@@ -183,7 +235,6 @@ class Client:
         # one record per HTTP request, kept here and appended to work/requests/ with each progress write:
         # `orchestrator status` and `report` read them, and no request waits for a write of its own
         self.requests: list[dict] = []
-        self.requests_file = paths.requests / f"{attempt}-{owner}.jsonl"
 
     def _continue_attempt(self) -> None:
         """A job requeued within one attempt continues its replica's totals, so progress and the summary
@@ -195,6 +246,10 @@ class Client:
         if isinstance(record, dict) and record.get("attempt") == self.attempt:
             self.stats.rows = UnitStats.of(record)
             self.stats.earlier = [list(s) for s in record.get("segments", [])]
+            self.stats.backup_copies = record.get("backup_copies", 0)
+            self.stats.discarded_rows = record.get("discarded_rows", 0)
+            self.stats.journal_rows = record.get("journal_rows", 0)
+            self.scheduler.resume(record.get("holding", []))
 
     def request_stop(self, reason: str) -> None:
         """Thread-safe: stop taking work and wind down within client.grace_s."""
@@ -212,17 +267,21 @@ class Client:
 
     async def run(self) -> ClientStats:
         self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
+        self.unit_done = asyncio.Event()  # a unit of this replica is committed (or lost): look for work again
         self.next_turns: collections.deque = collections.deque()  # see _worker
         if self.stop_reason:
             self.stopping.set()
         in_flight = self.protocol.in_flight
         queue: asyncio.Queue = asyncio.Queue(maxsize=in_flight)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        connector = aiohttp.TCPConnector(limit=in_flight)
-        heartbeat(self.paths, self.attempt, self.owner)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        connector = aiohttp.TCPConnector(limit=in_flight, ssl=auth.client_ssl(self.cfg))  # engine.verify_tls, ca_bundle
+        self._write_progress()  # the replica's heartbeat file, from its start
+        # every request carries the key (engine.api_key_env); a 401/403 on any of them stops the replica
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=auth.headers(self.cfg),
+                                         raise_for_status=auth.stop_on_refusal(self.cfg, self.url, self._halt)) as session:
             self.session = session
-            helpers = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._watch())]
+            helpers = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._watch()),
+                       asyncio.create_task(self._sync_journals())]
             work = asyncio.gather(self._produce(queue, in_flight), *[self._worker(queue) for _ in range(in_flight)])
             stop = asyncio.create_task(self.stopping.wait())
             try:
@@ -239,14 +298,19 @@ class Client:
                     raise failed
             finally:
                 await _cancel(stop, *helpers)
+                self._flush_journals()  # what was answered is kept for the next run of these units
+                await asyncio.to_thread(self.journals.close_all, self.cfg.client.journal_sync_s > 0)
                 self._write_progress()
+                self.ledger.close()
         if self.fatal is not None:
             raise self.fatal
         return self.stats
 
     async def _watch(self) -> None:
-        """Heartbeat for our claims, and notice at once when the engine process dies."""
-        beat_every = max(0.5, self.cfg.client.lease_s / 4)
+        """Heartbeat for our claims, and notice at once when the engine process dies. Once no unit is free,
+        each beat also checks whether a unit this replica runs was committed by another copy: its rows that
+        are not sent yet are dropped."""
+        beat_every = max(0.5, self.scheduler.beat_s)
         last_beat = time.monotonic()
         while True:
             await asyncio.sleep(0.5)
@@ -254,8 +318,15 @@ class Client:
                 self._halt(EngineLost("the engine process exited during the run; unfinished units go back to the pool"))
                 return
             if time.monotonic() - last_beat >= beat_every:
-                await asyncio.to_thread(heartbeat, self.paths, self.attempt, self.owner)
+                await asyncio.to_thread(self.scheduler.beat)
                 last_beat = time.monotonic()
+                for unit in await asyncio.to_thread(self.scheduler.lost, result_exists(self.paths)):
+                    buf = self.active.pop(unit, None)
+                    if buf is not None and not buf.abandoned:
+                        buf.abandoned = True
+                        self.stats.discarded_rows += len(buf.ids)
+                        self.dirty = True
+                        await asyncio.to_thread(Journals.remove, *self._take_journals(buf))
 
     async def _produce(self, queue: asyncio.Queue, workers: int) -> None:
         await self._produce_units(queue)
@@ -263,42 +334,56 @@ class Client:
             await queue.put(None)
 
     async def _produce_units(self, queue: asyncio.Queue) -> None:
-        done = done_units(self.paths)
-        retry = {u for u in self.retry_units if not retried(self.paths, self.attempt, u)}
-        self.stats.skipped_units = len(done - retry)
-        pending = [u for u in range(len(self.plan.units)) if u not in done or u in retry]
+        """Claim units one at a time (see claims.Scheduler) and queue their rows; ends when every unit of
+        this attempt is committed, by this replica or others."""
         batch: list[tuple[UnitBuffer, int, str]] = []
-        lease = self.cfg.client.lease_s
-        while pending and not self.stopping.is_set():
-            waiting = []
-            for unit in pending:
-                if self.stopping.is_set():
-                    return
-                if is_committed(self.paths, unit) and unit not in retry:
-                    continue
-                if not claim(self.paths, self.attempt, unit, self.owner, lease):
-                    waiting.append(unit)
-                    continue
-                keep = None
-                if unit in retry:
-                    if retried(self.paths, self.attempt, unit):  # done before this job was requeued
-                        continue
-                    keep = await asyncio.to_thread(kept_rows, self.paths, unit)
-                    if keep is not None and len(keep["status"]) != self.plan.units[unit][2]:
-                        keep = None  # not this unit's rows: redo it whole
-                batch = await self._read_unit(unit, batch, queue, keep)
-            if batch and not self.stopping.is_set():
-                await queue.put(batch)
-                batch = []
-            pending = [u for u in waiting if not is_committed(self.paths, u)]
-            if pending:  # held by other replicas: wait for them to commit, or for their lease to lapse
-                await asyncio.sleep(min(2.0, lease / 4))
+        while not self.stopping.is_set():
+            got = await asyncio.to_thread(self.scheduler.next)
+            if got is None:
+                break
+            if got == WAIT:
+                if batch:
+                    await queue.put(batch)
+                    batch = []
+                self.unit_done.clear()
+                waits = {asyncio.ensure_future(self.stopping.wait()), asyncio.ensure_future(self.unit_done.wait())}
+                _, still = await asyncio.wait(waits, timeout=self.scheduler.poll_s, return_when=asyncio.FIRST_COMPLETED)
+                await _cancel(*still)
+                continue
+            unit, keep = got.unit, None
+            if got.copy:
+                self.stats.backup_copies += 1
+            if unit in self.retry_units:
+                keep = await asyncio.to_thread(kept_rows, self.paths, unit)
+                if keep is not None and len(keep["status"]) != self.plan.units[unit][2]:
+                    keep = None  # not this unit's rows: redo it whole
+            # a claim made once no unit is free (a backup copy, a takeover) may be of a unit that another
+            # replica of this attempt journaled since this one listed the journals: look again
+            relist = bool(got.copy) or self.scheduler.in_tail
+            batch = await self._read_unit(unit, batch, queue, keep, relist)
+        if batch and not self.stopping.is_set():
+            await queue.put(batch)
 
-    async def _read_unit(self, unit: int, batch: list, queue: asyncio.Queue, keep: dict | None = None) -> list:
-        """Queue a unit's rows; with keep (a retried unit's committed columns), its ok rows are kept as
-        they are and only the others are sent again."""
+    def _start_journal(self, unit: int, rows: int, relist: bool):
+        if relist:
+            self.journals.scan()
+        return self.journals.start(unit, rows)
+
+    async def _read_unit(self, unit: int, batch: list, queue: asyncio.Queue, keep: dict | None = None,
+                         relist: bool = False) -> list:
+        """Queue a unit's rows. The rows its journals hold (an earlier run of it was interrupted) are taken
+        from them, not sent; with keep (a retried unit's committed columns), its ok rows are kept as they
+        are. Only the others are sent."""
         fmt, batch_size, plan = self.cfg.model.prompt, self.protocol.batch_size, self.plan
-        buf = UnitBuffer(unit, plan.units[unit][2], turns=bool(plan.turns_column))
+        rows = plan.units[unit][2]
+        buf = UnitBuffer(unit, rows, turns=bool(plan.turns_column))
+        self.active[unit] = buf
+        journal, replay, buf.replayed_from = await asyncio.to_thread(self._start_journal, unit, rows, relist)
+        if journal is not None:
+            buf.journal = journal
+            self.journals.open.add(journal)
+        # a retried unit redoes its failed rows: a journal's errors count only when this attempt made them
+        retrying = unit in self.retry_units
         for ids, part in self.reader.read_parts(unit):
             base = len(buf.ids)
             buf.ids.extend(ids)
@@ -308,8 +393,15 @@ class Client:
             for offset, prompt in enumerate(prompts):
                 i = base + offset
                 if keep is not None and keep["status"][i] == "ok":
-                    buf.succeed(i, keep["response"][i], keep["output_tokens"][i], keep["latency_s"][i],
-                                keep["attempts"][i], (keep.get("responses") or [None] * (i + 1))[i])
+                    buf.restore(i, Entry(ids[offset], "ok", keep["response"][i], None, keep["output_tokens"][i],
+                                         keep["latency_s"][i], keep["attempts"][i], False,
+                                         (keep.get("responses") or [None] * (i + 1))[i], None))
+                    continue
+                entry = replay.get(i) if replay else None
+                if entry is not None and entry.id == ids[offset] and \
+                        (not retrying or entry.status == "ok" or entry.attempt == self.attempt):
+                    buf.restore(i, entry)
+                    self.stats.journal_rows += 1
                     continue
                 if plan.conversational:
                     item = self._start_conversation(buf, i, prompt)
@@ -335,6 +427,8 @@ class Client:
                 if len(batch) >= batch_size:
                     await queue.put(batch)
                     batch = []
+            if buf.fresh:
+                self._journal_soon(buf)
         buf.read_done = True
         if buf.complete:
             await self._commit(buf)
@@ -420,15 +514,21 @@ class Client:
     async def _worker(self, queue: asyncio.Queue) -> None:
         """Sends batches: a conversation's next turn first, else new rows from the bounded queue. A worker
         that answered a turn queues the next one before it looks again, so it (or another) always sends it;
-        next_turns holds at most one batch per worker."""
+        next_turns holds at most one batch per worker. The rows answered so far are in their journals
+        before a worker sends again: a kill loses at most the requests in flight."""
         while True:
             batch = self.next_turns.popleft() if self.next_turns else await queue.get()
             if batch is None:
                 return
             if not self.stopping.is_set():  # once stopping, queued requests are abandoned unsent
+                if self._journal_due:
+                    self._flush_journals()
                 await self._send(batch)
 
     async def _send(self, batch: list[tuple[UnitBuffer, int, str]]) -> None:
+        batch = [item for item in batch if not item[0].abandoned]
+        if not batch:
+            return
         prompts = [p for _, _, p in batch]
         payload = self.protocol.payload(prompts)
         client = self.cfg.client
@@ -521,8 +621,56 @@ class Client:
         except aiohttp.ClientError:
             return True
 
+    def _journal_soon(self, buf: UnitBuffer) -> None:
+        """Append the unit's fresh rows to its journal once the answers of this turn of the event loop are
+        in: one write for all of them."""
+        if not self._journal_due:
+            self.loop.call_soon(self._flush_journals)
+        self._journal_due.add(buf)
+
+    def _flush_journals(self) -> None:
+        due, self._journal_due = self._journal_due, set()
+        for buf in due:
+            rows, buf.fresh = buf.fresh, []
+            journal = buf.journal
+            if journal is None or not rows or buf.abandoned:
+                continue
+            try:
+                journal.append([buf.journal_row(i) for i in rows])
+            except (OSError, ValueError) as exc:  # a full disk: the unit goes on without it, whole at its commit
+                log.warning("cannot append to %s (%s); unit %d goes on without a journal", journal.path,
+                            getattr(exc, "strerror", None) or exc, buf.unit)
+                buf.journal = None
+                self.journals.open.discard(journal)
+                try:
+                    journal.close()
+                except OSError:
+                    pass
+
+    def _take_journals(self, buf: UnitBuffer) -> tuple[UnitJournal | None, list]:
+        """The unit is committed (or another copy committed it): its journals, to remove."""
+        journal, others = buf.journal, buf.replayed_from
+        buf.journal, buf.replayed_from = None, []
+        self.journals.open.discard(journal)
+        return journal, others
+
+    async def _sync_journals(self) -> None:
+        """fsync the journals written since the last look, every client.journal_sync_s: what a node crash
+        (not only a killed process) may lose of the answered rows."""
+        every = self.cfg.client.journal_sync_s
+        if every <= 0:
+            return
+        while True:
+            await asyncio.sleep(every)
+            due = [journal for journal in self.journals.open if journal.unsynced]
+            if due:
+                await asyncio.to_thread(Journals.sync, due)
+
     async def _commit_ready(self, batch) -> None:
         self._queue_next_turns(batch)
+        for buf in dict.fromkeys(buf for buf, _, _ in batch):
+            if buf.fresh:
+                self._journal_soon(buf)
         seen = set()
         for buf, _, _ in batch:
             if buf.unit not in seen and buf.complete:
@@ -531,9 +679,22 @@ class Client:
 
     async def _commit(self, buf: UnitBuffer) -> None:
         buf.remaining = -1  # committed: never again
+        self.active.pop(buf.unit, None)
+        self.scheduler.release(buf.unit)
+        self.unit_done.set()
+        journals = self._take_journals(buf)
+        if buf.abandoned:
+            await asyncio.to_thread(Journals.remove, *journals)
+            return
         table, stats = buf.table(self.schema)
-        await asyncio.to_thread(commit_unit, self.paths, buf.unit, table, stats.__dict__, self.owner)
-        if buf.unit in self.retry_units:
+        retry = buf.unit in self.retry_units
+        won = await asyncio.to_thread(_commit_and_remove_journals, self.paths, buf.unit, table, stats.__dict__,
+                                      self.owner, self.ledger, retry, journals)
+        self.dirty = True
+        if not won:  # another copy committed first: these rows are discarded
+            self.stats.discarded_rows += stats.rows
+            return
+        if retry:
             await asyncio.to_thread(mark_retried, self.paths, self.attempt, buf.unit)
         self.stats.rows = self.stats.rows + stats
         self.stats.last_commit_at = time.time()
@@ -544,32 +705,35 @@ class Client:
                 f"{client.max_error_fraction}); stopping early. See the error column of {self.paths.results}"))
 
     def _write_progress(self) -> None:
-        """This replica's totals in this attempt (all its segments): the progress bar and summary.json
-        read them. The request records gathered since the last call are appended in one write."""
-        self._flush_requests()
-        atomic_write_text(self.paths.progress / f"{self.owner}.json", json.dumps(
-            {"owner": self.owner, "attempt": self.attempt, **self.stats.rows.__dict__,
-             "segments": self.stats.segments, "updated": time.time()}))
-
-    def _flush_requests(self) -> None:
-        """Timing records are for following the run, not results: a failed write loses them with a warning
-        and never stops the run."""
+        """This replica's totals in this attempt (all its segments), the units it holds (a requeued job
+        takes them back), and the request records gathered since the last write: the progress bar,
+        `orchestrator status` and summary.json read them."""
         records, self.requests = self.requests, []
-        if not records:
-            return
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        try:
-            self.requests_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.requests_file, "a") as fh:
-                fh.write(text)
-        except OSError as exc:
-            log.warning("could not append %d request record(s) to %s (%s); the run goes on without them",
-                        len(records), self.requests_file, exc.strerror or exc)
+        self.dirty, self.records_at = False, time.monotonic()
+        self.scheduler.wrote()
+        write_progress(self.paths, self.owner, {
+            "owner": self.owner, "attempt": self.attempt, **self.stats.rows.__dict__,
+            "segments": self.stats.segments, "holding": sorted(self.scheduler.held),
+            "backup_copies": self.stats.backup_copies, "discarded_rows": self.stats.discarded_rows,
+            "journal_rows": self.stats.journal_rows, "updated": time.time()}, records)
 
     async def _report_progress(self) -> None:
+        """Progress is written after commits (at most once per client.progress_interval_s), and request
+        records at least once per lease_s / 4: a few metadata operations per unit, not per second."""
+        records_every = max(self.cfg.client.progress_interval_s, self.cfg.client.lease_s / 4)
         while True:
             await asyncio.sleep(self.cfg.client.progress_interval_s)
-            self._write_progress()
+            if self.dirty or (self.requests and time.monotonic() - self.records_at >= records_every):
+                self._write_progress()
+
+
+def _commit_and_remove_journals(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner: str, ledger: Ledger,
+                                replace: bool, journals: tuple) -> bool:
+    """commit_unit, then the unit's journals are removed (won or lost, the unit is committed now); a crash
+    in between leaves a journal of a committed unit, which the next replica to start removes."""
+    won = commit_unit(paths, unit, table, stats, owner, ledger, replace)
+    Journals.remove(*journals)
+    return won
 
 
 def _conversation_rows(part: pa.RecordBatch, plan: Plan) -> list[tuple]:

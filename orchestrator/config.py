@@ -159,6 +159,10 @@ class EngineConfig:
     use_tokenizer: bool = True  # count prompt tokens with the engine's /tokenize where it has one
     options: Dict[str, Any] = field(default_factory=dict)  # adapter-specific settings, listed in its YAML
     extra_body: Dict[str, Any] = field(default_factory=dict)  # extra JSON fields of every request (e.g. vLLM's ignore_eos)
+    # servers behind authentication and TLS (README "Authenticated endpoints")
+    api_key_env: Optional[str] = None  # the NAME of an environment variable holding the API key (never the key itself)
+    verify_tls: bool = True  # https: check the server's certificate
+    ca_bundle: Optional[str] = None  # https: PEM file of the CA that signed the server's certificate; None = the system's
     # embedded (mock) engine knobs
     request_latency_s: float = 0.0
     token_latency_s: float = 0.0
@@ -169,6 +173,9 @@ class EngineConfig:
     fail_rank: int = -1  # this engine rank exits at once (tests of a rank dying before readiness)
     stall_rate: float = 0.0  # fraction of requests that hang for stall_s (injected timeouts)
     stall_s: float = 30.0
+    slow_replicas: List[int] = field(default_factory=list)  # these replicas' engines are slow_factor times slower
+    slow_factor: float = 3.0
+    require_key_env: Optional[str] = None  # the embedded engine requires Authorization: Bearer <this variable's value>
     # NeMo checkpoints (engine=nemo, engine=triton)
     checkpoint: Optional[str] = None  # the .nemo file, inside the container
     script: Optional[str] = None  # the NeMo script that serves it; None = the adapter's
@@ -259,19 +266,22 @@ class ClientConfig:
     max_error_fraction: float = 0.5  # stop early when more than this share of rows failed...
     min_rows_for_error_check: int = 200  # ...once at least this many rows have an outcome
     grace_s: float = 30.0  # on preemption: time for in-flight requests to finish before they are abandoned
-    lease_s: float = 60.0  # a replica silent this long has lost its claims: others take its units
+    lease_s: float = 120.0  # a replica silent this long has lost its claims: others take its units
+    backups: int = 1  # once no unit is free, idle replicas run up to this many backup copies of each unit still held (0: none)
+    journal_sync_s: float = 5.0  # fsync each unit's journal this often: what a node crash may lose of its answered rows (0: never)
 
     def __post_init__(self) -> None:
         _check_range("client.batch_size", self.batch_size, lo=1, hi=128)
         _check_range("client.max_retries", self.max_retries, lo=0)
         _check_range("client.max_error_fraction", self.max_error_fraction, lo=0, hi=1)
         _check_range("client.lease_s", self.lease_s, lo=0, lo_open=True)
+        _check_range("client.backups", self.backups, lo=0)
         if self.request_timeout_s is not None:
             _check_range("client.request_timeout_s", self.request_timeout_s, lo=0, lo_open=True)  # 0 is not "never"
         _check_range("client.max_s_per_token", self.max_s_per_token, lo=0, lo_open=True)
         if self.hung_after_s is not None:
             _check_range("client.hung_after_s", self.hung_after_s, lo=0, lo_open=True)
-        for key in ("retry_backoff_s", "retry_backoff_max_s", "grace_s"):
+        for key in ("retry_backoff_s", "retry_backoff_max_s", "grace_s", "journal_sync_s"):
             _check_range(f"client.{key}", getattr(self, key), lo=0)
         _check_range("client.progress_interval_s", self.progress_interval_s, lo=0, lo_open=True)
         _check_range("client.min_rows_for_error_check", self.min_rows_for_error_check, lo=0)

@@ -27,9 +27,10 @@ from .engines.base import adapter_for, check_engine
 from .engines.server import EngineServer
 from .errors import ConfigError, EngineError, OrchestratorError, RunError
 from .layout import build_layout
-from .report import attempt_progress, build_summary, one_line, write_summary
+from . import fsops
+from .report import build_summary, one_line, write_summary
 from .work import (InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, committed_rows,
-                   UnitStats, done_units, log_event, publish_once, remaining_units, scan_committed,
+                   UnitStats, done_units, log_event, publish_once, remaining_units, retried_units, scan_committed,
                    write_retry_units)
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
@@ -64,7 +65,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
         plan = Plan.from_json(paths.plan.read_text())
         resumed = True
     else:
-        plan = apply_duplicate_policy(plan, cfg.data)
+        plan = apply_duplicate_policy(plan, cfg.data, spill_dir=paths.root / "work")  # big inputs spill there
         resumed = False
     paths.make()
     if not resumed:  # the plan is fixed at the first start; of two first starts at once, one publishes
@@ -163,7 +164,7 @@ def check_engine_identity(paths: RunPaths, info) -> None:
 def engine_server(cfg: Config, paths: RunPaths, attempt: str, replica: int) -> EngineServer:
     tag = f"{attempt}-r{replica}"
     server = EngineServer(cfg, paths.logs / f"engine-{tag}.log", paths.root / "work" / f"engine-{tag}.port",
-                          rank_dir=paths.root / "work" / f"ranks-{tag}")
+                          rank_dir=paths.root / "work" / f"ranks-{tag}", replica=replica)
     server.launcher = cluster_for(cfg).step_prefix(cfg, server.adapter) if server.adapter.starts_process else []
     return server
 
@@ -226,10 +227,8 @@ class NodeJob:
         owner = f"r{replica}"
         where = f"replica {replica} (job {os.environ.get('SLURM_JOB_ID', 'local')}, host {socket.gethostname()})"
         if not remaining_units(paths, plan, attempt):  # e.g. requeued after the others finished: no engine start
-            summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
-            write_summary(paths, summary)
             log_event(paths, f"{where}: nothing left to do; the engine was not started")
-            return summary
+            return _final_summary(cfg, paths, plan, attempt, started_at, owner)
         previous = signal.signal(signal.SIGTERM, lambda *_: self._request_stop("SIGTERM"))
         server = engine_server(cfg, paths, attempt, replica)
         log_event(paths, f"{where}: starting the {cfg.engine.name} engine" if server.adapter.starts_process
@@ -242,7 +241,8 @@ class NodeJob:
             print(f"engine ready at {info.url} ({what}, model {info.model_name})", flush=True)
             log_event(paths, f"{where}: engine ready at {info.url} ({what}, model {info.model_name})")
             check_engine_identity(paths, info)
-            self._client = Client(cfg, plan, paths, info.url, attempt, owner, engine_alive=server.alive, info=info)
+            self._client = Client(cfg, plan, paths, info.url, attempt, owner, engine_alive=server.alive, info=info,
+                                  replica=replica)
             if self._stop_reason:
                 self._client.request_stop(self._stop_reason)
 
@@ -275,12 +275,24 @@ class NodeJob:
         stats = result
         if self._client.stop_reason:
             log_event(paths, f"{where}: stopped ({self._client.stop_reason}); {stats.rows.units} unit(s) committed "
-                             f"by this replica; the rest is redone on resume")
+                             f"by this replica; the rows answered in its unfinished units are kept in their "
+                             f"journals, and a resume sends only the others")
             raise Preempted(f"stopped by {self._client.stop_reason}; committed work is kept, rerun or requeue resumes")
+        log_event(paths, f"{where}: finished; {stats.rows.rows} row(s) committed by this replica")
+        return _final_summary(cfg, paths, plan, attempt, started_at, owner)
+
+
+def _final_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, started_at: float, owner: str) -> dict:
+    """summary.json once the run is complete, written by the first replica to see that (one summary per
+    attempt, not one per replica: each reads every unit's ledger record). Others return their own totals."""
+    if remaining_units(paths, plan, attempt) == 0 and \
+            fsops.create_exclusive(paths.root / "work" / f"summary-{attempt}.by", owner):
         summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
         write_summary(paths, summary)
-        log_event(paths, f"{where}: finished; run {summary['committed']}/{summary['total']} rows committed")
+        log_event(paths, f"{owner}: run complete, {summary['committed']}/{summary['total']} rows committed; "
+                         f"summary.json written")
         return summary
+    return {"replica": owner, "attempt": attempt}
 
 
 def _kept_summary(paths: RunPaths, total: UnitStats) -> dict | None:
@@ -318,10 +330,6 @@ def make_executor(cfg: Config, paths: RunPaths):
     return cluster_for(cfg).executor(cfg, paths)
 
 
-def _rows_done(paths: RunPaths, attempt: str) -> int:
-    return sum(record.get("rows", 0) for record in attempt_progress(paths, attempt))
-
-
 def wait_for_jobs(jobs: list, cfg: Config, on_tick, complete=None, settle_s: float = 30.0) -> list:
     """Poll until every job is in a terminal state; never forever on a state that cannot be read. Once
     complete() says the run has nothing left (checked every few polls), jobs still queued or running get
@@ -342,8 +350,7 @@ def wait_for_jobs(jobs: list, cfg: Config, on_tick, complete=None, settle_s: flo
                 job.cancel(check=False)
             return pending
         still = []
-        for job in pending:
-            state = cluster.state(job)
+        for job, state in zip(pending, cluster.states(pending)):  # one query for all (sacct on Slurm)
             if state in TERMINAL_STATES:
                 continue
             if state == "UNKNOWN":
@@ -582,7 +589,7 @@ def _submit_group(group: list[Submission], folder: RunPaths) -> None:
     pending = [(sub, replica) for sub in group for replica in range(sub.replicas)]
     jobs: list = []
     try:
-        with cluster.batch(executor, len(pending) > 1 and len(group) > 1):
+        with cluster.batch(executor, len(pending) > 1):  # a run's replicas and a sweep's members: one array
             for sub, replica in pending:
                 jobs.append(executor.submit(NodeJob(sub.cfg, str(sub.paths.root), sub.attempt, sub.started_at,
                                                     replica)))
@@ -593,7 +600,8 @@ def _submit_group(group: list[Submission], folder: RunPaths) -> None:
         done = f"; cancelled the {len(submitted)} job(s) already submitted " \
                f"({', '.join(str(j.job_id) for j in submitted)})" if submitted else ""
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        what = f"replica {len(jobs)} of {len(pending)}" if len(group) == 1 else f"a job array of {len(pending)} jobs"
+        what = f"a job array of {len(pending)} jobs" if len(pending) > 1 and cluster.array_key(group[0].cfg) \
+            else f"replica {len(jobs)} of {len(pending)}"
         raise RunError(f"submitting {what} failed: {reason}{done}. Nothing was committed by them; rerun the same "
                        f"command once the cluster accepts jobs") from None
     for (sub, _), job in zip(pending, jobs):
@@ -617,13 +625,15 @@ def follow(sub: Submission, show_progress: bool = True) -> dict:
                    disable=not sys.stderr.isatty() and os.environ.get("ORCHESTRATOR_PROGRESS") != "1")
 
     last_line = [time.monotonic()]
-    done_base = already - sum(plan.units[u][2] for u in retry)  # retried rows count again as they are redone
+    retried = set(retry)
 
     def tick() -> None:
         lock.beat()
         if bar is None:
             return
-        bar.n = min(plan.total_rows, done_base + _rows_done(paths, attempt))
+        # one listing per tick, whatever the number of replicas (retried units count again once redone)
+        redone = retried & retried_units(paths, attempt) if retried else set()
+        bar.n = min(plan.total_rows, committed_rows(plan, (done_units(paths) - retried) | redone))
         bar.refresh()
         if bar.disable and time.monotonic() - last_line[0] >= 60:  # logs of sbatch-submitted runs get a line a minute
             last_line[0] = time.monotonic()

@@ -38,7 +38,7 @@ def busy_seconds(segments: list) -> float:
 
 
 def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, extra: dict | None = None) -> dict:
-    total = scan_committed(paths, plan).total
+    total = scan_committed(paths, plan, verify=False).total  # the ledger's totals: no stat per unit
     replicas = attempt_progress(paths, attempt)
     this_attempt = sum((UnitStats.of(r) for r in replicas), start=UnitStats())
     generate_s = busy_seconds([s for r in replicas for s in r.get("segments", [])])
@@ -58,6 +58,9 @@ def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, 
         "resumed_units": max(0, total.units - this_attempt.units),
         "prompts_per_s": round(this_attempt.rows / generate_s, 3) if generate_s > 0 else 0.0,
         "output_tokens_per_s": round(this_attempt.output_tokens / generate_s, 3) if generate_s > 0 else 0.0,
+        "backup_copies": sum(r.get("backup_copies", 0) for r in replicas),  # units run again for a straggler
+        "discarded_rows": sum(r.get("discarded_rows", 0) for r in replicas),  # answered by a copy that lost
+        "journal_rows": sum(r.get("journal_rows", 0) for r in replicas),  # kept through a crash or stop, not asked again
         "attempt": attempt,
     }
     summary.update(extra or {})

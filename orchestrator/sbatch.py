@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, bundled
+from .engines.auth import env_name_problem
+from .errors import ConfigError
 
 TEMPLATES_DIR = bundled("slurm_templates")
 # values known only when the job runs: rendered as the shell variables the scripts set
@@ -139,5 +141,15 @@ def render_template(name: str, cfg: Config, tasks_per_node: int, engine_cmd: lis
         ready_timeout_s=int(cfg.engine.ready_timeout_s),
         client_command=shlex.join(client),
         ready_path=READY_ROUTES[protocol][0],
-        ready_curl=READY_ROUTES[protocol][1],
+        ready_curl=READY_ROUTES[protocol][1] + ready_auth(cfg),
     )
+
+
+def ready_auth(cfg: Config) -> str:
+    """curl's header for engine.api_key_env, by the variable's name: the job expands it from the environment
+    it inherits (sbatch --export=ALL), and printf (a bash builtin) keeps the key out of every process's argv."""
+    name = cfg.engine.api_key_env
+    problem = env_name_problem("engine.api_key_env", name)
+    if problem:  # only a variable's name may reach the script
+        raise ConfigError(problem)
+    return f" -H @<(printf 'Authorization: Bearer %s\\n' \"${name}\")" if name else ""

@@ -4,7 +4,8 @@ Everything here reads files the run writes anyway (plan.json, the commit ledger,
 records under work/requests/, run.log, work/frontend.json) plus the scheduler's view of the jobs, so
 it works while the run goes on and after it, from any machine that shares the filesystem. The cost
 follows what is asked, not the run's size: totals come from the ledger, error texts only from the
-units that have failed rows (two columns), recent rates from the end of each request file.
+units that have failed rows (two columns, each commit once: work/status-errors.json keeps what they held),
+recent rates from the end of each request file.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .errors import RunError
 from .report import busy_seconds
-from .work import Plan, RunPaths, UnitStats, scan_committed
+from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, scan_committed
 
 WINDOW_S = 60.0  # what "recent" means for rates and the ETA
 LOG_LINES = 8
@@ -58,26 +59,102 @@ def error_reason(text: str | None) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
-    """Failed rows of the committed units grouped by reason, most frequent first. Only units whose
-    commit counted failed rows are opened, and of those only the status and error columns."""
+ERRORS_CACHE = "status-errors.json"  # under work/: each failed unit's error groups, read once per commit
+
+
+def _commit_key(paths: RunPaths, unit: int, record: dict) -> list | None:
+    """What tells one commit of a unit from another: its ledger record's size and time, else the file's."""
+    if isinstance(record.get("bytes"), int) and isinstance(record.get("at"), (int, float)):
+        return [record["bytes"], record["at"]]
+    try:
+        found = paths.result_file(unit).stat()
+    except OSError:
+        return None
+    return [found.st_size, found.st_mtime_ns]
+
+
+def _unit_errors(path: Path) -> list[tuple[str | None, int]] | None:
+    """A result file's error texts and how many rows have each (its status and error columns only)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    try:
+        table = pq.ParquetFile(path).read(columns=["status", "error"], use_threads=False)  # small: one thread
+    except (OSError, pa.ArrowException):  # replaced or put aside since the listing: the next status sees it
+        return None
+    errors = pc.filter(table.column("error"), pc.equal(table.column("status"), "error"))
+    return [(item["values"], item["counts"]) for item in pc.value_counts(errors).to_pylist()]
+
+
+def _read_errors_cache(path: Path) -> tuple[list[str], list[str], dict]:
+    try:
+        found = json.loads(path.read_text())
+        reasons, examples, units = found["reasons"], found["examples"], found["units"]
+        if isinstance(reasons, list) and isinstance(examples, list) and len(examples) == len(reasons) \
+                and isinstance(units, dict):
+            return reasons, examples, units
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    return [], [], {}
+
+
+def _cached_entry(entry, key: list, known: int) -> bool:
+    """A cache entry of this very commit, well formed: [key, [[reason index, rows], ...]]."""
+    try:
+        return entry[0] == key and all(0 <= i < known and isinstance(n, int) for i, n in entry[1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return False
+
+
+def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
+    """Failed rows of the committed units grouped by reason, most frequent first. Only units whose
+    commit counted failed rows are read, and of those only the status and error columns, each commit
+    once: what a unit's file held is kept in work/status-errors.json (when the run directory is
+    writable), so a later status reads only the units committed since."""
+    cache_path = paths.root / "work" / ERRORS_CACHE
+    reasons, examples, cached = _read_errors_cache(cache_path)
+    index = {reason: i for i, reason in enumerate(reasons)}
+    failing = sorted(u for u, st in stats.items() if st.get("failed"))
+    keys = {u: _commit_key(paths, u, stats[u]) for u in failing}
+    misses = [u for u in failing if keys[u] is None or not _cached_entry(cached.get(str(u)), keys[u], len(reasons))]
+    files = [paths.result_file(u) for u in misses]
+    if len(files) > 16:  # the reads wait on the filesystem and pyarrow lets go of the GIL: a few at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+            read = dict(zip(misses, pool.map(_unit_errors, files)))
+    else:
+        read = dict(zip(misses, map(_unit_errors, files)))
     counts: Counter = Counter()
-    examples: dict[str, str] = {}
-    for unit in sorted(u for u, st in stats.items() if st.get("failed")):
+    kept: dict[str, list] = {}
+    for unit in failing:
+        if unit in read:
+            if read[unit] is None:
+                continue
+            groups: Counter = Counter()
+            for text, rows in read[unit]:
+                reason = error_reason(text)
+                if reason not in index:
+                    index[reason] = len(reasons)
+                    reasons.append(reason)
+                    examples.append((text or "")[:300])
+                groups[index[reason]] += rows
+            entry = [keys[unit], [[i, n] for i, n in groups.items()]]
+        else:
+            entry = cached[str(unit)]
+        if entry[0] is not None:
+            kept[str(unit)] = entry
+        for i, rows in entry[1]:
+            counts[i] += rows
+    if misses or len(kept) != len(cached):
         try:
-            table = pq.read_table(paths.result_file(unit), columns=["status", "error"])
-        except (OSError, pa.ArrowInvalid):  # replaced or put aside since the listing: the next status sees it
-            continue
-        errors = pc.filter(table.column("error"), pc.equal(table.column("status"), "error"))
-        for item in pc.value_counts(errors).to_pylist():
-            reason = error_reason(item["values"])
-            counts[reason] += item["counts"]
-            examples.setdefault(reason, item["values"] or "")
-    return [{"reason": r, "rows": n, "example": examples[r][:300]} for r, n in counts.most_common()]
+            if cache_path.parent.is_dir():
+                atomic_write_text(cache_path, json.dumps({"reasons": reasons, "examples": examples, "units": kept},
+                                                         separators=(",", ":")))
+        except (OSError, RunError):  # a run directory this user cannot write: the next status reads them again
+            pass
+    return [{"reason": reasons[i], "rows": n, "example": examples[i]} for i, n in counts.most_common()]
 
 
 def read_requests(paths: RunPaths, since: float | None = None, chunk: int = 1 << 18) -> list[dict]:
@@ -257,7 +334,7 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     committed = scan_committed(paths, plan)
     total = committed.total
-    done_rows = sum(plan.units[u][2] for u in committed.units if u < len(plan.units))
+    done_rows = committed_rows(plan, committed.units)
     progress = _progress(paths)
     attempt = max((p["attempt"] for p in progress), default=None)
     frontend = read_json(paths.root / "work" / "frontend.json")

@@ -11,18 +11,23 @@ import bisect
 import errno
 import glob
 import json
+import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import fsops
 from .config import DataConfig
 from .errors import InputError, RunError
+
+log = logging.getLogger(__name__)
 
 RESULT_PREFIX = "part-"
 RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "output_tokens", "latency_s", "attempts")
@@ -37,10 +42,87 @@ class InputFile:
     mtime_ns: int
 
 
+class Units(Sequence):
+    """The plan's units, each (file index, first row, row count), derived from the files' row counts and
+    unit_rows (build_plan cuts every file into runs of unit_rows rows): nothing per unit is stored or
+    built. len() is free, units[u] is a bisection over the files, iteration walks them in order."""
+
+    __slots__ = ("rows", "unit_rows", "_first", "_len")
+
+    def __init__(self, rows: list[int], unit_rows: int):
+        self.rows, self.unit_rows = list(rows), int(unit_rows)
+        self._first, n = [], 0  # the first unit of each file
+        for count in self.rows:
+            self._first.append(n)
+            n += -(-count // self.unit_rows)
+        self._len = n
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        i = index + self._len if index < 0 else index
+        if not 0 <= i < self._len:
+            raise IndexError(f"unit {index} is not in the plan ({self._len} units)")
+        f = bisect.bisect_right(self._first, i) - 1  # a file without rows has no unit: the last file at or before i
+        start = (i - self._first[f]) * self.unit_rows
+        return f, start, min(self.unit_rows, self.rows[f] - start)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        step = self.unit_rows
+        for f, count in enumerate(self.rows):
+            for start in range(0, count, step):
+                yield f, start, min(step, count - start)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Units) and other.rows == self.rows and other.unit_rows == self.unit_rows:
+            return True
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(other) == self._len and all(tuple(a) == tuple(b) for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def rows_of(self, units) -> int:
+        """Rows of the given units (a set of unit numbers; others are ignored) without a lookup per unit:
+        every unit holds unit_rows rows but the last of a file, which may hold fewer."""
+        done = units if isinstance(units, (set, frozenset, dict)) else set(units)
+        total = self.unit_rows * sum(1 for u in done if 0 <= u < self._len)
+        for f, count in enumerate(self.rows):
+            short = count % self.unit_rows
+            if short and self._first[f] + count // self.unit_rows in done:
+                total -= self.unit_rows - short
+        return total
+
+    def __repr__(self) -> str:
+        return f"Units({self._len} units of up to {self.unit_rows} rows over {len(self.rows)} files)"
+
+
+def _files_json(files: list[InputFile]) -> dict:
+    """The input files as columns; each path is one shared prefix + its name when it can be (the usual case)."""
+    out = {"name": [f.name for f in files], "rows": [f.rows for f in files], "size": [f.size for f in files],
+           "mtime_ns": [f.mtime_ns for f in files]}
+    prefixes = {f.path[:len(f.path) - len(f.name)] if f.name and f.path.endswith(f.name) else None for f in files}
+    if len(prefixes) == 1 and None not in prefixes:
+        out["prefix"] = prefixes.pop()
+    else:
+        out["path"] = [f.path for f in files]
+    return out
+
+
+def _files_from_json(found) -> list[InputFile]:
+    if isinstance(found, list):  # plan.json of the previous version: one object per file
+        return [InputFile(**f) for f in found]
+    paths = found["path"] if "path" in found else [found["prefix"] + name for name in found["name"]]
+    return [InputFile(*row) for row in zip(paths, found["name"], found["rows"], found["size"], found["mtime_ns"])]
+
+
 @dataclass
 class Plan:
     files: list[InputFile]
-    units: list[tuple[int, int, int]]  # (file index, first row, row count)
+    units: Sequence[tuple[int, int, int]]  # (file index, first row, row count): Units, or a list from an old plan
     prompt_column: str
     id_column: str | None  # None: ids are "<file>:<row>"
     id_type: str  # arrow type of the id column in results
@@ -68,15 +150,23 @@ class Plan:
         return list(dict.fromkeys(c for c in named if c))
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d["units"] = [list(u) for u in self.units]
-        return json.dumps(d)
+        """plan.json: the files as columns and unit_rows, from which the units follow (format 2); a plan whose
+        units are not those (none that build_plan makes) keeps its list of units."""
+        d = {"format": 2, **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("files", "units")}}
+        d["files"] = _files_json(self.files)
+        if self.units != Units([f.rows for f in self.files], self.unit_rows):
+            d["units"] = [list(u) for u in self.units]
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
+        """A plan of either format: this one, or the previous version's (files as objects, every unit listed)."""
         d = json.loads(text)
-        d["files"] = [InputFile(**f) for f in d["files"]]
-        d["units"] = [tuple(u) for u in d["units"]]
+        d.pop("format", None)
+        d["files"] = _files_from_json(d["files"])
+        derived = Units([f.rows for f in d["files"]], d["unit_rows"])
+        units = d.pop("units", None)
+        d["units"] = derived if units is None or derived == units else [tuple(u) for u in units]
         return cls(**d)
 
 
@@ -191,18 +281,40 @@ def keep_schema(plan: Plan) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.keep_schema)))
 
 
+def _footer(path: Path) -> tuple[pa.Schema, int, os.stat_result]:
+    """A file's schema and row count (one read of its footer), and its size and time."""
+    pf = _open(path)
+    return pf.schema_arrow, pf.metadata.num_rows, path.stat()
+
+
+def _footers(paths: list[Path], chunk: int = 64) -> Iterator[tuple[pa.Schema, int, os.stat_result]]:
+    """Every file's footer, in order. Runs of files are read by a few threads at once (on a shared
+    filesystem each read waits on the network; on a local disk it costs what one thread does), and the
+    first file that cannot be read, in order, is the one named."""
+    workers = min(8, os.cpu_count() or 1, -(-len(paths) // chunk))
+    if workers < 2:
+        yield from map(_footer, paths)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(part: list[Path]) -> list:
+        return [_footer(path) for path in part]
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="footers") as pool:
+        for part in pool.map(run, [paths[i:i + chunk] for i in range(0, len(paths), chunk)]):
+            yield from part
+
+
 def build_plan(data: DataConfig, input_spec: str) -> Plan:
-    """Check every input file's schema (from its footer only) and cut the rows into units."""
+    """Check every input file's schema (from its footer only, read once) and cut the rows into units."""
     import base64
 
     paths, root = discover_inputs(input_spec)
     files: list[InputFile] = []
-    units: list[tuple[int, int, int]] = []
     id_types: dict[str, str] = {}
     kept: dict[str, tuple[pa.DataType, Path]] = {}
     conversational = bool(data.messages_column or data.turns_column)
-    for index, path in enumerate(paths):
-        schema = _open(path).schema_arrow
+    for path, (schema, num_rows, stat) in zip(paths, _footers(paths)):
         names = schema.names
         if conversational:
             _check_conversation_columns(path, schema, data)
@@ -222,11 +334,7 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
                                  f"{first[0]}, {path.name}: {kind}); give every file the same type, or drop it "
                                  f"from data.keep_columns")
         id_types[str(path)] = _id_type(schema.field(data.id_column).type, path, data) if data.id_column in names else ""
-        meta = pq.read_metadata(path)
-        stat = path.stat()
-        files.append(InputFile(str(path), os.path.relpath(path, root), meta.num_rows, stat.st_size, stat.st_mtime_ns))
-        for start in range(0, meta.num_rows, data.unit_rows):
-            units.append((index, start, min(data.unit_rows, meta.num_rows - start)))
+        files.append(InputFile(str(path), os.path.relpath(path, root), num_rows, stat.st_size, stat.st_mtime_ns))
     kinds = set(id_types.values())
     if len(kinds) > 1:
         detail = ", ".join(f"{Path(p).name}: {t or 'no id column'}" for p, t in list(id_types.items())[:6])
@@ -234,16 +342,19 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
                          f"give every file the same id column type, or none")
     id_type = kinds.pop() if kinds else ""
     kept_fields = pa.schema([(name, kind) for name, (kind, _) in kept.items()])
-    return Plan(files, units, data.prompt_column, data.id_column if id_type else None,
+    return Plan(files, Units([f.rows for f in files], data.unit_rows), data.prompt_column,
+                data.id_column if id_type else None,
                 id_type or "string", data.unit_rows, data.messages_column, data.turns_column,
                 data.attributes_column, list(kept),
                 base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "")
 
 
-def apply_duplicate_policy(plan: Plan, data: DataConfig) -> Plan:
-    """Refuse repeated ids (with examples), or apply the policy the user opted into. Reads every id once."""
+def apply_duplicate_policy(plan: Plan, data: DataConfig, spill_dir: Path | None = None) -> Plan:
+    """Refuse repeated ids (with examples), or apply the policy the user opted into. Reads every id once
+    (twice when some repeat, for the examples); a big input's hashes spill under spill_dir (see
+    find_duplicate_ids)."""
     if plan.id_column and data.duplicate_ids != "keep":
-        count, examples, nulls = find_duplicate_ids(plan, data.read_batch_rows * 8)
+        count, examples, nulls = find_duplicate_ids(plan, data.read_batch_rows * 8, spill_dir=spill_dir)
         if nulls[0] and data.duplicate_ids == "error":
             raise InputError(f"{nulls[0]} row(s) have a null id in column {plan.id_column!r} (first at {nulls[1]}); "
                              f"ids must be set for exactly-once results. Fill them in, or opt in: "
@@ -267,37 +378,238 @@ def _id_batches(plan: Plan, batch_rows: int):
             row += batch.num_rows
 
 
-def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 3) -> tuple[int, list, tuple]:
+# The duplicate-id scan holds at most this many 64-bit id hashes in memory at once (32 MiB); a bigger input's
+# hashes go to bucket files on disk, each sorted alone. It is read when the scan starts (tests lower it).
+DUPLICATE_SCAN_HASHES = 1 << 22
+_SPILL_MAX_BITS = 8  # at most 256 bucket files open at once; a bucket still too big is split again
+
+
+def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 3, budget: int | None = None,
+                       spill_dir: Path | None = None) -> tuple[int, list, tuple]:
     """Rows whose id repeats an earlier one, a few examples with where they are, and (null ids, where the
-    first is). One 64-bit hash per row, sorted in place: about 9 bytes of memory per row."""
+    first is). One 64-bit hash per row. Up to `budget` rows (DUPLICATE_SCAN_HASHES) the hashes are sorted
+    in memory; above it they are written to 2^k bucket files by their top k bits (in a temporary folder
+    under spill_dir, or the system's, removed afterwards), k chosen so that a bucket holds about `budget`
+    hashes, and each bucket is read back and sorted alone: the memory is bounded by the budget, not the
+    input, and the answer is the same."""
     import numpy as np
     import pandas as pd
 
     def hashes(column) -> "np.ndarray":
         return pd.util.hash_array(column.to_numpy(zero_copy_only=False).astype(object))
 
-    every = np.empty(plan.total_rows, dtype=np.uint64)
-    filled, nulls, first_null = 0, 0, None
-    for source, row, column in _id_batches(plan, batch_rows):
-        every[filled:filled + len(column)] = hashes(column)
-        filled += len(column)
-        if column.null_count:
-            nulls += column.null_count
-            if first_null is None:
-                first_null = f"{source.name}:{row + int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))}"
-    every = every[:filled]
-    every.sort()
-    repeats = every[1:] == every[:-1]
-    extra = int(repeats.sum())
+    budget = max(1, int(budget or DUPLICATE_SCAN_HASHES))
+    expected = plan.total_rows
+    nulls, first_null = 0, None
+    wanted: list = []  # the smallest repeated hashes, ascending: the examples, as the in-memory sort finds them
+    with _HashScratch(expected > budget, spill_dir) as scratch:
+        store = _Buckets(scratch.folder, _bucket_bits(expected, budget), 0, budget) if scratch.folder \
+            else _InMemoryHashes(expected)
+        for source, row, column in _id_batches(plan, batch_rows):
+            store.add(hashes(column))
+            if column.null_count:
+                nulls += column.null_count
+                if first_null is None:
+                    first_null = f"{source.name}:{row + int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))}"
+        extra = store.repeats(budget, max_examples, wanted)
     if not extra:
         return 0, [], (nulls, first_null)
-    wanted = np.unique(every[1:][repeats])[:max_examples]
-    del every, repeats
+    wanted_hashes = np.array(wanted, dtype=np.uint64)
     found: dict = {}
     for source, row, column in _id_batches(plan, batch_rows):
-        for offset in np.nonzero(np.isin(hashes(column), wanted))[0]:
-            found.setdefault(column[int(offset)].as_py(), []).append(f"{source.name}:{row + int(offset)}")
-    return extra, [(ident, where[:4]) for ident, where in list(found.items())[:max_examples]], (nulls, first_null)
+        for offset in np.nonzero(np.isin(hashes(column), wanted_hashes))[0]:
+            where = found.setdefault(column[int(offset)].as_py(), [])
+            if len(where) < 4:  # an id repeated a million times keeps four places, not a million
+                where.append(f"{source.name}:{row + int(offset)}")
+    return extra, list(found.items())[:max_examples], (nulls, first_null)
+
+
+def _bucket_bits(count: int, budget: int) -> int:
+    """Bits of hash that split `count` hashes into buckets of budget/2 or fewer on average, so that hardly
+    any bucket (they vary by chance) outgrows the budget."""
+    bits = 1
+    while 2 * count > budget << bits and bits < _SPILL_MAX_BITS:
+        bits += 1
+    return bits
+
+
+def _sorted_repeats(hashes, need: int, wanted: list) -> int:
+    """Repeats in sorted hashes; the smallest repeated values are appended to wanted until it holds need."""
+    import numpy as np
+
+    if len(hashes) < 2:
+        return 0
+    repeats = hashes[1:] == hashes[:-1]
+    extra = int(np.count_nonzero(repeats))
+    step = 1 << 20  # found a slice at a time: a bucket of repeats never doubles the memory
+    for lo in range(0, len(repeats) if extra else 0, step):
+        if len(wanted) >= need:
+            break
+        for value in np.unique(hashes[1 + lo:1 + lo + step][repeats[lo:lo + step]]):
+            if len(wanted) >= need:
+                break
+            if not wanted or value != wanted[-1]:
+                wanted.append(value)
+    return extra
+
+
+class _HashScratch:
+    """A temporary folder for the spilled hashes under spill_dir (or the system's), removed on the way out;
+    none when the scan stays in memory."""
+
+    def __init__(self, spill: bool, spill_dir: Path | None):
+        self.spill, self.spill_dir, self.folder = spill, spill_dir, None
+
+    def __enter__(self) -> "_HashScratch":
+        import tempfile
+
+        if self.spill:
+            base = Path(self.spill_dir) if self.spill_dir is not None else None
+            try:
+                if base is not None:
+                    base.mkdir(parents=True, exist_ok=True)
+                self.folder = Path(tempfile.mkdtemp(prefix="duplicate-ids-", dir=base))
+            except OSError as exc:
+                raise write_error(base or Path(tempfile.gettempdir()), exc) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _InMemoryHashes:
+    def __init__(self, expected: int):
+        import numpy as np
+
+        self.every, self.filled = np.empty(expected, dtype=np.uint64), 0
+
+    def add(self, hashes) -> None:
+        import numpy as np
+
+        end = self.filled + len(hashes)
+        if end > len(self.every):  # a file grew since its footer was read
+            grown = np.empty(max(end, 2 * len(self.every)), dtype=np.uint64)
+            grown[:self.filled] = self.every[:self.filled]
+            self.every = grown
+        self.every[self.filled:end] = hashes
+        self.filled = end
+
+    def repeats(self, budget: int, need: int, wanted: list) -> int:
+        every = self.every[:self.filled]
+        every.sort()
+        try:
+            return _sorted_repeats(every, need, wanted)
+        finally:
+            self.every = every = None
+
+
+class _Buckets:
+    """Hashes that share their top `skip` bits, written to 2^bits files by the next `bits` bits; staged in
+    memory and written a slice per bucket, so the writes are large."""
+
+    def __init__(self, folder: Path, bits: int, skip: int, budget: int):
+        import numpy as np
+
+        self.folder, self.bits, self.skip = folder, min(bits, 64 - skip), skip
+        self.shift, self.mask = 64 - skip - self.bits, (1 << self.bits) - 1
+        self.counts = [0] * (1 << self.bits)
+        self.files: list = [None] * (1 << self.bits)
+        self.stage, self.staged = np.empty(min(budget, 1 << 20), dtype=np.uint64), 0
+
+    def path(self, bucket: int) -> Path:
+        return self.folder / f"{self.skip:02d}-{bucket:04d}.u64"
+
+    def add(self, hashes) -> None:
+        while len(hashes):
+            take = min(len(hashes), len(self.stage) - self.staged)
+            self.stage[self.staged:self.staged + take] = hashes[:take]
+            self.staged += take
+            hashes = hashes[take:]
+            if self.staged == len(self.stage):
+                self._flush()
+
+    def _flush(self) -> None:
+        import numpy as np
+
+        staged, self.staged = self.stage[:self.staged], 0
+        keys = ((staged >> np.uint64(self.shift)) & np.uint64(self.mask)).astype(np.uint16)
+        order = np.argsort(keys, kind="stable")  # a radix sort on 16-bit keys: linear
+        sizes = np.bincount(keys, minlength=len(self.counts))
+        grouped, at = staged[order], 0
+        for bucket in np.flatnonzero(sizes):
+            n = int(sizes[bucket])
+            if self.files[bucket] is None:
+                self.files[bucket] = open(self.path(bucket), "wb")
+            try:
+                self.files[bucket].write(grouped[at:at + n].tobytes())
+            except OSError as exc:
+                raise write_error(self.path(bucket), exc) from None
+            self.counts[bucket] += n
+            at += n
+
+    def _close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            for fh in self.files:
+                if fh is not None:
+                    try:
+                        fh.close()
+                    except OSError as exc:
+                        raise write_error(Path(fh.name), exc) from None
+
+    def repeats(self, budget: int, need: int, wanted: list) -> int:
+        """Every bucket in order of its bits (so the examples come out as the in-memory sort has them)."""
+        import numpy as np
+
+        self._close()
+        extra = 0
+        for bucket, count in enumerate(self.counts):
+            if not count:
+                continue
+            path = self.path(bucket)
+            if count <= budget:
+                hashes = np.fromfile(path, dtype=np.uint64)
+                hashes.sort()
+                extra += _sorted_repeats(hashes, need, wanted)
+                del hashes
+            else:  # more than its share: many repeats of a few ids, or an unlucky split
+                extra += self._split(path, count, budget, need, wanted)
+            path.unlink(missing_ok=True)
+        return extra
+
+    def _split(self, path: Path, count: int, budget: int, need: int, wanted: list) -> int:
+        """An oversized bucket: one value throughout, or split again below the bits its values share."""
+        import numpy as np
+
+        low = high = None
+        for chunk in _chunks(path, budget):
+            low = chunk.min() if low is None else min(low, chunk.min())
+            high = chunk.max() if high is None else max(high, chunk.max())
+        if low == high:  # one id (or one hash) repeated throughout
+            if len(wanted) < need and (not wanted or low != wanted[-1]):
+                wanted.append(low)
+            return count - 1
+        shared = 64 - (int(low) ^ int(high)).bit_length()  # leading bits every value here has in common
+        sub = _Buckets(self.folder, _bucket_bits(count, budget), shared, budget)
+        for chunk in _chunks(path, budget):
+            sub.add(chunk)
+        path.unlink()
+        return sub.repeats(budget, need, wanted)
+
+
+def _chunks(path: Path, size: int):
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        while True:
+            chunk = np.fromfile(fh, dtype=np.uint64, count=size)
+            if not len(chunk):
+                return
+            yield chunk
 
 
 class UnitReader:
@@ -425,7 +737,7 @@ class RunPaths:
         return self.results / f"{RESULT_PREFIX}{unit:08d}.parquet"
 
     def make(self) -> None:
-        for d in (self.results, self.tmp, self.claims, self.progress, self.logs):
+        for d in (self.results, self.tmp, self.claims, self.progress, self.requests, self.logs):
             d.mkdir(parents=True, exist_ok=True)
 
 
@@ -475,49 +787,6 @@ def done_units(paths: RunPaths) -> set[int]:
     return done
 
 
-def heartbeat(paths: RunPaths, attempt: str, owner: str) -> None:
-    """A replica says it is alive; its claims stay its own while it does."""
-    folder = paths.root / "work" / "heartbeat" / attempt
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / owner).touch()
-
-
-def _silent_for(paths: RunPaths, attempt: str, owner: str, claim_file: Path) -> float:
-    beat = paths.root / "work" / "heartbeat" / attempt / owner
-    try:
-        last = beat.stat().st_mtime
-    except FileNotFoundError:
-        last = claim_file.stat().st_mtime
-    return time.time() - last
-
-
-def claim(paths: RunPaths, attempt: str, unit: int, owner: str, lease_s: float | None = None) -> bool:
-    """Take a unit for this attempt of the run. A unit already claimed is ours again when we hold it (a
-    requeued replica), and is taken over when its holder has been silent for lease_s (a lost replica).
-    Two takers racing for one unit may both run it: commits are per-unit renames, so rows never double."""
-    folder = paths.claims / attempt
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{unit:08d}"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            holder = path.read_text()
-        except FileNotFoundError:
-            return False
-        if holder == owner:
-            return True
-        if lease_s is None or not holder or _silent_for(paths, attempt, holder, path) < lease_s:
-            return False
-        tmp = folder / f".{unit:08d}.{owner}.{uuid.uuid4().hex}"
-        tmp.write_text(owner)
-        os.replace(tmp, path)
-        return True
-    with os.fdopen(fd, "w") as fh:
-        fh.write(owner)
-    return True
-
-
 def write_retry_units(paths: RunPaths, attempt: str, units: list[int]) -> None:
     """retry_failed=true: the committed units whose error rows this attempt redoes, fixed by the front-end."""
     folder = paths.root / "work" / "retry"
@@ -540,6 +809,11 @@ def mark_retried(paths: RunPaths, attempt: str, unit: int) -> None:
     marker = _retried_marker(paths, attempt, unit)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
+
+
+def retried_units(paths: RunPaths, attempt: str) -> set[int]:
+    """The units retry_failed=true has redone in this attempt (one listing)."""
+    return {int(name) for name in fsops.listdir(_retried_marker(paths, attempt, 0).parent) if name.isdigit()}
 
 
 def retried(paths: RunPaths, attempt: str, unit: int) -> bool:
@@ -573,24 +847,97 @@ def log_event(paths: RunPaths, message: str) -> None:
         fh.write(line)
 
 
-def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner: str = "local") -> None:
-    """Write a unit's results under work/tmp, then rename into results/ (atomic on one filesystem).
-    Its stats go in the file's footer, and then in the owner's ledger, so totals need no footer reads."""
+class Ledger:
+    """A replica's ledger, work/ledger/<owner>.jsonl: one line per unit it committed (its stats, the file's
+    size and when), so totals and resume checks need no footer reads. Opened once, appended per commit."""
+
+    def __init__(self, paths: RunPaths, owner: str):
+        self.path = paths.root / "work" / "ledger" / f"{owner}.jsonl"
+        self._fh = None
+
+    def append(self, record: dict) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = fsops.open_file(self.path, "a")
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner: str = "local",
+                ledger: Ledger | None = None, replace: bool = False) -> bool:
+    """Write a unit's results under work/tmp, then publish it in results/ (atomic on one filesystem).
+    The first commit of a unit wins: a backup copy or a late holder that finds the file there already
+    gets False, and its rows are discarded (replace=True: a retried unit replaces its earlier commit).
+    Its stats go in the file's footer, then in the owner's ledger. Four metadata operations (open, link,
+    unlink, and the ledger's append when it is not held open)."""
     meta = dict(table.schema.metadata or {})
     meta[b"orchestrator.stats"] = json.dumps(stats).encode()
     table = table.replace_schema_metadata(meta)
     tmp = paths.tmp / f"{unit:08d}.{uuid.uuid4().hex}.parquet"
+    final = paths.result_file(unit)
     try:
-        pq.write_table(table, tmp)
+        with fsops.open_file(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+            size = fh.tell()
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise write_error(paths.result_file(unit), exc) from None
-    size = tmp.stat().st_size
-    os.replace(tmp, paths.result_file(unit))
-    ledger = paths.root / "work" / "ledger"
-    ledger.mkdir(parents=True, exist_ok=True)
-    with open(ledger / f"{owner}.jsonl", "a") as fh:  # bytes: what a resume checks the file against
-        fh.write(json.dumps({"unit": unit, **stats, "bytes": size, "at": time.time()}) + "\n")
+        raise write_error(final, exc) from None
+    if replace:
+        fsops.replace(tmp, final)
+    else:
+        try:
+            won = fsops.link(tmp, final)
+        except OSError:  # a filesystem without hard links: check, then rename (a narrow window, no worse)
+            won = not fsops.exists(final)
+            if won:
+                fsops.replace(tmp, final)
+        fsops.unlink(tmp)
+        if not won:
+            return False
+    record = {"unit": unit, **stats, "bytes": size, "at": time.time()}  # bytes: what a resume checks the file against
+    if ledger is not None:
+        ledger.append(record)
+    else:
+        one = Ledger(paths, owner)
+        try:
+            one.append(record)
+        finally:
+            one.close()
+    return True
+
+
+def write_progress(paths: RunPaths, owner: str, record: dict, requests: list[dict] | None = None) -> None:
+    """A replica's progress record (progress/<owner>.json, replaced whole), and the request records gathered
+    since the last call appended to work/requests/<attempt>-<owner>.jsonl. Timing records are for
+    following the run, not results: a failed append loses them with a warning and never stops the run."""
+    if requests:
+        path = paths.requests / f"{record.get('attempt')}-{owner}.jsonl"
+        text = "".join(json.dumps(r) + "\n" for r in requests)
+        try:
+            try:
+                fh = fsops.open_file(path, "a")
+            except FileNotFoundError:  # the first write of a run made before work/requests/ existed
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fh = fsops.open_file(path, "a")
+            with fh:
+                fh.write(text)
+        except OSError as exc:
+            log.warning("could not append %d request record(s) to %s (%s); the run goes on without them",
+                        len(requests), path, exc.strerror or exc)
+    target = paths.progress / f"{owner}.json"
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with fsops.open_file(tmp, "w") as fh:
+            fh.write(json.dumps(record))
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(target, exc) from None
+    fsops.replace(tmp, target)
 
 
 @dataclass
@@ -651,7 +998,14 @@ class Committed:
 
     def total_of(self, units=None) -> UnitStats:
         records = self.stats.values() if units is None else [self.stats[u] for u in units if u in self.stats]
-        return UnitStats(**{k: sum(r.get(k, 0) for r in records) for k in UnitStats.__dataclass_fields__})
+        keys = tuple(UnitStats.__dataclass_fields__)
+        sums = dict.fromkeys(keys, 0)
+        for record in records:  # one pass over the records (a run may have 100,000 units)
+            for key in keys:
+                value = record.get(key)
+                if value:
+                    sums[key] += value
+        return UnitStats(**sums)
 
     @property
     def total(self) -> UnitStats:
@@ -677,10 +1031,13 @@ def _footer_stats(path: Path, rows: int | None) -> dict | str:
         return "has unreadable stats in its footer"
 
 
-def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool = False) -> Committed:
+def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool = False,
+                   verify: bool = True) -> Committed:
     """Every committed unit, checked: a file whose size is what its commit wrote is trusted with the
     ledger's stats (one stat call, no read); any other is trusted only when its footer reads and holds the
-    unit's rows. A damaged file is moved to work/damaged/ when put_aside, so its unit is redone."""
+    unit's rows. A damaged file is moved to work/damaged/ when put_aside, so its unit is redone.
+    verify=False trusts the ledger for every listed file (no stat per file: totals for a summary, where a
+    resume's check, once per attempt, already ran)."""
     ledger = _ledger(paths)
     good: dict[int, dict] = {}
     damaged: list[str] = []
@@ -693,10 +1050,13 @@ def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool 
                 continue
             try:
                 unit = int(name[len(RESULT_PREFIX):-len(".parquet")])
+                record = ledger.get(unit)
+                if record is not None and not verify:
+                    good[unit] = record
+                    continue
                 size = entry.stat().st_size
             except (ValueError, OSError):
                 continue
-            record = ledger.get(unit)
             if record is not None and record.get("bytes") == size:
                 good[unit] = record
                 continue
@@ -723,4 +1083,6 @@ def committed_stats(paths: RunPaths, done: set[int] | None = None) -> UnitStats:
 
 def committed_rows(plan: Plan, done: set[int]) -> int:
     """Rows of the committed units, from the plan alone (no file is opened)."""
+    if isinstance(plan.units, Units):
+        return plan.units.rows_of(done)
     return sum(plan.units[u][2] for u in done if u < len(plan.units))

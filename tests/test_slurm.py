@@ -22,7 +22,7 @@ def run_cli(*args, timeout=240):
 
 
 def job_ids(stdout: str) -> list[str]:
-    match = re.search(r"submitted job\(s\) ([\d ]+)", stdout)
+    match = re.search(r"submitted job\(s\) ([\d_ ]+)", stdout)
     assert match, stdout
     return match.group(1).split()
 
@@ -79,20 +79,37 @@ def test_340b_layout_on_two_nodes_from_parquet_to_results(slurm_cluster, weird_t
     assert summary["complete"] and summary["ok"] == 300 and summary["cluster"] == "slurm"
 
 
-def test_two_replicas_share_one_input(slurm_cluster, tmp_path):
-    src = write_prompts(tmp_path / "in.parquet", 400)
+def test_six_replicas_are_one_job_array_and_a_straggler_is_finished_by_a_backup_copy(slurm_cluster, tmp_path):
+    """replicas=6 is one sbatch (a job array); replica 0's engine is 10x slower, so at the end an idle
+    replica runs a backup copy of the unit it holds: the copy commits first, the straggler's rows are
+    discarded, and every row is in the results once."""
+    src = write_prompts(tmp_path / "in.parquet", 1200)
     run_dir = tmp_path / "run"
     proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", "model=nemotron_mini_4b_instruct",
-                   "layout.nodes=1", "layout.gpus_per_node=8", "layout.tensor_parallel=8", "replicas=2",
+                   "layout.nodes=1", "layout.gpus_per_node=1", "layout.tensor_parallel=1", "replicas=6",
                    f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "client.batch_size=10",
-                   "engine.request_latency_s=0.4", "sampling.tokens_to_generate=4")
+                   "engine.request_latency_s=1", "sampling.tokens_to_generate=4", "client.lease_s=4",
+                   "engine.slow_replicas=[0]", "engine.slow_factor=10", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = job_ids(proc.stdout)
-    assert len(jobs) == 2 and all(sacct_state(j) == "COMPLETED" for j in jobs)
+    assert len(jobs) == 6 and len({j.split("_")[0] for j in jobs}) == 1, jobs  # one array
+    assert all(sacct_state(j) == "COMPLETED" for j in jobs)
     df = pd.read_parquet(run_dir / "results")
-    assert len(df) == 400 and sorted(df["id"]) == sorted(f"q{i}" for i in range(400))
-    owners = {Path(p).read_text().split("-")[0] for p in glob.glob(f"{run_dir}/work/claims/*/*")}
-    assert owners == {"r0", "r1"}, "both replicas pulled units from the shared plan"
+    assert len(df) == 1200 and sorted(df["id"]) == sorted(f"q{i}" for i in range(1200))
+    claims = {p.name: p.read_text() for p in (run_dir / "work" / "claims").glob("*/*")}
+    assert {holder for holder in claims.values()} == {f"r{i}" for i in range(6)}, "every replica pulled units"
+    ledger = {}
+    for path in (run_dir / "work" / "ledger").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            unit = json.loads(line)["unit"]
+            assert unit not in ledger, f"unit {unit} committed twice"
+            ledger[unit] = path.stem
+    assert sorted(ledger) == list(range(60))
+    backups = [name for name in claims if ".b" in name]
+    rescued = [int(name.split(".")[0]) for name in backups if claims[name.split(".")[0]] == "r0"]
+    assert any(ledger[unit] != "r0" for unit in rescued), (backups, claims)  # the straggler's unit, by a copy
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["backup_copies"] >= 1 and summary["complete"]
     assert leftover(run_dir) == ""
 
 
@@ -155,13 +172,27 @@ SLOW_SLURM = ["engine.request_latency_s=0.3", "client.batch_size=10", "data.unit
               "layout.gpus_per_node=8", "layout.tensor_parallel=8"]
 
 
+def journal_records(run_dir: Path) -> int:
+    """Records of answered rows in the journals of units not committed yet (work/journal/)."""
+    found = 0
+    for path in (run_dir / "work" / "journal").glob("*.jsonl"):
+        if not (run_dir / "results" / f"part-{int(path.name[:8]):08d}.parquet").exists():
+            found += path.read_bytes().count(b'{"rows":[')
+    return found
+
+
 def test_scontrol_requeue_of_a_running_job_resumes_with_exactly_once_results(slurm_cluster, tmp_path):
+    """Requeued mid-unit (units of 100 rows, 30 or more of them answered): the rows answered before the
+    requeue are kept in the unit's journal, so the requeued job asks again at most what was in flight
+    (2 requests of 10 prompts), not the unit."""
     src = write_prompts(tmp_path / "in.parquet", 600)
     run_dir = tmp_path / "run"
+    settings = [a for a in SLOW_SLURM if not a.startswith("data.unit_rows=")] + ["data.unit_rows=100"]
     run = start_run("cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}", f"run_dir={run_dir}",
-                    *SLOW_SLURM)
+                    *settings)
     job = first_job_id(run_dir)
-    wait_for(lambda: committed_units(run_dir) >= 3, 120, "a few committed units")
+    wait_for(lambda: committed_units(run_dir) >= 1 and journal_records(run_dir) >= 3, 120,
+             "a committed unit and 30 answered rows of the next")
     subprocess.run(["scontrol", "requeue", job], check=True)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, out + err
@@ -173,6 +204,11 @@ def test_scontrol_requeue_of_a_running_job_resumes_with_exactly_once_results(slu
     assert log.count("replica 0") >= 4 and "finished" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rows_this_attempt"] == 600 and summary["resumed_units"] == 0  # both segments, not the last
+    assert summary["journal_rows"] >= 30  # the requeued job took the answered rows from the journal...
+    records = [json.loads(line) for path in (run_dir / "work" / "requests").glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert sum(r["ok"] for r in records) - 600 <= 2 * 10  # ...and had answered again at most what was in flight
+    assert not list((run_dir / "work" / "journal").glob("*.jsonl"))  # removed with the commits
     assert leftover(run_dir) == ""
 
 
@@ -212,7 +248,8 @@ def test_losing_one_replica_mid_run_still_completes(slurm_cluster, tmp_path):
 
 
 def submitted_ids(run_dir: Path) -> list[str]:
-    return sorted({p.parent.name for p in (run_dir / "logs" / "submitit").glob("*/*_submitted.pkl")}, key=int)
+    return sorted({p.parent.name for p in (run_dir / "logs" / "submitit").glob("*/*_submitted.pkl")},
+                  key=lambda i: [int(x) for x in i.split("_")])  # a job array's tasks: <array>_<task>
 
 
 def test_waiting_ends_when_the_run_is_complete_while_a_job_still_waits_in_the_queue(slurm_cluster, tmp_path):

@@ -43,7 +43,7 @@ def test_a_sweep_runs_its_members_at_once_and_a_rerun_resumes_only_the_unfinishe
         assert f"temperature: {name.split('temperature=')[1]}" in config  # no member mixed with another's settings
     # every member started before any of them finished: they ran at the same time, not one after another
     starts = [t for name in names for t in log_times(sweep_dir / name, "starting the mock engine")]
-    ends = [t for name in names for t in log_times(sweep_dir / name, "finished; run")]
+    ends = [t for name in names for t in log_times(sweep_dir / name, ": finished; ")]
     assert len(starts) == 4 and max(starts) <= min(ends)
     for name in names:
         assert re.search(rf"^{re.escape(name)}\s+complete\s+160\s", proc.stdout, re.M)  # the table

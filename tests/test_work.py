@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import DataConfig
-from orchestrator.work import (InputError, Plan, RunPaths, build_plan, claim, commit_unit, committed_stats,
+from orchestrator.work import (InputError, Plan, RunPaths, build_plan, commit_unit, committed_stats,
                                discover_inputs, done_units, read_unit)
 from tests.conftest import write_prompts
 
@@ -82,14 +82,6 @@ def test_plan_roundtrips_through_json(tmp_path):
     plan = build_plan(DataConfig(unit_rows=4), str(tmp_path / "a.parquet"))
     again = Plan.from_json(plan.to_json())
     assert again == plan
-
-
-def test_claim_is_exclusive_per_attempt(tmp_path):
-    paths = RunPaths(tmp_path)
-    paths.make()
-    assert claim(paths, "a1", 3, "r0")
-    assert not claim(paths, "a1", 3, "r1")
-    assert claim(paths, "a2", 3, "r1")
 
 
 def test_commit_is_atomic_and_carries_stats(tmp_path):

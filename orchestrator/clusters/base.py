@@ -47,6 +47,10 @@ class ClusterAdapter:
         """The job's state read fresh; UNKNOWN when it cannot be read."""
         raise NotImplementedError
 
+    def states(self, jobs: list) -> list[str]:
+        """Every job's state, read fresh, in as few queries as the cluster allows."""
+        return [self.state(job) for job in jobs]
+
     def live_jobs(self, ids: list[str], host: str) -> list[str] | None:
         """Which of these jobs (submitted from host) are still queued or running; None when that cannot be
         told from here."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..config import Config, choices
 from ..errors import ConfigError
+from . import auth
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 
@@ -26,6 +27,7 @@ class Rendezvous:
     master_port: int | str
     port_file: str | None = None  # where an engine that picks its own port writes it (the embedded engine)
     rank_dir: str | None = None  # where the embedded engine's ranks record their placement
+    replica: int = 0  # which replica of the run this engine serves
 
 
 class EngineAdapter:
@@ -87,6 +89,7 @@ class EngineAdapter:
                          f"(for {cfg.model.name}, the -hf conversion of its weights)")
         if self.needs_nemo_checkpoint and not cfg.engine.checkpoint:
             found.append(f"engine={self.name} needs engine.checkpoint=/path/to/model.nemo (as seen inside the container)")
+        found += auth.problems(cfg)  # engine.api_key_env names a variable that is set; engine.ca_bundle exists
         protocol = self.protocol_for(cfg)
         if cfg.model.prompt.format == "chat_template" and protocol not in ("openai", None):
             found.append(f"model.prompt.format=chat_template needs an engine with a chat API; engine={self.name} "

@@ -17,12 +17,17 @@ model; ``GET /stats`` exposes counters. It stands in for a GPU engine in tests a
 like a real vLLM, NeMo or Triton server and no other:
 
     python -m orchestrator.engines.embedded --port 0 --port-file /tmp/engine.port --routes openai
+
+``--require-key-env NAME`` makes every route require ``Authorization: Bearer $NAME`` (401
+``{"error": "Unauthorized"}`` otherwise, as vLLM's ``--api-key``), ``--revoke-key-after N`` refuses the
+key after N requests (a key revoked mid-run), and ``--tls-cert``/``--tls-key`` serve HTTPS.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -30,6 +35,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -90,6 +96,10 @@ class EngineSettings:
     triton_model: str = "nemo"                  # "nemo" (deploy_triton.py, PyTriton) or "trtllm" (TRT-LLM ensemble)
     triton_max_len_input: str = "max_output_len"  # NeMo's name for the length input ("max_output_token" in 2023)
     triton_max_batch_size: int = 8              # deploy_triton.py --max_batch_size (its default is 8)
+    require_key_env: str = ""        # every route requires Authorization: Bearer <this variable's value> (vLLM's --api-key)
+    revoke_key_after: int = -1       # with require_key_env: the key is refused after this many requests (a key revoked mid-run)
+    tls_cert: str = ""               # serve HTTPS with this PEM certificate (chain) ...
+    tls_key: str = ""                # ... and this PEM private key
 
 
 def tokenize(text: str) -> list[str]:
@@ -494,7 +504,8 @@ class _Engine:
         self.fail_rng = random.Random(settings.seed)
         self.started, self.created = time.monotonic(), int(time.time())
         self.counters = dict.fromkeys(("requests", "prompts", "errors", "stalls", "bad_requests", "generated_tokens",
-                                       "active", "waiting", "peak_active", "peak_waiting"), 0)
+                                       "active", "waiting", "peak_active", "peak_waiting", "authorized",
+                                       "unauthorized"), 0)
         self.busy_s = 0.0
         self.triton = _triton_model(settings)
 
@@ -1050,6 +1061,38 @@ def _not_found_middleware(families: frozenset[str]):
     return middleware
 
 
+def required_key(settings: EngineSettings) -> str | None:
+    """The key every request must bear (``--require-key-env NAME``: the value of $NAME), None when none is;
+    ValueError when the variable is unset or empty (the value itself never appears anywhere)."""
+    name = settings.require_key_env
+    if not name:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        raise ValueError(f"--require-key-env {name}: the environment variable {name} is unset or empty; "
+                         f"export {name}=<the key the engine requires>")
+    return key
+
+
+def _auth_middleware(engine: _Engine, key: str):
+    """vLLM's ``--api-key``: a request without ``Authorization: Bearer <key>`` (or with another key) is
+    answered 401 ``{"error": "Unauthorized"}``; here on every route. With ``revoke_key_after`` N, the key is
+    refused from the (N+1)-th request on, as if revoked while a run goes on."""
+    expected = f"Bearer {key}".encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        given = request.headers.get("Authorization", "").encode()
+        revoked = 0 <= engine.s.revoke_key_after <= engine.counters["authorized"]
+        if revoked or not hmac.compare_digest(given, expected):
+            engine._count("unauthorized")
+            return _json({"error": "Unauthorized"}, 401)
+        engine._count("authorized")
+        return await handler(request)
+
+    return middleware
+
+
 def build_app(settings: EngineSettings) -> web.Application:
     """The aiohttp application serving the families in ``settings.routes`` (see the module doc),
     plus ``GET /stats``."""
@@ -1058,8 +1101,12 @@ def build_app(settings: EngineSettings) -> web.Application:
     if settings.triton_max_batch_size < 1:
         raise ValueError("triton_max_batch_size must be at least 1")
     families = parse_routes(settings.routes)
+    key = required_key(settings)
     engine = _Engine(settings)
-    app = web.Application(client_max_size=1 << 30, middlewares=[_not_found_middleware(families)])
+    middlewares = [_not_found_middleware(families)]
+    if key is not None:
+        middlewares.insert(0, _auth_middleware(engine, key))  # outermost: before any route, known or not
+    app = web.Application(client_max_size=1 << 30, middlewares=middlewares)
     app[ENGINE_KEY] = engine
     add = app.router.add_route
     if "nemo" in families:
@@ -1084,6 +1131,17 @@ def build_app(settings: EngineSettings) -> web.Application:
     return app
 
 
+def tls_context(settings: EngineSettings):
+    """The server's TLS context (``--tls-cert`` and ``--tls-key``), None for plain HTTP."""
+    if not settings.tls_cert and not settings.tls_key:
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
 async def serve(settings: EngineSettings, port_file: str | None = None,
                 ready: asyncio.Event | None = None, on_bound: Callable[[int], None] | None = None) -> None:
     """Bind, write the bound port to ``port_file`` (atomically) if given, set ``ready`` (and call
@@ -1093,7 +1151,7 @@ async def serve(settings: EngineSettings, port_file: str | None = None,
     await runner.setup()
     loop, stop, handled = asyncio.get_running_loop(), asyncio.Event(), []
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        await web.TCPSite(runner, settings.host, settings.port, ssl_context=tls_context(settings)).start()
         port = runner.addresses[0][1]
         if port_file:
             tmp = f"{port_file}.{os.getpid()}.tmp"
@@ -1132,7 +1190,7 @@ class EngineThread:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.port}"
+        return f"{'https' if self.settings.tls_cert else 'http'}://{self.settings.host}:{self.port}"
 
     def _bound(self, port: int) -> None:
         self.port = port
@@ -1213,7 +1271,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_routes(settings.routes)
         _triton_model(settings)
-    except ValueError as exc:
+        required_key(settings)
+        tls_context(settings)
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     if not 0.0 <= settings.error_rate <= 1.0 or min(settings.request_latency_s, settings.token_latency_s) < 0:
         parser.error("--error-rate must be in [0, 1] and latencies non-negative")

@@ -26,9 +26,10 @@ class MockAdapter(EngineAdapter):
 
     def node_argv(self, cfg: Config, node: int, rv: Rendezvous) -> list[str]:
         e = cfg.engine
+        slow = e.slow_factor if rv.replica in e.slow_replicas else 1.0  # tests of stragglers
         cmd = self.command(cfg) + [
             "--host", e.host, "--port", str(rv.port),
-            "--request-latency-s", str(e.request_latency_s), "--token-latency-s", str(e.token_latency_s),
+            "--request-latency-s", str(e.request_latency_s * slow), "--token-latency-s", str(e.token_latency_s * slow),
             "--capacity", str(e.capacity), "--error-rate", str(e.error_rate), "--seed", str(e.seed),
             "--max-natural-tokens", str(e.max_natural_tokens), "--model-name", self.served_name(cfg),
             "--max-model-len", str(cfg.model.architecture.max_seq_len),
@@ -39,6 +40,8 @@ class MockAdapter(EngineAdapter):
             cmd += ["--rank-dir", rv.rank_dir]
         if e.fail_rank >= 0:
             cmd += ["--fail-rank", str(e.fail_rank)]
+        if e.require_key_env:  # the variable's name: the engine reads the key from its environment
+            cmd += ["--require-key-env", e.require_key_env]
         return cmd + list(e.extra_args)
 
 

@@ -10,6 +10,7 @@ import requests
 
 from ..config import Config
 from ..errors import EngineError
+from . import auth
 from .codecs import EngineInfo, RejectedError, TransientError, make_codec, openai_api
 
 PROBE_PROMPT = "Hello"
@@ -30,24 +31,46 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def detect_protocol(url: str) -> str:
+class Http:
+    """The probe's requests to one engine: the key's header (engine.api_key_env) and TLS verification
+    (engine.verify_tls, engine.ca_bundle) on every one; a 401 or 403 is final (KeyRefused)."""
+
+    def __init__(self, cfg: Config, url: str):
+        self.cfg, self.url = cfg, url
+        self.headers = auth.headers(cfg)
+        self.verify = auth.requests_verify(cfg)
+        if self.verify is False:
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # asked for: not a warning per request
+
+    def __call__(self, method: str, path: str, timeout: float = 10, **kwargs) -> requests.Response:
+        resp = requests.request(method, self.url + path, headers=self.headers, verify=self.verify, timeout=timeout,
+                                **kwargs)
+        if resp.status_code in auth.REFUSED:
+            raise auth.refused(self.cfg, self.url, resp.status_code, f"{method} {path}")
+        return resp
+
+
+def detect_protocol(http: Http) -> str:
     """Which protocol a server speaks, from its routes: OpenAI's /v1/models, Triton's /v2/health/ready,
     else NeMo's PUT /generate (its only route in the 2024 containers)."""
-    if requests.get(url + "/v1/models", timeout=10).status_code == 200:  # a connection error: not up yet
+    if http("GET", "/v1/models").status_code == 200:  # a connection error: not up yet
         return "openai"
     try:
-        if requests.get(url + "/v2/health/ready", timeout=10).status_code == 200:
+        if http("GET", "/v2/health/ready").status_code == 200:
             return "triton"
     except requests.RequestException:
         pass
     return "nemo"
 
 
-def discover(cfg: Config, url: str, protocol: str) -> EngineInfo:
+def discover(cfg: Config, url: str, protocol: str, http: Http | None = None) -> EngineInfo:
     """The engine's model name, API and limits, read from its own routes."""
+    http = http or Http(cfg, url)
     info = EngineInfo(url=url, protocol=protocol, model_name=cfg.engine.served_model_name or cfg.model.name)
     if protocol == "openai":
-        resp = requests.get(url + "/v1/models", timeout=10)
+        resp = http("GET", "/v1/models")
         body = _json(resp)
         if resp.status_code != 200:
             raise TransientError(f"GET /v1/models: HTTP {resp.status_code}: {str(body)[:200]}")
@@ -59,12 +82,12 @@ def discover(cfg: Config, url: str, protocol: str) -> EngineInfo:
         info.max_model_len = model.get("max_model_len") if isinstance(model.get("max_model_len"), int) else None
         info.api = openai_api(cfg)
         if cfg.engine.use_tokenizer:
-            info.can_tokenize = _tokenize_works(url, info.model_name)
+            info.can_tokenize = _tokenize_works(http, info.model_name)
     elif protocol == "triton":
-        resp = requests.get(url + "/v2/health/ready", timeout=10)
+        resp = http("GET", "/v2/health/ready")
         if resp.status_code != 200:
             raise TransientError(f"GET /v2/health/ready: HTTP {resp.status_code}")
-        resp = requests.get(f"{url}/v2/models/{info.model_name}", timeout=10)
+        resp = http("GET", f"/v2/models/{info.model_name}")
         meta = _json(resp)
         if resp.status_code != 200 or not isinstance(meta, dict):
             raise RejectedError(f"GET /v2/models/{info.model_name}: HTTP {resp.status_code}: {str(meta)[:300]}; "
@@ -72,7 +95,7 @@ def discover(cfg: Config, url: str, protocol: str) -> EngineInfo:
         info.inputs = {i.get("name"): i.get("datatype") for i in meta.get("inputs") or [] if isinstance(i, dict)}
         names = list(info.inputs)
         info.api = "generate" if "text_input" in names else "infer"
-        config = _json(requests.get(f"{url}/v2/models/{info.model_name}/config", timeout=10))
+        config = _json(http("GET", f"/v2/models/{info.model_name}/config"))
         if isinstance(config, dict) and isinstance(config.get("max_batch_size"), int) and config["max_batch_size"] > 0:
             info.max_batch_size = config["max_batch_size"]
         if info.api == "infer" and "prompts" not in names:
@@ -81,20 +104,20 @@ def discover(cfg: Config, url: str, protocol: str) -> EngineInfo:
     return info
 
 
-def _tokenize_works(url: str, model: str) -> bool:
+def _tokenize_works(http: Http, model: str) -> bool:
     try:
-        resp = requests.post(url + "/tokenize", json={"model": model, "prompt": PROBE_PROMPT}, timeout=10)
+        resp = http("POST", "/tokenize", json={"model": model, "prompt": PROBE_PROMPT})
         body = _json(resp)
         return resp.status_code == 200 and isinstance(body, dict) and isinstance(body.get("count"), int)
     except requests.RequestException:
         return False
 
 
-def generate_once(cfg: Config, info: EngineInfo) -> None:
+def generate_once(cfg: Config, info: EngineInfo, http: Http | None = None) -> None:
     """One real one-token generation, through the codec the client will use."""
+    http = http or Http(cfg, info.url)
     codec = make_codec(cfg, info)
-    resp = requests.request(codec.method, info.url + codec.path, timeout=60,
-                            json=codec.payload([PROBE_PROMPT], tokens_to_generate=1))
+    resp = http(codec.method, codec.path, timeout=60, json=codec.payload([PROBE_PROMPT], tokens_to_generate=1))
     body = _json(resp)
     if resp.status_code == 404 and info.protocol != "openai" and isinstance(body, dict) and "detail" in body:
         raise EngineError(f"{info.url} answered {codec.method} {codec.path} with HTTP 404 {body}: the server "
@@ -105,7 +128,9 @@ def generate_once(cfg: Config, info: EngineInfo) -> None:
 
 def ready(cfg: Config, url: str, protocol: str | None) -> EngineInfo:
     """Detect (when protocol is None), discover and prove the engine at url; raises what the caller retries
-    (requests' errors, TransientError) or EngineError / RejectedError for what is final."""
-    info = discover(cfg, url, protocol or detect_protocol(url))
-    generate_once(cfg, info)
+    (requests' errors, TransientError) or EngineError / RejectedError for what is final (KeyRefused: a 401
+    or 403 on any route). Every request carries the key's header and checks TLS as configured."""
+    http = Http(cfg, url)
+    info = discover(cfg, url, protocol or detect_protocol(http), http)
+    generate_once(cfg, info, http)
     return info

@@ -17,6 +17,7 @@ import requests
 
 from ..config import Config
 from ..errors import EngineError
+from . import auth
 from .base import Rendezvous, adapter_for
 from .codecs import EngineInfo, RejectedError, TransientError
 from .probe import normalise_url, ready
@@ -46,7 +47,7 @@ class EngineServer:
     generation. An external engine (engine=endpoint) is only proven, never started or stopped."""
 
     def __init__(self, cfg: Config, log_path: Path, port_file: Path, launcher: list[str] | None = None,
-                 rank_dir: Path | None = None):
+                 rank_dir: Path | None = None, replica: int = 0):
         self.cfg, self.log_path, self.port_file = cfg, log_path, port_file
         self.adapter = adapter_for(cfg)
         self.launcher = list(launcher or [])  # e.g. the srun step that starts the engine's tasks
@@ -64,7 +65,7 @@ class EngineServer:
             master_addr=cfg.engine.master_addr or socket.gethostname(),
             master_port=cfg.engine.master_port or (free_port() if multi else 0),
             port_file=None if self.picks_port_here else str(port_file),
-            rank_dir=None if rank_dir is None else str(rank_dir))
+            rank_dir=None if rank_dir is None else str(rank_dir), replica=replica)
 
     @property
     def picks_port_here(self) -> bool:
@@ -125,9 +126,10 @@ class EngineServer:
         except OSError:
             return ""
 
-    def wait_ready(self, poll_s: float = 0.2) -> EngineInfo:
+    def wait_ready(self, poll_s: float = 0.2, max_poll_s: float = 2.0) -> EngineInfo:
         """Poll until a one-token generation succeeds; fail fast when the process dies or a connection to an
-        external engine is refused; bounded by engine.ready_timeout_s."""
+        external engine is refused; bounded by engine.ready_timeout_s. The poll starts at poll_s and grows to
+        max_poll_s: a big model loads for minutes, and each look is a stat on the shared filesystem."""
         deadline = time.monotonic() + self.cfg.engine.ready_timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -138,10 +140,14 @@ class EngineServer:
                 try:
                     self.info = ready(self.cfg, self.url, self.adapter.protocol_for(self.cfg))
                     return self.info
+                except requests.exceptions.SSLError as exc:  # before ConnectionError, its base: it answered
+                    raise auth.tls_failure(self.cfg, self.url, exc) from None
                 except requests.ConnectionError as exc:
                     if not self.adapter.starts_process:
+                        tls = " (it closed the connection: if it speaks HTTPS, use an https:// engine.url)" \
+                            if self.url.startswith("http://") and "Connection aborted" in str(exc) else ""
                         raise EngineError(f"nothing answers at engine.url={self.cfg.engine.url} (connection "
-                                          f"refused or unreachable: {type(exc).__name__}); start the server, or "
+                                          f"refused or unreachable: {type(exc).__name__}){tls}; start the server, or "
                                           f"check the host and port") from None
                     last = f"{type(exc).__name__}: {exc}"
                 except (requests.RequestException, TransientError) as exc:
@@ -149,6 +155,7 @@ class EngineServer:
                 except RejectedError as exc:
                     raise EngineError(f"the engine at {self.url} refused the readiness generation: {exc}") from None
             time.sleep(poll_s)
+            poll_s = min(max_poll_s, poll_s * 1.5)
         where = f"log {self.log_path}:\n{self.log_tail()}" if self.adapter.starts_process else f"engine.url={self.url}"
         raise EngineError(f"the engine did not answer a one-token generation within "
                           f"{self.cfg.engine.ready_timeout_s:.0f} s (engine.ready_timeout_s); last: {last}; {where}")

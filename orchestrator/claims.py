@@ -1,0 +1,308 @@
+"""Which replica runs which unit: claims, heartbeats, leases and backup copies, at a cost to the
+filesystem's metadata server that stays flat in the number of replicas.
+
+- A claim is a file `work/claims/<attempt>/<unit>` created exclusively (one create); its text is the
+  holder. Replicas start spread over the units (replica i at the i-th point of a van der Corput
+  sequence) and walk on from there, so they do not contend for the same units.
+- A failed claim means another replica got there: one listing of the claims folder then shows every
+  unit taken so far, and the replica jumps to a random unit still free. No unit held by another is
+  polled while free ones are left.
+- When no unit is free, an idle replica runs a backup copy of a unit still held by another
+  (`<unit>.b<k>`, at most `client.backups` copies per unit), as MapReduce does for stragglers: the
+  first commit wins (`work.commit_unit` links, never replaces), the loser's rows are discarded and
+  counted. A holder that has been silent for `client.lease_s` (no heartbeat) loses its claim to the
+  first idle replica that looks. An idle replica looks every `lease_s / 4` (at most 5 s), two
+  listings (claims and results) each time, and at once when a unit of its own commits. An idle
+  replica with nothing to copy (every unit left has all its copies running) ends, freeing its nodes:
+  a tail of 1,000 replicas costs about two looks each, not a poll every few seconds.
+- A replica's heartbeat is its progress file, `work/progress/<owner>.json` (one utime every
+  `lease_s / 4`, skipped when the file was written since: it is after each commit). Only one attempt's
+  replicas run at a time (one front-end per run_dir), so an owner's file speaks for this attempt.
+
+Every filesystem call goes through `fsops`, which counts it; `bench/scale.py` drives this class in
+virtual time (the clock is a parameter) to show the cost at 1,000 replicas.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from . import fsops
+from .work import RESULT_PREFIX, RunPaths
+
+WAIT = "wait"
+
+
+@dataclass(frozen=True)
+class Claim:
+    unit: int
+    copy: int = 0  # 0: the unit's own run; k >= 1: its k-th backup copy
+
+
+def claim_name(unit: int, copy: int = 0) -> str:
+    return f"{unit:08d}" + (f".b{copy}" if copy else "")
+
+
+def parse_claim(name: str) -> tuple[int, int] | None:
+    """(unit, copy) of a claim file's name; None for anything else (a takeover's temporary file)."""
+    base, _, copy = name.partition(".b")
+    if not base.isdigit() or (copy and not copy.isdigit()):
+        return None
+    return int(base), int(copy or 0)
+
+
+def spread(index: int) -> float:
+    """The index-th point of the van der Corput sequence in [0, 1): any first R replicas start evenly
+    spread over the units, whatever R is (no replica needs to know how many there are)."""
+    point, scale = 0.0, 0.5
+    while index:
+        index, bit = divmod(index, 2)
+        point += bit * scale
+        scale /= 2
+    return point
+
+
+def _result_units(names) -> set[int]:
+    done = set()
+    for name in names:
+        if name.startswith(RESULT_PREFIX) and name.endswith(".parquet"):
+            try:
+                done.add(int(name[len(RESULT_PREFIX):-len(".parquet")]))
+            except ValueError:
+                continue
+    return done
+
+
+class Scheduler:
+    """One replica's claims in one attempt of a run.
+
+    todo: the units this attempt must commit, in plan order. retry: those among them that are committed
+    already and are redone (retry_failed=true); their commit replaces, and retried(unit) says whether it
+    happened. index: the replica's number (where it starts). clock: time.time, or a virtual clock.
+    """
+
+    def __init__(self, paths: RunPaths, attempt: str, owner: str, todo: Iterable[int], index: int = 0,
+                 lease_s: float = 60.0, backups: int = 1, clock: Callable[[], float] = time.time,
+                 retry: Iterable[int] = (), retried: Callable[[int], bool] | None = None, seed=None):
+        self.paths, self.attempt, self.owner = paths, attempt, owner
+        self.folder = paths.claims / attempt
+        self.beat_file = paths.progress / f"{owner}.json"
+        self.written_at = float("-inf")  # when the progress file was last written (a heartbeat too)
+        # ascending unit numbers; an int64 array is shared, not copied (bench/scale.py runs 1,000 replicas in one
+        # process: every per-replica structure here is O(units) bits, or O(units left) once no unit is free)
+        self.todo = np.asarray(todo if isinstance(todo, np.ndarray) else list(todo), dtype=np.int64)
+        self.taken = np.zeros(len(self.todo), dtype=bool)  # claimed by someone, as far as this replica knows
+        self.cursor = int(spread(index) * len(self.todo))
+        self.lease_s, self.backups, self.clock = lease_s, backups, clock
+        self.retry, self.retried = set(retry), retried or (lambda unit: False)
+        self.rng = random.Random(seed if seed is not None else f"{attempt}/{owner}")
+        self.held: dict[int, int] = {}  # unit -> copy, claimed and not yet committed or given up
+        self.finished: set[int] = set()  # units this replica committed or gave up (never copied by it again)
+        self.lock = threading.Lock()  # next() runs in a worker thread, release() in the client's loop
+        self.reclaim: list[int] = []  # a requeued replica's own earlier claims, taken back first
+        self.in_tail = False  # no unit was free at the last look
+        self.next_look = self.next_lease_check = float("-inf")
+        self.idle_looks = 0  # looks in a row that found nothing: the next one waits longer
+        self.holders: dict[tuple[int, int], str] = {}  # (unit, copy) -> holder, as last read
+        self.backup_claims: dict[int, set[int]] = {}  # unit -> its backup copies claimed, as last listed
+        self.left: np.ndarray | None = None  # units not committed at the last look (None: not looked yet)
+        self.backup_copies = self.takeovers = 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def poll_s(self) -> float:
+        """How long an idle replica waits before it looks for work again (two listings): 1 s after the first
+        look that found nothing, doubling up to a quarter lease (at most 10 s)."""
+        return min(2.0 ** max(0, self.idle_looks - 1), self.lease_s / 4, 10.0)
+
+    @property
+    def beat_s(self) -> float:
+        return self.lease_s / 4
+
+    def wrote(self) -> None:
+        """The progress file was just written: that was a heartbeat."""
+        self.written_at = self.clock()
+
+    def beat(self) -> None:
+        """This replica is alive: its claims stay its own (call every beat_s)."""
+        now = self.clock()
+        if now - self.written_at >= self.beat_s * 0.9:
+            fsops.touch(self.beat_file, now)
+
+    def resume(self, units: Iterable[int]) -> None:
+        """Units this replica held before its job was requeued (from its progress record): its own again."""
+        self.reclaim = [int(u) for u in self.todo[self._slots(list(units))]]
+
+    def release(self, unit: int) -> None:
+        """The unit is committed (by anyone) or given up: no longer held."""
+        with self.lock:
+            self.held.pop(unit, None)
+            self.finished.add(unit)
+
+    def next(self) -> Claim | str | None:
+        """The next unit to run, WAIT (nothing to take now: look again after poll_s), or None: nothing is
+        left for this replica, because every unit of this attempt is committed or (with backups) every
+        unit left is running with all its copies. A replica that ends so frees its nodes at the tail of a
+        run instead of polling; the copies' holders finish the rest, and take over a silent one's claim."""
+        with self.lock:
+            return self._next()
+
+    def _next(self) -> Claim | str | None:
+        while self.reclaim:
+            unit = self.reclaim.pop()
+            name = claim_name(unit)
+            if fsops.read_text(self.folder / name) == self.owner and not fsops.exists(self.paths.result_file(unit)):
+                self.taken[self._slots([unit])] = True
+                self.held[unit] = 0
+                return Claim(unit)
+        i = self._free_from(self.cursor)
+        while i is not None:
+            unit = int(self.todo[i])
+            self.taken[i] = True
+            if fsops.create_exclusive(self.folder / claim_name(unit), self.owner):
+                self.cursor = i + 1
+                self.held[unit] = 0
+                self.in_tail, self.idle_looks = False, 0
+                return Claim(unit)
+            self._learn(fsops.listdir(self.folder))  # another replica got there: see all that is taken
+            i = self._random_free()
+        return self._tail()
+
+    def _free_from(self, start: int) -> int | None:
+        free = np.flatnonzero(~self.taken[start:])
+        if free.size:
+            return start + int(free[0])
+        free = np.flatnonzero(~self.taken[:start])
+        return int(free[0]) if free.size else None
+
+    def _random_free(self) -> int | None:
+        free = np.flatnonzero(~self.taken)
+        return int(free[self.rng.randrange(free.size)]) if free.size else None
+
+    def _slots(self, units) -> np.ndarray:
+        """Where these units are in todo (units not in it are left out)."""
+        units = np.asarray(units, dtype=np.int64)
+        at = np.searchsorted(self.todo, units)
+        inside = at < len(self.todo)
+        at, units = at[inside], units[inside]
+        return at[self.todo[at] == units]
+
+    def _learn(self, names: list[str]) -> np.ndarray:
+        """Mark every claimed unit taken; note the backup copies claimed. Returns the claimed units."""
+        units, backups = [], {}
+        for name in names:
+            if len(name) == 8 and name.isdigit():
+                units.append(int(name))
+            elif ".b" in name:
+                parsed = parse_claim(name)
+                if parsed is not None:
+                    backups.setdefault(parsed[0], set()).add(parsed[1])
+        claimed = np.asarray(units, dtype=np.int64)
+        self.taken[self._slots(claimed)] = True
+        self.backup_claims = backups
+        return claimed
+
+    def _copies(self, unit: int) -> set[int]:
+        return {0} | self.backup_claims.get(unit, set())
+
+    def _tail(self) -> Claim | str | None:
+        now = self.clock()
+        if now < self.next_look:
+            return WAIT
+        self.idle_looks += 1
+        self.next_look = now + self.poll_s
+        self.in_tail = True
+        claimed = self._learn(fsops.listdir(self.folder))
+        committed = np.asarray(sorted(_result_units(fsops.listdir(self.paths.results))), dtype=np.int64)
+        left = self.todo if self.left is None else self.left
+        done = np.isin(left, committed)
+        for i in np.flatnonzero(done):  # a retried unit is done once redone, not because it was committed before
+            if int(left[i]) in self.retry and not self.retried(int(left[i])):
+                done[i] = False
+        left = self.left = left[~done]
+        if not left.size:
+            return None
+        unclaimed = left[~np.isin(left, claimed)]
+        if unclaimed.size:  # claimed and given up, or missed: take it like any free unit
+            self.taken[self._slots(unclaimed)] = False
+            self.next_look = float("-inf")
+            return self._next()
+        others = [int(u) for u in left if int(u) not in self.held and int(u) not in self.finished]
+        if not others:  # all that is left is this replica's own: look again when it commits one, not before
+            self.next_look = float("-inf")
+            return WAIT
+        self.rng.shuffle(others)
+        if self.backups:
+            # the units with the fewest copies first: a straggler's unit gets one backup before any gets two
+            for unit in sorted(others, key=lambda u: len(self._copies(u)))[:3]:
+                copy = next((k for k in range(1, self.backups + 1) if k not in self._copies(unit)), None)
+                if copy is not None and fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
+                    self.held[unit] = copy
+                    self.backup_copies += 1
+                    self.idle_looks = 0
+                    return Claim(unit, copy)
+        if now >= self.next_lease_check:  # twice a lease, a few units: holders silent for a lease lose them
+            self.next_lease_check = now + self.lease_s / 2
+            for unit in others[:4]:
+                for copy in sorted(self._copies(unit)):
+                    if self._take_over(unit, copy, now):
+                        self.held[unit] = copy
+                        self.takeovers += 1
+                        self.idle_looks = 0
+                        return Claim(unit, copy)
+        if self.backups and not self.held and all(len(self._copies(u)) > self.backups for u in others):
+            return None  # every unit left runs with all its copies: nothing here for this replica; it ends
+        return WAIT
+
+    def _take_over(self, unit: int, copy: int, now: float) -> bool:
+        path = self.folder / claim_name(unit, copy)
+        cached = self.holders.get((unit, copy))
+        holder = cached if cached is not None else self._read_holder(unit, copy)
+        if not self._stale(holder, unit, path, now):
+            return False
+        if cached is not None:  # read before: it may have been taken over since; read it again before taking
+            holder = self._read_holder(unit, copy)
+            if not self._stale(holder, unit, path, now):
+                return False
+        tmp = self.folder / f".{claim_name(unit, copy)}.{self.owner}.{self.rng.getrandbits(48):012x}"
+        with fsops.open_file(tmp, "w") as fh:
+            fh.write(self.owner)
+        fsops.replace(tmp, path)
+        self.holders[(unit, copy)] = self.owner
+        return True
+
+    def _read_holder(self, unit: int, copy: int) -> str:
+        holder = self.holders[(unit, copy)] = fsops.read_text(self.folder / claim_name(unit, copy)) or ""
+        return holder
+
+    def _stale(self, holder: str, unit: int, path, now: float) -> bool:
+        if not holder:
+            return False
+        if holder == self.owner:
+            return unit not in self.held  # claimed by this replica's previous job, before a requeue
+        last = fsops.mtime(self.paths.progress / f"{holder}.json")
+        if last is None:
+            last = fsops.mtime(path)
+        return last is not None and now - last >= self.lease_s
+
+    def lost(self, committed: Callable[[int], bool]) -> list[int]:
+        """Held units committed meanwhile by another copy (checked only once no unit is free: one stat each);
+        they are released, and their work can be dropped."""
+        if not self.in_tail:
+            return []
+        with self.lock:
+            held = [u for u in self.held if u not in self.retry]
+        gone = [u for u in held if committed(u)]
+        for unit in gone:
+            self.release(unit)
+        return gone
+
+
+def result_exists(paths: RunPaths) -> Callable[[int], bool]:
+    return lambda unit: fsops.exists(paths.result_file(unit))
+

@@ -1,0 +1,284 @@
+"""Per-row durability inside a unit of work: a journal beside each unit that is not committed yet.
+
+A unit commits whole (`work.commit_unit`: one Parquet file, published by a link), so readers of
+`results/` never see part of one. Until it commits, every row of it that has an outcome (an answer,
+or the error it would be committed with; a conversation once its last turn is answered) is appended
+to `work/journal/<unit>.<owner>.jsonl` as soon as its request is answered: one write on a file held
+open (no metadata operation), the answers of one turn of the client's event loop together. So a
+killed process (`kill -9`, the OOM killer) loses only the requests in flight: what was written is in
+the operating system's page cache. Each journal is fsynced every `client.journal_sync_s` seconds and
+when the client stops, so a node crash loses at most that window on top. When a unit is claimed
+again (a rerun after a crash, a requeued job, a backup copy, a takeover), every journal of it is
+replayed into it and only the rows they lack are sent. The journals of a unit are removed once it
+commits.
+
+Format, JSON lines:
+
+    {"journal": 1, "settings": D, "unit": U, "rows": N, "owner": O}   the first line, written once
+    {"attempt": A}                                                     each time a client opens it
+    {"rows": [[i, id, status, response, error, output_tokens, latency_s, attempts, blamed(, responses)], ...]}
+
+A row is its index in the unit, checked against its id when replayed. The last line without its
+newline (a write cut by the kill) is dropped, and cut off before the next append; a line that does
+not parse is skipped. D is a digest of the run's `fingerprint.json` (the settings that decide the
+answers): a journal of other settings, another unit or another row count is ignored and removed.
+
+Metadata operations per unit: one open when it is claimed and one unlink when it commits. Other
+replicas' journals are found by one listing when a replica starts and one per claim it makes once no
+unit is free (backup copies, takeovers); each costs one open, only for the units that have one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import fsops
+from .work import RunPaths
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+SUFFIX = ".jsonl"
+
+
+@dataclass
+class Entry:
+    """One row's outcome as a journal holds it."""
+
+    id: object
+    status: str  # "ok" or "error"
+    response: str | None
+    error: str | None
+    output_tokens: int | None
+    latency_s: float | None
+    attempts: int
+    blamed: bool  # a failed row the engine is to blame for (retry_failed=true redoes it)
+    responses: list | None  # every turn's answer (data.turns_column)
+    attempt: str | None  # the attempt of the run that journaled it
+
+
+def folder(paths: RunPaths) -> Path:
+    return paths.root / "work" / "journal"
+
+
+def journal_name(unit: int, owner: str) -> str:
+    return f"{unit:08d}.{owner}{SUFFIX}"
+
+
+def parse_name(name: str) -> tuple[int, str] | None:
+    """(unit, owner) of a journal's file name; None for anything else."""
+    if not name.endswith(SUFFIX):
+        return None
+    unit, _, owner = name[:-len(SUFFIX)].partition(".")
+    if not unit.isdigit() or not owner:
+        return None
+    return int(unit), owner
+
+
+def settings_digest(paths: RunPaths, fallback: Callable[[], str] = str) -> str:
+    """A digest of the run's settings fingerprint (`<run_dir>/fingerprint.json`, published once at the
+    first start; a resume is checked against it before anything runs); of fallback() where there is none."""
+    data = fsops.read_bytes(paths.root / "fingerprint.json")
+    return hashlib.sha256(data if data else fallback().encode()).hexdigest()[:16]
+
+
+def header(digest: str, unit: int, rows: int, owner: str) -> bytes:
+    return _line({"journal": FORMAT, "settings": digest, "unit": unit, "rows": rows, "owner": owner,
+                  "at": round(time.time(), 3)})
+
+
+def _line(record: dict) -> bytes:
+    # ASCII JSON: a lone surrogate in an answer cannot break the encoding
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def _entry(row, rows: int, attempt) -> tuple[int, Entry] | None:
+    if not isinstance(row, list) or len(row) < 9:
+        return None
+    i, ident, status, response, error, tokens, latency, attempts, blamed = row[:9]
+    if not isinstance(i, int) or not 0 <= i < rows or status not in ("ok", "error") or not isinstance(attempts, int):
+        return None
+    responses = row[9] if len(row) > 9 and isinstance(row[9], list) else None
+    return i, Entry(ident, status, response, error, tokens if isinstance(tokens, int) else None,
+                    latency if isinstance(latency, (int, float)) else None, attempts, bool(blamed), responses,
+                    attempt if isinstance(attempt, str) else None)
+
+
+def parse(data: bytes, digest: str, unit: int, rows: int) -> tuple[dict[int, Entry] | None, int]:
+    """A journal's rows (the last record of a row wins), and the length of its whole lines. None when it
+    is not this unit's under these settings (or its first line never made it to the file)."""
+    end = data.rfind(b"\n") + 1  # what follows the last newline is a record cut by a kill: dropped
+    lines = data[:end].split(b"\n")[:-1]
+    try:
+        first = json.loads(lines[0]) if lines else None
+    except ValueError:
+        first = None
+    if not isinstance(first, dict) or first.get("journal") != FORMAT or first.get("settings") != digest \
+            or first.get("unit") != unit or first.get("rows") != rows:
+        return None, end
+    entries: dict[int, Entry] = {}
+    attempt = None
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except ValueError:  # damaged in the middle (a node crash can leave zeros): skipped
+            continue
+        if not isinstance(record, dict):
+            continue
+        if "attempt" in record:
+            attempt = record["attempt"]
+            continue
+        for row in record.get("rows") or ():
+            found = _entry(row, rows, attempt)
+            if found is not None:
+                entries[found[0]] = found[1]
+    return entries, end
+
+
+class UnitJournal:
+    """One unit's journal, open for appends by this replica. append() runs on the client's event loop;
+    sync() and close() may run in a worker thread."""
+
+    def __init__(self, path: Path, fh):
+        self.path, self.fh = path, fh
+        self.unsynced = False
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def append(self, rows: list[list]) -> None:
+        """One write (the rows of one or more answered requests), handed to the OS at once."""
+        self.fh.write(_line({"rows": rows}))
+        self.fh.flush()
+        self.unsynced = True
+
+    def sync(self) -> None:
+        with self.lock:
+            if self.closed or not self.unsynced:
+                return
+            self.unsynced = False
+            os.fsync(self.fh.fileno())
+
+    def close(self, sync: bool = False) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                if sync and self.unsynced:
+                    os.fsync(self.fh.fileno())
+            finally:
+                self.fh.close()
+
+
+class Journals:
+    """This replica's journals, and what it knows of the others' (unit -> owners, from a listing)."""
+
+    def __init__(self, paths: RunPaths, owner: str, attempt: str, digest: str):
+        self.folder = folder(paths)
+        self.owner, self.attempt, self.digest = owner, attempt, digest
+        self.found: dict[int, set[str]] = {}
+        self.open: set[UnitJournal] = set()  # changed on the client's event loop only
+
+    def scan(self, stale: Callable[[int], bool] | None = None) -> int:
+        """One listing: which units have journals. Those of units `stale` says are done (committed and not
+        redone) are removed; how many were."""
+        found: dict[int, set[str]] = {}
+        removed = 0
+        for name in fsops.listdir(self.folder):
+            parsed = parse_name(name)
+            if parsed is None:
+                continue
+            unit, owner = parsed
+            if stale is not None and stale(unit):
+                fsops.unlink(self.folder / name)
+                removed += 1
+                continue
+            found.setdefault(unit, set()).add(owner)
+        self.found = found
+        return removed
+
+    def start(self, unit: int, rows: int) -> tuple[UnitJournal | None, dict[int, Entry], list[Path]]:
+        """Replay every journal of a unit just claimed and open this replica's own for appends (blocking:
+        run it in a thread). Returns the open journal (None when it cannot be written: the unit runs
+        without one), the rows replayed (this replica's own journal wins) and the other owners' journals
+        replayed, which are removed when the unit commits."""
+        entries: dict[int, Entry] = {}
+        others: list[Path] = []
+        for owner in sorted(self.found.get(unit, ())):
+            if owner == self.owner:
+                continue
+            path = self.folder / journal_name(unit, owner)
+            data = fsops.read_bytes(path)
+            if data is None:
+                continue
+            got, _ = parse(data, self.digest, unit, rows)
+            if got is None:  # another run's settings (or unit): never mixed in
+                fsops.unlink(path)
+                continue
+            entries.update(got)
+            others.append(path)
+        try:
+            journal, own = self._open_own(unit, rows)
+        except OSError as exc:
+            log.warning("cannot write the journal of unit %d in %s (%s); the unit runs without one (a crash "
+                        "before its commit redoes it whole)", unit, self.folder, exc.strerror or exc)
+            return None, entries, others
+        entries.update(own)
+        return journal, entries, others
+
+    def _open_own(self, unit: int, rows: int) -> tuple[UnitJournal, dict[int, Entry]]:
+        path = self.folder / journal_name(unit, self.owner)
+        try:
+            fh = fsops.open_file(path, "a+b")
+        except FileNotFoundError:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fh = fsops.open_file(path, "a+b")
+        try:
+            fh.seek(0)
+            data = fh.read()
+            entries, end = parse(data, self.digest, unit, rows) if data else (None, 0)
+            if entries is None:  # new, or another run's: start it afresh
+                fh.truncate(0)
+                fh.write(header(self.digest, unit, rows, self.owner))
+                entries = {}
+            elif end < len(data):  # a record cut by a kill: gone, so the next append starts a whole line
+                fh.truncate(end)
+            fh.write(_line({"attempt": self.attempt}))
+            fh.flush()
+        except BaseException:
+            fh.close()
+            raise
+        return UnitJournal(path, fh), entries
+
+    @staticmethod
+    def remove(journal: UnitJournal | None, others: list[Path]) -> None:
+        """The unit is committed (by this replica or another copy): its journals go (blocking)."""
+        if journal is not None:
+            journal.close()
+            fsops.unlink(journal.path)
+        for path in others:
+            fsops.unlink(path)
+
+    @staticmethod
+    def sync(journals: list[UnitJournal]) -> None:
+        for journal in journals:
+            try:
+                journal.sync()
+            except OSError as exc:
+                log.warning("fsync of %s failed (%s)", journal.path, exc.strerror or exc)
+
+    def close_all(self, sync: bool = True) -> None:
+        """The client stops: what its journals hold stays for the next run of their units (fsynced first)."""
+        journals, self.open = list(self.open), set()
+        for journal in journals:
+            try:
+                journal.close(sync)
+            except OSError as exc:
+                log.warning("closing %s failed (%s)", journal.path, exc.strerror or exc)
