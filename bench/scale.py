@@ -2,9 +2,9 @@
 commit code on a real directory: what a run of 1,000 replicas costs the filesystem, and how close to
 ideal it finishes with slow and dying replicas.
 
-Each simulated replica is a `claims.Scheduler` (its clock is the simulation's) that commits with
-`work.commit_unit` and writes progress with `work.write_progress`, exactly as the client does, and
-beats every `lease_s / 4`. A unit's service time is lognormal (mean --service-s); a fraction of the
+Each simulated replica is a `claims.Scheduler` (its clock is the simulation's) that opens the unit's
+journal (`journal.Journals`), commits with `work.commit_unit`, removes the journal and writes progress
+with `work.write_progress`, as the client does, and beats every `lease_s / 4`. A unit's service time is lognormal (mean --service-s); a fraction of the
 replicas is --slow-factor times slower; a fraction dies at a random moment (its claims stay behind).
 Every metadata operation is counted by `orchestrator.fsops` (the count is checked against strace on
 real `orchestrator run` processes by `bench/strace_claims.py`).
@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from orchestrator import fsops
 from orchestrator.claims import WAIT, Scheduler, result_exists
+from orchestrator.journal import Journals
 from orchestrator.work import Ledger, RunPaths, commit_unit, write_progress
 
 
@@ -55,6 +56,7 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
     scheds = [Scheduler(paths, "sim", f"r{r}", todo, index=r, lease_s=args.lease_s, backups=args.backups,
                         clock=clock, seed=rng.random()) for r in range(R)]
     ledgers = [Ledger(paths, f"r{r}") for r in range(R)]
+    journals = [Journals(paths, f"r{r}", "sim", "digest") for r in range(R)]
     table = pa.table({"unit": pa.array([0], pa.int64())})
     events: list = []
     seq = [0]
@@ -68,6 +70,7 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
     stats = Counter()
     fsops.COUNTS.clear()
     for r in range(R):
+        journals[r].scan()  # what the client does at its start
         write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim"})
         scheds[r].wrote()
         at(0.0, "ask", r)
@@ -90,7 +93,7 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
             lost = sched.lost(result_exists(paths))
             if r in running and running[r][0] in lost:  # another copy won: drop this one, look for work
                 stats["abandoned"] += 1
-                running.pop(r)
+                Journals.remove(*running.pop(r)[3:])
                 at(t, "ask", r)
             at(t + sched.beat_s, "beat", r)
         elif kind == "ask":
@@ -102,16 +105,18 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
                 at(t + sched.poll_s, "ask", r)
             else:
                 token = seq[0]
-                running[r] = (got.unit, got.copy, token)
+                journal, _, others = journals[r].start(got.unit, 1)  # replays what others journaled of it
+                running[r] = (got.unit, got.copy, token, journal, others)
                 service = rng.lognormvariate(mu, sigma) * factor[r]
                 at(t + service, "done", r, token)
         elif kind == "done":
             if r not in running or running[r][2] != data:
                 continue  # abandoned meanwhile
-            unit, copy, _ = running.pop(r)
+            unit, copy, _, journal, others = running.pop(r)
             won = commit_unit(paths, unit, table, {"rows": 1, "ok": 1, "failed": 0, "output_tokens": 0, "units": 1},
                               f"r{r}", ledgers[r])
             sched.release(unit)
+            Journals.remove(journal, others)
             write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim", "updated": t},
                            [{"at": t, "prompts": 1}])
             sched.wrote()
