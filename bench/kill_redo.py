@@ -131,8 +131,8 @@ def ours(work: Path, data: Path, url: str, n: int, counting: Counting) -> dict:
     asked_before = sum(counting.asked.values())
     journaled = 0
     for path in (run_dir / "work" / "journal").glob("*.jsonl"):
-        journaled += sum(len(json.loads(line).get("rows", [])) for line in path.read_bytes().splitlines()
-                         if line.startswith(b'{"rows":'))
+        journaled += sum(len(json.loads(line)["i"]) for line in path.read_bytes().splitlines()
+                         if line.startswith(b'{"i":') and line.endswith(b"}"))
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     if rerun.returncode != 0:
         raise RuntimeError(f"the rerun failed:\n{rerun.stdout[-2000:]}\n{rerun.stderr[-2000:]}")

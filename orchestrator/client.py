@@ -101,13 +101,18 @@ class UnitBuffer:
             self.blamed.add(i)
         self.remaining -= 1
 
-    def journal_row(self, i: int) -> list:
-        """Row i's outcome as its journal record holds it (see journal.py)."""
-        row = [i, self.ids[i], self.status[i], self.response[i], self.error[i], self.output_tokens[i], self.latency[i],
-               self.attempts[i], int(i in self.blamed)]
+    def journal_record(self, rows: list[int]) -> dict:
+        """These rows' outcomes as one journal record: a list per column (see journal.py)."""
+        ids, status = self.ids, self.status
+        record = {"i": rows, "id": [ids[i] for i in rows], "response": [self.response[i] for i in rows],
+                  "tokens": [self.output_tokens[i] for i in rows], "latency": [self.latency[i] for i in rows],
+                  "attempts": [self.attempts[i] for i in rows]}
+        if any(status[i] != "ok" for i in rows):
+            record.update(status=[status[i] for i in rows], error=[self.error[i] for i in rows],
+                          blamed=[i for i in rows if i in self.blamed])
         if self.responses is not None:
-            row.append(self.responses[i])
-        return row
+            record["responses"] = [self.responses[i] for i in rows]
+        return record
 
     def keep(self, part: pa.RecordBatch, columns: list[str]) -> None:
         """The kept input columns of rows just read (categoricals as their values)."""
@@ -636,7 +641,7 @@ class Client:
             if journal is None or not rows or buf.abandoned:
                 continue
             try:
-                journal.append([buf.journal_row(i) for i in rows])
+                journal.append(buf.journal_record(rows))
             except (OSError, ValueError) as exc:  # a full disk: the unit goes on without it, whole at its commit
                 log.warning("cannot append to %s (%s); unit %d goes on without a journal", journal.path,
                             getattr(exc, "strerror", None) or exc, buf.unit)

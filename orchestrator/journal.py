@@ -4,7 +4,8 @@ A unit commits whole (`work.commit_unit`: one Parquet file, published by a link)
 `results/` never see part of one. Until it commits, every row of it that has an outcome (an answer,
 or the error it would be committed with; a conversation once its last turn is answered) is appended
 to `work/journal/<unit>.<owner>.jsonl` as soon as its request is answered: one write on a file held
-open (no metadata operation), the answers of one turn of the client's event loop together. So a
+open (no metadata operation), the answers of one turn of the client's event loop together, and always
+before the worker that got them sends its next request. So a
 killed process (`kill -9`, the OOM killer) loses only the requests in flight: what was written is in
 the operating system's page cache. Each journal is fsynced every `client.journal_sync_s` seconds and
 when the client stops, so a node crash loses at most that window on top. When a unit is claimed
@@ -16,9 +17,13 @@ Format, JSON lines:
 
     {"journal": 1, "settings": D, "unit": U, "rows": N, "owner": O}   the first line, written once
     {"attempt": A}                                                     each time a client opens it
-    {"rows": [[i, id, status, response, error, output_tokens, latency_s, attempts, blamed(, responses)], ...]}
+    {"i": [...], "id": [...], "response": [...], "tokens": [...], "latency": [...], "attempts": [...]}
+        the rows answered since the last record, a list per column, one item per row; a record with a
+        failed row also has "status", "error" and "blamed" (the failed rows the engine is to blame for),
+        and one of a multi-turn unit "responses" (every turn's answer)
 
-A row is its index in the unit, checked against its id when replayed. The last line without its
+A row is its index in the unit (`i`), checked against its id when replayed. Columns, not a list per
+row: the record of 128 answers is encoded in about half the time. The last line without its
 newline (a write cut by the kill) is dropped, and cut off before the next append; a line that does
 not parse is skipped. D is a digest of the run's `fingerprint.json` (the settings that decide the
 answers): a journal of other settings, another unit or another row count is ignored and removed.
@@ -99,16 +104,34 @@ def _line(record: dict) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
-def _entry(row, rows: int, attempt) -> tuple[int, Entry] | None:
-    if not isinstance(row, list) or len(row) < 9:
-        return None
-    i, ident, status, response, error, tokens, latency, attempts, blamed = row[:9]
-    if not isinstance(i, int) or not 0 <= i < rows or status not in ("ok", "error") or not isinstance(attempts, int):
-        return None
-    responses = row[9] if len(row) > 9 and isinstance(row[9], list) else None
-    return i, Entry(ident, status, response, error, tokens if isinstance(tokens, int) else None,
-                    latency if isinstance(latency, (int, float)) else None, attempts, bool(blamed), responses,
-                    attempt if isinstance(attempt, str) else None)
+def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]]:
+    """The rows of one record; a record whose columns do not line up is skipped whole."""
+    index = record.get("i")
+    if not isinstance(index, list):
+        return []
+    n = len(index)
+    names = ("id", "response", "tokens", "latency", "attempts")
+    columns = [record.get(name) for name in names]
+    status, error, responses = record.get("status"), record.get("error"), record.get("responses")
+    if any(not isinstance(c, list) or len(c) != n for c in columns) or \
+            any(c is not None and (not isinstance(c, list) or len(c) != n) for c in (status, error, responses)):
+        return []
+    try:
+        blamed = set(record.get("blamed") or ())
+    except TypeError:  # not a list of row numbers
+        return []
+    attempt = attempt if isinstance(attempt, str) else None
+    found = []
+    for k, (i, ident, response, tokens, latency, attempts) in enumerate(zip(index, *columns)):
+        state = status[k] if status is not None else "ok"
+        if not isinstance(i, int) or not 0 <= i < rows or state not in ("ok", "error") or not isinstance(attempts, int):
+            continue
+        found.append((i, Entry(ident, state, response, error[k] if error is not None else None,
+                               tokens if isinstance(tokens, int) else None,
+                               latency if isinstance(latency, (int, float)) else None, attempts, i in blamed,
+                               responses[k] if responses is not None and isinstance(responses[k], list) else None,
+                               attempt)))
+    return found
 
 
 def parse(data: bytes, digest: str, unit: int, rows: int) -> tuple[dict[int, Entry] | None, int]:
@@ -135,10 +158,7 @@ def parse(data: bytes, digest: str, unit: int, rows: int) -> tuple[dict[int, Ent
         if "attempt" in record:
             attempt = record["attempt"]
             continue
-        for row in record.get("rows") or ():
-            found = _entry(row, rows, attempt)
-            if found is not None:
-                entries[found[0]] = found[1]
+        entries.update(_entries(record, rows, attempt))
     return entries, end
 
 
@@ -152,9 +172,9 @@ class UnitJournal:
         self.closed = False
         self.lock = threading.Lock()
 
-    def append(self, rows: list[list]) -> None:
-        """One write (the rows of one or more answered requests), handed to the OS at once."""
-        self.fh.write(_line({"rows": rows}))
+    def append(self, record: dict) -> None:
+        """One write (the rows of one or more answered requests, as columns), handed to the OS at once."""
+        self.fh.write(_line(record))
         self.fh.flush()
         self.unsynced = True
 

@@ -81,8 +81,8 @@ def committed(run_dir: Path) -> int:
     return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
 
 
-def journaled(run_dir: Path) -> list[list]:
-    """The rows in the journals of units not committed yet, one list per whole record."""
+def journaled(run_dir: Path) -> list[dict]:
+    """The whole records of answered rows in the journals of units not committed yet."""
     records = []
     for path in (run_dir / "work" / "journal").glob("*.jsonl"):
         unit = int(path.name.split(".")[0])
@@ -93,8 +93,8 @@ def journaled(run_dir: Path) -> list[list]:
                 record = json.loads(line) if line.endswith(b"\n") else {}
             except ValueError:
                 continue
-            if isinstance(record.get("rows"), list):
-                records.append(record["rows"])
+            if isinstance(record.get("i"), list):
+                records.append(record)
     return records
 
 
@@ -156,10 +156,10 @@ def test_kill_9_at_several_moments_then_rerun_asks_again_only_what_was_in_flight
                           if not (run_dir / "results" / f"part-{int(p.name[:8]):08d}.parquet").exists()]
             data = journal.read_bytes()
             last = data.rstrip(b"\n").rfind(b"\n") + 1
-            torn = [int(row[1][1:]) for row in json.loads(data[last:])["rows"]]
+            torn = [int(ident[1:]) for ident in json.loads(data[last:])["id"]]
             journal.write_bytes(data[:last + (len(data) - last) // 2])
             allowed += len(torn)
-    kept = sum(len(rows) for rows in journaled(run_dir))
+    kept = sum(len(record["i"]) for record in journaled(run_dir))
     final = cli(*args)
     assert final.returncode == 0, final.stderr
     assert_same_results(run_dir, expected)
@@ -180,7 +180,7 @@ def test_a_graceful_stop_keeps_the_answered_rows_of_its_unfinished_unit(tmp_path
     args = ["run", *ARGS, f"engine.url={url}", f"data.input={src}", f"run_dir={run_dir}"]
     start_and_stop(args, run_dir, 1, 3, sig=signal.SIGTERM)
     assert "the rows answered in its unfinished units are kept in their journals" in (run_dir / "run.log").read_text()
-    kept = sum(len(rows) for rows in journaled(run_dir))
+    kept = sum(len(record["i"]) for record in journaled(run_dir))
     assert kept >= 3 * BATCH
     second = cli(*args)
     assert second.returncode == 0, second.stderr
@@ -201,8 +201,17 @@ def journal_file(paths: RunPaths, unit: int, owner: str, rows: list, digest: str
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = digest or settings_digest(paths)
     path.write_bytes(header(digest, unit, unit_rows, owner) + json.dumps({"attempt": attempt}).encode() + b"\n" +
-                     json.dumps({"rows": rows}).encode() + b"\n")
+                     json.dumps(record(rows)).encode() + b"\n")
     return path
+
+
+def record(rows: list) -> dict:
+    """A journal record (columns) of rows given as [i, id, status, response, error, tokens, latency, attempts,
+    blamed]."""
+    names = ("i", "id", "status", "response", "error", "tokens", "latency", "attempts")
+    out = {name: [row[k] for row in rows] for k, name in enumerate(names)}
+    out["blamed"] = [row[0] for row in rows if row[8]]
+    return out
 
 
 def test_replay_takes_only_rows_whose_id_matches_and_keeps_journaled_errors(tmp_path, counting_engine):
@@ -265,8 +274,8 @@ def test_a_conversation_is_journaled_once_its_last_turn_is_answered_and_replayed
     commits the same answers."""
     url, asked = counting_engine
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": [f"c{i}" for i in range(6)],
-                             "turns": [[f"Question number {i}: pick a word.", "Why that one?"] for i in range(6)]}), src)
+    turns = [[f"Question number {i}: pick a word.", "Why that one?"] for i in range(6)]
+    pq.write_table(pa.table({"id": [f"c{i}" for i in range(6)], "turns": turns}), src)
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'run'}", "data.turns_column=turns", "data.unit_rows=6",
                    "client.batch_size=2", "sampling.tokens_to_generate=4"])
     with pytest.MonkeyPatch.context() as patch:  # the journal stays after the commit, to be read here
@@ -274,11 +283,11 @@ def test_a_conversation_is_journaled_once_its_last_turn_is_answered_and_replayed
         paths, _ = run_client(cfg, url)
     first = pd.read_parquet(paths.results)
     (journal,) = (paths.root / "work" / "journal").glob("*.jsonl")
-    records = [json.loads(line) for line in journal.read_bytes().splitlines()]
-    rows = [row for record in records if isinstance(record.get("rows"), list) for row in record["rows"]]
-    journaled = [row[0] for row in rows]
+    records = [r for r in map(json.loads, journal.read_bytes().splitlines()) if isinstance(r.get("i"), list)]
+    journaled = [i for r in records for i in r["i"]]
     assert len(journaled) == len(set(journaled)) >= 4  # each row once, when it is complete: not per turn
-    assert all(len(row[9]) == 2 and row[3] == row[9][-1] for row in rows)  # with every turn's answer
+    assert all(len(turns) == 2 and last == turns[-1]  # with every turn's answer
+               for r in records for last, turns in zip(r["response"], r["responses"]))
     assert sorted(asked.values()) == [2] * 6  # two turns a row
     shutil.rmtree(paths.results)  # as if the unit had never been committed
     shutil.rmtree(paths.root / "work" / "ledger")
@@ -296,8 +305,8 @@ def test_parse_drops_a_torn_last_record_and_an_append_after_it_starts_a_whole_li
     journals = Journals(paths, "r0", "a1", "d" * 16)
     journal, entries, _ = journals.start(4, 10)
     assert entries == {}
-    journal.append([[0, "q0", "ok", "zero", None, 1, 0.1, 1, 0], [1, "q1", "ok", "one", None, 1, 0.1, 1, 0]])
-    journal.append([[2, "q2", "ok", "two", None, 1, 0.1, 1, 0]])
+    journal.append(record([[0, "q0", "ok", "zero", None, 1, 0.1, 1, 0], [1, "q1", "ok", "one", None, 1, 0.1, 1, 0]]))
+    journal.append(record([[2, "q2", "ok", "two", None, 1, 0.1, 1, 0]]))
     journal.close()
     data = journal.path.read_bytes()
     journal.path.write_bytes(data[:-7])  # the kill cut the last record
@@ -307,7 +316,7 @@ def test_parse_drops_a_torn_last_record_and_an_append_after_it_starts_a_whole_li
     again, entries, _ = Journals(paths, "r0", "a2", "d" * 16).start(4, 10)
     assert fsops.COUNTS == {"open": 1}  # one open per unit: no listing, no create beside it
     assert sorted(entries) == [0, 1] and entries[1].response == "one" and entries[1].attempt == "a1"
-    again.append([[2, "q2", "ok", "two again", None, 1, 0.1, 1, 0]])
+    again.append(record([[2, "q2", "ok", "two again", None, 1, 0.1, 1, 0]]))
     again.close()
     got, end = parse(again.path.read_bytes(), "d" * 16, 4, 10)
     assert sorted(got) == [0, 1, 2] and got[2].response == "two again" and got[2].attempt == "a2"
@@ -317,3 +326,20 @@ def test_parse_drops_a_torn_last_record_and_an_append_after_it_starts_a_whole_li
     fresh, entries, _ = Journals(paths, "r0", "a3", "e" * 16).start(4, 10)  # its own, of other settings: restarted
     fresh.close()
     assert entries == {} and parse(fresh.path.read_bytes(), "e" * 16, 4, 10)[0] == {}
+
+
+@pytest.mark.parametrize("bad", [{"blamed": 5}, {"blamed": [[0]]}, {"id": ["q0"]}, {"status": ["ok", "maybe"]},
+                                 {"i": "01"}, {"responses": "x"}])
+def test_parse_skips_a_record_whose_columns_are_malformed_and_keeps_the_others(bad):
+    """A record that does not line up (a column of another length or type, blamed not a list of row numbers)
+    is skipped whole; a row with an unknown status is skipped alone; the records around it are replayed."""
+    good = record([[0, "q0", "ok", "zero", None, 1, 0.1, 1, 0], [1, "q1", "error", None, "boom", None, 0.1, 2, 1]])
+    data = header("d" * 16, 4, 10, "r0") + b"".join(
+        json.dumps(r).encode() + b"\n" for r in (good, {**record([[2, "q2", "ok", "two", None, 1, 0.1, 1, 0],
+                                                                   [3, "q3", "ok", "three", None, 1, 0.1, 1, 0]]), **bad},
+                                                  record([[4, "q4", "ok", "four", None, 1, 0.1, 1, 0]])))
+    got, end = parse(data, "d" * 16, 4, 10)
+    assert end == len(data)
+    assert got[1].status == "error" and got[1].blamed and not got[0].blamed and got[4].response == "four"
+    expected = {0, 1, 2, 4} if "status" in bad else {0, 1, 4}  # only the row whose status is unknown is dropped
+    assert set(got) == expected

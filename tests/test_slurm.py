@@ -177,7 +177,7 @@ def journal_records(run_dir: Path) -> int:
     found = 0
     for path in (run_dir / "work" / "journal").glob("*.jsonl"):
         if not (run_dir / "results" / f"part-{int(path.name[:8]):08d}.parquet").exists():
-            found += path.read_bytes().count(b'{"rows":[')
+            found += path.read_bytes().count(b'{"i":[')
     return found
 
 
