@@ -686,7 +686,12 @@ class Client:
         buf.remaining = -1  # committed: never again
         self.active.pop(buf.unit, None)
         self.scheduler.release(buf.unit)
-        self.unit_done.set()
+        try:
+            await self._publish(buf)
+        finally:
+            self.unit_done.set()  # once the commit is written: a replica waiting for work looks again now
+
+    async def _publish(self, buf: UnitBuffer) -> None:
         journals = self._take_journals(buf)
         if buf.abandoned:
             await asyncio.to_thread(Journals.remove, *journals)

@@ -40,6 +40,38 @@ def make_cfg():
     return _make
 
 
+def committed(run_dir: Path) -> int:
+    """Units committed in a run_dir."""
+    folder = run_dir / "results"
+    return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
+
+
+def journaled(run_dir: Path) -> list[dict]:
+    """The whole records of answered rows in the journals of units not committed yet (a torn last line is
+    not one)."""
+    import json
+
+    records = []
+    for path in (run_dir / "work" / "journal").glob("*.jsonl"):
+        unit = int(path.name.split(".")[0])
+        if (run_dir / "results" / f"part-{unit:08d}.parquet").exists():
+            continue
+        for line in path.read_bytes().splitlines(keepends=True):
+            try:
+                record = json.loads(line) if line.endswith(b"\n") else {}
+            except ValueError:
+                continue
+            if isinstance(record.get("i"), list):
+                records.append(record)
+    return records
+
+
+def job_pids(run_dir: Path) -> list[int]:
+    """The local executor's job processes of a run_dir (each runs a client)."""
+    out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
 def orchestrator_cmd() -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli"]
 

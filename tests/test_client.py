@@ -331,3 +331,28 @@ def test_a_failed_job_reports_its_own_message_with_the_engine_log_not_frames():
     assert job_failure(report).splitlines() == [
         "the engine process exited during the run; engine log /r/e.log:",
         "RuntimeError: CUDA error: an illegal memory access", "srun: error: n2: task 1: Killed"]
+
+
+def test_a_replica_waiting_for_work_is_woken_only_once_the_commit_is_written(tmp_path, monkeypatch):
+    """unit_done wakes a producer that found no free unit; woken before the commit was on disk, it found the
+    unit neither free nor committed and slept a whole poll more (1-2 s at the end of every replica's run)."""
+    src = write_prompts(tmp_path / "in.parquet", 40)
+    cfg = compose([f"data.input={src}", "data.unit_rows=8", f"run_dir={tmp_path / 'run'}"])
+    plan, paths = prepare(cfg)
+    seen: list[tuple[int, bool]] = []
+    commit = Client._commit
+
+    async def watched(self, buf):
+        class Watch(asyncio.Event):
+            def set(event):
+                seen.append((buf.unit, (paths.results / f"part-{buf.unit:08d}.parquet").exists()))
+                super().set()
+
+        self.unit_done = Watch()
+        await commit(self, buf)
+
+    monkeypatch.setattr(Client, "_commit", watched)
+    with running_engine(cfg, tmp_path) as server:
+        asyncio.run(Client(cfg, plan, paths, server.url, "a1", "r0", server.model_name).run())
+    assert sorted(unit for unit, _ in seen) == list(range(5))
+    assert all(written for _, written in seen), seen

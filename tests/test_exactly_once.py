@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import write_prompts
+from tests.conftest import committed, job_pids, write_prompts
 
 EXE = shutil.which("orchestrator")
 SLOW = ["engine.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20", "sampling.tokens_to_generate=6"]
@@ -19,16 +19,6 @@ SLOW = ["engine.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows
 
 def cli(*args, timeout=300):
     return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def committed(run_dir: Path) -> int:
-    folder = run_dir / "results"
-    return len([p for p in folder.iterdir() if p.suffix == ".parquet"]) if folder.is_dir() else 0
-
-
-def job_pids(run_dir: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def answers(run_dir: Path) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from orchestrator.engines.embedded import EngineSettings, EngineThread
 from orchestrator.journal import Journals, header, journal_name, parse, settings_digest
 from orchestrator.launch import prepare
 from orchestrator.work import RunPaths, write_retry_units
-from tests.conftest import write_prompts
+from tests.conftest import committed, job_pids, journaled, write_prompts
 
 EXE = shutil.which("orchestrator")
 ROWS, UNIT, BATCH, IN_FLIGHT = 600, 100, 10, 2
@@ -74,33 +74,6 @@ def cli(*args, timeout=120):
 
 def answers(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(run_dir / "results").sort_values("id").reset_index(drop=True)
-
-
-def committed(run_dir: Path) -> int:
-    folder = run_dir / "results"
-    return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
-
-
-def journaled(run_dir: Path) -> list[dict]:
-    """The whole records of answered rows in the journals of units not committed yet."""
-    records = []
-    for path in (run_dir / "work" / "journal").glob("*.jsonl"):
-        unit = int(path.name.split(".")[0])
-        if (run_dir / "results" / f"part-{unit:08d}.parquet").exists():
-            continue
-        for line in path.read_bytes().splitlines(keepends=True):
-            try:
-                record = json.loads(line) if line.endswith(b"\n") else {}
-            except ValueError:
-                continue
-            if isinstance(record.get("i"), list):
-                records.append(record)
-    return records
-
-
-def job_pids(run_dir: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def start_and_stop(args: list[str], run_dir: Path, units: int, records: int, sig=signal.SIGKILL) -> int:
