@@ -28,7 +28,7 @@ from .prompts import format_prompt, postprocess, render_messages
 from .claims import WAIT, Scheduler, result_exists
 from .journal import Entry, Journals, UnitJournal, settings_digest
 from .work import (Ledger, Plan, RunPaths, UnitReader, UnitStats, commit_unit, done_units, kept_rows, mark_retried,
-                   result_schema, retried, retry_units, write_progress)
+                   result_schema, retried, retry_units, rollout_seed, write_progress)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,13 @@ class UnitBuffer:
     """Results of one unit, filled in any order, committed once every row has an outcome. A row that is a
     conversation has its outcome after its last turn (or its first failed one): the unit commits whole
     conversations only. Rows whose outcome is new are listed in `fresh` until the client appends them to
-    the unit's journal (see journal.py)."""
+    the unit's journal (see journal.py).
 
-    def __init__(self, unit: int, rows: int, turns: bool = False):
-        self.unit = unit
+    With sampling.rollouts = N > 1 a "row" here is one answer: input row r's rollout k is row r * N + k
+    (rows counts them all), so the journal, replay and retry_failed work per rollout."""
+
+    def __init__(self, unit: int, rows: int, turns: bool = False, rollouts: int = 1):
+        self.unit, self.rollouts = unit, rollouts
         self.responses: list | None = [None] * rows if turns else None  # every turn's answer (data.turns_column)
         self.kept: dict[str, list] = {}  # data.keep_columns: arrow chunks in row order
         self.conversations: dict[int, Conversation] = {}  # rows between turns
@@ -116,10 +119,12 @@ class UnitBuffer:
 
     def keep(self, part: pa.RecordBatch, columns: list[str]) -> None:
         """The kept input columns of rows just read (categoricals as their values)."""
+        repeat = pa.array([r for r in range(part.num_rows) for _ in range(self.rollouts)], pa.int64()) \
+            if columns and self.rollouts > 1 else None
         for name in columns:
             column = part.column(name)
-            self.kept.setdefault(name, []).append(
-                column.dictionary_decode() if pa.types.is_dictionary(column.type) else column)
+            column = column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+            self.kept.setdefault(name, []).append(column.take(repeat) if repeat is not None else column)
 
     @property
     def complete(self) -> bool:
@@ -133,6 +138,8 @@ class UnitBuffer:
             "output_tokens": pa.array(self.output_tokens, pa.int64()), "latency_s": pa.array(self.latency, pa.float64()),
             "attempts": pa.array(self.attempts, pa.int32()),
         }
+        if "rollout" in schema.names:  # answer i is rollout i % N of its input row
+            columns["rollout"] = pa.array([i % self.rollouts for i in range(len(self.ids))], pa.int32())
         for name in schema.names:
             if name not in columns:  # a kept input column
                 kind, chunks = schema.field(name).type, self.kept.get(name, [])
@@ -211,6 +218,11 @@ class Client:
         # truncation (data.truncate_prompts) cuts by its exact count
         self.exact_tokens = self.info.can_tokenize
         self.schema = result_schema(plan)
+        self.rollouts = plan.rollouts  # answers per input row: fixed with the plan (and checked by the fingerprint)
+        if self.rollouts > 1 and not self.protocol.takes_seed:
+            raise EngineError(f"sampling.rollouts={self.rollouts} sends each rollout with its own seed, but the "
+                              f"engine at {self.url} takes none (its Triton model has no random_seed input), so "
+                              f"every rollout would be the same answer; serve a model with a random_seed input")
         self.reader = UnitReader(plan, cfg.data.read_batch_rows)
         self.stats = ClientStats()
         self.retry_units = retry_units(paths, attempt) if cfg.retry_failed else set()
@@ -341,7 +353,7 @@ class Client:
     async def _produce_units(self, queue: asyncio.Queue) -> None:
         """Claim units one at a time (see claims.Scheduler) and queue their rows; ends when every unit of
         this attempt is committed, by this replica or others."""
-        batch: list[tuple[UnitBuffer, int, str]] = []
+        batch: list[tuple] = []
         while not self.stopping.is_set():
             got = await asyncio.to_thread(self.scheduler.next)
             if got is None:
@@ -360,7 +372,7 @@ class Client:
                 self.stats.backup_copies += 1
             if unit in self.retry_units:
                 keep = await asyncio.to_thread(kept_rows, self.paths, unit)
-                if keep is not None and len(keep["status"]) != self.plan.units[unit][2]:
+                if keep is not None and len(keep["status"]) != self.plan.unit_answers(unit):
                     keep = None  # not this unit's rows: redo it whole
             # a claim made once no unit is free (a backup copy, a takeover) may be of a unit that another
             # replica of this attempt journaled since this one listed the journals: look again
@@ -379,9 +391,9 @@ class Client:
         """Queue a unit's rows. The rows its journals hold (an earlier run of it was interrupted) are taken
         from them, not sent; with keep (a retried unit's committed columns), its ok rows are kept as they
         are. Only the others are sent."""
-        fmt, batch_size, plan = self.cfg.model.prompt, self.protocol.batch_size, self.plan
-        rows = plan.units[unit][2]
-        buf = UnitBuffer(unit, rows, turns=bool(plan.turns_column))
+        fmt, batch_size, plan, n = self.cfg.model.prompt, self.protocol.batch_size, self.plan, self.rollouts
+        rows = plan.unit_answers(unit)  # result rows: input rows x rollouts
+        buf = UnitBuffer(unit, rows, turns=bool(plan.turns_column), rollouts=n)
         self.active[unit] = buf
         journal, replay, buf.replayed_from = await asyncio.to_thread(self._start_journal, unit, rows, relist)
         if journal is not None:
@@ -391,24 +403,30 @@ class Client:
         retrying = unit in self.retry_units
         for ids, part in self.reader.read_parts(unit):
             base = len(buf.ids)
-            buf.ids.extend(ids)
+            buf.ids.extend(ids if n == 1 else [ident for ident in ids for _ in range(n)])
             buf.keep(part, plan.keep_columns)
             prompts = _conversation_rows(part, plan) if plan.conversational else \
                 part.column(plan.prompt_column).to_pylist()
             for offset, prompt in enumerate(prompts):
-                i = base + offset
-                if keep is not None and keep["status"][i] == "ok":
-                    buf.restore(i, Entry(ids[offset], "ok", keep["response"][i], None, keep["output_tokens"][i],
-                                         keep["latency_s"][i], keep["attempts"][i], False,
-                                         (keep.get("responses") or [None] * (i + 1))[i], None))
+                first = base + offset * n  # the row's first answer (rollout 0)
+                todo = []  # its rollouts to ask for: those neither kept nor journaled
+                for i in range(first, first + n):
+                    if keep is not None and keep["status"][i] == "ok":
+                        buf.restore(i, Entry(ids[offset], "ok", keep["response"][i], None, keep["output_tokens"][i],
+                                             keep["latency_s"][i], keep["attempts"][i], False,
+                                             (keep.get("responses") or [None] * (i + 1))[i], None))
+                        continue
+                    entry = replay.get(i) if replay else None
+                    if entry is not None and entry.id == ids[offset] and \
+                            (not retrying or entry.status == "ok" or entry.attempt == self.attempt):
+                        buf.restore(i, entry)
+                        self.stats.journal_rows += 1
+                        continue
+                    todo.append(i - first)
+                if not todo:
                     continue
-                entry = replay.get(i) if replay else None
-                if entry is not None and entry.id == ids[offset] and \
-                        (not retrying or entry.status == "ok" or entry.attempt == self.attempt):
-                    buf.restore(i, entry)
-                    self.stats.journal_rows += 1
-                    continue
-                if plan.conversational:
+                i = first
+                if plan.conversational:  # one answer per row (sampling.rollouts > 1 refuses conversations)
                     item = self._start_conversation(buf, i, prompt)
                     if item is not None:
                         batch.append(item)
@@ -426,18 +444,44 @@ class Client:
                 elif not problem:
                     prompt, problem = self._fit_context(prompt)
                 if problem:
-                    buf.fail(base + offset, problem)
+                    for k in todo:
+                        buf.fail(first + k, problem)
                     continue
-                batch.append((buf, base + offset, format_prompt(prompt, fmt)))
-                if len(batch) >= batch_size:
-                    await queue.put(batch)
-                    batch = []
+                for item in self._requests(buf, first, format_prompt(prompt, fmt), ids[offset], todo):
+                    batch.append(item)
+                    if len(batch) >= batch_size:
+                        await queue.put(batch)
+                        batch = []
             if buf.fresh:
                 self._journal_soon(buf)
         buf.read_done = True
         if buf.complete:
             await self._commit(buf)
         return batch
+
+    def _requests(self, buf: UnitBuffer, first: int, sent: str, row_id, todo: list[int]) -> list[tuple]:
+        """The requests for a row's rollouts `todo`: (buf, first answer, what is sent, seed, answers). One
+        answer: the configured seed. Rollouts: rollout k is sampled with rollout_seed(...) + k; a run of
+        consecutive rollouts goes in one request with n where the engine answers n as separate requests with
+        seeds seed, seed + 1, ... (vLLM; sampling.rollouts_in_one_request), else one request each. NeMo's
+        copies (rollouts_in_one_request there): the row's rollouts in blocks of up to 128 copies, block b
+        seeded base + b x 128; a block is always sent whole (a copy's answer depends on the batch), and only
+        the answers of `todo` are taken (see _send)."""
+        if self.rollouts == 1:
+            return [(buf, first, sent, None, 1)]
+        base = rollout_seed(self.cfg.sampling.seed, row_id)
+        most = getattr(self.protocol, "max_n", 1)
+        if getattr(self.protocol, "copies", False):
+            blocks = sorted({k // most for k in todo})
+            return [(buf, first + b * most, sent, base + b * most, min(most, self.rollouts - b * most)) for b in blocks]
+        items: list[tuple] = []
+        for k in todo:
+            last = items[-1] if items else None
+            if last is not None and last[1] + last[4] == first + k and last[4] < most:  # extends the previous run
+                items[-1] = last[:4] + (last[4] + 1,)
+            else:
+                items.append((buf, first + k, sent, base + k, 1))
+        return items
 
     def _start_conversation(self, buf: UnitBuffer, i: int, row: tuple) -> tuple | None:
         """The first request of a conversation row, or None when the row is recorded as an error."""
@@ -463,12 +507,12 @@ class Client:
                 buf.fail(i, f"the conversation is about {estimate:.0f} tokens ({size} bytes), longer than the "
                             f"model's {self.context}-token context (data.truncate_prompts does not cut conversations)")
                 return None
-        return buf, i, sent
+        return buf, i, sent, None, 1
 
     def _queue_next_turns(self, batch) -> None:
         """The next turn of every conversation a batch just answered, queued ahead of new rows."""
         follow: list = []
-        for buf in dict.fromkeys(buf for buf, _, _ in batch):
+        for buf in dict.fromkeys(item[0] for item in batch):
             rows, buf.next_turn = buf.next_turn, []
             for i in rows:
                 item = self._turn_request(buf, i, buf.conversations[i])
@@ -530,12 +574,16 @@ class Client:
                     self._flush_journals()
                 await self._send(batch)
 
-    async def _send(self, batch: list[tuple[UnitBuffer, int, str]]) -> None:
+    async def _send(self, batch: list[tuple]) -> None:
+        """One request for a batch of (buf, first answer, what is sent, seed, answers): several prompts of one
+        answer each (NeMo, Triton), or one prompt with its seed, asking for `answers` answers (rollouts: with
+        n, or as NeMo copies, of which only the answers the row lacks are taken)."""
         batch = [item for item in batch if not item[0].abandoned]
         if not batch:
             return
-        prompts = [p for _, _, p in batch]
-        payload = self.protocol.payload(prompts)
+        prompts = [item[2] for item in batch]
+        seed, n = batch[0][3], batch[0][4]  # a batch of several prompts has neither (one answer each)
+        payload = self.protocol.payload(prompts, seed=seed, n=n)
         client = self.cfg.client
         error = ""
         for attempt in range(1, client.max_retries + 2):
@@ -550,7 +598,7 @@ class Client:
                         body = await resp.json(content_type=None)
                     except (json.JSONDecodeError, aiohttp.ContentTypeError, ValueError):
                         body = await resp.text()
-                    completions = self.protocol.parse(resp.status, body, prompts)
+                    completions = self.protocol.parse(resp.status, body, prompts, n=n)
             except RejectedError as exc:
                 error, retryable = str(exc), isinstance(exc, MalformedAnswer)
                 self._record(record, started, error=error, done=False)
@@ -582,10 +630,15 @@ class Client:
             self.last_answer_at = time.monotonic()
             end_strings = self.cfg.end_strings
             strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
-            for (buf, i, sent), comp in zip(batch, completions):
-                buf.succeed(i, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens, latency, attempt)
-            self._record(record, started, ok=len(batch),
-                         tokens=sum(c.output_tokens for c in completions if isinstance(c.output_tokens, int)))
+            got, settled, tokens = iter(completions), 0, 0
+            for buf, i, sent, _, count in batch:
+                for k, comp in zip(range(count), got):
+                    if buf.status[i + k] is None:  # not a NeMo copy whose answer the row already has
+                        buf.succeed(i + k, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens,
+                                    latency, attempt)
+                        settled += 1
+                        tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
+            self._record(record, started, ok=settled, tokens=tokens)
             await self._commit_ready(batch)
             return
         else:
@@ -599,9 +652,13 @@ class Client:
         if not self.engine_alive():
             self.requests.append(record)
             return
-        for buf, i, _ in batch:
-            buf.fail(i, error, attempt, retryable)
-        record["failed"] = len(batch)
+        settled = 0
+        for buf, i, _, _, count in batch:
+            for k in range(count):
+                if buf.status[i + k] is None:
+                    buf.fail(i + k, error, attempt, retryable)
+                    settled += 1
+        record["failed"] = settled
         self.requests.append(record)
         await self._commit_ready(batch)
 
@@ -673,11 +730,12 @@ class Client:
 
     async def _commit_ready(self, batch) -> None:
         self._queue_next_turns(batch)
-        for buf in dict.fromkeys(buf for buf, _, _ in batch):
+        for buf in dict.fromkeys(item[0] for item in batch):
             if buf.fresh:
                 self._journal_soon(buf)
         seen = set()
-        for buf, _, _ in batch:
+        for item in batch:
+            buf = item[0]
             if buf.unit not in seen and buf.complete:
                 seen.add(buf.unit)
                 await self._commit(buf)

@@ -33,6 +33,7 @@ PROTOCOLS = ("nemo", "openai", "triton")
 OPENAI_APIS = ("completions", "chat")
 DUPLICATE_POLICIES = ("error", "positional", "keep")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+MAX_ROLLOUTS = 1024  # a row's seeds are base .. base + rollouts - 1, all below 2**31
 
 
 def choices(group: str) -> tuple[str, ...]:
@@ -129,9 +130,17 @@ class SamplingConfig:
     add_BOS: bool = False
     seed: Optional[int] = None
     end_strings: Optional[List[str]] = None  # None = the model's end strings
+    # several answers per input row (README "Several answers per prompt"): rollout k of a row is sampled
+    # with its own seed, rollout_seed(seed, id) + k
+    rollouts: int = 1
+    # OpenAI engines: a row's rollouts in one request with `n` (vLLM serves choice i with seed + i, so
+    # the answers are those of separate requests); false: one request per rollout. None: the engine's own
+    # (true for vllm and mock, false for others, whose n may not follow that rule)
+    rollouts_in_one_request: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check_range("sampling.tokens_to_generate", self.tokens_to_generate, lo=1)
+        _check_range("sampling.rollouts", self.rollouts, lo=1, hi=MAX_ROLLOUTS)
         _check_range("sampling.temperature", self.temperature, lo=0, hi=100, lo_open=True)
         _check_range("sampling.top_p", self.top_p, lo=0, hi=1)
         _check_range("sampling.top_k", self.top_k, lo=0)
@@ -305,10 +314,27 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_range("replicas", self.replicas, lo=1)
+        self._check_rollouts()
         if self.data.attributes_column and self.model.prompt.format != "steerlm":
             raise ConfigError(f"data.attributes_column={self.data.attributes_column!r} needs a SteerLM model, but "
                               f"model.prompt.format={self.model.prompt.format!r}; drop data.attributes_column or "
                               f"choose a SteerLM model (model=llama2_70b_steerlm_chat)")
+
+    def _check_rollouts(self) -> None:
+        """sampling.rollouts > 1: what cannot give N different answers per row is refused before submission."""
+        n, s, data = self.sampling.rollouts, self.sampling, self.data
+        if n <= 1:
+            return
+        conversation = [f"data.{k}={getattr(data, k)!r}" for k in ("messages_column", "turns_column") if getattr(data, k)]
+        if conversation:
+            raise ConfigError(f"sampling.rollouts={n} cannot be combined with {' and '.join(conversation)}: several "
+                              f"answers per row are for single prompts (data.prompt_column). Drop one of them, or "
+                              f"repeat the rows in the input")
+        if s.greedy or s.top_k == 1:
+            why = "sampling.greedy=true" if s.greedy else "sampling.top_k=1"
+            raise ConfigError(f"sampling.rollouts={n} asks for {n} sampled answers per row, but {why} picks the most "
+                              f"likely token every time, so the {n} answers would be the same. Sample instead: "
+                              f"sampling.greedy=false sampling.top_k=0 (and sampling.temperature, sampling.top_p)")
 
     @property
     def end_strings(self) -> list[str]:

@@ -226,8 +226,9 @@ def _page(paths: RunPaths, status: dict, plots: dict) -> str:
 <script>{_SCRIPT}</script></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>{html.escape(str(paths.root))}: <b>{html.escape(status['state'])}</b>, {rows['committed']}/{rows['total']} rows
-committed, {rows['ok']} ok, {rows['failed']} failed; overall {overall['prompts_per_s']:.1f} prompts/s and
+<p>{html.escape(str(paths.root))}: <b>{html.escape(status['state'])}</b>, {rows['committed']}/{rows['total']} {
+"answers (" + str(rows["prompts"]) + " prompts x " + str(rows["rollouts"]) + " rollouts)" if rows.get("rollouts", 1) > 1
+else "rows"} committed, {rows['ok']} ok, {rows['failed']} failed; overall {overall['prompts_per_s']:.1f} prompts/s and
 {overall['output_tokens_per_s']:.1f} output tokens/s over {overall['window_s']:.0f} s of generation.</p>
 <h2>Plots</h2>
 {figures}

@@ -55,7 +55,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     Writes plan and config."""
     build_layout(cfg)
     check_launch(cfg)
-    plan = build_plan(cfg.data, cfg.input_path)
+    plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts)
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)
     current = fingerprint(cfg, plan)
@@ -77,7 +77,10 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
 
 
 def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> None:
-    changed = _differences(json.loads(stored_print.read_text()), current)
+    stored = json.loads(stored_print.read_text())
+    if isinstance(stored.get("sampling"), dict):  # a run_dir started before sampling.rollouts existed: one answer a row
+        stored["sampling"].setdefault("rollouts", 1)
+    changed = _differences(stored, current)
     if changed:
         raise InputError(f"run_dir {paths.root} was started with other settings, so old and new results would "
                          f"disagree: {'; '.join(changed[:8])}. Rerun with the original settings to resume, or "
@@ -100,7 +103,10 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "model.max_seq_len": cfg.model.architecture.max_seq_len,
         "model.prompt": asdict(cfg.model.prompt),
         "end_strings": cfg.end_strings,
-        "sampling": asdict(cfg.sampling),
+        # rollouts decides the answers and the units' layout; whether they go in one request does neither,
+        # except on NeMo, where it sends them as copies under one seed (other answers): see _nemo_copies
+        "sampling": {k: v for k, v in asdict(cfg.sampling).items() if k != "rollouts_in_one_request"},
+        **({"sampling.rollouts_in_one_request": True} if _nemo_copies(cfg) else {}),
         "engine": cfg.engine.name,
         "engine.answers": adapter_for(cfg).answer_settings(cfg),
         "engine.settings": {k: getattr(cfg.engine, k) for k in ("checkpoint", "url", "protocol", "api", "precision",
@@ -114,6 +120,14 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
                                                              "attributes_column", "keep_columns")}},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
     }
+
+
+def _nemo_copies(cfg: Config) -> bool:
+    """Whether a row's rollouts may go to NeMo as copies of its prompt in one request (its answers are not
+    those of one request per rollout): an engine that may speak NeMo's protocol, with
+    sampling.rollouts_in_one_request on."""
+    return cfg.sampling.rollouts > 1 and adapter_for(cfg).protocol_for(cfg) in ("nemo", None) and \
+        cfg.sampling.rollouts_in_one_request is True
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -637,7 +651,8 @@ def follow(sub: Submission, show_progress: bool = True) -> dict:
         bar.refresh()
         if bar.disable and time.monotonic() - last_line[0] >= 60:  # logs of sbatch-submitted runs get a line a minute
             last_line[0] = time.monotonic()
-            print(f"progress: {bar.n}/{plan.total_rows} rows committed", file=sys.stderr, flush=True)
+            print(f"progress: {bar.n}/{plan.total_rows} {'prompts' if plan.rollouts > 1 else 'rows'} committed",
+                  file=sys.stderr, flush=True)
 
     failures: list[RunError] = []
     stop_signals = _raise_on_stop_signals()

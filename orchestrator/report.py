@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .work import Plan, RunPaths, UnitStats, atomic_write_text, scan_committed
+from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, scan_committed
 
 
 def attempt_progress(paths: RunPaths, attempt: str | None) -> list[dict]:
@@ -38,17 +38,25 @@ def busy_seconds(segments: list) -> float:
 
 
 def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, extra: dict | None = None) -> dict:
-    total = scan_committed(paths, plan, verify=False).total  # the ledger's totals: no stat per unit
+    """total, committed, ok, failed, retryable, rows_this_attempt count result rows (answers: with
+    sampling.rollouts = N, N per input row); prompts and answers count input rows and result rows committed;
+    prompts_per_s is input rows (answers / N) per second of generation, answers_per_s result rows."""
+    committed = scan_committed(paths, plan, verify=False)  # the ledger's totals: no stat per unit
+    total = committed.total
     replicas = attempt_progress(paths, attempt)
     this_attempt = sum((UnitStats.of(r) for r in replicas), start=UnitStats())
     generate_s = busy_seconds([s for r in replicas for s in r.get("segments", [])])
+    n = plan.rollouts
     summary = {
-        "total": plan.total_rows,
+        "total": plan.total_answers,
         "ok": total.ok,
         "failed": total.failed,
         "retryable": total.retryable,
         "committed": total.rows,
-        "complete": total.rows == plan.total_rows,
+        "complete": total.rows == plan.total_answers,
+        "prompts": committed_rows(plan, committed.units),  # input rows whose answers are all committed
+        "answers": total.rows,  # result rows committed: prompts x rollouts
+        "rollouts": n,
         "units": len(plan.units),
         "units_done": total.units,
         "output_tokens": total.output_tokens,
@@ -56,7 +64,8 @@ def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, 
         "generate_s": round(generate_s, 3),
         "rows_this_attempt": this_attempt.rows,
         "resumed_units": max(0, total.units - this_attempt.units),
-        "prompts_per_s": round(this_attempt.rows / generate_s, 3) if generate_s > 0 else 0.0,
+        "prompts_per_s": round(this_attempt.rows / n / generate_s, 3) if generate_s > 0 else 0.0,
+        "answers_per_s": round(this_attempt.rows / generate_s, 3) if generate_s > 0 else 0.0,
         "output_tokens_per_s": round(this_attempt.output_tokens / generate_s, 3) if generate_s > 0 else 0.0,
         "backup_copies": sum(r.get("backup_copies", 0) for r in replicas),  # units run again for a straggler
         "discarded_rows": sum(r.get("discarded_rows", 0) for r in replicas),  # answered by a copy that lost
@@ -74,9 +83,15 @@ def write_summary(paths: RunPaths, summary: dict) -> Path:
 
 
 def one_line(summary: dict) -> str:
-    line = (f"{summary['ok']}/{summary['total']} ok, {summary['failed']} failed, "
-            f"{summary['prompts_per_s']:.1f} prompts/s, {summary['output_tokens_per_s']:.1f} output tokens/s, "
-            f"{summary['duration_s']:.1f} s in all")
+    if summary.get("rollouts", 1) > 1:  # several answers per prompt: both counts
+        line = (f"{summary['ok']}/{summary['total']} answers ok ({summary['prompts']} prompts x {summary['rollouts']} "
+                f"rollouts), {summary['failed']} failed, {summary['prompts_per_s']:.1f} prompts/s, "
+                f"{summary['answers_per_s']:.1f} answers/s, {summary['output_tokens_per_s']:.1f} output tokens/s, "
+                f"{summary['duration_s']:.1f} s in all")
+    else:
+        line = (f"{summary['ok']}/{summary['total']} ok, {summary['failed']} failed, "
+                f"{summary['prompts_per_s']:.1f} prompts/s, {summary['output_tokens_per_s']:.1f} output tokens/s, "
+                f"{summary['duration_s']:.1f} s in all")
     if summary.get("retryable"):
         line += (f"; {summary['retryable']} failed row(s) were the engine's fault (5xx, timeouts, malformed answers): "
                  f"rerun with retry_failed=true to redo the failed rows")

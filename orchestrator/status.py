@@ -197,12 +197,14 @@ def _tail_records(path: Path, since: float | None, chunk: int) -> list:
         return []
 
 
-def _rates(records: list[dict], start: float, end: float) -> dict:
+def _rates(records: list[dict], start: float, end: float, rollouts: int = 1) -> dict:
+    """rows: result rows (answers) the records settled; prompts_per_s counts input rows (answers / rollouts)."""
     rows = sum(r.get("ok", 0) + r.get("failed", 0) for r in records)
     tokens = sum(r.get("output_tokens") or 0 for r in records)
     span = end - start
     return {"window_s": round(span, 1), "rows": rows,
-            "prompts_per_s": round(rows / span, 3) if span > 0 else 0.0,
+            "prompts_per_s": round(rows / rollouts / span, 3) if span > 0 else 0.0,
+            "answers_per_s": round(rows / span, 3) if span > 0 else 0.0,
             "output_tokens_per_s": round(tokens / span, 3) if span > 0 else 0.0}
 
 
@@ -352,15 +354,17 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
     recent_records = [r for r in read_requests(paths, since=max(now - WINDOW_S, since or 0))
                       if attempt is None or r.get("run_attempt") == attempt]
     began = min((r["at"] - (r.get("latency_s") or 0) for r in recent_records), default=now)
-    recent = _rates(recent_records, max(now - WINDOW_S, began), now)
+    n = plan.rollouts
+    recent = _rates(recent_records, max(now - WINDOW_S, began), now, n)
     overall = {"window_s": round(generate_s, 1), "rows": this_attempt.rows,
-               "prompts_per_s": round(this_attempt.rows / generate_s, 3) if generate_s > 0 else 0.0,
+               "prompts_per_s": round(this_attempt.rows / n / generate_s, 3) if generate_s > 0 else 0.0,
+               "answers_per_s": round(this_attempt.rows / generate_s, 3) if generate_s > 0 else 0.0,
                "output_tokens_per_s": round(this_attempt.output_tokens / generate_s, 3) if generate_s > 0 else 0.0}
-    left = plan.total_rows - done_rows
+    left = (plan.total_rows - done_rows) * n  # answers
     if not left:
         eta_s = 0.0
     else:  # unknown until requests are answered
-        eta_s = round(left / recent["prompts_per_s"], 1) if recent["prompts_per_s"] > 0 else None
+        eta_s = round(left / recent["answers_per_s"], 1) if recent["answers_per_s"] > 0 else None
 
     cluster = cluster_name(paths, frontend)
     jobs = [str(j) for j in frontend.get("jobs", [])] or submitted_jobs(paths, since)
@@ -375,9 +379,12 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
         "cluster": cluster,
         "state": state,
         "attempt": attempt,
-        "rows": {"total": plan.total_rows, "committed": done_rows, "ok": total.ok, "failed": total.failed,
+        # total, committed, ok, failed: result rows (answers); prompts: input rows (each has `rollouts` answers)
+        "rows": {"total": plan.total_answers, "committed": done_rows * n, "ok": total.ok, "failed": total.failed,
                  "retryable": total.retryable, "output_tokens": total.output_tokens,
-                 "units": len(plan.units), "units_done": len(committed.units)},
+                 "units": len(plan.units), "units_done": len(committed.units),
+                 "prompts": done_rows, "prompts_total": plan.total_rows, "answers": done_rows * n,
+                 "answers_total": plan.total_answers, "rollouts": n},
         "errors": error_groups(paths, committed.stats),
         "damaged": committed.damaged,
         "rates": {"recent": recent, "overall": overall},
@@ -464,6 +471,11 @@ def format_status(s: dict) -> str:
              f"state:      {s['state']}" + ("; rerun the same command to resume" if s["state"] == "stopped" else ""),
              f"rows:       {rows['committed']}/{rows['total']} committed ({share:.1f}%), {rows['ok']} ok, "
              f"{rows['failed']} failed; {rows['units_done']}/{rows['units']} units"]
+    if rows.get("rollouts", 1) > 1:  # several answers per prompt: rows are answers
+        lines[-1] = (f"answers:    {rows['committed']}/{rows['total']} committed ({share:.1f}%), {rows['ok']} ok, "
+                     f"{rows['failed']} failed; {rows['units_done']}/{rows['units']} units")
+        lines.append(f"prompts:    {rows['prompts']}/{rows['prompts_total']} committed, {rows['rollouts']} answers each "
+                     f"(sampling.rollouts)")
     if s["errors"]:
         lines.append(f"errors:     {rows['failed']} row(s) in {len(s['errors'])} group(s):")
         width = max(len(str(e["rows"])) for e in s["errors"])
@@ -473,11 +485,14 @@ def format_status(s: dict) -> str:
     for damaged in s["damaged"]:
         lines.append(f"damaged:    {damaged}")
     recent, overall = s["rates"]["recent"], s["rates"]["overall"]
-    lines.append(f"rate:       recent {recent['prompts_per_s']:.1f} prompts/s, {recent['output_tokens_per_s']:.1f} "
-                 f"output tokens/s (last {recent['window_s']:.0f} s)" if recent["rows"] else
-                 f"rate:       recent: no request answered in the last {WINDOW_S:.0f} s")
-    lines.append(f"            overall {overall['prompts_per_s']:.1f} prompts/s, {overall['output_tokens_per_s']:.1f} "
-                 f"output tokens/s over {_duration(overall['window_s'])} of generation (this attempt)")
+    answers = (lambda rate: f" ({rate['answers_per_s']:.1f} answers/s)") if rows.get("rollouts", 1) > 1 else \
+        (lambda rate: "")
+    lines.append(f"rate:       recent {recent['prompts_per_s']:.1f} prompts/s{answers(recent)}, "
+                 f"{recent['output_tokens_per_s']:.1f} output tokens/s (last {recent['window_s']:.0f} s)" if recent["rows"]
+                 else f"rate:       recent: no request answered in the last {WINDOW_S:.0f} s")
+    lines.append(f"            overall {overall['prompts_per_s']:.1f} prompts/s{answers(overall)}, "
+                 f"{overall['output_tokens_per_s']:.1f} output tokens/s over {_duration(overall['window_s'])} of "
+                 f"generation (this attempt)")
     if s["state"] != "complete":
         lines.append(f"eta:        {_duration(s['eta_s'])} at the recent rate" if s["eta_s"] is not None
                      else "eta:        unknown until requests are answered")

@@ -132,10 +132,21 @@ class Plan:
     attributes_column: str | None = None
     keep_columns: list[str] = field(default_factory=list)
     keep_schema: str = ""  # the kept columns' arrow types (base64 IPC schema), the same in every file
+    rollouts: int = 1  # answers per input row (sampling.rollouts): a unit's results are rows x rollouts
 
     @property
     def total_rows(self) -> int:
+        """Input rows (prompts)."""
         return sum(f.rows for f in self.files)
+
+    @property
+    def total_answers(self) -> int:
+        """Result rows: every input row's rollouts."""
+        return self.total_rows * self.rollouts
+
+    def unit_answers(self, unit: int) -> int:
+        """Result rows of one unit: row 0's rollouts 0..N-1, then row 1's, ... (index row * N + rollout)."""
+        return self.units[unit][2] * self.rollouts
 
     @property
     def conversational(self) -> bool:
@@ -257,12 +268,13 @@ def _check_conversation_columns(path: Path, schema: pa.Schema, data: DataConfig)
                              f"'quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4'")
 
 
-def _kept_types(path: Path, schema: pa.Schema, data: DataConfig) -> dict[str, pa.DataType]:
+def _kept_types(path: Path, schema: pa.Schema, data: DataConfig, rollouts: int = 1) -> dict[str, pa.DataType]:
     """data.keep_columns in one file: they must exist, and not clash with a result column."""
     out = {}
+    reserved = RESULT_COLUMNS + (("rollout",) if rollouts > 1 else ())
     for name in dict.fromkeys(data.keep_columns):
-        if name in RESULT_COLUMNS:
-            raise InputError(f"data.keep_columns names {name!r}, which is a result column ({', '.join(RESULT_COLUMNS)}); "
+        if name in reserved:
+            raise InputError(f"data.keep_columns names {name!r}, which is a result column ({', '.join(reserved)}); "
                              f"rename that input column, or drop it from data.keep_columns")
         if name not in schema.names:
             raise InputError(f"{path}: no column {name!r} to keep (data.keep_columns); the columns are "
@@ -305,8 +317,9 @@ def _footers(paths: list[Path], chunk: int = 64) -> Iterator[tuple[pa.Schema, in
             yield from part
 
 
-def build_plan(data: DataConfig, input_spec: str) -> Plan:
-    """Check every input file's schema (from its footer only, read once) and cut the rows into units."""
+def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
+    """Check every input file's schema (from its footer only, read once) and cut the rows into units
+    (rollouts: answers per row, sampling.rollouts)."""
     import base64
 
     paths, root = discover_inputs(input_spec)
@@ -327,7 +340,7 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
                              f"store one prompt string per row (a list of {{role, content}} per row is "
                              f"data.messages_column={data.prompt_column}; a list of user turns is "
                              f"data.turns_column={data.prompt_column})")
-        for name, kind in _kept_types(path, schema, data).items():
+        for name, kind in _kept_types(path, schema, data, rollouts).items():
             first = kept.setdefault(name, (kind, path))
             if first[0] != kind:
                 raise InputError(f"input files disagree on the type of kept column {name!r} ({first[1].name}: "
@@ -346,7 +359,7 @@ def build_plan(data: DataConfig, input_spec: str) -> Plan:
                 data.id_column if id_type else None,
                 id_type or "string", data.unit_rows, data.messages_column, data.turns_column,
                 data.attributes_column, list(kept),
-                base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "")
+                base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "", rollouts)
 
 
 def apply_duplicate_policy(plan: Plan, data: DataConfig, spill_dir: Path | None = None) -> Plan:
@@ -679,16 +692,30 @@ class UnitReader:
             self._position += batch.num_rows
 
 
+SEED_SPAN = 2 ** 31 - 1024  # a row's base seed; base + rollout stays below 2**31 (sampling.rollouts <= 1024)
+
+
+def rollout_seed(seed: int | None, row_id) -> int:
+    """The base seed of a row's rollouts (sampling.rollouts > 1): rollout k is sampled with base + k. A pure
+    function of sampling.seed (None counts as 0) and the row's id, so a rerun asks for the same answers;
+    base + k is what vLLM gives choice k of one request with n and seed=base."""
+    import hashlib
+
+    key = json.dumps([int(seed or 0), row_id if isinstance(row_id, (int, str)) else str(row_id)]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % SEED_SPAN
+
+
 def read_unit(plan: Plan, unit: int, batch_rows: int) -> Iterator[tuple[list, list]]:
     """Yield (ids, prompts) record batches for one unit (a one-off reader)."""
     return UnitReader(plan, batch_rows).read(unit)
 
 
 def result_schema(plan: Plan) -> pa.Schema:
-    """id, the kept input columns, response (the last turn's answer), responses (every turn's, with
-    data.turns_column), then the outcome."""
+    """id, rollout (with sampling.rollouts > 1: (id, rollout) is the key), the kept input columns,
+    response (the last turn's answer), responses (every turn's, with data.turns_column), then the outcome."""
     return pa.schema([
         ("id", pa.type_for_alias(plan.id_type) if plan.id_type else pa.string()),
+        *([("rollout", pa.int32())] if plan.rollouts > 1 else []),
         *keep_schema(plan),
         ("response", pa.string()),
         *([("responses", pa.list_(pa.string()))] if plan.turns_column else []),
@@ -1060,7 +1087,7 @@ def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool 
             if record is not None and record.get("bytes") == size:
                 good[unit] = record
                 continue
-            rows = plan.units[unit][2] if plan is not None and unit < len(plan.units) else None
+            rows = plan.unit_answers(unit) if plan is not None and unit < len(plan.units) else None
             found = _footer_stats(Path(entry.path), rows)
             if isinstance(found, dict):
                 good[unit] = found

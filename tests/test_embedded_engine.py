@@ -308,7 +308,7 @@ def test_openai_stop_strings(engine):
         ({"prompt": ["a", 2]}, 400, "prompt"),
         ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "a", "max_tokens": "4"}, 400, "max_tokens"),
-        ({"prompt": "a", "n": 2}, 400, "n"),
+        ({"prompt": "a", "n": 0}, 400, "n"),  # n >= 1 is served: choice i with seed + i (test_rollouts.py)
         ({"prompt": "a", "stop": 5}, 400, "stop"),
         ({"prompt": "a", "temperature": -1}, 400, "temperature"),
         ({"prompt": "a", "top_p": 0}, 400, "top_p"),
@@ -526,7 +526,7 @@ def test_chat_special_tokens_and_stop(engine):
         ({"messages": [{"role": "user"}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400, "messages"),
-        ({"n": 2}, 400, "n"),
+        ({"n": 0}, 400, "n"),
         ({"max_tokens": 0}, 400, "max_tokens"),
         ({"max_completion_tokens": "5"}, 400, "max_completion_tokens"),
         ({"temperature": -1}, 400, "temperature"),

@@ -78,6 +78,22 @@ def test_seeded_sampling_is_reproducible_across_two_runs(vllm_server, tmp_path):
     assert list(a["response"]) != list(c["response"])  # the seed decides, not luck
 
 
+def test_rollouts_in_one_request_with_n_are_the_answers_of_separate_requests(vllm_server, tmp_path):
+    """The faithful route: vLLM serves n=4, seed=s as four child requests with seeds s + i, so a row's 4
+    rollouts asked in one request are the answers (and token counts, from return_token_ids) of 4 requests
+    with seeds s + k."""
+    sampled = ["sampling.temperature=0.9", "sampling.seed=5", "sampling.tokens_to_generate=16", "sampling.rollouts=4"]
+    key = ["id", "rollout"]
+    together = endpoint_rows(vllm_server, tmp_path, "n", None, *sampled, "sampling.rollouts_in_one_request=true")
+    apart = endpoint_rows(vllm_server, tmp_path, "k", None, *sampled, "sampling.rollouts_in_one_request=false")
+    together, apart = (df.sort_values(key).reset_index(drop=True) for df in (together, apart))
+    assert len(together) == 160 and (together["status"] == "ok").all() and not together.duplicated(key).any()
+    assert together["output_tokens"].notna().all() and (together["output_tokens"] > 0).all()
+    same = ["id", "rollout", "response", "output_tokens"]
+    assert together[same].equals(apart[same])
+    assert (together.groupby("id")["response"].nunique() > 1).all()  # sampled: the rollouts differ
+
+
 def test_special_token_stop_strings_actually_stop(vllm_server, tmp_path):
     """<extra_id_1> is a special token of the tiny tokenizer, and a logit bias makes the random model emit it
     first. vLLM drops special tokens from the text by default, so that stop string never matched and every

@@ -43,6 +43,9 @@ class EngineAdapter:
     reports_port = False  # True: it binds a free port itself and writes it to the port file (embedded engine)
     binds_all_interfaces = False  # its server ignores engine.host and listens on 0.0.0.0
     step_args: tuple[str, ...] = ()  # extra arguments of the engine's srun step (e.g. --mpi=pmix)
+    # its OpenAI server answers `n` as vLLM does (choice i sampled with seed + i, token ids on request), so a
+    # row's rollouts may go in one request (sampling.rollouts_in_one_request's default)
+    honours_n = False
 
     def protocol_for(self, cfg: Config) -> str | None:
         """The protocol the client speaks to it; None: found from the server's routes at readiness."""

@@ -9,9 +9,18 @@
 
 Every field of every answer is checked: an answer we cannot use is a `RejectedError` for its rows
 (recorded as row errors), never a crash.
+
+Several answers per prompt (sampling.rollouts > 1): every request carries its own seed (`payload(...,
+seed=)`), so NeMo and Triton get one prompt per request (one seed each); the OpenAI codec may ask for a
+row's consecutive rollouts in one request (`n`, seed = the first one's), which vLLM serves as n requests
+with seeds seed, seed + 1, ...: the answers of n separate requests. NeMo, with
+sampling.rollouts_in_one_request=true, gets a row's rollouts as copies of its prompt in one request under
+one seed (`copies`): rollout k is copy k, whose answer depends on the whole batch, so the client always
+sends a row's copies together.
 """
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -85,14 +94,34 @@ def _tokens(value: Any, what: str) -> int | None:
     return value
 
 
+def rollouts_in_one_request(cfg: Config) -> bool:
+    """sampling.rollouts_in_one_request, or the engine's default: vLLM (and the embedded engine, which
+    copies it) answer `n` with seeds seed + i; for other engines that is not known, so one request a rollout.
+    On NeMo only an explicit true counts: it sends a row's rollouts as copies of its prompt in one request
+    (other answers than one request per rollout, so the resume check includes it: launch.fingerprint)."""
+    chosen = cfg.sampling.rollouts_in_one_request
+    if chosen is not None:
+        return bool(chosen)
+    from .base import adapter_for
+
+    return adapter_for(cfg).honours_n
+
+
 class NemoCodec:
     name = "nemo"
     method = "PUT"
     path = "/generate"
     echoes_prompt = True
+    takes_seed = True  # random_seed: one per request
 
     def __init__(self, cfg: Config, info: EngineInfo | None = None):
-        self.batch_size = min(cfg.client.batch_size, NEMO_MAX_SENTENCES)
+        # one random_seed per request: with several rollouts every prompt has its own, so one prompt a request
+        rollouts = cfg.sampling.rollouts
+        self.batch_size = 1 if rollouts > 1 else min(cfg.client.batch_size, NEMO_MAX_SENTENCES)
+        # sampling.rollouts_in_one_request=true: a row's rollouts go as copies of its prompt in one request (one
+        # random_seed: rollout k is copy k of the batch), up to 128 a request; false: one request per rollout
+        self.copies = rollouts > 1 and cfg.sampling.rollouts_in_one_request is True  # never by default
+        self.max_n = min(rollouts, NEMO_MAX_SENTENCES) if self.copies else 1
         self.in_flight = cfg.client.max_in_flight or 2
         s = cfg.sampling
         self.base: dict[str, Any] = {
@@ -111,14 +140,20 @@ class NemoCodec:
             self.base["random_seed"] = s.seed
         self.base.update(cfg.engine.extra_body)
 
-    def payload(self, prompts: list[str], tokens_to_generate: int | None = None) -> dict:
-        body = dict(self.base, sentences=prompts)
+    def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
+                n: int = 1) -> dict:
+        """n > 1: each prompt n times (a row's rollouts as copies: NeMo has no n), all under one seed."""
+        body = dict(self.base, sentences=prompts if n == 1 else [p for p in prompts for _ in range(n)])
+        if seed is not None:
+            body["random_seed"] = seed
         if tokens_to_generate is not None:
             body["tokens_to_generate"] = tokens_to_generate
             body["min_tokens_to_generate"] = 0
         return body
 
-    def parse(self, status: int, body: Any, prompts: list[str]) -> list[Completion]:
+    def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
+        if n > 1:  # the copies payload sent
+            prompts = [p for p in prompts for _ in range(n)]
         _status(status, body)
         if not isinstance(body, dict):  # NeMo answers a validation failure with a bare string and 200
             raise RejectedError(f"engine rejected the request: {str(body)[:500]}")
@@ -143,12 +178,16 @@ class OpenAICodec:
     name = "openai"
     method = "POST"
     echoes_prompt = False
+    takes_seed = True
 
     def __init__(self, cfg: Config, info: EngineInfo | None = None):
         self.chat = (info.api if info else openai_api(cfg)) == "chat"
         self.path = "/v1/chat/completions" if self.chat else "/v1/completions"
         self.batch_size = 1
-        self.in_flight = cfg.client.max_in_flight or 2 * cfg.engine.capacity
+        rollouts = cfg.sampling.rollouts
+        self.max_n = rollouts if rollouts > 1 and rollouts_in_one_request(cfg) else 1  # answers one request may ask for
+        # requests in flight: about 2 x capacity sequences, whether a request holds one or n of them
+        self.in_flight = cfg.client.max_in_flight or max(2, math.ceil(2 * cfg.engine.capacity / self.max_n))
         self.system = cfg.model.prompt.system
         s = cfg.sampling
         self.base: dict[str, Any] = {
@@ -172,9 +211,12 @@ class OpenAICodec:
             self.base["seed"] = s.seed
         self.base.update(cfg.engine.extra_body)
 
-    def payload(self, prompts: list, tokens_to_generate: int | None = None) -> dict:
+    def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
+                n: int = 1) -> dict:
         """prompts: one prompt, or on the chat API one conversation (a list of {role, content}); the system
-        prompt of the config opens it unless it has its own."""
+        prompt of the config opens it unless it has its own. seed: this request's (a rollout's); n > 1: that
+        many answers (choice i sampled with seed + i), each with its token ids, which give its token count
+        (usage counts them all together)."""
         if self.chat:
             messages = prompts[0] if isinstance(prompts[0], list) else [{"role": "user", "content": prompts[0]}]
             if self.system and not (messages and messages[0]["role"] == "system"):
@@ -182,16 +224,23 @@ class OpenAICodec:
             body = dict(self.base, messages=messages)
         else:
             body = dict(self.base, prompt=prompts[0])
+        if seed is not None:
+            body["seed"] = seed
+        if n > 1:
+            body["n"] = n
+            body["return_token_ids"] = True
         if tokens_to_generate is not None:
             body["max_tokens"] = tokens_to_generate
             body["min_tokens"] = 0
         return body
 
-    def parse(self, status: int, body: Any, prompts: list[str]) -> list[Completion]:
+    def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
         if status != 200:
             error = body.get("error") if isinstance(body, dict) else None
             message = error.get("message") if isinstance(error, dict) else (body.get("detail") if isinstance(body, dict) else body)
             _status(status, body, message)
+        if n > 1:
+            return self._parse_choices(body, n)
         try:
             choice = body["choices"][0]
             text = choice["message"]["content"] if self.chat else choice["text"]
@@ -202,6 +251,29 @@ class OpenAICodec:
             raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
         return [Completion(_text(text, "choices[0].text"), _tokens((usage or {}).get("completion_tokens"),
                                                                   "usage.completion_tokens"))]
+
+    def _parse_choices(self, body: Any, n: int) -> list[Completion]:
+        """The n answers of one request, in the order of their index (choice i: seed + i); each one's token
+        count from its token_ids (return_token_ids), else unknown."""
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or len(choices) != n or not all(isinstance(c, dict) for c in choices):
+            raise MalformedAnswer(f"malformed OpenAI response: expected {n} choices (n={n}); does the engine "
+                                  f"honour n? If not, set sampling.rollouts_in_one_request=false")
+        indexes = [c.get("index") for c in choices]
+        if sorted(i for i in indexes if isinstance(i, int) and not isinstance(i, bool)) != list(range(n)):
+            raise MalformedAnswer(f"malformed OpenAI response: choice indexes {indexes[:8]}, not 0..{n - 1}")
+        out = []
+        for choice in sorted(choices, key=lambda c: c["index"]):
+            i = choice["index"]
+            try:
+                text = choice["message"]["content"] if self.chat else choice["text"]
+            except (KeyError, TypeError):
+                raise MalformedAnswer(f"malformed OpenAI response: no choices[{i}].{'message.content' if self.chat else 'text'}") from None
+            ids = choice.get("token_ids")
+            if ids is not None and not isinstance(ids, list):
+                raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].token_ids is {type(ids).__name__}")
+            out.append(Completion(_text(text, f"choices[{i}].text"), len(ids) if ids is not None else None))
+        return out
 
 
 TRITON_MAX_LEN_INPUTS = ("max_output_len", "max_output_token", "max_tokens")
@@ -223,16 +295,23 @@ class TritonCodec:
         self.inputs = dict(info.inputs) if info and info.inputs else {
             "prompts": "BYTES", "max_output_len": "INT64", "top_k": "INT64", "top_p": "FP32", "temperature": "FP32"}
         limit = (info.max_batch_size if info else None) or cfg.engine.options.get("max_batch_size") or 128
-        self.batch_size = 1 if self.generate else min(cfg.client.batch_size, limit)
+        # NeMo's model reads sampling inputs from the first row only: one prompt a request when each has its seed
+        self.batch_size = 1 if self.generate or cfg.sampling.rollouts > 1 else min(cfg.client.batch_size, limit)
         self.in_flight = cfg.client.max_in_flight or (2 * cfg.engine.capacity if self.generate else 2)
         self.sampling = cfg.sampling
         self.end_strings = list(cfg.end_strings)
         self.extra_body = dict(cfg.engine.extra_body)
 
-    def _tensors(self, n: int, tokens: int) -> list[dict]:
+    @property
+    def takes_seed(self) -> bool:
+        """Whether a request can carry its own seed: the model has a random_seed input (the generate route's
+        TRT-LLM ensemble has one)."""
+        return self.generate or "random_seed" in self.inputs
+
+    def _tensors(self, n: int, tokens: int, seed: int | None = None) -> list[dict]:
         s = self.sampling
         values = {"top_k": 1 if s.greedy else s.top_k, "top_p": s.top_p, "temperature": s.temperature,
-                  "random_seed": s.seed, **{name: tokens for name in TRITON_MAX_LEN_INPUTS}}
+                  "random_seed": s.seed if seed is None else seed, **{name: tokens for name in TRITON_MAX_LEN_INPUTS}}
         out = []
         for name, value in values.items():  # each with the datatype the model's metadata gives
             if name in self.inputs and value is not None:
@@ -242,7 +321,10 @@ class TritonCodec:
                         "data": self.end_strings * n})
         return out
 
-    def payload(self, prompts: list[str], tokens_to_generate: int | None = None) -> dict:
+    def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
+                n: int = 1) -> dict:
+        if n != 1:
+            raise ValueError("Triton has no n: send one request per answer")
         tokens = tokens_to_generate or self.sampling.tokens_to_generate
         if self.generate:
             s = self.sampling
@@ -250,11 +332,13 @@ class TritonCodec:
                     "top_k": 1 if s.greedy else s.top_k}
             if self.end_strings:
                 body["stop_words"] = self.end_strings
+            if seed is not None:  # a rollout's own seed (the ensemble's random_seed input)
+                body["random_seed"] = seed
             return dict(body, **self.extra_body)
         prompt = {"name": "prompts", "datatype": "BYTES", "shape": [len(prompts), 1], "data": list(prompts)}
-        return {"inputs": [prompt] + self._tensors(len(prompts), tokens)}
+        return {"inputs": [prompt] + self._tensors(len(prompts), tokens, seed)}
 
-    def parse(self, status: int, body: Any, prompts: list[str]) -> list[Completion]:
+    def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
         if status != 200:
             _status(status, body, body.get("error") if isinstance(body, dict) else body)
         if not isinstance(body, dict):

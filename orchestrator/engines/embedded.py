@@ -186,10 +186,21 @@ class _Generation:
     finish_reason: str      # "stop" or "length"
     stop_reason: str | int | None  # the stop string or stop token id that fired (vLLM's stop_reason)
     generated: int          # tokens the model produced (for the latency model)
+    token_ids: tuple = ()   # the ids of the completion_tokens tokens (vLLM's return_token_ids)
 
 
 def generate_text(prompt: str, max_tokens: int, stop: list[str], seed: int, max_natural_tokens: int, *,
                   skip_special_tokens: bool, stop_token_ids=(), include_stop_str: bool = False) -> _Generation:
+    """See _generate_text; with the ids of the tokens it counts."""
+    g, gen = _generate_text(prompt, max_tokens, stop, seed, max_natural_tokens, skip_special_tokens=skip_special_tokens,
+                            stop_token_ids=stop_token_ids, include_stop_str=include_stop_str)
+    g.token_ids = tuple(map(token_id, gen[:g.completion_tokens]))
+    return g
+
+
+def _generate_text(prompt: str, max_tokens: int, stop: list[str], seed: int, max_natural_tokens: int, *,
+                   skip_special_tokens: bool, stop_token_ids=(), include_stop_str: bool = False
+                   ) -> tuple[_Generation, list[str]]:
     """One completion as an OpenAI-style server (and Triton) returns it: no prompt echo, EOS ends the
     generation and is never shown, stop strings are matched on the detokenized text.
 
@@ -226,12 +237,12 @@ def generate_text(prompt: str, max_tokens: int, stop: list[str], seed: int, max_
         if first is not None and (stop_at < 0 or first[0] < stop_at):
             done, j, s = first
             cut = j + len(s) if include_stop_str else j
-            return _Generation(text[:cut], min(bisect_right(offsets, cut), done + 1), "stop", s, done + 1)
+            return _Generation(text[:cut], min(bisect_right(offsets, cut), done + 1), "stop", s, done + 1), gen
     if stop_at >= 0:
-        return _Generation(text, stop_at + 1, "stop", token_id(gen[stop_at]), stop_at + 1)
+        return _Generation(text, stop_at + 1, "stop", token_id(gen[stop_at]), stop_at + 1), gen
     if eos >= 0:
-        return _Generation(text, eos, "stop", None, eos + 1)
-    return _Generation(text, len(gen), "length" if len(gen) >= max_tokens else "stop", None, len(gen))
+        return _Generation(text, eos, "stop", None, eos + 1), gen
+    return _Generation(text, len(gen), "length" if len(gen) >= max_tokens else "stop", None, len(gen)), gen
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -324,7 +335,7 @@ _OAI_SAMPLING = (
     ("top_k", -1, lambda v: _is_int(v) and v >= -1, "top_k must be -1 (disable), or at least 1"),
     ("stop", None, lambda v: isinstance(v, str) or _is_str_list(v), "stop must be a string or a list of strings"),
     ("seed", None, _is_int, "seed must be an integer"),
-    ("n", 1, lambda v: _is_int(v) and v == 1, "n must be 1: only one completion per prompt is supported"),
+    ("n", 1, lambda v: _is_int(v) and v >= 1, "n must be at least 1"),
     ("min_tokens", 0, lambda v: _is_int(v) and v >= 0, "min_tokens must be greater than or equal to 0"),
     ("repetition_penalty", 1.0, lambda v: _is_num(v) and v > 0, "repetition_penalty must be greater than zero"),
     ("stop_token_ids", None, lambda v: isinstance(v, list) and all(map(_is_int, v)),
@@ -332,6 +343,7 @@ _OAI_SAMPLING = (
     ("skip_special_tokens", True, _is_bool, "skip_special_tokens must be a boolean"),
     ("spaces_between_special_tokens", True, _is_bool, "spaces_between_special_tokens must be a boolean"),
     ("include_stop_str_in_output", False, _is_bool, "include_stop_str_in_output must be a boolean"),
+    ("return_token_ids", False, _is_bool, "return_token_ids must be a boolean"),
 )
 # /v1/completions: max_tokens defaults to 16 (null: the rest of the context).
 _OAI_RULES = _nullable((
@@ -574,9 +586,13 @@ class _Engine:
         s, logprob = self.s, p["compute_logprob"]
         seed = s.seed if p["random_seed"] is None else p["random_seed"]
         out = {"sentences": [], "tokens": [], "token_ids": [], "offsets": [], "logprob": [] if logprob else None}
-        longest = 0
+        longest, copies = 0, {}
         for prompt in sentences:
-            prompt_tokens, gen = simulate(prompt, p["tokens_to_generate"], p["end_strings"], seed,
+            # NeMo samples a batch from one random stream: copies of a prompt in one request differ (unless
+            # greedy); here copy j > 0 draws with a hash of (seed, j), not with seed + j
+            j = copies[prompt] = copies.get(prompt, -1) + 1
+            drawn = seed if j == 0 or p["greedy"] else _rng("copy", seed, j).randrange(2 ** 31)
+            prompt_tokens, gen = simulate(prompt, p["tokens_to_generate"], p["end_strings"], drawn,
                                           s.max_natural_tokens)
             tokens = prompt_tokens + gen
             out["sentences"].append(prompt + "".join(gen))
@@ -627,15 +643,20 @@ class _Engine:
         return budget
 
     async def _oai_generate(self, prompts: list[tuple[str, int, int]], p: dict) -> list[_Generation]:
-        """Generate for (prompt, prompt_tokens, max_tokens) rows, each a sequence on the engine."""
+        """Generate n completions for each (prompt, prompt_tokens, max_tokens) row, each a sequence on the
+        engine: prompt by prompt, completion i sampled with seed + i, as vLLM serves n (its parallel sampling
+        makes n child requests, child i with seed + i), so one request with n answers what n requests with
+        seeds seed, seed + 1, ... do."""
         s = self.s
         seed = s.seed if p["seed"] is None else p["seed"]
+        n = p["n"] or 1
         stop = [p["stop"]] if isinstance(p["stop"], str) else p["stop"] or []
         skip = _OAI_DEFAULTS["skip_special_tokens"] if p["skip_special_tokens"] is None else p["skip_special_tokens"]
         include = bool(p["include_stop_str_in_output"])
         stop_ids = frozenset(p["stop_token_ids"] or ())
-        gens = [generate_text(prompt, budget, stop, seed, s.max_natural_tokens, skip_special_tokens=skip,
-                              stop_token_ids=stop_ids, include_stop_str=include) for prompt, _, budget in prompts]
+        gens = [generate_text(prompt, budget, stop, seed + i, s.max_natural_tokens, skip_special_tokens=skip,
+                              stop_token_ids=stop_ids, include_stop_str=include)
+                for prompt, _, budget in prompts for i in range(n)]
         for g in gens:
             self.counters["generated_tokens"] += g.generated
         if s.request_latency_s > 0 or s.token_latency_s > 0:
@@ -650,7 +671,8 @@ class _Engine:
 
     async def _oai_answer(self, request: web.Request, check):
         """What both OpenAI routes do before answering: count, validate, stall or fail as configured, generate.
-        Returns (prompts, generations), or the error response."""
+        Returns (prompts, generations (n per prompt, prompt by prompt), the request's fields), or the error
+        response."""
         self._count("requests")
         body = await _read_object(request)
         if body is None:
@@ -664,14 +686,18 @@ class _Engine:
         await self._maybe_stall()
         if self._fail():
             return _oai_error("simulated engine failure", 500, kind="server_error")
-        return prompts, await self._oai_generate(prompts, p)
+        return prompts, await self._oai_generate(prompts, p), p
 
     async def completions(self, request: web.Request) -> web.Response:
         answered = await self._oai_answer(request, self._check_completion)
         if isinstance(answered, web.Response):
             return answered
-        prompts, gens = answered
-        choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
+        prompts, gens, p = answered
+        ids = bool(p["return_token_ids"])
+        n = len(gens) // len(prompts)
+        choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason,
+                    **({"prompt_token_ids": list(map(token_id, _TOKEN_RE.findall(prompts[i // n][0]))),
+                        "token_ids": list(g.token_ids)} if ids else {})}
                    for i, g in enumerate(gens)]
         return _json({
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -704,17 +730,24 @@ class _Engine:
         answered = await self._oai_answer(request, self._check_chat)
         if isinstance(answered, web.Response):
             return answered
-        prompts, (g,) = answered
-        message = {"role": "assistant", "content": g.text, "refusal": None, "annotations": None, "audio": None,
-                   "function_call": None, "reasoning": None}
+        prompts, gens, p = answered
+        ids = bool(p["return_token_ids"])
+
+        def message(g: _Generation) -> dict:
+            return {"role": "assistant", "content": g.text, "refusal": None, "annotations": None, "audio": None,
+                    "function_call": None, "reasoning": None}
+
         return _json({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.s.model_name,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": g.finish_reason,
-                         "stop_reason": g.stop_reason, "token_ids": None}],
+            "choices": [{"index": i, "message": message(g), "logprobs": None, "finish_reason": g.finish_reason,
+                         "stop_reason": g.stop_reason, "token_ids": list(g.token_ids) if ids else None}
+                        for i, g in enumerate(gens)],
             "service_tier": None, "system_fingerprint": None,
-            "usage": {**self._usage(prompts, [g]), "prompt_tokens_details": None},
-            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
+            "usage": {**self._usage(prompts, gens), "prompt_tokens_details": None},
+            "prompt_logprobs": None,
+            "prompt_token_ids": list(map(token_id, _TOKEN_RE.findall(prompts[0][0]))) if ids else None,
+            "kv_transfer_params": None,
         })
 
     def _check_chat(self, body: dict):

@@ -14,6 +14,7 @@ class MockAdapter(EngineAdapter):
     per_gpu_tasks = True
     reports_port = True
     simulated = True
+    honours_n = True
 
     def protocol_for(self, cfg: Config) -> str:
         return cfg.engine.protocol or self.protocol

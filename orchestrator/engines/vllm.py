@@ -11,6 +11,7 @@ class VllmAdapter(EngineAdapter):
     protocol = "openai"
     default_command = ("vllm", "serve")
     needs_hf_checkpoint = True
+    honours_n = True
 
     def node_argv(self, cfg: Config, node: int, rv: Rendezvous) -> list[str]:
         layout, e = cfg.layout, cfg.engine
