@@ -389,6 +389,10 @@ def test_summary_and_status_count_prompts_and_answers(tmp_path):
         {"total": 40, "committed": 40, "prompts": 10, "prompts_total": 10, "answers": 40}
     text = format_status(s)
     assert "answers:    40/40 committed (100.0%), 40 ok, 0 failed" in text and "prompts:    10/10 committed" in text
+    from orchestrator.html_report import write_report
+
+    page = write_report(paths.root).read_text()
+    assert "40/40 answers (10 prompts x 4 rollouts) committed, 40 ok, 0 failed" in " ".join(page.split())
     plan, paths = prepare(compose(["engine=endpoint", "engine.url=http://127.0.0.1:9", f"data.input={src}",
                                    f"run_dir={tmp_path / 'plain'}"]))
     plain = build_summary(paths, plan, "a1", time.time())
