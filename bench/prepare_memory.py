@@ -13,13 +13,15 @@ prints its own peak, below every child's figure. Target: <= 1 GiB at 100M rows, 
 second pass that finds the examples (the figure covers both passes).
 
 Status: a run directory whose plan has --units units (one row each), every unit committed with
-`orchestrator.work.commit_unit`, one in ten holding a failed row (5,000 units to group errors from). Timed:
-`python -m orchestrator.cli status RUN_DIR` as a command, twice (the first reads the failed units' error
-columns, the second finds them in work/status-errors.json), and in one process `status.collect` and
-`report.build_summary`. Target: each well under 2 s.
+`orchestrator.work.commit_unit`, one in ten holding a failed row (5,000 units to group errors from), each
+with its error groups in its stats as the client records them (--ungrouped: without, as before). Timed:
+`python -m orchestrator.cli status RUN_DIR` as a command, twice (with --ungrouped the first reads the failed
+units' error columns, the second finds them in work/status-errors.json), and in one process
+`status.collect` and `report.build_summary`. Target: each well under 2 s.
 
     python bench/prepare_memory.py [--rows 10000000 20000000] [--files 1000] [--units 50000] [--duplicates]
     python bench/prepare_memory.py --rows 100000000 --files 10000 --units 0
+    python bench/prepare_memory.py --rows 1000 --files 1 [--ungrouped]   # the status part alone, in effect
 """
 from __future__ import annotations
 
@@ -87,16 +89,16 @@ def prepare_child(data: str, run_dir: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def fabricate(folder: str, units: str, out: str) -> None:
+def fabricate(folder: str, units: str, out: str, grouped: str = "1") -> None:
     """Runs in a subprocess: a run directory with every one of `units` units committed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from orchestrator.config import compose
     from orchestrator.launch import prepare
-    from orchestrator.work import commit_unit, result_schema
+    from orchestrator.work import commit_unit, error_summary, result_schema
 
-    units = int(units)
+    units, grouped = int(units), grouped == "1"
     src = Path(folder) / "status-input.parquet"
     pq.write_table(pa.table({"id": [f"q{i}" for i in range(units)], "prompt": ["hello"] * units}), src)
     cfg = compose([f"data.input={hydra_quote(src)}", f"run_dir={hydra_quote(Path(folder) / 'status-run')}",
@@ -112,8 +114,11 @@ def fabricate(folder: str, units: str, out: str) -> None:
                                     else None],
                           "output_tokens": [None if bad else 3], "latency_s": [0.25],
                           "attempts": pa.array([1], pa.int32())}, schema=schema)
-        commit_unit(paths, unit, table, {"rows": 1, "ok": 0 if bad else 1, "failed": int(bad),
-                                         "output_tokens": 0 if bad else 3, "units": 1, "retryable": int(bad)}, "r0")
+        stats = {"rows": 1, "ok": 0 if bad else 1, "failed": int(bad), "output_tokens": 0 if bad else 3, "units": 1,
+                 "retryable": int(bad)}
+        if bad and grouped:  # what the client's commit records (status then reads no result file)
+            stats["errors"] = error_summary(table.column("error").to_pylist())
+        commit_unit(paths, unit, table, stats, "r0")
     Path(out).write_text(json.dumps({"run_dir": str(paths.root), "commit_s": time.perf_counter() - t0}))
 
 
@@ -177,6 +182,8 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=1000, help="input files per input")
     ap.add_argument("--units", type=int, default=50_000, help="committed units for the status timing (0: skip)")
     ap.add_argument("--duplicates", action="store_true", help="the last file repeats ten ids of the first")
+    ap.add_argument("--ungrouped", action="store_true",
+                    help="commits without their error groups (as before they were recorded): status reads the files")
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="per child")
     args = ap.parse_args()
 
@@ -207,7 +214,7 @@ def main() -> int:
         status = None
         if args.units:
             fab_out, sum_out = work / "fabricate.json", work / "summary.json"
-            spawn(["--fabricate", str(work), str(args.units), str(fab_out)], args.timeout_s)
+            spawn(["--fabricate", str(work), str(args.units), str(fab_out), "0" if args.ungrouped else "1"], args.timeout_s)
             fab = json.loads(fab_out.read_text())
             cold, warm = status_command(fab["run_dir"]), status_command(fab["run_dir"])
             spawn(["--summary", fab["run_dir"], str(sum_out)], args.timeout_s)

@@ -27,8 +27,8 @@ from .conversation import Conversation
 from .prompts import format_prompt, postprocess, render_messages
 from .claims import WAIT, Scheduler, result_exists
 from .journal import Entry, Journals, UnitJournal, settings_digest
-from .work import (Ledger, Plan, RunPaths, UnitReader, UnitStats, commit_unit, done_units, kept_rows, mark_retried,
-                   result_schema, retried, retry_units, rollout_seed, write_progress)
+from .work import (Ledger, Plan, RunPaths, UnitReader, UnitStats, commit_unit, done_units, error_summary, kept_rows,
+                   mark_retried, result_schema, retried, retry_units, rollout_seed, write_progress)
 
 log = logging.getLogger(__name__)
 
@@ -755,8 +755,11 @@ class Client:
             await asyncio.to_thread(Journals.remove, *journals)
             return
         table, stats = buf.table(self.schema)
+        record = dict(stats.__dict__)
+        if stats.failed:  # grouped by reason once here, so `orchestrator status` reads no result file for them
+            record["errors"] = error_summary(e for s, e in zip(buf.status, buf.error) if s != "ok")
         retry = buf.unit in self.retry_units
-        won = await asyncio.to_thread(_commit_and_remove_journals, self.paths, buf.unit, table, stats.__dict__,
+        won = await asyncio.to_thread(_commit_and_remove_journals, self.paths, buf.unit, table, record,
                                       self.owner, self.ledger, retry, journals)
         self.dirty = True
         if not won:  # another copy committed first: these rows are discarded

@@ -20,15 +20,13 @@ from pathlib import Path
 
 from .errors import RunError
 from .report import busy_seconds
-from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, scan_committed
+from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, error_reason, scan_committed
 
 WINDOW_S = 60.0  # what "recent" means for rates and the ETA
 LOG_LINES = 8
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) replica (\d+) \(job ([^,]+), host ([^)]*)\): (.*)$")
-_ID_LIKE = re.compile(r"\b(?=[0-9a-fA-F-]*\d)[0-9a-fA-F]{6,}(?:-[0-9a-fA-F]{4,})*\b")
-_NUMBER = re.compile(r"(?<!HTTP )(?<![\d.])\d+(?:\.\d+)?")
 
 
 def open_run(run_dir: str | Path) -> tuple[RunPaths, Plan]:
@@ -47,16 +45,6 @@ def open_run(run_dir: str | Path) -> tuple[RunPaths, Plan]:
         raise RunError(f"{paths.plan} cannot be read as a run's plan ({exc}); is {root} a run directory of this "
                        f"version of the orchestrator?") from None
     return paths, plan
-
-
-def error_reason(text: str | None) -> str:
-    """An error text with its numbers and ids replaced, so errors that differ only in them group together
-    (HTTP status codes are kept: they are the reason)."""
-    first = (text or "").strip().splitlines()
-    line = first[0] if first else "(no error text)"
-    line = _NUMBER.sub("<n>", _ID_LIKE.sub("<id>", line))
-    line = re.sub(r"\s+", " ", line)
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 ERRORS_CACHE = "status-errors.json"  # under work/: each failed unit's error groups, read once per commit
@@ -107,15 +95,37 @@ def _cached_entry(entry, key: list, known: int) -> bool:
         return False
 
 
+def _recorded_errors(record: dict) -> bool:
+    """Whether a unit's commit grouped its failed rows itself (work.error_summary): [[reason, example, rows]]."""
+    groups = record.get("errors")
+    try:
+        return isinstance(groups, list) and all(isinstance(r, str) and isinstance(e, str) and isinstance(n, int)
+                                                for r, e, n in groups)
+    except (TypeError, ValueError):
+        return False
+
+
 def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
-    """Failed rows of the committed units grouped by reason, most frequent first. Only units whose
-    commit counted failed rows are read, and of those only the status and error columns, each commit
-    once: what a unit's file held is kept in work/status-errors.json (when the run directory is
-    writable), so a later status reads only the units committed since."""
+    """Failed rows of the committed units grouped by reason, most frequent first. A commit records its
+    unit's groups in its stats (work.error_summary), so nothing is read for it. Only units whose commit
+    counted failed rows without them (an older version's, or more than MAX_ERROR_GROUPS reasons) are read,
+    and of those only the status and error columns, each commit once: what a unit's file held is kept in
+    work/status-errors.json (when the run directory is writable), so a later status reads only the units
+    committed since."""
     cache_path = paths.root / "work" / ERRORS_CACHE
     reasons, examples, cached = _read_errors_cache(cache_path)
     index = {reason: i for i, reason in enumerate(reasons)}
     failing = sorted(u for u, st in stats.items() if st.get("failed"))
+    counts: Counter = Counter()
+    recorded = [u for u in failing if _recorded_errors(stats[u])]  # grouped at the commit: nothing to read
+    for unit in recorded:
+        for reason, example, rows in stats[unit]["errors"]:
+            if reason not in index:
+                index[reason] = len(reasons)
+                reasons.append(reason)
+                examples.append(example)
+            counts[index[reason]] += rows
+    failing = [u for u in failing if not _recorded_errors(stats[u])]  # committed by an older version
     keys = {u: _commit_key(paths, u, stats[u]) for u in failing}
     misses = [u for u in failing if keys[u] is None or not _cached_entry(cached.get(str(u)), keys[u], len(reasons))]
     files = [paths.result_file(u) for u in misses]
@@ -126,7 +136,6 @@ def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
             read = dict(zip(misses, pool.map(_unit_errors, files)))
     else:
         read = dict(zip(misses, map(_unit_errors, files)))
-    counts: Counter = Counter()
     kept: dict[str, list] = {}
     for unit in failing:
         if unit in read:

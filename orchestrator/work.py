@@ -13,12 +13,13 @@ import glob
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -893,6 +894,36 @@ class Ledger:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+_ID_LIKE = re.compile(r"\b(?=[0-9a-fA-F-]*\d)[0-9a-fA-F]{6,}(?:-[0-9a-fA-F]{4,})*\b")
+_NUMBER = re.compile(r"(?<!HTTP )(?<![\d.])\d+(?:\.\d+)?")
+MAX_ERROR_GROUPS = 16  # per unit in its commit's stats; a unit with more is read by `status` instead
+
+
+def error_reason(text: str | None) -> str:
+    """An error text with its numbers and ids replaced, so errors that differ only in them group together
+    (HTTP status codes are kept: they are the reason)."""
+    first = (text or "").strip().splitlines()
+    line = first[0] if first else "(no error text)"
+    line = _NUMBER.sub("<n>", _ID_LIKE.sub("<id>", line))
+    line = re.sub(r"\s+", " ", line)
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def error_summary(errors: Iterable[str | None]) -> list | None:
+    """The failed rows of a unit grouped by reason, [[reason, an example text, rows], ...], as its commit
+    records them (so `orchestrator status` reads no result file for them); None past MAX_ERROR_GROUPS."""
+    groups: dict[str, list] = {}
+    for text in errors:
+        reason = error_reason(text)
+        group = groups.get(reason)
+        if group is None:
+            if len(groups) == MAX_ERROR_GROUPS:
+                return None
+            group = groups[reason] = [reason, (text or "")[:300], 0]
+        group[2] += 1
+    return list(groups.values())
 
 
 def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner: str = "local",

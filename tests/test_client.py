@@ -1,4 +1,5 @@
 import asyncio
+import json
 import threading
 from contextlib import contextmanager
 
@@ -356,3 +357,24 @@ def test_a_replica_waiting_for_work_is_woken_only_once_the_commit_is_written(tmp
         asyncio.run(Client(cfg, plan, paths, server.url, "a1", "r0", server.model_name).run())
     assert sorted(unit for unit, _ in seen) == list(range(5))
     assert all(written for _, written in seen), seen
+
+
+def test_a_commit_groups_its_failed_rows_so_status_reads_no_result_file(tmp_path, monkeypatch):
+    """The first `orchestrator status` of a big run read every failed unit's file (seconds at 5,000 of them):
+    the commit now records its unit's error groups, and status takes them from the ledger."""
+    from orchestrator import status
+    from orchestrator.work import MAX_ERROR_GROUPS, error_summary
+
+    prompts = ["fine", None, "", "   ", "also fine", "x" * 100_000] * 3
+    src = write_prompts(tmp_path / "in.parquet", 0, prompts=prompts)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=5",
+                   "data.unit_rows=6"])
+    _, paths, _ = run_client(cfg, tmp_path)
+    ledger = [json.loads(line) for p in (paths.root / "work" / "ledger").glob("*.jsonl")
+              for line in p.read_text().splitlines()]
+    assert len(ledger) == 3 and all(r["failed"] == sum(n for _, _, n in r["errors"]) == 4 for r in ledger)
+    monkeypatch.setattr(status, "_unit_errors", lambda path: pytest.fail(f"read {path}"))
+    groups = {g["reason"]: g["rows"] for g in status.collect(paths.root)["errors"]}
+    assert groups["prompt is empty"] == 6 and groups["prompt is null"] == 3 and len(groups) == 3
+    assert not (paths.root / "work" / status.ERRORS_CACHE).exists()  # nothing read, nothing to keep
+    assert error_summary(f"error {chr(97 + i)}" for i in range(MAX_ERROR_GROUPS + 1)) is None  # then status reads it
