@@ -205,6 +205,8 @@ def _cell(value) -> str:
 def _page(paths: RunPaths, status: dict, plots: dict) -> str:
     rows = status["rows"]
     overall = status["rates"]["overall"]
+    counted = f"answers ({rows['prompts']} prompts x {rows['rollouts']} rollouts)" if rows.get("rollouts", 1) > 1 \
+        else "rows"
     try:
         config = (paths.root / "config.yaml").read_text()
     except OSError:
@@ -226,9 +228,8 @@ def _page(paths: RunPaths, status: dict, plots: dict) -> str:
 <script>{_SCRIPT}</script></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>{html.escape(str(paths.root))}: <b>{html.escape(status['state'])}</b>, {rows['committed']}/{rows['total']} {
-"answers (" + str(rows["prompts"]) + " prompts x " + str(rows["rollouts"]) + " rollouts)" if rows.get("rollouts", 1) > 1
-else "rows"} committed, {rows['ok']} ok, {rows['failed']} failed; overall {overall['prompts_per_s']:.1f} prompts/s and
+<p>{html.escape(str(paths.root))}: <b>{html.escape(status['state'])}</b>, {rows['committed']}/{rows['total']} {counted}
+committed, {rows['ok']} ok, {rows['failed']} failed; overall {overall['prompts_per_s']:.1f} prompts/s and
 {overall['output_tokens_per_s']:.1f} output tokens/s over {overall['window_s']:.0f} s of generation.</p>
 <h2>Plots</h2>
 {figures}

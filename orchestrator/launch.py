@@ -123,11 +123,10 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
 
 
 def _nemo_copies(cfg: Config) -> bool:
-    """Whether a row's rollouts may go to NeMo as copies of its prompt in one request (its answers are not
-    those of one request per rollout): an engine that may speak NeMo's protocol, with
-    sampling.rollouts_in_one_request on."""
-    return cfg.sampling.rollouts > 1 and adapter_for(cfg).protocol_for(cfg) in ("nemo", None) and \
-        cfg.sampling.rollouts_in_one_request is True
+    """codecs.nemo_copies, on an engine that may speak NeMo's protocol."""
+    from .engines.codecs import nemo_copies
+
+    return adapter_for(cfg).protocol_for(cfg) in ("nemo", None) and nemo_copies(cfg)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

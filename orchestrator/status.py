@@ -115,17 +115,18 @@ def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
     cache_path = paths.root / "work" / ERRORS_CACHE
     reasons, examples, cached = _read_errors_cache(cache_path)
     index = {reason: i for i, reason in enumerate(reasons)}
-    failing = sorted(u for u, st in stats.items() if st.get("failed"))
     counts: Counter = Counter()
-    recorded = [u for u in failing if _recorded_errors(stats[u])]  # grouped at the commit: nothing to read
-    for unit in recorded:
-        for reason, example, rows in stats[unit]["errors"]:
+    failing = []  # units whose failed rows were not grouped at their commit (an older version's): to read
+    for unit in sorted(u for u, st in stats.items() if st.get("failed")):
+        if not _recorded_errors(stats[unit]):
+            failing.append(unit)
+            continue
+        for reason, example, rows in stats[unit]["errors"]:  # grouped at the commit: nothing to read
             if reason not in index:
                 index[reason] = len(reasons)
                 reasons.append(reason)
                 examples.append(example)
             counts[index[reason]] += rows
-    failing = [u for u in failing if not _recorded_errors(stats[u])]  # committed by an older version
     keys = {u: _commit_key(paths, u, stats[u]) for u in failing}
     misses = [u for u in failing if keys[u] is None or not _cached_entry(cached.get(str(u)), keys[u], len(reasons))]
     files = [paths.result_file(u) for u in misses]

@@ -107,6 +107,13 @@ def rollouts_in_one_request(cfg: Config) -> bool:
     return adapter_for(cfg).honours_n
 
 
+def nemo_copies(cfg: Config) -> bool:
+    """Whether a row's rollouts go to NeMo as copies of its prompt in one request under one seed: only with
+    an explicit sampling.rollouts_in_one_request=true (never by default: its answers are not those of one
+    request per rollout, so launch.fingerprint records it)."""
+    return cfg.sampling.rollouts > 1 and cfg.sampling.rollouts_in_one_request is True
+
+
 class NemoCodec:
     name = "nemo"
     method = "PUT"
@@ -120,7 +127,7 @@ class NemoCodec:
         self.batch_size = 1 if rollouts > 1 else min(cfg.client.batch_size, NEMO_MAX_SENTENCES)
         # sampling.rollouts_in_one_request=true: a row's rollouts go as copies of its prompt in one request (one
         # random_seed: rollout k is copy k of the batch), up to 128 a request; false: one request per rollout
-        self.copies = rollouts > 1 and cfg.sampling.rollouts_in_one_request is True  # never by default
+        self.copies = nemo_copies(cfg)
         self.max_n = min(rollouts, NEMO_MAX_SENTENCES) if self.copies else 1
         self.in_flight = cfg.client.max_in_flight or 2
         s = cfg.sampling
