@@ -23,7 +23,7 @@ class MockAdapter(EngineAdapter):
         return {"engine.seed": cfg.engine.seed}  # the simulated text is a function of prompt and seed
 
     def command(self, cfg: Config) -> list[str]:
-        return list(cfg.engine.command or [sys.executable, "-m", "orchestrator.engines.embedded"])
+        return list(cfg.engine.command or [sys.executable, "-m", "orchestrator.simulator"])
 
     def node_argv(self, cfg: Config, node: int, rv: Rendezvous) -> list[str]:
         e = cfg.engine
