@@ -48,7 +48,8 @@ def test_readme_links_point_at_files_that_exist():
 def _anchors(markdown: str) -> set[str]:
     """A page's heading ids: an explicit `{#id}`, else the toc extension's slug of the heading."""
     ids = set(re.findall(r"\{#([\w-]+)\}", markdown))
-    for heading in re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", markdown, flags=re.S), flags=re.M):
+    prose = re.sub(r"```.*?```", "", markdown, flags=re.DOTALL)
+    for heading in re.findall(r"^#+ (.*)$", prose, flags=re.MULTILINE):
         text = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
         ids.add(re.sub(r"[-\s]+", "-", text))
     return ids
@@ -56,5 +57,5 @@ def _anchors(markdown: str) -> set[str]:
 
 def test_readme_keeps_the_two_commands_at_the_top():
     readme = (ROOT / "README.md").read_text()
-    first_blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)[:2]
+    first_blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)[:2]
     assert first_blocks == ["pip install -e . && orchestrator run\n", "bash scripts/test.sh\n"]
