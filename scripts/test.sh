@@ -12,6 +12,9 @@ if [ ! -x /usr/bin/chromium ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 fi
+# The documentation site (docs/, mkdocs.yml): --strict fails on a broken link or anchor, or a page left out of
+# the nav; the site goes to a temporary directory, never into the repository.
+python3 -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 # Two phases: the tests that need neither Slurm nor vLLM on two workers (pytest-xdist; a file's tests stay
 # on one worker, so its module fixtures are built once), then the Slurm and vLLM tests one at a time (they
 # share the one local cluster and the CPU-heavy vLLM). Arguments go to both; a phase that selects no test
