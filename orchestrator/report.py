@@ -1,12 +1,16 @@
 """summary.json: totals over every committed unit, timings of this attempt (every requeued segment
-included), stats that add."""
+included), stats that add; and the summaries a run writes when it completes, is found complete, or fails."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, scan_committed
+from . import fsops
+from .config import Config
+from .errors import OrchestratorError
+from .work import (Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, log_event, remaining_units,
+                   scan_committed)
 
 
 def attempt_progress(paths: RunPaths, attempt: str | None) -> list[dict]:
@@ -96,3 +100,46 @@ def one_line(summary: dict) -> str:
         line += (f"; {summary['retryable']} failed row(s) were the engine's fault (5xx, timeouts, malformed answers): "
                  f"rerun with retry_failed=true to redo the failed rows")
     return line
+
+
+def _final_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, started_at: float, owner: str) -> dict:
+    """summary.json once the run is complete, written by the first replica to see that (one summary per
+    attempt, not one per replica: each reads every unit's ledger record). Others return their own totals."""
+    if remaining_units(paths, plan, attempt) == 0 and \
+            fsops.create_exclusive(paths.root / "work" / f"summary-{attempt}.by", owner):
+        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+        write_summary(paths, summary)
+        log_event(paths, f"{owner}: run complete, {summary['committed']}/{summary['total']} rows committed; "
+                         f"summary.json written")
+        return summary
+    return {"replica": owner, "attempt": attempt}
+
+
+def _kept_summary(paths: RunPaths, total: UnitStats) -> dict | None:
+    """summary.json of a run that completed, when it still agrees with the committed totals."""
+    try:
+        summary = json.loads((paths.root / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(summary, dict) and summary.get("complete") and summary.get("committed") == total.rows \
+            and summary.get("ok") == total.ok and summary.get("failed") == total.failed:
+        return summary
+    return None
+
+
+def _failed_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, started_at: float,
+                    error: BaseException) -> None:
+    """A run that fails still says where it stands: summary.json with complete=false and the reason."""
+    if isinstance(error, (SystemExit, KeyboardInterrupt)):
+        return
+    try:
+        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+        summary["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        write_summary(paths, summary)
+    except (OSError, OrchestratorError):  # the failure itself may be a full disk: the error is what matters
+        pass
+
+
+def _summary_extra(cfg: Config, paths: RunPaths) -> dict:
+    return {"model": cfg.model.name, "engine": cfg.engine.name, "cluster": cfg.cluster.name,
+            "replicas": cfg.replicas, "run_dir": str(paths.root)}

@@ -88,10 +88,13 @@ class EngineServer:
         return f"http://{host}:{self.port}"
 
     def __enter__(self) -> "EngineServer":
+        """Starts the engine; one that fails to start raises here, and there is nothing to stop."""
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        """Always stops the engine, whatever ended the block (an error, a signal's exception, SystemExit from
+        a requeue); the exception, if any, goes on."""
         self.stop()
 
     def start(self) -> None:

@@ -1,0 +1,152 @@
+"""Everything checked before a job is submitted (layout, engine, cluster, input, run directory), the resume
+fingerprint that a resumed run_dir must match, and the running engine's identity check."""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from .clusters.base import cluster_for
+from .config import Config, config_yaml
+from .engines.base import adapter_for, check_engine
+from .errors import ConfigError, EngineError, RunError
+from .layout import build_layout
+from .work import InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, publish_once
+
+
+def check_writable(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise RunError(f"run_dir={str(root)!r} is a file, not a directory; choose another run_dir= (or move that "
+                       f"file away)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"run_dir={str(root)!r} is not writable ({exc.strerror}); choose another run_dir=") from None
+
+
+def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
+    """Everything checked before a job is submitted: layout, engine, cluster, input, run directory.
+    Writes plan and config."""
+    build_layout(cfg)
+    check_launch(cfg)
+    plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts)
+    paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
+    check_writable(paths.root)
+    current = fingerprint(cfg, plan)
+    stored_print = paths.root / "fingerprint.json"
+    if paths.plan.exists() and stored_print.exists():
+        _check_same_settings(paths, stored_print, current)
+        plan = Plan.from_json(paths.plan.read_text())
+        resumed = True
+    else:
+        plan = apply_duplicate_policy(plan, cfg.data, spill_dir=paths.root / "work")  # big inputs spill there
+        resumed = False
+    paths.make()
+    if not resumed:  # the plan is fixed at the first start; of two first starts at once, one publishes
+        if not publish_once(stored_print, json.dumps(current, indent=1, sort_keys=True)):
+            _check_same_settings(paths, stored_print, current)
+        atomic_write_text(paths.plan, plan.to_json())
+    atomic_write_text(paths.root / "config.yaml", config_yaml(cfg))
+    return plan, paths
+
+
+def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> None:
+    stored = json.loads(stored_print.read_text())
+    if isinstance(stored.get("sampling"), dict):  # a run_dir started before sampling.rollouts existed: one answer a row
+        stored["sampling"].setdefault("rollouts", 1)
+    changed = _differences(stored, current)
+    if changed:
+        raise InputError(f"run_dir {paths.root} was started with other settings, so old and new results would "
+                         f"disagree: {'; '.join(changed[:8])}. Rerun with the original settings to resume, or "
+                         f"choose a new run_dir= for a fresh run")
+
+
+def check_launch(cfg: Config) -> None:
+    """The engine's and the cluster's own checks, before any GPU is asked for."""
+    engine = check_engine(cfg)
+    found = cluster_for(cfg).problems(cfg, engine)
+    if found:
+        raise ConfigError("\n".join(found))
+
+
+def fingerprint(cfg: Config, plan: Plan) -> dict:
+    """What decides the answers: model, prompt format, sampling, engine, and the exact input files."""
+    return {
+        "model": cfg.model.name,
+        "model.path": cfg.model.path,
+        "model.max_seq_len": cfg.model.architecture.max_seq_len,
+        "model.prompt": asdict(cfg.model.prompt),
+        "end_strings": cfg.end_strings,
+        # rollouts decides the answers and the units' layout; whether they go in one request does neither,
+        # except on NeMo, where it sends them as copies under one seed (other answers): see _nemo_copies
+        "sampling": {k: v for k, v in asdict(cfg.sampling).items() if k != "rollouts_in_one_request"},
+        **({"sampling.rollouts_in_one_request": True} if _nemo_copies(cfg) else {}),
+        "engine": cfg.engine.name,
+        "engine.answers": adapter_for(cfg).answer_settings(cfg),
+        "engine.settings": {k: getattr(cfg.engine, k) for k in ("checkpoint", "url", "protocol", "api", "precision",
+                                                               "command", "script", "extra_args", "options",
+                                                               "served_model_name", "skip_special_tokens",
+                                                               "extra_body")},
+        "data": {**{k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
+                                                      "truncate_prompts", "bytes_per_token")},
+                 # conversations; unset is None, as in a run_dir started before they existed
+                 **{k: getattr(cfg.data, k) or None for k in ("messages_column", "turns_column",
+                                                             "attributes_column", "keep_columns")}},
+        "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
+    }
+
+
+def _nemo_copies(cfg: Config) -> bool:
+    """codecs.nemo_copies, on an engine that may speak NeMo's protocol."""
+    from .engines.codecs import nemo_copies
+
+    return adapter_for(cfg).protocol_for(cfg) in ("nemo", None) and nemo_copies(cfg)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key not in old and prefix.startswith("engine.settings"):  # recorded by a later version: not a change
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            if key == "input_files":
+                found.append(_input_changes(a or [], b or []))
+            else:
+                found.append(f"{prefix}{key} was {a!r}, now {b!r}")
+    return found
+
+
+def _input_changes(old: list, new: list) -> str:
+    """Which input files changed since the first start, and how: [path, rows, size, mtime_ns] each."""
+    before, after = {f[0]: f for f in old}, {f[0]: f for f in new}
+    said = [f"{p} is gone" for p in before if p not in after] + [f"{p} is new" for p in after if p not in before]
+    for path in before.keys() & after.keys():
+        (_, rows0, size0, _), (_, rows1, size1, _) = before[path], after[path]
+        if before[path] != after[path]:
+            said.append(f"{path} changed (" + (f"{rows0} -> {rows1} rows" if rows0 != rows1 else
+                                               f"{size0} -> {size1} bytes" if size0 != size1 else
+                                               "modified since") + ")")
+    shown = ", ".join(sorted(said)[:4]) + (f" and {len(said) - 4} more" if len(said) > 4 else "")
+    return f"the input files changed since the first start: {shown}"
+
+
+def check_engine_identity(paths: RunPaths, info) -> None:
+    """What the running engine says about itself (its served model, protocol, context) is part of the
+    run's settings: behind an unchanged engine.url there may now be another model."""
+    identity = {"served model": info.model_name, "protocol": info.protocol, "api": info.api,
+                "context": info.max_model_len}
+    path = paths.root / "engine.json"
+    if publish_once(path, json.dumps(identity, indent=1, sort_keys=True)):
+        return
+    changed = _differences(json.loads(path.read_text()), identity)
+    if changed:
+        raise EngineError(f"the engine at {info.url} is not the one that answered this run_dir's committed rows: "
+                          f"{'; '.join(changed)}. Resume against the original engine, or choose a new run_dir= for a "
+                          f"fresh run")
