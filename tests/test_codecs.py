@@ -72,3 +72,51 @@ def test_greedy_and_seed_map_to_each_protocol():
     assert o["temperature"] == 0.0 and o["seed"] == 7
     n = codec("nemo", "sampling.greedy=true", "sampling.seed=7").payload(["p"])
     assert n["greedy"] is True and n["random_seed"] == 7
+
+
+def test_every_protocol_is_one_module_in_the_registry_and_the_old_modules_re_export_it():
+    from orchestrator import protocols
+    from orchestrator.config import PROTOCOLS
+    from orchestrator.engines import codecs, probe
+
+    assert set(protocols.BY_NAME) == set(PROTOCOLS)  # config.py keeps the choices: it sits below protocols
+    for name, module in protocols.BY_NAME.items():
+        assert module.NAME == name and module.Codec.name == name and protocols.CODECS[name] is module.Codec
+        assert callable(module.detect) and callable(module.discover)
+    assert codecs.NemoCodec is protocols.nemo.NemoCodec and codecs.make_codec is protocols.make_codec
+    assert probe.ready is protocols.ready and probe.Http is protocols.base.Http
+
+
+class Routes:
+    """An Http stand-in: each GET path answers its status, or raises it when it is an exception."""
+
+    def __init__(self, **answers):
+        self.answers, self.asked = answers, []
+
+    def __call__(self, method, path, **kwargs):
+        self.asked.append(path)
+        answer = self.answers.get(path.strip("/").replace("/", "_"), 404)
+        if isinstance(answer, Exception):
+            raise answer
+        return type("Resp", (), {"status_code": answer})()
+
+
+def test_detection_tries_openai_then_triton_then_takes_nemo():
+    import requests
+
+    from orchestrator.protocols import detect_protocol
+
+    assert detect_protocol(Routes(v1_models=200)) == "openai"
+    assert detect_protocol(Routes(v2_health_ready=200)) == "triton"
+    http = Routes()
+    assert detect_protocol(http) == "nemo" and http.asked == ["/v1/models", "/v2/health/ready"]
+    assert detect_protocol(Routes(v2_health_ready=requests.ConnectionError("reset"))) == "nemo"
+    with pytest.raises(requests.ConnectionError):  # not up yet: readiness retries
+        detect_protocol(Routes(v1_models=requests.ConnectionError("refused")))
+
+
+def test_nemo_discovery_takes_the_configured_model_name():
+    from orchestrator.protocols import discover
+
+    info = discover(compose(["engine.served_model_name=served"]), "http://x", "nemo", Routes())
+    assert (info.protocol, info.model_name, info.url) == ("nemo", "served", "http://x")

@@ -1,0 +1,150 @@
+"""What every wire protocol shares: the errors an answer can raise, the shapes readiness and the codecs
+exchange (EngineInfo, Completion), the probe's HTTP (Http), the answer checks, and the interface a
+protocol's module implements (WireProtocol).
+
+Every field of every answer is checked: an answer we cannot use is a `RejectedError` for its rows
+(recorded as row errors), never a crash.
+
+Several answers per prompt (sampling.rollouts > 1): every request carries its own seed (`payload(...,
+seed=)`), so NeMo and Triton get one prompt per request (one seed each); the OpenAI codec may ask for a
+row's consecutive rollouts in one request (`n`, seed = the first one's), which vLLM serves as n requests
+with seeds seed, seed + 1, ...: the answers of n separate requests. NeMo, with
+sampling.rollouts_in_one_request=true, gets a row's rollouts as copies of its prompt in one request under
+one seed (`copies`): rollout k is copy k, whose answer depends on the whole batch, so the client always
+sends a row's copies together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import requests
+
+from ..config import Config
+from ..engines import auth
+
+PROBE_PROMPT = "Hello"
+
+
+class TransientError(Exception):
+    """Worth retrying: 5xx, 429, connection reset, timeout."""
+
+
+class RejectedError(Exception):
+    """The engine refused the request, or answered something unusable; retrying at once cannot help."""
+
+
+class MalformedAnswer(RejectedError):
+    """The engine answered something unusable: its fault, not the row's (retry_failed=true may recover it)."""
+
+
+@dataclass
+class Completion:
+    text: str  # the engine's output for one prompt, echo included where the engine echoes
+    output_tokens: int | None
+
+
+@dataclass
+class EngineInfo:
+    """What readiness learnt about a running engine; codecs are built from it."""
+
+    url: str
+    protocol: str  # nemo, openai or triton
+    model_name: str
+    api: str = "completions"  # openai: completions or chat; triton: infer or generate
+    max_model_len: int | None = None
+    inputs: dict[str, str] = field(default_factory=dict)  # triton: the model's input tensors, name -> datatype
+    can_tokenize: bool = False  # POST /tokenize counts tokens (vLLM, SGLang)
+    max_batch_size: int | None = None  # triton: rows one request may carry (the model config's max_batch_size)
+
+
+def _status(status: int, body: Any, message: Any = None) -> None:
+    """5xx and 429 are worth a retry; any other non-200 is the engine refusing the request."""
+    if status >= 500 or status == 429:
+        raise TransientError(f"HTTP {status}: {str(body)[:200]}")
+    if status != 200:
+        raise RejectedError(f"HTTP {status}: {str(message if message is not None else body)[:500]}")
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedAnswer(f"malformed answer: {what} is {type(value).__name__}, not text")
+    return value
+
+
+def _tokens(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedAnswer(f"malformed answer: {what} is {value!r}, not a token count")
+    return value
+
+
+def rollouts_in_one_request(cfg: Config) -> bool:
+    """sampling.rollouts_in_one_request, or the engine's default: vLLM (and the embedded engine, which
+    copies it) answer `n` with seeds seed + i; for other engines that is not known, so one request a rollout.
+    On NeMo only an explicit true counts: it sends a row's rollouts as copies of its prompt in one request
+    (other answers than one request per rollout, so the resume check includes it: launch.fingerprint)."""
+    chosen = cfg.sampling.rollouts_in_one_request
+    if chosen is not None:
+        return bool(chosen)
+    from ..engines.base import adapter_for
+
+    return adapter_for(cfg).honours_n
+
+
+def _json(resp: requests.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
+def normalise_url(url: str) -> str:
+    """http://host:port from what a user may paste: a trailing slash or an OpenAI base URL (/v1)."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+class Http:
+    """The probe's requests to one engine: the key's header (engine.api_key_env) and TLS verification
+    (engine.verify_tls, engine.ca_bundle) on every one; a 401 or 403 is final (KeyRefused)."""
+
+    def __init__(self, cfg: Config, url: str):
+        self.cfg, self.url = cfg, url
+        self.headers = auth.headers(cfg)
+        self.verify = auth.requests_verify(cfg)
+        if self.verify is False:
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # asked for: not a warning per request
+
+    def __call__(self, method: str, path: str, timeout: float = 10, **kwargs) -> requests.Response:
+        resp = requests.request(method, self.url + path, headers=self.headers, verify=self.verify, timeout=timeout,
+                                **kwargs)
+        if resp.status_code in auth.REFUSED:
+            raise auth.refused(self.cfg, self.url, resp.status_code, f"{method} {path}")
+        return resp
+
+
+def engine_info(cfg: Config, url: str, protocol: str) -> EngineInfo:
+    """What readiness knows of an engine before asking it: its url, protocol and the configured model name
+    (engine.served_model_name, else model.name); each protocol's discover fills in the rest."""
+    return EngineInfo(url=url, protocol=protocol, model_name=cfg.engine.served_model_name or cfg.model.name)
+
+
+class WireProtocol(Protocol):
+    """What a protocol's module (orchestrator/protocols/<name>.py) provides, as module attributes; the
+    registry (orchestrator/protocols/__init__.py) lists the modules in the order detection tries them."""
+
+    NAME: str  # engine.protocol's value, EngineInfo.protocol
+    Codec: type  # built as Codec(cfg, info): batch_size, in_flight, max_n, method, path, payload(), parse()
+
+    def detect(self, http: Http) -> bool:
+        """Whether the server at readiness speaks this protocol, from its routes. Raises what readiness
+        retries (requests' errors: not up yet) or what is final (KeyRefused)."""
+
+    def discover(self, cfg: Config, url: str, http: Http) -> EngineInfo:
+        """The engine's model name, API and limits, read from its own routes."""

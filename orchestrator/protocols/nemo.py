@@ -1,0 +1,112 @@
+"""NeMo (`PUT /generate`): one generation at a time on the server, so throughput comes from up to 128
+prompts per request and a next request always waiting.
+
+Detection: NeMo's 2024 containers have no route but PUT /generate, so a server that answers neither
+OpenAI's nor Triton's probe is taken for NeMo (the registry tries this module last). Discovery learns
+nothing more than the configured model name; the readiness generation proves the rest.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from itertools import accumulate
+from typing import Any
+
+from ..config import Config
+from .base import Completion, EngineInfo, Http, MalformedAnswer, RejectedError, _status, _text, engine_info
+
+NAME = "nemo"
+NEMO_MAX_SENTENCES = 128
+
+
+def _count_output_tokens(tokens: list[str], prompt: str) -> int:
+    """Tokens past the echoed prompt: NeMo returns tokens for prompt + generation. (A sentencepiece
+    token's "\u2581" stands for one space, so token lengths are text lengths.)"""
+    if not prompt:
+        return len(tokens)
+    ends = list(accumulate(map(len, tokens)))
+    return len(tokens) - min(len(tokens), bisect_left(ends, len(prompt)) + 1)
+
+
+def nemo_copies(cfg: Config) -> bool:
+    """Whether a row's rollouts go to NeMo as copies of its prompt in one request under one seed: only with
+    an explicit sampling.rollouts_in_one_request=true (never by default: its answers are not those of one
+    request per rollout, so launch.fingerprint records it)."""
+    return cfg.sampling.rollouts > 1 and cfg.sampling.rollouts_in_one_request is True
+
+
+class NemoCodec:
+    name = "nemo"
+    method = "PUT"
+    path = "/generate"
+    echoes_prompt = True
+    takes_seed = True  # random_seed: one per request
+
+    def __init__(self, cfg: Config, info: EngineInfo | None = None):
+        # one random_seed per request: with several rollouts every prompt has its own, so one prompt a request
+        rollouts = cfg.sampling.rollouts
+        self.batch_size = 1 if rollouts > 1 else min(cfg.client.batch_size, NEMO_MAX_SENTENCES)
+        # sampling.rollouts_in_one_request=true: a row's rollouts go as copies of its prompt in one request (one
+        # random_seed: rollout k is copy k of the batch), up to 128 a request; false: one request per rollout
+        self.copies = nemo_copies(cfg)
+        self.max_n = min(rollouts, NEMO_MAX_SENTENCES) if self.copies else 1
+        self.in_flight = cfg.client.max_in_flight or 2
+        s = cfg.sampling
+        self.base: dict[str, Any] = {
+            "tokens_to_generate": s.tokens_to_generate,
+            "temperature": s.temperature,
+            "add_BOS": s.add_BOS,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "greedy": s.greedy,
+            "all_probs": False,
+            "repetition_penalty": s.repetition_penalty,
+            "min_tokens_to_generate": s.min_tokens_to_generate,
+            "end_strings": cfg.end_strings,
+        }
+        if s.seed is not None:
+            self.base["random_seed"] = s.seed
+        self.base.update(cfg.engine.extra_body)
+
+    def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
+                n: int = 1) -> dict:
+        """n > 1: each prompt n times (a row's rollouts as copies: NeMo has no n), all under one seed."""
+        body = dict(self.base, sentences=prompts if n == 1 else [p for p in prompts for _ in range(n)])
+        if seed is not None:
+            body["random_seed"] = seed
+        if tokens_to_generate is not None:
+            body["tokens_to_generate"] = tokens_to_generate
+            body["min_tokens_to_generate"] = 0
+        return body
+
+    def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
+        if n > 1:  # the copies payload sent
+            prompts = [p for p in prompts for _ in range(n)]
+        _status(status, body)
+        if not isinstance(body, dict):  # NeMo answers a validation failure with a bare string and 200
+            raise RejectedError(f"engine rejected the request: {str(body)[:500]}")
+        sentences = body.get("sentences")
+        if not isinstance(sentences, list) or len(sentences) != len(prompts):
+            raise MalformedAnswer(f"malformed NeMo response: expected {len(prompts)} sentences")
+        tokens = body.get("tokens") or [None] * len(prompts)
+        if not isinstance(tokens, list) or len(tokens) != len(prompts):
+            raise MalformedAnswer(f"malformed NeMo response: expected {len(prompts)} token lists")
+        out = []
+        for i, (text, tok, prompt) in enumerate(zip(sentences, tokens, prompts)):
+            if tok is not None and not (isinstance(tok, list) and all(isinstance(t, str) for t in tok)):
+                raise MalformedAnswer(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
+            out.append(Completion(_text(text, f"sentences[{i}]"), _count_output_tokens(tok, prompt) if tok else None))
+        return out
+
+
+Codec = NemoCodec
+
+
+def detect(http: Http) -> bool:
+    """Always: PUT /generate is NeMo's only route in the 2024 containers, and probing it would generate, so
+    NeMo is what a server that speaks neither of the protocols tried before it is taken for."""
+    return True
+
+
+def discover(cfg: Config, url: str, http: Http) -> EngineInfo:
+    """The configured model name: NeMo's server has no route that names its model or limits."""
+    return engine_info(cfg, url, NAME)

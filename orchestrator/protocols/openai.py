@@ -1,0 +1,164 @@
+"""OpenAI (`POST /v1/completions` or `/v1/chat/completions`: vLLM, SGLang, TRT-LLM): continuous
+batching, so one prompt per request and many requests in flight.
+
+Detection: GET /v1/models answers 200. Discovery: the served model's name and max_model_len from
+/v1/models, the API (completions or chat) from the config, and whether POST /tokenize counts tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import requests
+
+from ..config import Config
+from .base import (PROBE_PROMPT, Completion, EngineInfo, Http, MalformedAnswer, RejectedError, TransientError, _json,
+                   _status, _text, _tokens, engine_info, rollouts_in_one_request)
+
+NAME = "openai"
+
+
+class OpenAICodec:
+    """`/v1/completions` (the card's prompt format, rendered here) or `/v1/chat/completions` (the
+    tokenizer's chat template, rendered by the engine)."""
+
+    name = "openai"
+    method = "POST"
+    echoes_prompt = False
+    takes_seed = True
+
+    def __init__(self, cfg: Config, info: EngineInfo | None = None):
+        self.chat = (info.api if info else openai_api(cfg)) == "chat"
+        self.path = "/v1/chat/completions" if self.chat else "/v1/completions"
+        self.batch_size = 1
+        rollouts = cfg.sampling.rollouts
+        self.max_n = rollouts if rollouts > 1 and rollouts_in_one_request(cfg) else 1  # answers one request may ask for
+        # requests in flight: about 2 x capacity sequences, whether a request holds one or n of them
+        self.in_flight = cfg.client.max_in_flight or max(2, math.ceil(2 * cfg.engine.capacity / self.max_n))
+        self.system = cfg.model.prompt.system
+        s = cfg.sampling
+        self.base: dict[str, Any] = {
+            "model": info.model_name if info else cfg.model.name,
+            "max_tokens": s.tokens_to_generate,
+            "temperature": 0.0 if s.greedy else s.temperature,
+            "top_p": s.top_p if not s.greedy else 1.0,
+            "min_tokens": s.min_tokens_to_generate,
+            "repetition_penalty": s.repetition_penalty,
+        }
+        if cfg.end_strings:
+            self.base["stop"] = cfg.end_strings
+        skip = cfg.engine.skip_special_tokens
+        if skip is None and cfg.end_strings:
+            skip = False  # vLLM drops special tokens from the text by default: <extra_id_1> would never match
+        if skip is not None:
+            self.base["skip_special_tokens"] = skip
+        if s.top_k > 0:
+            self.base["top_k"] = s.top_k
+        if s.seed is not None:
+            self.base["seed"] = s.seed
+        self.base.update(cfg.engine.extra_body)
+
+    def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
+                n: int = 1) -> dict:
+        """prompts: one prompt, or on the chat API one conversation (a list of {role, content}); the system
+        prompt of the config opens it unless it has its own. seed: this request's (a rollout's); n > 1: that
+        many answers (choice i sampled with seed + i), each with its token ids, which give its token count
+        (usage counts them all together)."""
+        if self.chat:
+            messages = prompts[0] if isinstance(prompts[0], list) else [{"role": "user", "content": prompts[0]}]
+            if self.system and not (messages and messages[0]["role"] == "system"):
+                messages = [{"role": "system", "content": self.system}] + messages
+            body = dict(self.base, messages=messages)
+        else:
+            body = dict(self.base, prompt=prompts[0])
+        if seed is not None:
+            body["seed"] = seed
+        if n > 1:
+            body["n"] = n
+            body["return_token_ids"] = True
+        if tokens_to_generate is not None:
+            body["max_tokens"] = tokens_to_generate
+            body["min_tokens"] = 0
+        return body
+
+    def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
+        if status != 200:
+            error = body.get("error") if isinstance(body, dict) else None
+            message = error.get("message") if isinstance(error, dict) else (body.get("detail") if isinstance(body, dict) else body)
+            _status(status, body, message)
+        if n > 1:
+            return self._parse_choices(body, n)
+        try:
+            choice = body["choices"][0]
+            text = choice["message"]["content"] if self.chat else choice["text"]
+        except (KeyError, IndexError, TypeError):
+            raise MalformedAnswer(f"malformed OpenAI response: no choices[0].{'message.content' if self.chat else 'text'}") from None
+        usage = body.get("usage")
+        if usage is not None and not isinstance(usage, dict):
+            raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
+        return [Completion(_text(text, "choices[0].text"), _tokens((usage or {}).get("completion_tokens"),
+                                                                  "usage.completion_tokens"))]
+
+    def _parse_choices(self, body: Any, n: int) -> list[Completion]:
+        """The n answers of one request, in the order of their index (choice i: seed + i); each one's token
+        count from its token_ids (return_token_ids), else unknown."""
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or len(choices) != n or not all(isinstance(c, dict) for c in choices):
+            raise MalformedAnswer(f"malformed OpenAI response: expected {n} choices (n={n}); does the engine "
+                                  f"honour n? If not, set sampling.rollouts_in_one_request=false")
+        indexes = [c.get("index") for c in choices]
+        if sorted(i for i in indexes if isinstance(i, int) and not isinstance(i, bool)) != list(range(n)):
+            raise MalformedAnswer(f"malformed OpenAI response: choice indexes {indexes[:8]}, not 0..{n - 1}")
+        out = []
+        for choice in sorted(choices, key=lambda c: c["index"]):
+            i = choice["index"]
+            try:
+                text = choice["message"]["content"] if self.chat else choice["text"]
+            except (KeyError, TypeError):
+                raise MalformedAnswer(f"malformed OpenAI response: no choices[{i}].{'message.content' if self.chat else 'text'}") from None
+            ids = choice.get("token_ids")
+            if ids is not None and not isinstance(ids, list):
+                raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].token_ids is {type(ids).__name__}")
+            out.append(Completion(_text(text, f"choices[{i}].text"), len(ids) if ids is not None else None))
+        return out
+
+
+def openai_api(cfg: Config) -> str:
+    """completions for the cards' prompt formats; chat where the tokenizer's template renders the prompt."""
+    return cfg.engine.api or ("chat" if cfg.model.prompt.format == "chat_template" else "completions")
+
+
+Codec = OpenAICodec
+
+
+def detect(http: Http) -> bool:
+    """GET /v1/models answers 200 (a connection error propagates: the server is not up yet)."""
+    return http("GET", "/v1/models").status_code == 200
+
+
+def discover(cfg: Config, url: str, http: Http) -> EngineInfo:
+    """The served model's name and max_model_len (GET /v1/models), the API, and whether /tokenize works."""
+    info = engine_info(cfg, url, NAME)
+    resp = http("GET", "/v1/models")
+    body = _json(resp)
+    if resp.status_code != 200:
+        raise TransientError(f"GET /v1/models: HTTP {resp.status_code}: {str(body)[:200]}")
+    try:
+        model = body["data"][0]
+        info.model_name = model["id"]
+    except (KeyError, IndexError, TypeError):
+        raise RejectedError(f"GET /v1/models lists no model: {str(body)[:200]}") from None
+    info.max_model_len = model.get("max_model_len") if isinstance(model.get("max_model_len"), int) else None
+    info.api = openai_api(cfg)
+    if cfg.engine.use_tokenizer:
+        info.can_tokenize = _tokenize_works(http, info.model_name)
+    return info
+
+
+def _tokenize_works(http: Http, model: str) -> bool:
+    try:
+        resp = http("POST", "/tokenize", json={"model": model, "prompt": PROBE_PROMPT})
+        body = _json(resp)
+        return resp.status_code == 200 and isinstance(body, dict) and isinstance(body.get("count"), int)
+    except requests.RequestException:
+        return False

@@ -1,0 +1,128 @@
+"""Triton / KServe v2 (`POST /v2/models/{name}/infer` with named tensors, as NeMo's deploy_triton.py
+serves it, or the generate extension `POST /v2/models/{name}/generate`).
+
+Detection: GET /v2/health/ready answers 200. Discovery: the model's input tensors (GET
+/v2/models/{name}), hence the route (infer or generate), and its max_batch_size (GET .../config).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from ..config import Config
+from .base import (Completion, EngineInfo, Http, MalformedAnswer, RejectedError, TransientError, _json, _status, _text,
+                   engine_info)
+
+NAME = "triton"
+TRITON_MAX_LEN_INPUTS = ("max_output_len", "max_output_token", "max_tokens")
+
+
+class TritonCodec:
+    """KServe v2 over HTTP as NeMo's deploy_triton.py (PyTriton) serves it: `/infer` with named tensors,
+    one row per prompt, sending only the inputs the model's metadata lists; or the generate extension
+    (`/generate`, one prompt, `text_input` -> `text_output`) for TRT-LLM backend ensembles."""
+
+    name = "triton"
+    method = "POST"
+    echoes_prompt = False
+
+    def __init__(self, cfg: Config, info: EngineInfo | None = None):
+        model = info.model_name if info else (cfg.engine.served_model_name or cfg.model.name)
+        self.generate = bool(info and info.api == "generate")
+        self.path = f"/v2/models/{model}/{'generate' if self.generate else 'infer'}"
+        self.inputs = dict(info.inputs) if info and info.inputs else {
+            "prompts": "BYTES", "max_output_len": "INT64", "top_k": "INT64", "top_p": "FP32", "temperature": "FP32"}
+        limit = (info.max_batch_size if info else None) or cfg.engine.options.get("max_batch_size") or 128
+        # NeMo's model reads sampling inputs from the first row only: one prompt a request when each has its seed
+        self.batch_size = 1 if self.generate or cfg.sampling.rollouts > 1 else min(cfg.client.batch_size, limit)
+        self.in_flight = cfg.client.max_in_flight or (2 * cfg.engine.capacity if self.generate else 2)
+        self.sampling = cfg.sampling
+        self.end_strings = list(cfg.end_strings)
+        self.extra_body = dict(cfg.engine.extra_body)
+
+    @property
+    def takes_seed(self) -> bool:
+        """Whether a request can carry its own seed: the model has a random_seed input (the generate route's
+        TRT-LLM ensemble has one)."""
+        return self.generate or "random_seed" in self.inputs
+
+    def _tensors(self, n: int, tokens: int, seed: int | None = None) -> list[dict]:
+        s = self.sampling
+        values = {"top_k": 1 if s.greedy else s.top_k, "top_p": s.top_p, "temperature": s.temperature,
+                  "random_seed": s.seed if seed is None else seed, **{name: tokens for name in TRITON_MAX_LEN_INPUTS}}
+        out = []
+        for name, value in values.items():  # each with the datatype the model's metadata gives
+            if name in self.inputs and value is not None:
+                out.append({"name": name, "datatype": self.inputs[name], "shape": [n, 1], "data": [value] * n})
+        if self.end_strings and "stop_words_list" in self.inputs:
+            out.append({"name": "stop_words_list", "datatype": "BYTES", "shape": [n, len(self.end_strings)],
+                        "data": self.end_strings * n})
+        return out
+
+    def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
+                n: int = 1) -> dict:
+        if n != 1:
+            raise ValueError("Triton has no n: send one request per answer")
+        tokens = tokens_to_generate or self.sampling.tokens_to_generate
+        if self.generate:
+            s = self.sampling
+            body = {"text_input": prompts[0], "max_tokens": tokens, "temperature": s.temperature, "top_p": s.top_p,
+                    "top_k": 1 if s.greedy else s.top_k}
+            if self.end_strings:
+                body["stop_words"] = self.end_strings
+            if seed is not None:  # a rollout's own seed (the ensemble's random_seed input)
+                body["random_seed"] = seed
+            return dict(body, **self.extra_body)
+        prompt = {"name": "prompts", "datatype": "BYTES", "shape": [len(prompts), 1], "data": list(prompts)}
+        return {"inputs": [prompt] + self._tensors(len(prompts), tokens, seed)}
+
+    def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
+        if status != 200:
+            _status(status, body, body.get("error") if isinstance(body, dict) else body)
+        if not isinstance(body, dict):
+            raise MalformedAnswer(f"malformed Triton response: {str(body)[:200]}")
+        if self.generate:
+            return [Completion(_text(body.get("text_output"), "text_output"), None)]
+        outputs = body.get("outputs")
+        found = [o for o in outputs if isinstance(o, dict) and o.get("name") == "outputs"] if isinstance(outputs, list) else []
+        data = found[0].get("data") if found else None
+        if not isinstance(data, list) or len(data) != len(prompts):
+            raise MalformedAnswer(f"malformed Triton response: expected an 'outputs' tensor of {len(prompts)} rows")
+        return [Completion(_text(text, f"outputs[{i}]"), None) for i, text in enumerate(data)]
+
+
+Codec = TritonCodec
+
+
+def detect(http: Http) -> bool:
+    """GET /v2/health/ready answers 200; a connection error there counts as no (NeMo, tried next, has no such route)."""
+    try:
+        if http("GET", "/v2/health/ready").status_code == 200:
+            return True
+    except requests.RequestException:
+        pass
+    return False
+
+
+def discover(cfg: Config, url: str, http: Http) -> EngineInfo:
+    """The model's inputs, route and max_batch_size, read from the server's metadata."""
+    info = engine_info(cfg, url, NAME)
+    resp = http("GET", "/v2/health/ready")
+    if resp.status_code != 200:
+        raise TransientError(f"GET /v2/health/ready: HTTP {resp.status_code}")
+    resp = http("GET", f"/v2/models/{info.model_name}")
+    meta = _json(resp)
+    if resp.status_code != 200 or not isinstance(meta, dict):
+        raise RejectedError(f"GET /v2/models/{info.model_name}: HTTP {resp.status_code}: {str(meta)[:300]}; "
+                            f"set engine.served_model_name to the name the server was deployed with")
+    info.inputs = {i.get("name"): i.get("datatype") for i in meta.get("inputs") or [] if isinstance(i, dict)}
+    names = list(info.inputs)
+    info.api = "generate" if "text_input" in names else "infer"
+    config = _json(http("GET", f"/v2/models/{info.model_name}/config"))
+    if isinstance(config, dict) and isinstance(config.get("max_batch_size"), int) and config["max_batch_size"] > 0:
+        info.max_batch_size = config["max_batch_size"]
+    if info.api == "infer" and "prompts" not in names:
+        raise RejectedError(f"Triton model {info.model_name!r} takes inputs {names}, neither 'prompts' (NeMo's "
+                            f"deploy_triton.py) nor 'text_input' (the generate extension)")
+    return info
