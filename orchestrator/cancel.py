@@ -1,16 +1,11 @@
 """`orchestrator cancel`: end every job of a run; what they committed is kept, and a rerun resumes."""
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
-from .errors import RunError
-from .status import ACTIVE_STATES, cluster_name, job_states, open_run, read_json
+from .clusters.base import ACTIVE_STATES, adapter_named
+from .status import cluster_name, open_run, read_json
 from .work import Plan, RunPaths, scan_committed
 
 
@@ -20,40 +15,22 @@ def cancel(run_dir: str | Path, wait_s: float = 60.0) -> str:
     paths, plan = open_run(run_dir)
     frontend = read_json(paths.root / "work" / "frontend.json")
     cluster = cluster_name(paths, frontend)
+    adapter = adapter_named(cluster)
     host = str(frontend.get("host") or "")
     jobs = [str(j) for j in frontend.get("jobs", [])]
-    if jobs and cluster == "local" and host and host != socket.gethostname():
-        raise RunError(f"the run's local job(s) {' '.join(jobs)} run on {host}, not here; run `orchestrator cancel "
-                       f"{paths.root}` on {host}")
-    # a job whose state cannot be read is cancelled all the same: scancel says whether it still exists
-    live = [j for j, st in job_states(cluster, jobs, host, paths).items()
+    # a job whose state cannot be read is cancelled all the same: the cluster says whether it still exists
+    live = [j for j, st in adapter.job_states(jobs, host, paths).items()
             if st.split()[0] in ACTIVE_STATES or st.startswith("UNKNOWN")]
     if not live:
         said = (f"job(s) {' '.join(jobs)} (cluster={cluster}) are no longer queued or running" if jobs
                 else "no job of this run is recorded in work/frontend.json")
         return f"nothing to cancel: {said}\n{_committed_line(paths, plan)}"
-    if cluster == "slurm":
-        try:
-            out = subprocess.run(["scancel", *live], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RunError(f"scancel {' '.join(live)} failed ({exc}); is Slurm reachable from this host? Cancel "
-                           f"them with scancel where it is") from None
-        if out.returncode != 0 and not re.search(r"already completing or completed|Invalid job id", out.stderr):
-            raise RunError(f"scancel {' '.join(live)} failed: {out.stderr.strip() or out.returncode}; cancel them "
-                           f"with scancel where Slurm answers")
-    elif cluster == "local":
-        for job in live:
-            try:
-                os.kill(int(job), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    else:
-        raise RunError(f"cannot cancel cluster={cluster} job(s) {' '.join(live)} from here; stop them where they run")
+    adapter.cancel(live, host, paths)
     deadline = time.monotonic() + wait_s
     still = live
     while still and time.monotonic() < deadline:
         time.sleep(0.5)
-        still = [j for j, st in job_states(cluster, still, host, paths).items() if st.split()[0] in ACTIVE_STATES]
+        still = [j for j, st in adapter.job_states(still, host, paths).items() if st.split()[0] in ACTIVE_STATES]
     lines = [f"cancelled job(s) {' '.join(live)} (cluster={cluster}) of {paths.root}"]
     if still:
         lines.append(f"job(s) {' '.join(still)} are still stopping (committing what finished)")

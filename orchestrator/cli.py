@@ -174,11 +174,13 @@ def inside_allocation(command: str, args: list[str]) -> list[str]:
     submitting jobs from within it, unless cluster= or another config is given."""
     import os
 
+    from .clusters.environment import job_environment
+
     chosen = any(a.split("=")[0].lstrip("+~") in ("cluster", "--config-name", "-cn") or a in ("--config-name", "-cn")
                  for a in args)
-    if command == "run" and os.environ.get("SLURM_JOB_ID") and not os.environ.get("SUBMITIT_EXECUTOR") and not chosen:
-        print(f"inside Slurm job {os.environ['SLURM_JOB_ID']}: running in its allocation (cluster=allocation)",
-              flush=True)
+    job = job_environment().job_id
+    if command == "run" and job and not os.environ.get("SUBMITIT_EXECUTOR") and not chosen:
+        print(f"inside Slurm job {job}: running in its allocation (cluster=allocation)", flush=True)
         return [*args, "cluster=allocation"]
     return args
 

@@ -12,20 +12,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
+from .clusters.base import ACTIVE_STATES, adapter_named
 from .errors import RunError
 from .report import busy_seconds
 from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, error_reason, scan_committed
 
 WINDOW_S = 60.0  # what "recent" means for rates and the ETA
 LOG_LINES = 8
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
-                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) replica (\d+) \(job ([^,]+), host ([^)]*)\): (.*)$")
 
 
@@ -293,51 +290,7 @@ def submitted_jobs(paths: RunPaths, since: float | None) -> list[str]:
 
 def job_states(cluster: str, ids: list[str], host: str, paths: RunPaths) -> dict[str, str]:
     """Each job's state as the scheduler sees it now; UNKNOWN when that cannot be read from here."""
-    if not ids:
-        return {}
-    if cluster == "local":
-        if host and host != socket.gethostname():
-            return {i: f"UNKNOWN (runs on {host})" for i in ids}
-        return {i: "RUNNING" if _local_job_alive(i, paths) else "ENDED" for i in ids}
-    if cluster != "slurm":
-        return {i: "UNKNOWN" for i in ids}
-    # the queue knows a job the moment it is submitted; accounting keeps it after it ends (and may lag)
-    queued = _slurm_query(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(ids)])
-    gone = [i for i in ids if queued is None or i not in queued]
-    ended = _slurm_query(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(gone)]) if gone else {}
-    if queued is None and ended is None:
-        return {i: "UNKNOWN (Slurm cannot be reached from here)" for i in ids}
-    return {i: (queued or {}).get(i) or (ended or {}).get(i) or ("ENDED" if queued is not None else "UNKNOWN")
-            for i in ids}
-
-
-def _slurm_query(argv: list[str]) -> dict[str, str] | None:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return {} if "Invalid job id" in out.stderr else None
-    states = {}
-    for line in out.stdout.splitlines():  # a requeued job has a line per run: the last one is now
-        job, _, state = line.strip().partition("|")
-        if job and state:
-            states[job] = state.split()[0].upper()
-    return states
-
-
-def _local_job_alive(job: str, paths: RunPaths) -> bool:
-    """A local job's id is its pid; the pid counts only while it is still this run's submitit job (a pid is
-    reused once its process is gone)."""
-    from .clusters.local import pid_alive
-
-    if not job.isdigit() or not pid_alive(int(job)):
-        return False
-    try:
-        cmdline = Path(f"/proc/{job}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return True
-    return str(paths.logs) in cmdline
+    return adapter_named(cluster).job_states(ids, host, paths) if ids else {}
 
 
 def collect(run_dir: str | Path, now: float | None = None) -> dict:

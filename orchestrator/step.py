@@ -5,7 +5,6 @@ JOB.result.json, or JOB.error with the message (never a traceback for an expecte
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import signal
 import sys
@@ -14,10 +13,11 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    from .clusters.environment import job_environment
     from .errors import OrchestratorError
 
     pkl = Path(argv[0])
-    if int(os.environ.get("SLURM_PROCID", "0")) != 0:
+    if job_environment().global_rank != 0:
         return 0
     stem = pkl.with_suffix("")
     Path(f"{stem}.error").unlink(missing_ok=True)

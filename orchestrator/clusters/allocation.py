@@ -9,7 +9,6 @@ dying loses only that replica. Chosen automatically by `orchestrator run` inside
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -21,11 +20,12 @@ from ..errors import RunError
 from ..sbatch import engine_step_prefix
 from ..work import RunPaths
 from .base import ClusterAdapter
+from .environment import job_environment
 
 
 def allocation_nodes() -> list[str]:
     """The hostnames of this job's allocation, in Slurm's order."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+    nodelist = job_environment().get("nodelist", "")
     if not nodelist:
         return []
     try:
@@ -39,11 +39,7 @@ def allocation_nodes() -> list[str]:
 
 def _gpus_per_node() -> int | None:
     """GPUs each node of the allocation holds, when the job says (`--gpus-per-node`, `--gres=gpu:N`)."""
-    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
-        value = os.environ.get(key, "").split(":")[-1].split("(")[0]
-        if value.isdigit():
-            return int(value)
-    return None
+    return job_environment().gpus_on_node
 
 
 def nodes_per_replica(cfg: Config, engine) -> int:
@@ -56,7 +52,7 @@ class AllocationCluster(ClusterAdapter):
     jobs_outlive_front_end = False  # its steps end with the batch step that drives them
 
     def problems(self, cfg: Config, engine) -> list[str]:
-        job = os.environ.get("SLURM_JOB_ID")
+        job = job_environment().job_id
         if not job:
             return ["cluster=allocation runs inside a Slurm job (SLURM_JOB_ID is not set): put `orchestrator run` "
                     "in a script you submit with sbatch, or use cluster=slurm to have jobs submitted for you"]
@@ -73,7 +69,7 @@ class AllocationCluster(ClusterAdapter):
             return [f"replicas={cfg.replicas} does not fit job {job}: {len(nodes)} node(s) // layout.nodes={per} = "
                     f"{fit} replica(s). Submit with sbatch -N {cfg.replicas * per}, or leave replicas unset to use "
                     f"what fits"]
-        cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
+        cpus = job_environment().get("cpus_on_node", "")
         tasks = engine.tasks_per_node(cfg) if engine.starts_process else 1
         if cpus.isdigit() and int(cpus) < tasks:
             return [f"job {job} has {cpus} CPU(s) on this node, and {cfg.engine.name} runs {tasks} task(s) per node "
@@ -97,11 +93,12 @@ class AllocationCluster(ClusterAdapter):
         """The engine's step, on exactly this replica's nodes (the step's own node list)."""
         tasks = engine.tasks_per_node(cfg)
         prefix = engine_step_prefix(cfg, tasks, engine.step_args)
-        cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
+        env = job_environment()
+        cpus = env.get("cpus_on_node", "")
         if cpus.isdigit() and not cfg.cluster.cpus_per_task:  # the node's CPUs as the user's job holds them
             prefix = [f"--cpus-per-task={max(1, int(cpus) // tasks)}" if a.startswith("--cpus-per-task=") else a
                       for a in prefix]
-        nodes = os.environ.get("SLURM_STEP_NODELIST")
+        nodes = env.get("step_nodelist")
         return prefix + ([f"--nodelist={nodes}"] if nodes else [])
 
     def state(self, job) -> str:
@@ -110,13 +107,13 @@ class AllocationCluster(ClusterAdapter):
     def _result(self, job):
         return job.result()
 
-    def live_jobs(self, ids: list[str], host: str) -> list[str] | None:
-        return None if ids else []  # its steps end with the front-end that drives them: its pid decides
+    # job_states and live_jobs: the base's (UNKNOWN; None): its steps end with the front-end that drives them,
+    # so the front-end's pid decides; cancel: the base's (stop the batch step, or scancel the job, where it runs)
 
     def stopped_by(self, signal_name: str) -> str:
         """The time-limit warning (`--signal=B:USR2@N`): the replicas have committed; requeue the job, which
         runs the script again and resumes (a job submitted without --requeue says so)."""
-        job = os.environ.get("SLURM_JOB_ID")
+        job = job_environment().job_id
         if signal_name != "SIGUSR2" or not job:
             return ""
         try:
@@ -128,7 +125,7 @@ class AllocationCluster(ClusterAdapter):
         return f"; requeued job {job}: it runs the script again and resumes"
 
     def follow_hint(self, jobs: list, paths: RunPaths) -> str:
-        job = os.environ.get("SLURM_JOB_ID", "")
+        job = job_environment().get("job_id", "")
         return f"follow with: sacct -j {job} (one step per replica); tail -f {paths.logs}/allocation/*.out"
 
 
@@ -159,7 +156,7 @@ class StepExecutor:
                f"{stem}.pkl"]
         with open(f"{stem}.srun.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        return StepJob(proc, f"{os.environ.get('SLURM_JOB_ID', 'allocation')}.r{replica}", Path(stem),
+        return StepJob(proc, f"{job_environment().get('job_id', 'allocation')}.r{replica}", Path(stem),
                        cfg.client.grace_s + 30)
 
 

@@ -8,10 +8,35 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from ..config import Config, choices
 from ..errors import ConfigError, RunError
 from ..work import RunPaths
+from .environment import JobEnvironment
+
+# a job in one of these states is queued or running (Slurm's names; a local job is RUNNING until it ends)
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+@runtime_checkable
+class Job(Protocol):
+    """What a cluster's executor().submit(NodeJob(...)) returns: one replica's job, as the front-end drives it
+    (submitit's LocalJob and SlurmJob, the allocation's StepJob). The adapter reads its state (state, states)
+    and its result (result); anything more a cluster's jobs hold (submitit's watcher, task(0)) only its own
+    adapter touches."""
+
+    job_id: Any  # str for every cluster; what work/frontend.json records and job_states takes
+
+    def done(self) -> bool:
+        """Whether the job has ended (by itself or cancelled)."""
+
+    def cancel(self, check: bool = True) -> Any:
+        """Stop the job (the front-end calls cancel(check=False): a job already gone is no error)."""
+
+    def result(self) -> Any:
+        """Wait for the job's end; its return value, or its failure raised (the adapter's result() words it)."""
 
 
 class ClusterAdapter:
@@ -23,6 +48,7 @@ class ClusterAdapter:
         return []
 
     def executor(self, cfg: Config, paths: RunPaths):
+        """What submits the run's jobs: executor.submit(NodeJob(...)) returns a `Job`."""
         raise NotImplementedError
 
     def array_key(self, cfg: Config) -> str | None:
@@ -51,10 +77,31 @@ class ClusterAdapter:
         """Every job's state, read fresh, in as few queries as the cluster allows."""
         return [self.state(job) for job in jobs]
 
+    def job_states(self, ids: list[str], host: str, paths: RunPaths | None = None) -> dict[str, str]:
+        """Each recorded job's state (ids as work/frontend.json holds them, submitted from host) as the cluster
+        sees it now; UNKNOWN (with the reason after it) when that cannot be read from here. paths: the run's,
+        when known, so a job id reused by another job is not taken for the run's."""
+        return {i: "UNKNOWN" for i in ids}
+
     def live_jobs(self, ids: list[str], host: str) -> list[str] | None:
         """Which of these jobs (submitted from host) are still queued or running; None when that cannot be
         told from here."""
-        return None
+        if not ids:
+            return []
+        states = self.job_states(ids, host)
+        if any(st.startswith("UNKNOWN") for st in states.values()):
+            return None
+        return [i for i, st in states.items() if st.split()[0] in ACTIVE_STATES]
+
+    def cancel(self, ids: list[str], host: str, paths: RunPaths) -> None:
+        """Ask the cluster to end these recorded jobs of the run at paths (submitted from host); they stop
+        within client.grace_s, committing what finished. A RunError says why it cannot be done from here."""
+        raise RunError(f"cannot cancel cluster={self.name} job(s) {' '.join(ids)} from here; stop them where they "
+                       f"run")
+
+    def environment(self, environ=None) -> JobEnvironment:
+        """The job this process runs in, as this cluster's environment tells it."""
+        return JobEnvironment(environ)
 
     def result(self, job, paths: RunPaths):
         """The job's return value; its failure as a RunError with the job's own last words."""
@@ -98,13 +145,33 @@ def job_failure(text: str, max_lines: int = 25) -> str:
     return "\n".join(message)
 
 
-def cluster_for(cfg: Config) -> ClusterAdapter:
-    name = cfg.cluster.name
+def _module_adapter(name: str) -> ClusterAdapter | None:
+    if not re.fullmatch(r"[A-Za-z_]\w*", name or ""):
+        return None
     try:
         return importlib.import_module(f"{__package__}.{name}").ADAPTER
     except (ImportError, AttributeError):
+        return None
+
+
+def cluster_for(cfg: Config) -> ClusterAdapter:
+    name = cfg.cluster.name
+    found = _module_adapter(name)
+    if found is None:
         raise ConfigError(f"cluster={name} has no adapter (orchestrator/clusters/{name}.py with ADAPTER); "
-                          f"choose one of: {', '.join(choices('cluster'))}") from None
+                          f"choose one of: {', '.join(choices('cluster'))}")
+    return found
+
+
+def adapter_named(name: str) -> ClusterAdapter:
+    """The adapter of the cluster a run dir records (work/frontend.json, config.yaml); for a name with none
+    (an old or partial run dir), one that reads every job's state as UNKNOWN and cancels nothing."""
+    found = _module_adapter(name)
+    if found is not None:
+        return found
+    unknown = ClusterAdapter()
+    unknown.name = name
+    return unknown
 
 
 def submitit_folder(paths: RunPaths) -> str:

@@ -2,12 +2,14 @@
 the task on node 0 starts the engine's tasks as an `srun --overlap` step across the allocation."""
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, config_yaml
 from ..engines.codecs import make_codec
+from ..errors import RunError
 from ..sbatch import PORT_PLACEHOLDER, engine_step_prefix, render_template, submitit_parameters
 from ..work import RunPaths
 from .base import ClusterAdapter, submitit_folder
@@ -60,15 +62,29 @@ class SlurmCluster(ClusterAdapter):
         except Exception:  # noqa: BLE001
             return "UNKNOWN"
 
-    def live_jobs(self, ids: list[str], host: str) -> list[str] | None:
+    def job_states(self, ids: list[str], host: str, paths: RunPaths | None = None) -> dict[str, str]:
+        """The queue's state of each job, else accounting's (one squeue and at most one sacct for all)."""
+        if not ids:
+            return {}
+        # the queue knows a job the moment it is submitted; accounting keeps it after it ends (and may lag)
+        queued = _slurm_query(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(ids)])
+        gone = [i for i in ids if queued is None or i not in queued]
+        ended = _slurm_query(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(gone)]) if gone else {}
+        if queued is None and ended is None:
+            return {i: "UNKNOWN (Slurm cannot be reached from here)" for i in ids}
+        return {i: (queued or {}).get(i) or (ended or {}).get(i) or ("ENDED" if queued is not None else "UNKNOWN")
+                for i in ids}
+
+    def cancel(self, ids: list[str], host: str, paths: RunPaths) -> None:
+        """scancel; a job already ending or gone is no error."""
         try:
-            out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
-                                 timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if out.returncode != 0:
-            return None if "Invalid job id" not in out.stderr else []  # every id has left the queue
-        return [i for i in ids if i in out.stdout.split()]
+            out = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RunError(f"scancel {' '.join(ids)} failed ({exc}); is Slurm reachable from this host? Cancel "
+                           f"them with scancel where it is") from None
+        if out.returncode != 0 and not re.search(r"already completing or completed|Invalid job id", out.stderr):
+            raise RunError(f"scancel {' '.join(ids)} failed: {out.stderr.strip() or out.returncode}; cancel them "
+                           f"with scancel where Slurm answers")
 
     def _result(self, job):
         return job.task(0).result()
@@ -93,6 +109,21 @@ class SlurmCluster(ClusterAdapter):
         write("engine_job.sbatch", render_template(
             "engine_job.sbatch", cfg, engine.tasks_per_node(cfg), engine.step_command(cfg, template_rv),
             out / "client.yaml", e.port or 1424, protocol, engine.step_args))
+
+
+def _slurm_query(argv: list[str]) -> dict[str, str] | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return {} if "Invalid job id" in out.stderr else None
+    states = {}
+    for line in out.stdout.splitlines():  # a requeued job has a line per run: the last one is now
+        job, _, state = line.strip().partition("|")
+        if job and state:
+            states[job] = state.split()[0].upper()
+    return states
 
 
 ADAPTER = SlurmCluster()
