@@ -221,7 +221,7 @@ def test_the_default_sends_rollouts_in_one_request_only_to_engines_known_to_hono
     assert not rollouts_in_one_request(make_cfg(*SAMPLE, "engine=endpoint", "engine.url=http://h:1"))
     assert rollouts_in_one_request(make_cfg(*SAMPLE, "engine=endpoint", "engine.url=http://h:1",
                                             "sampling.rollouts_in_one_request=true"))
-    codec = OpenAICodec(make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai", "engine.capacity=64"))
+    codec = OpenAICodec(make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai", "engine.simulator.capacity=64"))
     assert codec.max_n == N and codec.in_flight == 2 * 64 // N  # about 2 x capacity sequences in flight
     body = codec.payload(["p"], seed=11, n=N)
     assert body["seed"] == 11 and body["n"] == N and body["return_token_ids"] is True

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from ..config import Config
+from ..config import Config, default_capacity
 
 NEMO_MAX_SENTENCES = 128
 
@@ -194,7 +194,7 @@ class OpenAICodec:
         rollouts = cfg.sampling.rollouts
         self.max_n = rollouts if rollouts > 1 and rollouts_in_one_request(cfg) else 1  # answers one request may ask for
         # requests in flight: about 2 x capacity sequences, whether a request holds one or n of them
-        self.in_flight = cfg.client.max_in_flight or max(2, math.ceil(2 * cfg.engine.capacity / self.max_n))
+        self.in_flight = cfg.client.max_in_flight or max(2, math.ceil(2 * default_capacity(cfg) / self.max_n))
         self.system = cfg.model.prompt.system
         s = cfg.sampling
         self.base: dict[str, Any] = {
@@ -304,7 +304,7 @@ class TritonCodec:
         limit = (info.max_batch_size if info else None) or cfg.engine.options.get("max_batch_size") or 128
         # NeMo's model reads sampling inputs from the first row only: one prompt a request when each has its seed
         self.batch_size = 1 if self.generate or cfg.sampling.rollouts > 1 else min(cfg.client.batch_size, limit)
-        self.in_flight = cfg.client.max_in_flight or (2 * cfg.engine.capacity if self.generate else 2)
+        self.in_flight = cfg.client.max_in_flight or (2 * default_capacity(cfg) if self.generate else 2)
         self.sampling = cfg.sampling
         self.end_strings = list(cfg.end_strings)
         self.extra_body = dict(cfg.engine.extra_body)
