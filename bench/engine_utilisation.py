@@ -46,7 +46,8 @@ def main() -> int:
         with Engine(work, capacity=CAPACITY, request_latency_s=REQUEST_LATENCY_S, token_latency_s=TOKEN_LATENCY_S,
                     max_natural_tokens=MAX_TOKENS) as engine:
             before = engine.stats()
-            overrides = ["engine=endpoint", f"engine.url={engine.url}", "engine.protocol=openai", f"engine.capacity={CAPACITY}",
+            overrides = ["engine=endpoint", f"engine.url={engine.url}", "engine.protocol=openai",
+                         f"engine.simulator.capacity={CAPACITY}",
                          f"sampling.tokens_to_generate={MAX_TOKENS}", f"data.input={hydra_quote(data)}",
                          f"run_dir={hydra_quote(run_dir)}"]
             wall, _ = run_orchestrator(overrides, timeout_s=args.timeout_s)

@@ -59,7 +59,7 @@ def write_inputs(folder, prompts: int) -> tuple:
 
 def run(url: str, protocol: str, data, run_dir, answers: int, extra: list[str]) -> dict:
     overrides = ["engine=endpoint", f"engine.url={url}", f"engine.protocol={protocol}", "sampling.greedy=false",
-                 f"sampling.tokens_to_generate={TOKENS}", f"engine.capacity={CAPACITY}", "data.unit_rows=512",
+                 f"sampling.tokens_to_generate={TOKENS}", f"engine.simulator.capacity={CAPACITY}", "data.unit_rows=512",
                  f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}", *extra]
     wall, _ = run_orchestrator(overrides, timeout_s=600, env_extra=ENV)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -30,7 +30,8 @@ def measure(replicas: int, rows: int, unit_rows: int, root: Path) -> tuple[int, 
     trace = root / f"trace-{replicas}.txt"
     exe = shutil.which("orchestrator") or "orchestrator"
     cmd = ["strace", "-f", "-qq", "-e", "trace=%file", "-o", str(trace), exe, "run", f"data.input={src}",
-           f"run_dir={run_dir}", f"data.unit_rows={unit_rows}", f"replicas={replicas}", "engine.request_latency_s=0.05"]
+           f"run_dir={run_dir}", f"data.unit_rows={unit_rows}", f"replicas={replicas}",
+           "engine.simulator.request_latency_s=0.05"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"replicas={replicas} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

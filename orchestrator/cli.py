@@ -188,11 +188,15 @@ def inside_allocation(command: str, args: list[str]) -> list[str]:
 def _hydra_main(command: str, args: list[str]) -> None:
     import hydra
 
-    from .config import CONF_DIR, register_configs, to_config
+    from .config import CONF_DIR, check_moved_overrides, register_configs, to_config
     from .errors import OrchestratorError
 
     register_configs()
     args = inside_allocation(command, args)
+    try:
+        check_moved_overrides(args)  # engine.capacity=4: name engine.simulator.capacity, not Hydra's "+"
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
     sweep = None
     if command == "run" and ("-m" in args or "--multirun" in args):
         from .sweep import Sweep, sweep_overrides

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -149,6 +149,58 @@ class SamplingConfig:
 
 
 @dataclass
+class SimulatorConfig:
+    """The embedded engine's knobs (engine=mock, orchestrator.simulator): latency, capacity, injected faults.
+    capacity is also every OpenAI and Triton engine's default for client.max_in_flight: see default_capacity."""
+
+    request_latency_s: float = 0.0
+    token_latency_s: float = 0.0
+    capacity: int = 256
+    error_rate: float = 0.0
+    seed: int = 0
+    max_natural_tokens: int = 512
+    fail_rank: int = -1  # this engine rank exits at once (tests of a rank dying before readiness)
+    stall_rate: float = 0.0  # fraction of requests that hang for stall_s (injected timeouts)
+    stall_s: float = 30.0
+    slow_replicas: List[int] = field(default_factory=list)  # these replicas' engines are slow_factor times slower
+    slow_factor: float = 3.0
+    require_key_env: Optional[str] = None  # the embedded engine requires Authorization: Bearer <this variable's value>
+
+    def __post_init__(self) -> None:
+        _check_range("engine.simulator.capacity", self.capacity, lo=1)
+        _check_range("engine.simulator.error_rate", self.error_rate, lo=0, hi=1)
+        _check_range("engine.simulator.request_latency_s", self.request_latency_s, lo=0)
+        _check_range("engine.simulator.token_latency_s", self.token_latency_s, lo=0)
+
+
+# The simulator's knobs were engine.<knob> until they moved to engine.simulator.<knob>: an old key is refused
+# with its new name (overrides, YAML, dictionaries), not with Hydra's "Could not override".
+MOVED_KEYS = {f"engine.{f.name}": f"engine.simulator.{f.name}" for f in fields(SimulatorConfig)}
+
+
+def _moved_key(key: str, value: str | None = None) -> ConfigError:
+    new = MOVED_KEYS[key]
+    fix = new if value is None else f"{new}={value}"
+    return ConfigError(f"{key} is now {new} (the embedded engine's knobs moved under engine.simulator); "
+                       f"write {fix}")
+
+
+def check_moved_overrides(overrides: list[str]) -> None:
+    """Refuse a command-line override of a moved key (``engine.capacity=4``, ``+engine.capacity=4``) with
+    a ConfigError naming its new key, before Hydra composes the config."""
+    for override in overrides:
+        key, eq, value = override.lstrip("+~").partition("=")
+        if key in MOVED_KEYS:
+            raise _moved_key(key, value if eq else None)
+
+
+def default_capacity(cfg: Config) -> int:
+    """Sequences an engine works on at once, for client.max_in_flight's default (2 x this for OpenAI and
+    Triton's generate): engine.simulator.capacity, whose default (256) stands for every engine."""
+    return cfg.engine.simulator.capacity
+
+
+@dataclass
 class EngineConfig:
     name: str = "mock"  # one of conf/engine/*.yaml; each has one adapter in orchestrator/engines/
     protocol: Optional[str] = None  # nemo, openai or triton; None = the engine's own (endpoint: found from its routes)
@@ -173,18 +225,7 @@ class EngineConfig:
     verify_tls: bool = True  # https: check the server's certificate
     ca_bundle: Optional[str] = None  # https: PEM file of the CA that signed the server's certificate; None = the system's
     # embedded (mock) engine knobs
-    request_latency_s: float = 0.0
-    token_latency_s: float = 0.0
-    capacity: int = 256
-    error_rate: float = 0.0
-    seed: int = 0
-    max_natural_tokens: int = 512
-    fail_rank: int = -1  # this engine rank exits at once (tests of a rank dying before readiness)
-    stall_rate: float = 0.0  # fraction of requests that hang for stall_s (injected timeouts)
-    stall_s: float = 30.0
-    slow_replicas: List[int] = field(default_factory=list)  # these replicas' engines are slow_factor times slower
-    slow_factor: float = 3.0
-    require_key_env: Optional[str] = None  # the embedded engine requires Authorization: Bearer <this variable's value>
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     # NeMo checkpoints (engine=nemo, engine=triton)
     checkpoint: Optional[str] = None  # the .nemo file, inside the container
     script: Optional[str] = None  # the NeMo script that serves it; None = the adapter's
@@ -196,10 +237,6 @@ class EngineConfig:
             _check_choice("engine.protocol", self.protocol, PROTOCOLS)
         if self.api is not None:
             _check_choice("engine.api", self.api, OPENAI_APIS)
-        _check_range("engine.capacity", self.capacity, lo=1)
-        _check_range("engine.error_rate", self.error_rate, lo=0, hi=1)
-        _check_range("engine.request_latency_s", self.request_latency_s, lo=0)
-        _check_range("engine.token_latency_s", self.token_latency_s, lo=0)
         _check_range("engine.ready_timeout_s", self.ready_timeout_s, lo=0, lo_open=True)
         _check_range("engine.port", self.port, lo=0, hi=65535)
         _check_range("engine.master_port", self.master_port, lo=0, hi=65535)
@@ -263,7 +300,7 @@ class DataConfig:
 
 @dataclass
 class ClientConfig:
-    max_in_flight: Optional[int] = None  # requests in flight; None = 2 for nemo, 2 x engine.capacity for openai
+    max_in_flight: Optional[int] = None  # in flight; None = 2 for nemo, 2 x engine.simulator.capacity for openai
     batch_size: int = 128  # prompts per NeMo request (the server's limit is 128)
     max_retries: int = 4  # retries of a transient failure before the rows are recorded as errors
     retry_backoff_s: float = 1.0  # first backoff; doubles each retry, with jitter
@@ -377,6 +414,8 @@ def _check_unknown_keys(cfg: DictConfig | dict, schema: type, prefix: str = "") 
         if not prefix and key == "hydra":
             continue
         if key not in names:
+            if f"{prefix}{key}" in MOVED_KEYS:
+                raise _moved_key(f"{prefix}{key}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"{prefix}{key} is not a config key; {hint}")
@@ -408,6 +447,7 @@ def compose(overrides: list[str] | None = None) -> Config:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    check_moved_overrides(list(overrides or []))
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))

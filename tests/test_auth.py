@@ -93,7 +93,7 @@ def test_a_run_with_the_key_works_and_no_file_of_the_run_or_of_render_holds_it(t
     long = "a " * 3000  # longer than the 1024-token context: truncation asks the engine's /tokenize mid-run
     src = write_prompts(tmp_path / "in.parquet", 30, prompts=[f"question {i}" for i in range(29)] + [long])
     run_dir = tmp_path / "run"
-    engine = ["engine.protocol=openai", f"engine.require_key_env={KEY_ENV}", f"engine.api_key_env={KEY_ENV}"]
+    engine = ["engine.protocol=openai", f"engine.simulator.require_key_env={KEY_ENV}", f"engine.api_key_env={KEY_ENV}"]
     cfg = compose(["model=nemotron_mini_4b_instruct", "model.architecture.max_seq_len=1024", f"data.input={src}",
                    f"run_dir={run_dir}", "data.unit_rows=8", "sampling.tokens_to_generate=8",
                    "data.truncate_prompts=true", *engine])
@@ -146,9 +146,9 @@ def test_a_key_given_in_place_of_the_name_is_refused_without_repeating_it(tmp_pa
 
 def test_the_embedded_engines_own_variable_and_a_slurm_export_that_drops_the_key_are_refused(monkeypatch, key):
     monkeypatch.delenv("ORCHESTRATOR_TEST_ENGINE_KEY", raising=False)
-    with pytest.raises(ConfigError, match="engine.require_key_env=ORCHESTRATOR_TEST_ENGINE_KEY, but the environment "
-                                          "variable ORCHESTRATOR_TEST_ENGINE_KEY is not set"):
-        check_engine(compose(["engine.require_key_env=ORCHESTRATOR_TEST_ENGINE_KEY"]))
+    with pytest.raises(ConfigError, match="engine.simulator.require_key_env=ORCHESTRATOR_TEST_ENGINE_KEY, but the "
+                                          "environment variable ORCHESTRATOR_TEST_ENGINE_KEY is not set"):
+        check_engine(compose(["engine.simulator.require_key_env=ORCHESTRATOR_TEST_ENGINE_KEY"]))
     slurm = ["cluster=slurm", "engine=endpoint", "engine.url=https://127.0.0.1:9", f"engine.api_key_env={KEY_ENV}"]
     with pytest.raises(ConfigError, match=f"cluster.sbatch_args.export=NONE does not pass {KEY_ENV}"):
         check_engine(compose([*slurm, "+cluster.sbatch_args.export=NONE"]))

@@ -133,7 +133,7 @@ def test_stopping_the_front_end_stops_its_local_job_and_engine(tmp_path, signum)
     src = write_prompts(tmp_path / "in.parquet", 3000)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([EXE, "run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20",
-                             "client.batch_size=10", "engine.request_latency_s=0.2"],
+                             "client.batch_size=10", "engine.simulator.request_latency_s=0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (run_dir / "results").is_dir() or not list((run_dir / "results").glob("*.parquet")):

@@ -102,7 +102,8 @@ def test_non_text_prompt_column_rows_are_errors(tmp_path):
 
 def test_engine_errors_are_retried_then_recorded(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 200)
-    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "engine.error_rate=0.3",
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai",
+                   "engine.simulator.error_rate=0.3",
                    "client.max_retries=0", "client.max_in_flight=16", "sampling.tokens_to_generate=4",
                    "engine.ready_timeout_s=20"])
     _, paths, stats = run_client(cfg, tmp_path)
@@ -116,7 +117,8 @@ def test_engine_errors_are_retried_then_recorded(tmp_path):
 
 def test_retries_with_backoff_recover_transient_errors(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 100)
-    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "engine.error_rate=0.3",
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai",
+                   "engine.simulator.error_rate=0.3",
                    "client.max_retries=8", "client.retry_backoff_s=0.01", "client.max_in_flight=16",
                    "sampling.tokens_to_generate=4", "engine.ready_timeout_s=20"])
     _, paths, _ = run_client(cfg, tmp_path)
@@ -230,7 +232,7 @@ def test_engine_that_dies_before_ready_fails_fast_with_its_log(tmp_path):
 
 
 def test_engine_that_never_answers_hits_the_deadline(tmp_path):
-    cfg = compose(["engine.ready_timeout_s=1", "engine.error_rate=1.0"])
+    cfg = compose(["engine.ready_timeout_s=1", "engine.simulator.error_rate=1.0"])
     with engine_process(cfg, tmp_path) as server, \
             pytest.raises(EngineError, match="did not answer a one-token generation within 1 s"):
         server.wait_ready()
@@ -241,7 +243,7 @@ def test_an_engine_that_disappears_is_lost_not_blamed_on_the_rows(tmp_path):
 
     src = write_prompts(tmp_path / "in.parquet", 300)
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10", "client.batch_size=10",
-                   "engine.request_latency_s=0.05", "client.max_retries=2", "client.retry_backoff_s=0.01"])
+                   "engine.simulator.request_latency_s=0.05", "client.max_retries=2", "client.retry_backoff_s=0.01"])
     plan, paths = prepare(cfg)
     with running_engine(cfg, tmp_path) as server:
         client = Client(cfg, plan, paths, server.url, "a", "r0")  # engine_alive unknown, as with engine.url
@@ -310,7 +312,8 @@ def test_a_failed_submission_cancels_what_it_submitted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(LocalCluster, "executor", lambda self, cfg, paths: Refusing(real_executor(self, cfg, paths)))
     src = write_prompts(tmp_path / "in.parquet", 2000)
-    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "replicas=3", "engine.request_latency_s=0.5"])
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "replicas=3",
+                   "engine.simulator.request_latency_s=0.5"])
     with pytest.raises(RunError, match=r"submitting replica 1 of 3 failed: sbatch: error: .*Invalid account; "
                                        r"cancelled the 1 job\(s\) already submitted"):
         run(cfg, show_progress=False)

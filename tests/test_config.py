@@ -2,7 +2,7 @@ import subprocess
 
 import pytest
 
-from orchestrator.config import ConfigError, compose
+from orchestrator.config import ConfigError, compose, to_config
 from tests.conftest import orchestrator_cmd
 
 MODELS = ["nemotron4_340b_instruct", "llama2_70b_steerlm_chat", "nemotron3_8b_chat_steerlm",
@@ -33,15 +33,16 @@ def test_public_keys_override():
     cfg = compose(["model=nemotron_mini_4b_instruct", "data.input=/x.parquet", "data.prompt_column=text",
                    "data.id_column=uid", "run_dir=/tmp/r", "layout.gpu=h200_141gb", "replicas=3",
                    "sampling.tokens_to_generate=7", "sampling.temperature=0.5", "sampling.top_p=0.8",
-                   "sampling.top_k=4", "sampling.greedy=false", "client.max_in_flight=9", "engine.capacity=32",
-                   "engine.request_latency_s=0.1", "engine.token_latency_s=0.01", "engine.error_rate=0.2",
-                   "engine.seed=5", "layout.nodes=1", "layout.gpus_per_node=1", "layout.tensor_parallel=1",
+                   "sampling.top_k=4", "sampling.greedy=false", "client.max_in_flight=9",
+                   "engine.simulator.capacity=32", "engine.simulator.request_latency_s=0.1",
+                   "engine.simulator.token_latency_s=0.01", "engine.simulator.error_rate=0.2",
+                   "engine.simulator.seed=5", "layout.nodes=1", "layout.gpus_per_node=1", "layout.tensor_parallel=1",
                    "layout.pipeline_parallel=1"])
     assert (cfg.data.input, cfg.data.prompt_column, cfg.data.id_column, cfg.run_dir) == ("/x.parquet", "text", "uid", "/tmp/r")
     assert (cfg.layout.gpu, cfg.replicas, cfg.client.max_in_flight) == ("h200_141gb", 3, 9)
     s = cfg.sampling
     assert (s.tokens_to_generate, s.temperature, s.top_p, s.top_k, s.greedy) == (7, 0.5, 0.8, 4, False)
-    e = cfg.engine
+    e = cfg.engine.simulator
     assert (e.capacity, e.request_latency_s, e.token_latency_s, e.error_rate, e.seed) == (32, 0.1, 0.01, 0.2, 5)
 
 
@@ -58,7 +59,7 @@ def test_nemo_engine_exists_as_the_seed_engine():
     ("sampling.temperature=0", "sampling.temperature"),
     ("sampling.top_p=1.5", "sampling.top_p"),
     ("sampling.tokens_to_generate=0", "sampling.tokens_to_generate"),
-    ("engine.error_rate=2", "engine.error_rate"),
+    ("engine.simulator.error_rate=2", "engine.simulator.error_rate"),
     ("client.batch_size=129", "client.batch_size"),
     ("engine.protocol=grpc", "nemo, openai, triton"),
     ("replicas=0", "replicas"),
@@ -84,6 +85,26 @@ def test_typo_in_a_key_is_rejected(cli_env):
     proc = subprocess.run([*orchestrator_cmd(), "plan", "sampling.temprature=0.5"], capture_output=True, text=True, env=cli_env)
     assert proc.returncode != 0
     assert "temprature" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("override", ["engine.capacity=4", "+engine.capacity=4", "++engine.capacity=4"])
+def test_an_old_simulator_key_is_refused_naming_its_new_key(override):
+    """The embedded engine's knobs moved from engine.<knob> to engine.simulator.<knob>: the old key is a
+    ConfigError that names the new one, from an override or from a dictionary."""
+    with pytest.raises(ConfigError, match=r"engine\.capacity is now engine\.simulator\.capacity.*"
+                                          r"write engine\.simulator\.capacity=4"):
+        compose([override])
+    with pytest.raises(ConfigError, match=r"engine\.slow_factor is now engine\.simulator\.slow_factor"):
+        to_config({"engine": {"slow_factor": 2.0}})
+    assert compose(["engine.simulator.capacity=4"]).engine.simulator.capacity == 4
+
+
+def test_the_command_line_refuses_an_old_simulator_key_naming_its_new_key(cli_env):
+    proc = subprocess.run([*orchestrator_cmd(), "plan", "engine.stall_s=5"], capture_output=True, text=True,
+                          env=cli_env)
+    assert proc.returncode == 1
+    assert "engine.stall_s is now engine.simulator.stall_s" in proc.stderr
+    assert "write engine.simulator.stall_s=5" in proc.stderr
 
 
 def test_a_misspelled_key_added_with_plus_is_refused_with_the_closest_key():

@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import committed, job_pids, write_prompts
 
 EXE = shutil.which("orchestrator")
-SLOW = ["engine.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20", "sampling.tokens_to_generate=6"]
+SLOW = ["engine.simulator.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20",
+        "sampling.tokens_to_generate=6"]
 
 
 def cli(*args, timeout=300):
@@ -71,9 +72,9 @@ def test_engine_errors_and_timeouts_end_as_ok_or_recorded_errors(tmp_path):
     # client.hung_after_s counts as hung, so that is raised above these per-request stalls.
     src = write_prompts(tmp_path / "in.parquet", 1000)
     run_dir = tmp_path / "run"
-    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "engine.error_rate=0.05", "engine.stall_rate=0.3",
-               "engine.stall_s=5", "client.request_timeout_s=1", "client.hung_after_s=60", "client.max_retries=1",
-               "client.retry_backoff_s=0.05",
+    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "engine.simulator.error_rate=0.05",
+               "engine.simulator.stall_rate=0.3", "engine.simulator.stall_s=5", "client.request_timeout_s=1",
+               "client.hung_after_s=60", "client.max_retries=1", "client.retry_backoff_s=0.05",
                "engine.protocol=openai", "client.max_in_flight=32", "sampling.tokens_to_generate=4",
                "data.unit_rows=50")
     assert proc.returncode == 0, proc.stderr
@@ -92,7 +93,8 @@ def test_engine_errors_and_timeouts_end_as_ok_or_recorded_errors(tmp_path):
 def test_too_many_errors_stop_the_run_early(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 2000)
     run_dir = tmp_path / "run"
-    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "engine.error_rate=0.6", "client.max_retries=0",
+    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "engine.simulator.error_rate=0.6",
+               "client.max_retries=0",
                "client.max_error_fraction=0.3", "client.min_rows_for_error_check=100", "engine.protocol=openai",
                "data.unit_rows=50", "sampling.tokens_to_generate=2")
     assert proc.returncode == 1

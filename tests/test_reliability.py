@@ -103,7 +103,7 @@ def test_a_second_front_end_on_a_live_run_is_refused_naming_the_first(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 400)
     run_dir = tmp_path / "r"
     args = ["run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=4", "client.batch_size=4",
-            "engine.request_latency_s=0.05", "sampling.tokens_to_generate=4"]
+            "engine.simulator.request_latency_s=0.05", "sampling.tokens_to_generate=4"]
     first = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = run_dir / "work" / "frontend.json"
     deadline = time.monotonic() + 60
@@ -164,8 +164,9 @@ def test_the_default_request_timeout_is_bounded_by_the_engines_worst_case(make_c
 
 def test_a_hung_engine_is_lost_after_one_timeout_not_blamed_on_rows(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 40)
-    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "engine.stall_rate=1.0",
-                   "engine.stall_s=600", "client.request_timeout_s=1", "client.max_retries=4",
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai",
+                   "engine.simulator.stall_rate=1.0",
+                   "engine.simulator.stall_s=600", "client.request_timeout_s=1", "client.max_retries=4",
                    "client.retry_backoff_s=0.01"])
     plan, paths = prepare(cfg)
     from orchestrator.engines.server import EngineServer
@@ -190,7 +191,7 @@ def test_retry_failed_redoes_only_the_failed_rows_once(tmp_path):
     run_dir = tmp_path / "r"
     base = ["run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "engine.protocol=openai",
             "sampling.tokens_to_generate=4", "client.max_retries=0", "client.max_error_fraction=1.0"]
-    proc = cli(*base, "engine.error_rate=0.3")
+    proc = cli(*base, "engine.simulator.error_rate=0.3")
     assert proc.returncode == 0, proc.stderr
     first = results(run_dir).set_index("id")
     failed = first[first["status"] == "error"]
@@ -216,7 +217,7 @@ def test_retry_failed_redoes_only_the_failed_rows_once(tmp_path):
 def test_totals_count_every_segment_of_a_requeued_replica(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 120)
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10", "client.batch_size=10",
-                   "engine.request_latency_s=0.02"])
+                   "engine.simulator.request_latency_s=0.02"])
     plan, paths = prepare(cfg)
     with running_engine(cfg, tmp_path) as server:
         first = Client(cfg, plan, paths, server.url, "a1", "r0")

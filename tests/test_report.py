@@ -42,7 +42,8 @@ def report(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("report run")
     src = write_prompts(tmp / "in.parquet", 200)
     run_dir = tmp / "run 'a'"
-    proc = cli("run", f"data.input={hydra_value(src)}", f"run_dir={hydra_value(run_dir)}", "engine.error_rate=0.2",
+    proc = cli("run", f"data.input={hydra_value(src)}", f"run_dir={hydra_value(run_dir)}",
+               "engine.simulator.error_rate=0.2",
                "client.max_retries=0", "engine.protocol=openai", "client.max_in_flight=8", "data.unit_rows=50",
                "sampling.tokens_to_generate=8")
     assert proc.returncode == 0, proc.stdout + proc.stderr

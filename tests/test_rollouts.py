@@ -28,7 +28,7 @@ from orchestrator.errors import InputError
 from orchestrator.journal import Journals, settings_digest
 from orchestrator.launch import prepare
 from orchestrator.report import build_summary, one_line
-from orchestrator.simulator import engine as simulator_engine
+from orchestrator.simulator import routes_nemo, routes_openai
 from orchestrator.status import collect, format_status
 from orchestrator.work import rollout_seed, scan_committed, write_retry_units
 from tests.conftest import job_pids, journaled, orchestrator_cmd, write_prompts
@@ -97,7 +97,8 @@ def recorder(monkeypatch):
         found.add(body)
         return body
 
-    monkeypatch.setattr(simulator_engine, "_read_object", read_and_record)
+    monkeypatch.setattr(routes_nemo, "_read_object", read_and_record)
+    monkeypatch.setattr(routes_openai, "_read_object", read_and_record)
     monkeypatch.setattr(embedded._Engine, "_triton_body", staticmethod(triton_and_record))
     return found
 
@@ -220,7 +221,7 @@ def test_the_default_sends_rollouts_in_one_request_only_to_engines_known_to_hono
     assert not rollouts_in_one_request(make_cfg(*SAMPLE, "engine=endpoint", "engine.url=http://h:1"))
     assert rollouts_in_one_request(make_cfg(*SAMPLE, "engine=endpoint", "engine.url=http://h:1",
                                             "sampling.rollouts_in_one_request=true"))
-    codec = OpenAICodec(make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai", "engine.capacity=64"))
+    codec = OpenAICodec(make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai", "engine.simulator.capacity=64"))
     assert codec.max_n == N and codec.in_flight == 2 * 64 // N  # about 2 x capacity sequences in flight
     body = codec.payload(["p"], seed=11, n=N)
     assert body["seed"] == 11 and body["n"] == N and body["return_token_ids"] is True

@@ -88,8 +88,8 @@ def test_six_replicas_are_one_job_array_and_a_straggler_is_finished_by_a_backup_
     proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", "model=nemotron_mini_4b_instruct",
                    "layout.nodes=1", "layout.gpus_per_node=1", "layout.tensor_parallel=1", "replicas=6",
                    f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "client.batch_size=10",
-                   "engine.request_latency_s=1", "sampling.tokens_to_generate=4", "client.lease_s=4",
-                   "engine.slow_replicas=[0]", "engine.slow_factor=10", timeout=400)
+                   "engine.simulator.request_latency_s=1", "sampling.tokens_to_generate=4", "client.lease_s=4",
+                   "engine.simulator.slow_replicas=[0]", "engine.simulator.slow_factor=10", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = job_ids(proc.stdout)
     assert len(jobs) == 6 and len({j.split("_")[0] for j in jobs}) == 1, jobs  # one array
@@ -118,7 +118,7 @@ def test_a_rank_dying_before_readiness_fails_the_job_fast(slurm_cluster, tmp_pat
     run_dir = tmp_path / "run"
     started = time.monotonic()
     proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}",
-                   f"run_dir={run_dir}", "engine.fail_rank=11", "engine.ready_timeout_s=600", timeout=180)
+                   f"run_dir={run_dir}", "engine.simulator.fail_rank=11", "engine.ready_timeout_s=600", timeout=180)
     assert proc.returncode == 1
     assert "failed" in proc.stderr and "the engine exited with status" in proc.stderr
     assert time.monotonic() - started < 180
@@ -167,7 +167,7 @@ def first_job_id(run_dir: Path) -> str:
     return sorted(p.parent.name for p in (run_dir / "logs" / "submitit").glob("*/*_submitted.pkl"))[0]
 
 
-SLOW_SLURM = ["engine.request_latency_s=0.3", "client.batch_size=10", "data.unit_rows=20",
+SLOW_SLURM = ["engine.simulator.request_latency_s=0.3", "client.batch_size=10", "data.unit_rows=20",
               "sampling.tokens_to_generate=4", "model=nemotron_mini_4b_instruct", "layout.nodes=1",
               "layout.gpus_per_node=8", "layout.tensor_parallel=8"]
 

@@ -63,7 +63,7 @@ def test_a_requeued_allocation_resumes_from_its_commits_on_two_nodes_per_replica
     run_dir = tmp_path / "run"
     job, out = submit(tmp_path, slurm_cluster, 2, "model=nemotron4_340b_instruct", "engine=mock",
                       f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "client.batch_size=10",
-                      "engine.request_latency_s=0.3", "sampling.tokens_to_generate=4")
+                      "engine.simulator.request_latency_s=0.3", "sampling.tokens_to_generate=4")
     results = run_dir / "results"
     wait_for(lambda: results.is_dir() and len(list(results.glob("*.parquet"))) >= 3, 180, "a few committed units")
     subprocess.run(["scontrol", "requeue", job], check=True)

@@ -37,7 +37,8 @@ def finished_run(tmp_path_factory) -> Path:
     prompts = [BAD.get(i, f"Question number {i}: what is {i} + {i}?") for i in range(ROWS)]
     src = write_prompts(tmp / "in.parquet", ROWS, prompts=prompts)
     run_dir = tmp / "run"
-    proc = cli("run", f"data.input={hydra_value(src)}", f"run_dir={hydra_value(run_dir)}", "engine.error_rate=0.2",
+    proc = cli("run", f"data.input={hydra_value(src)}", f"run_dir={hydra_value(run_dir)}",
+               "engine.simulator.error_rate=0.2",
                "client.max_retries=0", "engine.protocol=openai", "client.max_in_flight=8", "data.unit_rows=40",
                "sampling.tokens_to_generate=6")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -148,7 +149,7 @@ def test_a_local_run_followed_while_it_goes_on_then_cancelled(tmp_path):
     out = tmp_path / "run.out"
     with open(out, "w") as fh:  # not a pipe: the local job inherits it and would hold a reader until it ends
         proc = subprocess.run([EXE, "run", f"data.input={src}", f"run_dir={run_dir}", "wait=false",
-                               "engine.request_latency_s=0.5", "client.batch_size=10", "data.unit_rows=20",
+                               "engine.simulator.request_latency_s=0.5", "client.batch_size=10", "data.unit_rows=20",
                                "sampling.tokens_to_generate=4"], stdout=fh, stderr=subprocess.STDOUT, timeout=120)
     assert proc.returncode == 0, out.read_text()
     job = json.loads((run_dir / "work" / "frontend.json").read_text())["jobs"][0]

@@ -27,7 +27,8 @@ def test_a_sweep_runs_its_members_at_once_and_a_rerun_resumes_only_the_unfinishe
     src = write_prompts(tmp_path / "in.parquet", 160)
     sweep_dir = tmp_path / "sweep"
     args = [f"data.input={src}", "sampling.temperature=0.2,0.7", "model=nemotron3_8b_base,nemotron_mini_4b_instruct",
-            "data.unit_rows=20", "client.batch_size=5", "engine.request_latency_s=0.5", "sampling.tokens_to_generate=4",
+            "data.unit_rows=20", "client.batch_size=5", "engine.simulator.request_latency_s=0.5",
+            "sampling.tokens_to_generate=4",
             f"hydra.sweep.dir={sweep_dir}"]
     proc = sweep(*args)
     assert proc.returncode == 0, proc.stderr

@@ -54,7 +54,8 @@ def missing_env(key: str, name: str | None) -> str | None:
 def problems(cfg: Config) -> list[str]:
     """The auth and TLS settings' problems, each with its fix; checked before anything is submitted."""
     e, found = cfg.engine, []
-    for key, name in (("engine.api_key_env", e.api_key_env), ("engine.require_key_env", e.require_key_env)):
+    for key, name in (("engine.api_key_env", e.api_key_env),
+                      ("engine.simulator.require_key_env", e.simulator.require_key_env)):
         problem = env_name_problem(key, name) or missing_env(key, name)
         if problem:
             found.append(problem)

@@ -19,6 +19,10 @@ from orchestrator.simulator.triton_tensors import (  # noqa: F401
     _Tensor, _TritonModel, _triton_model, _INT_RANGES, _UINT_RANGES, _TRITON_JSON_TYPES, _BATCH_NOTE, _TritonError,
     _dims, _flatten, _read_json_data,
 )
+from orchestrator.simulator.faults import _Faults  # noqa: F401
+from orchestrator.simulator.routes_nemo import _NemoRoutes  # noqa: F401
+from orchestrator.simulator.routes_openai import _OpenAIRoutes  # noqa: F401
+from orchestrator.simulator.routes_triton import _TritonRequests, _TritonRoutes  # noqa: F401
 from orchestrator.simulator.engine import (  # noqa: F401
     _Engine,
 )

@@ -11,7 +11,7 @@ from typing import Any
 
 import requests
 
-from ..config import Config
+from ..config import Config, default_capacity
 from .base import (PROBE_PROMPT, Completion, EngineInfo, Http, MalformedAnswer, RejectedError, TransientError, _json,
                    _status, _text, _tokens, engine_info, rollouts_in_one_request)
 
@@ -34,7 +34,7 @@ class OpenAICodec:
         rollouts = cfg.sampling.rollouts
         self.max_n = rollouts if rollouts > 1 and rollouts_in_one_request(cfg) else 1  # answers one request may ask for
         # requests in flight: about 2 x capacity sequences, whether a request holds one or n of them
-        self.in_flight = cfg.client.max_in_flight or max(2, math.ceil(2 * cfg.engine.capacity / self.max_n))
+        self.in_flight = cfg.client.max_in_flight or max(2, math.ceil(2 * default_capacity(cfg) / self.max_n))
         self.system = cfg.model.prompt.system
         s = cfg.sampling
         self.base: dict[str, Any] = {

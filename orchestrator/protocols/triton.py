@@ -10,7 +10,7 @@ from typing import Any
 
 import requests
 
-from ..config import Config
+from ..config import Config, default_capacity
 from .base import (Completion, EngineInfo, Http, MalformedAnswer, RejectedError, TransientError, _json, _status, _text,
                    engine_info)
 
@@ -36,7 +36,7 @@ class TritonCodec:
         limit = (info.max_batch_size if info else None) or cfg.engine.options.get("max_batch_size") or 128
         # NeMo's model reads sampling inputs from the first row only: one prompt a request when each has its seed
         self.batch_size = 1 if self.generate or cfg.sampling.rollouts > 1 else min(cfg.client.batch_size, limit)
-        self.in_flight = cfg.client.max_in_flight or (2 * cfg.engine.capacity if self.generate else 2)
+        self.in_flight = cfg.client.max_in_flight or (2 * default_capacity(cfg) if self.generate else 2)
         self.sampling = cfg.sampling
         self.end_strings = list(cfg.end_strings)
         self.extra_body = dict(cfg.engine.extra_body)

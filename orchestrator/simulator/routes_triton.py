@@ -1,0 +1,281 @@
+"""The simulator's Triton routes (KServe v2): health, server and model metadata, model config, infer and
+the generate extension, for a PyTriton NeMo model or a TensorRT-LLM ensemble (``triton_tensors``)."""
+from __future__ import annotations
+
+import json
+import math
+
+from aiohttp import web
+
+from .model import generate_text
+from .triton_tensors import _BATCH_NOTE, _dims, _read_json_data, _Tensor, _TritonError
+from .validation import _is_int, _json
+
+
+class _TritonRequests:
+    """How Triton's HTTP front end and core read a request: the model lookup, the JSON body, the infer
+    request's tensors and their checks against the model's inputs."""
+
+    def _triton_lookup(self, request: web.Request) -> str:
+        """The model name, or _TritonError(404) like Triton's model repository."""
+        name, version = request.match_info["name"], request.match_info.get("version")
+        if name != self.s.model_name:
+            raise _TritonError(404, f"Request for unknown model: '{name}' is not found")
+        if version is not None and int(version) != 1:
+            raise _TritonError(404, f"Request for unknown model: '{name}' version {int(version)} is not found")
+        return name
+
+    @staticmethod
+    def _triton_error(exc: _TritonError) -> web.Response:
+        return _json({"error": exc.message}, exc.status)
+
+    def _triton_parse_infer(self, body) -> tuple[list[tuple[str, str, list[int], list]], list[str], str]:
+        """The HTTP front end's reading of an infer request: (inputs, requested outputs, request id)."""
+        if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+            reason = ("attempt to access JSON non-array as array" if isinstance(body, dict) and "inputs" in body
+                      else "attempt to access non-existing object member 'inputs'")
+            raise _TritonError(500, f"Unable to parse 'inputs': {reason}")
+        request_id = body.get("id") if isinstance(body.get("id"), str) else ""
+        prefix = f"[request id: {request_id or '<id_unknown>'}] "
+        tensors, seen = [], set()
+        for item in body["inputs"]:
+            for key in ("name", "datatype"):
+                if not isinstance(item, dict) or not isinstance(item.get(key), str):
+                    raise _TritonError(500, f"Unable to parse '{key}': attempt to access JSON non-string as string")
+            name, datatype = item["name"], item["datatype"]
+            shape = item.get("shape")
+            if not isinstance(shape, list):
+                raise _TritonError(500, "Unable to parse 'shape': attempt to access JSON non-array as array")
+            if not all(_is_int(d) and d >= 0 for d in shape):
+                raise _TritonError(500, "Unable to parse 'shape': attempt to access JSON non-unsigned-integer as "
+                                        "unsigned-integer")
+            if name in seen:
+                raise _TritonError(400, f"{prefix}input '{name}' already exists in request")
+            seen.add(name)
+            if "data" not in item:
+                raise _TritonError(400, "Input must set only one of the following fields: 'data', 'binary_data_size' "
+                                        "in 'parameters', 'shared_memory_region' in 'parameters'. But no field is set")
+            count = math.prod(shape)
+            if count == 0:
+                values = []
+            elif not isinstance(item["data"], list):
+                raise _TritonError(500, "Unable to parse 'data': attempt to access JSON non-array as array")
+            else:
+                values = _read_json_data(name, datatype, item["data"], count)
+            tensors.append((name, datatype, shape, values))
+        outputs = []
+        for item in body.get("outputs") or []:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise _TritonError(500, "Unable to parse 'name': attempt to access JSON non-string as string")
+            if item["name"] != self.triton.output.name:
+                raise _TritonError(400, f"unexpected inference output '{item['name']}' for model "
+                                        f"'{self.s.model_name}'")
+            outputs.append(item["name"])
+        return tensors, outputs, request_id
+
+    def _triton_validate(self, tensors, request_id: str) -> int:
+        """Triton core's InferenceRequest::Normalize for a batching model; returns the batch size."""
+        model, m = self.s.model_name, self.triton
+        prefix = f"[request id: {request_id or '<id_unknown>'}] "
+        names = [t[0] for t in tensors]
+        required = [t.name for t in m.inputs if not t.optional]
+        missing = [r for r in required if r not in names]
+        if len(tensors) > len(m.inputs) or len(tensors) < len(required) or missing:
+            got = "[" + ",".join(f"'{n}'" for n in names) + "]" if names else "[]"
+            lacking = "[" + ",".join(f"'{n}'" for n in missing) + "]" if missing else "]"
+            expected = (f"expected {len(m.inputs)} inputs" if len(required) == len(m.inputs)
+                        else f"expected number of inputs between {len(required)} and {len(m.inputs)}")
+            raise _TritonError(400, f"{prefix}{expected} but got {len(tensors)} inputs for model '{model}'. Got "
+                                    f"input(s) {got}, but missing required input(s) {lacking}. Please provide all "
+                                    f"required input(s).")
+        specs = {t.name: t for t in m.inputs}
+        batch = 0
+        for name, _, shape, _ in tensors:
+            if name not in specs:
+                raise _TritonError(400, f"unexpected inference input '{name}' for model '{model}'")
+            if not shape:
+                raise _TritonError(400, f"{prefix}input '{name}' has no shape but model requires batch dimension "
+                                        f"for '{model}'")
+            if batch == 0:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise _TritonError(400, f"{prefix}input '{name}' batch size does not match other inputs for "
+                                        f"'{model}'")
+        if batch > self.s.triton_max_batch_size:
+            raise _TritonError(400, f"{prefix}inference request batch-size must be <= "
+                                    f"{self.s.triton_max_batch_size} for '{model}'")
+        for name, datatype, shape, values in tensors:
+            spec = specs[name]
+            if datatype != spec.datatype:
+                raise _TritonError(400, f"{prefix}inference input '{name}' data-type is '{datatype}', but model "
+                                        f"'{model}' expects '{spec.datatype}'")
+            dims = shape[1:]
+            if len(dims) != len(spec.dims) or any(c not in (-1, d) for c, d in zip(spec.dims, dims)):
+                raise _TritonError(400, f"{prefix}unexpected shape for input '{name}' for model '{model}'. "
+                                        f"Expected {_dims([-1, *spec.dims])}, got {_dims(shape)}. {_BATCH_NOTE}")
+            count = math.prod(shape)
+            if datatype == "BYTES" and len(values) > count:
+                raise _TritonError(400, f"{prefix}unexpected number of string elements {count + 1} for inference "
+                                        f"input '{name}' for model '{model}', expecting {count}")
+            if datatype == "BYTES" and len(values) < count:
+                raise _TritonError(400, f"{prefix}expected {count} string elements for inference input '{name}' "
+                                        f"for model '{model}', got {len(values)}")
+        return batch
+
+    @staticmethod
+    async def _triton_body(request: web.Request, allow_empty: bool = False):
+        raw = await request.read()
+        if not raw.strip():
+            if allow_empty:
+                return {}
+            raise _TritonError(400, "failed to parse the request JSON buffer: The document is empty. at 0")
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise _TritonError(400, f"failed to parse the request JSON buffer: Invalid value. at "
+                                    f"{getattr(exc, 'pos', 0)}") from None
+
+
+class _TritonRoutes(_TritonRequests):
+    """Triton's KServe v2 routes, served one batch at a time like a PyTriton model instance."""
+
+    async def triton_health(self, request: web.Request) -> web.Response:
+        return web.Response()  # 200, empty body: live and ready
+
+    async def triton_server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": "triton", "version": "2.48.0", "extensions": [
+            "classification", "sequence", "model_repository", "model_repository(unload_dependents)",
+            "schedule_policy", "model_configuration", "system_shared_memory", "cuda_shared_memory",
+            "binary_tensor_data", "parameters", "statistics", "trace", "logging"]})
+
+    async def triton_model_ready(self, request: web.Request) -> web.Response:
+        try:
+            self._triton_lookup(request)
+        except _TritonError as exc:
+            return self._triton_error(exc)
+        return web.Response()
+
+    async def triton_metadata(self, request: web.Request) -> web.Response:
+        try:
+            name = self._triton_lookup(request)
+        except _TritonError as exc:
+            return self._triton_error(exc)
+        m = self.triton
+        io = [{"name": t.name, "datatype": t.datatype, "shape": [-1, *t.dims]} for t in m.inputs]
+        return _json({"name": name, "versions": ["1"], "platform": m.platform or m.backend, "inputs": io,
+                      "outputs": [{"name": m.output.name, "datatype": m.output.datatype,
+                                   "shape": [-1, *m.output.dims]}]})
+
+    async def triton_config(self, request: web.Request) -> web.Response:
+        try:
+            name = self._triton_lookup(request)
+        except _TritonError as exc:
+            return self._triton_error(exc)
+        m = self.triton
+        kind = {"BYTES": "TYPE_STRING"}
+
+        def io(t: _Tensor, output: bool = False) -> dict:
+            entry = {"name": t.name, "data_type": kind.get(t.datatype, "TYPE_" + t.datatype),
+                     "format": "FORMAT_NONE", "dims": list(t.dims), "is_shape_tensor": False}
+            return entry if output else {**entry, "allow_ragged_batch": False, "optional": t.optional}
+
+        config = {"name": name, "platform": m.platform if m.platform == "ensemble" else "",
+                  "backend": m.backend, "version_policy": {"latest": {"num_versions": 1}},
+                  "max_batch_size": self.s.triton_max_batch_size,
+                  "input": [io(t) for t in m.inputs], "output": [io(m.output, True)]}
+        if m.platform != "ensemble":
+            config["dynamic_batching"] = {}
+        return _json(config)
+
+    async def _triton_run(self, tensors, batch: int) -> list[str]:
+        """The model: one generation per row, no prompt echo, special tokens kept in the text, the stop
+        word kept at the end (TensorRT-LLM stops after it), EOS dropped."""
+        m, s = self.triton, self.s
+        by_role = {spec.role: spec.name for spec in m.inputs if spec.role}
+        rows = {name: shape for name, _, shape, _ in tensors}
+        data = {name: values for name, _, _, values in tensors}
+
+        def row_values(role: str, row: int) -> list:
+            name = by_role[role]
+            if name not in data or not data[name]:
+                return []
+            width = len(data[name]) // max(1, rows[name][0])
+            row = 0 if m.first_value else row
+            return data[name][row * width:(row + 1) * width]
+
+        outputs, longest = [], 0
+        for row in range(batch):
+            width = len(data[by_role["prompt"]]) // batch
+            prompt = "".join(data[by_role["prompt"]][row * width:(row + 1) * width])
+            max_tokens = (row_values("max_tokens", row) or [m.default_max_tokens])[0]
+            seed = (row_values("seed", row) or [s.seed])[0]
+            stop = [w for w in row_values("stop", row) if w]
+            g = generate_text(prompt, max(0, int(max_tokens)), stop, int(seed), s.max_natural_tokens,
+                              skip_special_tokens=False, include_stop_str=True)
+            outputs.append(g.text)
+            longest = max(longest, g.generated)
+            self.counters["generated_tokens"] += g.generated
+        await self._serialised(longest)
+        self._count("prompts", batch)
+        return outputs
+
+    async def triton_infer(self, request: web.Request) -> web.Response:
+        self._count("requests")
+        try:
+            name = self._triton_lookup(request)
+            tensors, _, request_id = self._triton_parse_infer(await self._triton_body(request))
+            batch = self._triton_validate(tensors, request_id)
+        except _TritonError as exc:
+            self._count("bad_requests")
+            return self._triton_error(exc)
+        await self._maybe_stall()
+        if self._fail():
+            return _json({"error": "simulated engine failure"}, 500)
+        texts = await self._triton_run(tensors, batch)
+        out = {"model_name": name, "model_version": "1", "outputs": [{
+            "name": self.triton.output.name, "datatype": "BYTES", "shape": [batch, 1], "data": texts}]}
+        return _json({"id": request_id, **out} if request_id else out)
+
+    async def triton_generate(self, request: web.Request) -> web.Response:
+        """Triton's generate extension: top-level JSON keys (and those under "parameters") that name a
+        model input become a one-row tensor, the others request parameters; the response maps each
+        output to a key (a lone element unwrapped)."""
+        self._count("requests")
+        try:
+            name = self._triton_lookup(request)
+            body = await self._triton_body(request, allow_empty=True)
+            if not isinstance(body, dict):
+                raise _TritonError(500, "attempt to get members for non-object")
+            fields_ = dict(body)
+            nested = fields_.pop("parameters", None)
+            if nested is not None:
+                if not isinstance(nested, dict):
+                    raise _TritonError(500, "Expected JSON object for keyword: 'parameters': attempt to access "
+                                            "JSON non-object as object")
+                fields_.update(nested)
+            specs = {t.name: t for t in self.triton.inputs}
+            tensors = []
+            for key, value in fields_.items():
+                spec = specs.get(key)
+                if spec is None:
+                    if not isinstance(value, (str, int, float, bool)):
+                        raise _TritonError(400, f"parameter '{key}' has invalid type. It should be either 'int', "
+                                                f"'bool', or 'string'.")
+                    continue  # a request parameter: the model ignores it
+                count = len(value) if isinstance(value, list) else 1
+                values = _read_json_data(key, spec.datatype, value, count)
+                shape = [1, *(d if d != -1 else 1 for d in spec.dims)]
+                if spec.dims and spec.dims[-1] == -1:
+                    shape[-1] = count
+                elif count != math.prod(shape):
+                    raise _TritonError(400, f"The schema can not convert input '{key}' to tensor with proper shape")
+                tensors.append((key, spec.datatype, shape, values))
+            batch = self._triton_validate(tensors, "")
+        except _TritonError as exc:
+            self._count("bad_requests")
+            return self._triton_error(exc)
+        await self._maybe_stall()
+        if self._fail():
+            return _json({"error": "simulated engine failure"}, 500)
+        (text,) = await self._triton_run(tensors, batch)
+        return _json({"model_name": name, "model_version": "1", self.triton.output.name: text})
