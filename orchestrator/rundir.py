@@ -16,6 +16,8 @@ RESULT_PREFIX = "part-"
 
 @dataclass
 class RunPaths:
+    """The run directory's paths: where each part of a run reads and writes under root."""
+
     root: Path
 
     @property
