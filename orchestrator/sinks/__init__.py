@@ -1,0 +1,82 @@
+"""Result sinks: how a run's committed units are stored (output.format), behind one interface.
+
+`sink_for(run)` gives the sink of a run directory (a RunPaths, or its root): the format is the one the
+run was started with, read from the run directory's config.yaml (`output.format`; a run directory
+without the key, written before sinks existed, is Parquet). `SINKS` maps each output.format to its class.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import RESULT_PREFIX, STATS_KEY, ResultSink
+from .jsonl_dir import JsonlDirSink
+from .parquet_dir import ParquetDirSink
+
+SINKS: dict[str, type[ResultSink]] = {"parquet": ParquetDirSink, "jsonl": JsonlDirSink}
+FORMATS = tuple(SINKS)
+DEFAULT_FORMAT = "parquet"
+
+_known: dict[Path, ResultSink] = {}  # run root -> its sink, once config.yaml has said
+
+__all__ = [
+    "DEFAULT_FORMAT",
+    "FORMATS",
+    "RESULT_PREFIX",
+    "SINKS",
+    "STATS_KEY",
+    "JsonlDirSink",
+    "ParquetDirSink",
+    "ResultSink",
+    "format_of",
+    "sink_for",
+    "sink_of_file",
+]
+
+
+def format_of(root: Path) -> str | None:
+    """output.format from a run directory's config.yaml: None when it has no config.yaml yet; the default
+    when the file names none (a run directory written before sinks existed)."""
+    from .. import fsops
+
+    text = fsops.read_text(Path(root) / "config.yaml")
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        found = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return DEFAULT_FORMAT
+    output = found.get("output") if isinstance(found, dict) else None
+    fmt = output.get("format") if isinstance(output, dict) else None
+    return fmt if fmt in SINKS else DEFAULT_FORMAT
+
+
+def sink_for(run, fmt: str | None = None) -> ResultSink:
+    """The sink of a run directory (a RunPaths or its root path). fmt given: that format's sink; else the
+    run's own (see the module), remembered per directory once config.yaml names it. A run directory
+    without config.yaml (a bare one in a test) is Parquet, and is asked again next time."""
+    root = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+    if fmt is not None:
+        if fmt not in SINKS:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"output.format={fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
+        return SINKS[fmt](root)
+    sink = _known.get(root)
+    if sink is None:
+        found = format_of(root)
+        sink = SINKS[found or DEFAULT_FORMAT](root)
+        if found is not None:
+            _known[root] = sink
+    return sink
+
+
+def sink_of_file(path: Path) -> ResultSink:
+    """The sink that wrote a result file (by its name), for a run directory's results/<file>."""
+    path = Path(path)
+    for cls in SINKS.values():
+        if path.name.endswith(cls.suffix):
+            return cls(path.parent.parent)
+    return ParquetDirSink(path.parent.parent)
