@@ -36,11 +36,11 @@ __all__ = [
 
 def format_of(root: Path) -> str | None:
     """output.format from a run directory's config.yaml: None when it has no config.yaml yet; the default
-    when the file names none (a run directory written before sinks existed)."""
-    from .. import fsops
-
-    text = fsops.read_text(Path(root) / "config.yaml")
-    if text is None:
+    when the file names none (a run directory written before sinks existed). Read once per process and
+    run directory (sink_for remembers it), so it is not counted with the replicas' per-unit operations."""
+    try:
+        text = (Path(root) / "config.yaml").read_text()
+    except (FileNotFoundError, NotADirectoryError):
         return None
     import yaml
 

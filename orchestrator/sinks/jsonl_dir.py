@@ -65,13 +65,16 @@ def decode_rows(data: bytes, schema: pa.Schema | None) -> pa.Table:
         if schema is None:
             raise
         # what pyarrow's JSON reader cannot parse into the schema (binary, NaN): Python's parser, then Arrow's
-        rows = [json.loads(line) for line in data.splitlines() if line.strip()]
-        binary = {f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
-        for row in rows:
-            for name in binary:
-                if row.get(name) is not None:
-                    row[name] = base64.b64decode(row[name])
-        return pa.Table.from_pylist(rows, schema=schema)
+        try:
+            rows = [json.loads(line) for line in data.splitlines() if line.strip()]
+            binary = {f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+            for row in rows:
+                for name in binary:
+                    if row.get(name) is not None:
+                        row[name] = base64.b64decode(row[name])
+            return pa.Table.from_pylist(rows, schema=schema)
+        except (ValueError, TypeError, AttributeError) as exc:  # a cut line, a value of another type
+            raise pa.ArrowInvalid(f"cannot read its JSON lines into the result schema ({exc})") from None
     if schema is not None:
         table = table.select(schema.names).replace_schema_metadata(schema.metadata)
     return table
