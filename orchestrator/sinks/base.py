@@ -86,22 +86,22 @@ class ResultSink(ABC):
                 if unit is not None:
                     yield unit, entry
 
-    def publish(self, unit: int, table: pa.Table, stats: dict, replace: bool = False) -> int | None:
+    def publish(self, unit: int, table: pa.Table, stats: dict, replace: bool = False,
+                write_error: Callable[[Path, OSError], Exception] | None = None) -> int | None:
         """Publish a unit's table with its stats: the bytes of the file published, or None when another
         publisher's file was there first (this one's rows are discarded). replace=True: a retried unit
-        replaces its earlier commit. An OSError of the write leaves nothing behind and is raised."""
+        replaces its earlier commit. A failed write (a full disk) leaves nothing behind and raises its
+        OSError, or write_error(the unit's file, the OSError) when given."""
         final = self.file(unit)
         tmp = self.tmp / f"{unit:08d}.{uuid.uuid4().hex}{self.suffix}"
         try:
             size, written = self._write(tmp, table, stats)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        try:
             self._before_link(unit, table, stats, written)
-        except OSError:
-            fsops.unlink(tmp)
-            raise
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if write_error is None:
+                raise
+            raise write_error(final, exc) from None
         if replace:
             fsops.replace(tmp, final)
             return size
