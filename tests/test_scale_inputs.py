@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import status, work
+from orchestrator import duplicates, inputs, status, work
 from orchestrator.config import DataConfig, compose
 from orchestrator.launch import prepare
 from orchestrator.report import build_summary
@@ -80,8 +80,8 @@ def test_units_compare_and_count_like_the_list_they_stand_for():
 
 def test_build_plan_reads_each_footer_once(many_files, monkeypatch):
     opened, read_metadata = [], []
-    real_open = work._open
-    monkeypatch.setattr(work, "_open", lambda path: opened.append(path) or real_open(path))
+    real_open = inputs._open
+    monkeypatch.setattr(inputs, "_open", lambda path: opened.append(path) or real_open(path))
     monkeypatch.setattr(pq, "read_metadata", lambda *a, **k: read_metadata.append(a) or pytest.fail("second read"))
     plan = build_plan(DataConfig(unit_rows=4), str(many_files))
     assert sorted(map(str, opened)) == sorted(f.path for f in plan.files) and not read_metadata
@@ -180,7 +180,7 @@ def test_the_spilling_scan_with_nothing_repeated_and_one_null(tmp_path):
 
 
 def test_prepare_spills_under_the_run_dir_and_keeps_its_messages(tmp_path, monkeypatch):
-    monkeypatch.setattr(work, "DUPLICATE_SCAN_HASHES", 2)
+    monkeypatch.setattr(duplicates, "DUPLICATE_SCAN_HASHES", 2)
     folders = []
     real = work._HashScratch.__enter__
 

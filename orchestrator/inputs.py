@@ -1,0 +1,153 @@
+"""The input files: finding them (data.input) and checking each one's schema from its footer against the data
+config, before anything is submitted."""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import DataConfig
+from .errors import InputError
+
+RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "output_tokens", "latency_s", "attempts")
+
+
+@dataclass
+class InputFile:
+    path: str
+    name: str  # stable name used in positional ids: path relative to the input root
+    rows: int
+    size: int
+    mtime_ns: int
+
+
+def discover_inputs(spec: str) -> tuple[list[Path], Path]:
+    """Files named by a Parquet file, a directory of Parquet files, or a glob; and the root for names."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(f"data.input={spec!r}: the glob matches no file; check the pattern")
+        root = Path(os.path.commonpath([str(f.parent.resolve()) for f in files]))
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise InputError(f"data.input={spec!r}: the directory holds no *.parquet file")
+        root = path.resolve()
+    elif path.is_file():
+        files, root = [path], path.resolve().parent
+    else:
+        raise InputError(f"data.input={spec!r} does not exist; give a Parquet file, a directory or a glob")
+    return [f.resolve() for f in files], root
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path} is not a readable Parquet file ({exc}); convert it with "
+                         f"pandas.read_*(...).to_parquet(...) or drop it from data.input") from None
+
+
+def _id_type(kind: pa.DataType, path: Path, data: DataConfig) -> str:
+    """The id column's type in results: text or integers. Dictionary-encoded ids (pandas categoricals) are
+    their values; any other type is refused here, before anything is submitted."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_null(kind):  # no value at all (an empty file): its nulls, if any, are refused as null ids
+        return "string"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
+        return str(kind)
+    raise InputError(f"{path}: id column {data.id_column!r} has type {kind}; ids must be text or integers. Cast "
+                     f"it (e.g. df[{data.id_column!r}].astype(str)), or point data.id_column at another column (a name the "
+                     f"files lack gives positional ids <file>:<row>)")
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+
+def _list_value(kind: pa.DataType) -> pa.DataType | None:
+    return kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else None
+
+
+def _column(path: Path, schema: pa.Schema, key: str, name: str) -> pa.DataType:
+    if name not in schema.names:
+        raise InputError(f"{path}: no column {name!r} ({key}); the columns are {schema.names}; "
+                         f"set {key}=<one of them>")
+    return schema.field(name).type
+
+
+def _check_conversation_columns(path: Path, schema: pa.Schema, data: DataConfig) -> None:
+    """The conversation columns' types, so that no row fails for a reason every row shares."""
+    if data.messages_column:
+        kind = _column(path, schema, "data.messages_column", data.messages_column)
+        item = _list_value(kind)
+        fields = {item.field(i).name: item.field(i).type for i in range(item.num_fields)} \
+            if item is not None and pa.types.is_struct(item) else {}
+        if not ("role" in fields and "content" in fields and _is_text(fields["role"]) and _is_text(fields["content"])):
+            raise InputError(
+                f"{path}: column {data.messages_column!r} (data.messages_column) has type {kind}; it must be a list "
+                f"of {{role, content}} structs with text values, e.g. [{{'role': 'user', 'content': 'Hi'}}] per row. "
+                f"Store the messages as lists of dicts (JSON text: df[col] = df[col].map(json.loads)), or point "
+                f"data.messages_column at another column")
+    if data.turns_column:
+        kind = _column(path, schema, "data.turns_column", data.turns_column)
+        item = _list_value(kind)
+        if item is None or not _is_text(item):
+            raise InputError(f"{path}: column {data.turns_column!r} (data.turns_column) has type {kind}; it must be "
+                             f"a list of user turns (text), e.g. ['first question', 'follow-up'] per row. Store "
+                             f"lists of strings, or point data.turns_column at another column")
+    if data.attributes_column:
+        kind = _column(path, schema, "data.attributes_column", data.attributes_column)
+        if not _is_text(kind):
+            raise InputError(f"{path}: column {data.attributes_column!r} (data.attributes_column) has type {kind}; "
+                             f"it must hold one SteerLM attribute line (text) per row, e.g. "
+                             f"'quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4'")
+
+
+def _kept_types(path: Path, schema: pa.Schema, data: DataConfig, rollouts: int = 1) -> dict[str, pa.DataType]:
+    """data.keep_columns in one file: they must exist, and not clash with a result column."""
+    out = {}
+    reserved = RESULT_COLUMNS + (("rollout",) if rollouts > 1 else ())
+    for name in dict.fromkeys(data.keep_columns):
+        if name in reserved:
+            raise InputError(f"data.keep_columns names {name!r}, which is a result column ({', '.join(reserved)}); "
+                             f"rename that input column, or drop it from data.keep_columns")
+        if name not in schema.names:
+            raise InputError(f"{path}: no column {name!r} to keep (data.keep_columns); the columns are "
+                             f"{schema.names}; keep only columns every input file has")
+        kind = schema.field(name).type
+        out[name] = kind.value_type if pa.types.is_dictionary(kind) else kind  # categoricals are their values
+    return out
+
+
+def _footer(path: Path) -> tuple[pa.Schema, int, os.stat_result]:
+    """A file's schema and row count (one read of its footer), and its size and time."""
+    pf = _open(path)
+    return pf.schema_arrow, pf.metadata.num_rows, path.stat()
+
+
+def _footers(paths: list[Path], chunk: int = 64) -> Iterator[tuple[pa.Schema, int, os.stat_result]]:
+    """Every file's footer, in order. Runs of files are read by a few threads at once (on a shared
+    filesystem each read waits on the network; on a local disk it costs what one thread does), and the
+    first file that cannot be read, in order, is the one named."""
+    workers = min(8, os.cpu_count() or 1, -(-len(paths) // chunk))
+    if workers < 2:
+        yield from map(_footer, paths)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(part: list[Path]) -> list:
+        return [_footer(path) for path in part]
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="footers") as pool:
+        for part in pool.map(run, [paths[i:i + chunk] for i in range(0, len(paths), chunk)]):
+            yield from part
