@@ -3,7 +3,13 @@ are done, and reads its columns and stats back; runs with output.format=jsonl en
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -11,6 +17,7 @@ import pytest
 
 from orchestrator import sinks
 from orchestrator.sinks import JsonlDirSink, ParquetDirSink, sink_for
+from tests.conftest import job_pids, write_prompts
 
 SCHEMA = pa.schema([("id", pa.string()), ("asked_at", pa.timestamp("us")), ("response", pa.string()),
                     ("responses", pa.list_(pa.string())), ("status", pa.string()), ("error", pa.string()),
@@ -138,3 +145,180 @@ def test_sink_for_reads_the_format_of_the_run_directory(tmp_path):
     assert isinstance(sink_for(other), JsonlDirSink) and isinstance(sink_for(other, "parquet"), ParquetDirSink)
     with pytest.raises(Exception, match="output.format='csv' is not valid; choose one of: parquet, jsonl"):
         sink_for(other, "csv")
+
+
+# End to end: output.format=jsonl through the CLI (engine=mock), locally and on the local Slurm cluster.
+
+EXE = shutil.which("orchestrator") or "orchestrator"
+SLOW = ["engine.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20", "sampling.tokens_to_generate=6"]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def jsonl_units(run_dir: Path) -> int:
+    folder = run_dir / "results"
+    return len(list(folder.glob("part-*.jsonl"))) if folder.is_dir() else 0
+
+
+def jsonl_results(run_dir: Path) -> pd.DataFrame:
+    """Every result file read by pandas alone, as a user would."""
+    files = sorted((run_dir / "results").iterdir())
+    assert files and all(f.name.startswith("part-") and f.suffix == ".jsonl" for f in files), files
+    return pd.concat([pd.read_json(f, lines=True, dtype={"id": str}) for f in files]).sort_values("id") \
+        .reset_index(drop=True)
+
+
+def commits(run_dir: Path) -> list[int]:
+    return sorted(json.loads(line)["unit"] for path in (run_dir / "work" / "ledger").glob("*.jsonl")
+                  for line in path.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def parquet_run(tmp_path_factory):
+    """The same input run uninterrupted with the default output.format: the answers to match."""
+    base = tmp_path_factory.mktemp("sinks")
+    src = write_prompts(base / "in.parquet", 300)
+    proc = cli("run", f"data.input={src}", f"run_dir={base / 'run'}", *SLOW)
+    assert proc.returncode == 0, proc.stderr
+    assert not list((base / "run" / "results").glob("*.jsonl"))
+    return src, pd.read_parquet(base / "run" / "results").sort_values("id").reset_index(drop=True)
+
+
+def test_a_jsonl_run_killed_and_resumed_has_every_row_once_with_the_same_answers(tmp_path, parquet_run):
+    src, expected = parquet_run
+    run_dir = tmp_path / "run"
+    args = ["run", f"data.input={src}", f"run_dir={run_dir}", "output.format=jsonl", *SLOW]
+    first = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while jsonl_units(run_dir) < 3:
+        assert first.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    pids = job_pids(run_dir)
+    assert pids, "the job process running the client was not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    first.wait(timeout=120)
+    assert first.returncode != 0
+    done_before = jsonl_units(run_dir)
+    assert 3 <= done_before < 15
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert f"{done_before * 20}/300 rows already committed" in second.stdout
+    got = jsonl_results(run_dir)
+    assert got["id"].tolist() == expected["id"].tolist()  # every id, exactly once
+    assert got["response"].tolist() == expected["response"].tolist() and (got["status"] == "ok").all()
+    units = commits(run_dir)
+    assert len(units) == len(set(units)) and set(units) <= set(range(15))  # no unit committed twice
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["ok"] == 300 and summary["resumed_units"] == done_before
+    back = sink_for(run_dir).read(0)  # the sink reads a unit back in the result schema's types
+    assert back.schema.field("output_tokens").type == pa.int64() and back.schema.field("attempts").type == pa.int32()
+    assert back.column("id").to_pylist() == [f"q{i}" for i in range(20)]
+
+
+def test_a_jsonl_resume_checks_its_files_and_redoes_a_damaged_one(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 60)
+    run_dir = tmp_path / "run"
+    args = ["run", f"data.input={src}", f"run_dir={run_dir}", "output.format=jsonl", "data.unit_rows=20",
+            "sampling.tokens_to_generate=4"]
+    assert cli(*args).returncode == 0
+    damaged = run_dir / "results" / "part-00000001.jsonl"
+    damaged.write_bytes(damaged.read_bytes()[:-30])  # cut: its size no longer is what the ledger says
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "part-00000001.jsonl is damaged" in proc.stdout + proc.stderr
+    assert jsonl_results(run_dir)["id"].tolist() == sorted(f"q{i}" for i in range(60))
+    assert list((run_dir / "work" / "damaged").iterdir())
+
+
+def test_retry_failed_replaces_jsonl_units_keeping_their_ok_rows(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 100)
+    run_dir = tmp_path / "r"
+    base = ["run", f"data.input={src}", f"run_dir={run_dir}", "output.format=jsonl", "data.unit_rows=20",
+            "engine.protocol=openai", "sampling.tokens_to_generate=4", "client.max_retries=0",
+            "client.max_error_fraction=1.0"]
+    proc = cli(*base, "engine.error_rate=0.3")
+    assert proc.returncode == 0, proc.stderr
+    first = jsonl_results(run_dir).set_index("id")
+    failed = first[first["status"] == "error"]
+    assert len(failed) > 0 and failed["error"].notna().all() and first.loc[first["status"] == "ok", "error"].isna().all()
+    proc = cli(*base, "retry_failed=true")
+    assert proc.returncode == 0, proc.stderr
+    assert f"redoing the {len(failed)} failed row(s)" in proc.stdout
+    after = jsonl_results(run_dir)
+    assert sorted(after["id"]) == sorted(first.index)  # each row once
+    after = after.set_index("id")
+    assert (after["status"] == "ok").all()
+    ok = first[first["status"] == "ok"].index
+    assert after.loc[ok, "latency_s"].equals(first.loc[ok, "latency_s"])  # kept as they were
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["ok"] == 100
+    assert "no committed row failed" in cli(*base, "retry_failed=true").stdout
+
+
+def test_status_and_report_read_a_jsonl_run(tmp_path, monkeypatch):
+    from orchestrator import status
+    from orchestrator.commits import scan_committed
+    from orchestrator.rundir import RunPaths
+
+    src = write_prompts(tmp_path / "in.parquet", 100)
+    run_dir = tmp_path / "r"
+    proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "output.format=jsonl", "data.unit_rows=20",
+               "engine.protocol=openai", "sampling.tokens_to_generate=4", "client.max_retries=0",
+               "client.max_error_fraction=1.0", "engine.error_rate=0.3")
+    assert proc.returncode == 0, proc.stderr
+    df = jsonl_results(run_dir)
+    failed = int((df["status"] == "error").sum())
+    shown = cli("status", str(run_dir), "--json")
+    assert shown.returncode == 0, shown.stderr
+    found = json.loads(shown.stdout)
+    assert found["rows"]["committed"] == 100 and found["rows"]["failed"] == failed and found["rows"]["units_done"] == 5
+    assert "HTTP 500" in json.dumps(found)
+    # a commit without its error groups (an older version's): status reads them from the JSONL files
+    paths = RunPaths(run_dir)
+    stats = {u: {k: v for k, v in st.items() if k != "errors"} for u, st in scan_committed(paths).stats.items()}
+    read = []
+    real = status._unit_errors
+    monkeypatch.setattr(status, "_unit_errors", lambda path: read.append(path.name) or real(path))
+    (run_dir / "work" / status.ERRORS_CACHE).unlink(missing_ok=True)
+    groups = status.error_groups(paths, stats)
+    assert read and all(name.endswith(".jsonl") for name in read)
+    assert sum(g["rows"] for g in groups) == failed
+    made = cli("report", str(run_dir))
+    assert made.returncode == 0, made.stderr
+    page = Path(made.stdout.strip().splitlines()[-1])
+    assert page.is_file() and "no answered row committed yet" not in page.read_text()
+
+
+@pytest.mark.slurm
+def test_a_jsonl_run_on_slurm_killed_and_resumed_has_every_row_once(slurm_cluster, tmp_path):
+    """The front-end is SIGKILLed and its job killed mid-run; the same command resumes on Slurm and every row is
+    in the JSONL results once."""
+    from tests.test_slurm import SLOW_SLURM, first_job_id, leftover, sacct_state, wait_for
+
+    src = write_prompts(tmp_path / "in.parquet", 400)
+    run_dir = tmp_path / "run"
+    args = ["run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}", f"run_dir={run_dir}",
+            "output.format=jsonl", *SLOW_SLURM]
+    run = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = first_job_id(run_dir)
+    wait_for(lambda: jsonl_units(run_dir) >= 2, 120, "a few committed units")
+    run.kill()  # the front-end dies: nothing cancels its job...
+    run.communicate(timeout=60)
+    subprocess.run(["scancel", "--signal=KILL", "--full", job], check=True)  # ...which is killed too
+    subprocess.run(["scancel", job], check=True)
+    assert sacct_state(job) in ("CANCELLED", "FAILED")
+    done_before = jsonl_units(run_dir)
+    assert 2 <= done_before < 20
+    proc = subprocess.run([EXE, *args], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = jsonl_results(run_dir)
+    assert got["id"].tolist() == sorted(f"q{i}" for i in range(400)) and (got["status"] == "ok").all()
+    units = commits(run_dir)
+    assert len(units) == len(set(units)) and set(units) <= set(range(20))  # no unit committed twice
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["ok"] == 400 and summary["cluster"] == "slurm"
+    assert leftover(run_dir) == ""
