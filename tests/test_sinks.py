@@ -322,3 +322,17 @@ def test_a_jsonl_run_on_slurm_killed_and_resumed_has_every_row_once(slurm_cluste
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] == 400 and summary["cluster"] == "slurm"
     assert leftover(run_dir) == ""
+
+
+def test_a_resume_with_another_output_format_is_refused_and_the_original_resumes(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", 40)
+    run_dir = tmp_path / "r"
+    args = ["run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "sampling.tokens_to_generate=4"]
+    assert cli(*args, "output.format=jsonl").returncode == 0
+    proc = cli(*args)  # output.format=parquet, the default
+    assert proc.returncode != 0
+    assert "was started with output.format=jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((run_dir / "results").glob("*.parquet"))
+    again = cli(*args, "output.format=jsonl")
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to do" in again.stdout and jsonl_units(run_dir) == 2

@@ -69,8 +69,26 @@ def sink_for(run, fmt: str | None = None) -> ResultSink:
         found = format_of(root)
         sink = SINKS[found or DEFAULT_FORMAT](root)
         if found is not None:
+            _check_one_format(sink)
             _known[root] = sink
     return sink
+
+
+def _check_one_format(sink: ResultSink) -> None:
+    """Refuse a run directory whose results/ holds another format's units than its config.yaml names (a
+    resume with another output.format): old and new units would be in two formats, each counted apart.
+    One listing, once per process and run directory."""
+    try:
+        names = os.listdir(sink.results)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for fmt, cls in SINKS.items():
+        if cls is not type(sink) and cls(sink.root).units_in(names):
+            from ..errors import RunError
+
+            raise RunError(f"run_dir {sink.root} was started with output.format={fmt} (results/ holds its "
+                           f"part-*{cls.suffix} files), but its config.yaml now says output.format={sink.format}. "
+                           f"Rerun with output.format={fmt} to resume, or choose a new run_dir= for a fresh run")
 
 
 def sink_of_file(path: Path) -> ResultSink:
