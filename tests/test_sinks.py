@@ -311,7 +311,9 @@ def test_a_jsonl_run_on_slurm_killed_and_resumed_has_every_row_once(slurm_cluste
     subprocess.run(["scancel", "--signal=KILL", "--full", job], check=True)  # ...which is killed too
     subprocess.run(["scancel", job], check=True)
     assert sacct_state(job) in ("CANCELLED", "FAILED")
-    gone = lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    def gone() -> bool:
+        return not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+
     wait_for(gone, 120, f"job {job} to leave the queue (COMPLETING)")  # else the rerun is refused: in use by the job
     done_before = jsonl_units(run_dir)
     assert 2 <= done_before < 20
