@@ -244,7 +244,8 @@ def test_retry_failed_replaces_jsonl_units_keeping_their_ok_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr
     first = jsonl_results(run_dir).set_index("id")
     failed = first[first["status"] == "error"]
-    assert len(failed) > 0 and failed["error"].notna().all() and first.loc[first["status"] == "ok", "error"].isna().all()
+    assert len(failed) > 0 and failed["error"].notna().all()
+    assert first.loc[first["status"] == "ok", "error"].isna().all()
     proc = cli(*base, "retry_failed=true")
     assert proc.returncode == 0, proc.stderr
     assert f"redoing the {len(failed)} failed row(s)" in proc.stdout

@@ -134,11 +134,13 @@ class ResultSink(ABC):
         return self.read_file(self.file(unit), columns)
 
     @abstractmethod
-    def check_file(self, path: Path, rows: int | None = None, valid: Callable[[dict], object] | None = None) -> dict | str:
+    def check_file(self, path: Path, rows: int | None = None,
+                   valid: Callable[[dict], object] | None = None) -> dict | str:
         """The stats published with a result file, or why it cannot be trusted (unreadable, not `rows` rows,
         no stats, stats that `valid` raises TypeError, ValueError, KeyError or AttributeError on)."""
 
-    def check(self, unit: int, rows: int | None = None, valid: Callable[[dict], object] | None = None) -> dict | str:
+    def check(self, unit: int, rows: int | None = None,
+              valid: Callable[[dict], object] | None = None) -> dict | str:
         """check_file of a committed unit: what a resume checks a file against when the ledger cannot vouch
         for it."""
         return self.check_file(self.file(unit), rows, valid)

@@ -143,7 +143,8 @@ class JsonlDirSink(ResultSink):
         table = decode_rows(data, schema)
         return table.select(columns) if columns is not None else table
 
-    def check_file(self, path: Path, rows: int | None = None, valid: Callable[[dict], object] | None = None) -> dict | str:
+    def check_file(self, path: Path, rows: int | None = None,
+                   valid: Callable[[dict], object] | None = None) -> dict | str:
         try:
             _, side = self._load(path)
         except OSError as exc:

@@ -36,7 +36,8 @@ class ParquetDirSink(ResultSink):
             return pq.read_table(path)
         return pq.ParquetFile(path).read(columns=columns, use_threads=False)  # small: one thread
 
-    def check_file(self, path: Path, rows: int | None = None, valid: Callable[[dict], object] | None = None) -> dict | str:
+    def check_file(self, path: Path, rows: int | None = None,
+                   valid: Callable[[dict], object] | None = None) -> dict | str:
         try:
             meta = pq.read_metadata(path)
         except (pa.ArrowInvalid, OSError) as exc:
