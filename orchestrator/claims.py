@@ -33,7 +33,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import fsops
-from .work import RESULT_PREFIX, RunPaths
+from .sinks import sink_for
+from .work import RunPaths
 
 WAIT = "wait"
 
@@ -67,17 +68,6 @@ def spread(index: int) -> float:
     return point
 
 
-def _result_units(names) -> set[int]:
-    done = set()
-    for name in names:
-        if name.startswith(RESULT_PREFIX) and name.endswith(".parquet"):
-            try:
-                done.add(int(name[len(RESULT_PREFIX):-len(".parquet")]))
-            except ValueError:
-                continue
-    return done
-
-
 class Scheduler:
     """One replica's claims in one attempt of a run.
 
@@ -90,6 +80,7 @@ class Scheduler:
                  lease_s: float = 60.0, backups: int = 1, clock: Callable[[], float] = time.time,
                  retry: Iterable[int] = (), retried: Callable[[int], bool] | None = None, seed=None):
         self.paths, self.attempt, self.owner = paths, attempt, owner
+        self.sink = sink_for(paths)  # which units are committed: the run's output.format knows their files
         self.folder = paths.claims / attempt
         self.beat_file = paths.progress / f"{owner}.json"
         self.written_at = float("-inf")  # when the progress file was last written (a heartbeat too)
@@ -156,7 +147,7 @@ class Scheduler:
         while self.reclaim:
             unit = self.reclaim.pop()
             name = claim_name(unit)
-            if fsops.read_text(self.folder / name) == self.owner and not fsops.exists(self.paths.result_file(unit)):
+            if fsops.read_text(self.folder / name) == self.owner and not self.sink.is_done(unit):
                 self.taken[self._slots([unit])] = True
                 self.held[unit] = 0
                 return Claim(unit)
@@ -218,7 +209,7 @@ class Scheduler:
         self.next_look = now + self.poll_s
         self.in_tail = True
         claimed = self._learn(fsops.listdir(self.folder))
-        committed = np.asarray(sorted(_result_units(fsops.listdir(self.paths.results))), dtype=np.int64)
+        committed = np.asarray(sorted(self.sink.done_units()), dtype=np.int64)
         left = self.todo if self.left is None else self.left
         done = np.isin(left, committed)
         for i in np.flatnonzero(done):  # a retried unit is done once redone, not because it was committed before
@@ -304,5 +295,6 @@ class Scheduler:
 
 
 def result_exists(paths: RunPaths) -> Callable[[int], bool]:
-    return lambda unit: fsops.exists(paths.result_file(unit))
+    """Whether a unit is committed (one stat), in the run's output.format."""
+    return sink_for(paths).is_done
 

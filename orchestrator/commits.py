@@ -1,5 +1,6 @@
-"""The commit protocol: a unit is committed when results/part-<unit>.parquet exists (written under work/tmp/ and
-published whole); the ledgers, retry markers, progress records and the checked scan of what results/ holds."""
+"""The commit protocol: a unit is committed when its result file exists in results/ (written under work/tmp/ and
+published whole by the run's sink, orchestrator.sinks: part-<unit>.parquet, or .jsonl with output.format=jsonl);
+the ledgers, retry markers, progress records and the checked scan of what results/ holds."""
 from __future__ import annotations
 
 import json
@@ -13,23 +14,21 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import fsops
 from .plan import Plan, Units
-from .rundir import RESULT_PREFIX, RunPaths, atomic_write_text, write_error
+from .rundir import RunPaths, atomic_write_text, write_error
+from .sinks import sink_for, sink_of_file
 
 log = logging.getLogger(__name__)
 
 
 def done_units(paths: RunPaths) -> set[int]:
-    """Units whose result file is committed (one directory listing)."""
-    done = set()
-    if paths.results.is_dir():
-        for name in os.listdir(paths.results):
-            if name.startswith(RESULT_PREFIX) and name.endswith(".parquet"):
-                done.add(int(name[len(RESULT_PREFIX):-len(".parquet")]))
-    return done
+    """Units whose result file is committed (one directory listing), in the run's output.format."""
+    try:
+        return sink_for(paths).units_in(os.listdir(paths.results))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def write_retry_units(paths: RunPaths, attempt: str, units: list[int]) -> None:
@@ -76,13 +75,13 @@ def remaining_units(paths: RunPaths, plan: "Plan", attempt: str) -> int:
 def kept_rows(paths: RunPaths, unit: int) -> dict | None:
     """A committed unit's columns (a retried unit keeps its ok rows); None when it cannot be read."""
     try:
-        return pq.read_table(paths.result_file(unit)).to_pydict()
+        return sink_for(paths).read(unit).to_pydict()
     except (pa.ArrowException, OSError):
         return None
 
 
 def is_committed(paths: RunPaths, unit: int) -> bool:
-    return paths.result_file(unit).exists()
+    return sink_for(paths).file(unit).exists()
 
 
 class Ledger:
@@ -138,35 +137,16 @@ def error_summary(errors: Iterable[str | None]) -> list | None:
 
 def commit_unit(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner: str = "local",
                 ledger: Ledger | None = None, replace: bool = False) -> bool:
-    """Write a unit's results under work/tmp, then publish it in results/ (atomic on one filesystem).
-    The first commit of a unit wins: a backup copy or a late holder that finds the file there already
-    gets False, and its rows are discarded (replace=True: a retried unit replaces its earlier commit).
-    Its stats go in the file's footer, then in the owner's ledger. Four metadata operations (open, link,
-    unlink, and the ledger's append when it is not held open)."""
-    meta = dict(table.schema.metadata or {})
-    meta[b"orchestrator.stats"] = json.dumps(stats).encode()
-    table = table.replace_schema_metadata(meta)
-    tmp = paths.tmp / f"{unit:08d}.{uuid.uuid4().hex}.parquet"
-    final = paths.result_file(unit)
-    try:
-        with fsops.open_file(tmp, "wb") as fh:
-            pq.write_table(table, fh)
-            size = fh.tell()
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(final, exc) from None
-    if replace:
-        fsops.replace(tmp, final)
-    else:
-        try:
-            won = fsops.link(tmp, final)
-        except OSError:  # a filesystem without hard links: check, then rename (a narrow window, no worse)
-            won = not fsops.exists(final)
-            if won:
-                fsops.replace(tmp, final)
-        fsops.unlink(tmp)
-        if not won:
-            return False
+    """Write a unit's results under work/tmp, then publish it in results/ (atomic on one filesystem),
+    through the run's sink (output.format: orchestrator.sinks). The first commit of a unit wins: a backup
+    copy or a late holder that finds the file there already gets False, and its rows are discarded
+    (replace=True: a retried unit replaces its earlier commit). Its stats go with the file (a Parquet
+    footer, a JSONL unit's sidecar), then in the owner's ledger. Four metadata operations for Parquet
+    (open, link, unlink, and the ledger's append when it is not held open); JSONL adds its sidecar's
+    open and rename."""
+    size = sink_for(paths).publish(unit, table, stats, replace, write_error=write_error)
+    if size is None:
+        return False
     record = {"unit": unit, **stats, "bytes": size, "at": time.time()}  # bytes: what a resume checks the file against
     if ledger is not None:
         ledger.append(record)
@@ -281,29 +261,16 @@ class Committed:
 
 
 def _footer_stats(path: Path, rows: int | None) -> dict | str:
-    """A result file's stats from its footer, or why the file cannot be trusted."""
-    try:
-        meta = pq.read_metadata(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        return f"unreadable ({str(exc).splitlines()[0][:120]})"
-    if rows is not None and meta.num_rows != rows:
-        return f"holds {meta.num_rows} rows, the unit has {rows}"
-    raw = (meta.metadata or {}).get(b"orchestrator.stats")
-    if not raw:
-        return "has no orchestrator stats in its footer"
-    try:
-        record = json.loads(raw)
-        UnitStats.of(record)
-        return record
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return "has unreadable stats in its footer"
+    """A result file's stats as its sink published them (a Parquet footer, a JSONL sidecar), or why the
+    file cannot be trusted."""
+    return sink_of_file(path).check_file(path, rows, UnitStats.of)
 
 
 def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool = False,
                    verify: bool = True) -> Committed:
     """Every committed unit, checked: a file whose size is what its commit wrote is trusted with the
-    ledger's stats (one stat call, no read); any other is trusted only when its footer reads and holds the
-    unit's rows. A damaged file is moved to work/damaged/ when put_aside, so its unit is redone.
+    ledger's stats (one stat call, no read); any other is trusted only when the stats its sink published
+    with it read (a Parquet footer, a JSONL sidecar) and hold the unit's rows. A damaged file is moved to work/damaged/ when put_aside, so its unit is redone.
     verify=False trusts the ledger for every listed file (no stat per file: totals for a summary, where a
     resume's check, once per attempt, already ran)."""
     ledger = _ledger(paths)
@@ -311,36 +278,33 @@ def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool 
     damaged: list[str] = []
     if not paths.results.is_dir():
         return Committed(good, damaged)
-    with os.scandir(paths.results) as entries:
-        for entry in entries:
-            name = entry.name
-            if not (name.startswith(RESULT_PREFIX) and name.endswith(".parquet")):
-                continue
-            try:
-                unit = int(name[len(RESULT_PREFIX):-len(".parquet")])
-                record = ledger.get(unit)
-                if record is not None and not verify:
-                    good[unit] = record
-                    continue
-                size = entry.stat().st_size
-            except (ValueError, OSError):
-                continue
-            if record is not None and record.get("bytes") == size:
+    sink = sink_for(paths)
+    for unit, entry in sink.entries():  # one listing: the run's output.format's files only
+        name = entry.name
+        try:
+            record = ledger.get(unit)
+            if record is not None and not verify:
                 good[unit] = record
                 continue
-            rows = plan.unit_answers(unit) if plan is not None and unit < len(plan.units) else None
-            found = _footer_stats(Path(entry.path), rows)
-            if isinstance(found, dict):
-                good[unit] = found
-                continue
-            why = f"{entry.path} is damaged: {size} bytes" + (
-                f" (its commit wrote {record['bytes']})" if record and "bytes" in record else "") + f", {found}"
-            if put_aside:
-                aside = paths.root / "work" / "damaged"
-                aside.mkdir(parents=True, exist_ok=True)
-                os.replace(entry.path, aside / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
-                why += f"; moved to {aside}/ and the unit is redone"
-            damaged.append(why)
+            size = entry.stat().st_size
+        except (ValueError, OSError):
+            continue
+        if record is not None and record.get("bytes") == size:
+            good[unit] = record
+            continue
+        rows = plan.unit_answers(unit) if plan is not None and unit < len(plan.units) else None
+        found = sink.check_file(Path(entry.path), rows, UnitStats.of)
+        if isinstance(found, dict):
+            good[unit] = found
+            continue
+        why = f"{entry.path} is damaged: {size} bytes" + (
+            f" (its commit wrote {record['bytes']})" if record and "bytes" in record else "") + f", {found}"
+        if put_aside:
+            aside = paths.root / "work" / "damaged"
+            aside.mkdir(parents=True, exist_ok=True)
+            os.replace(entry.path, aside / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            why += f"; moved to {aside}/ and the unit is redone"
+        damaged.append(why)
     return Committed(good, damaged)
 
 

@@ -335,6 +335,17 @@ class ClientConfig:
             _check_range("client.max_in_flight", self.max_in_flight, lo=1)
 
 
+OUTPUT_FORMATS = ("parquet", "jsonl")  # orchestrator.sinks.SINKS: one result file per unit in results/
+
+
+@dataclass
+class OutputConfig:
+    format: str = "parquet"  # results/part-<unit>.parquet; jsonl: one JSON object per row (docs/output.md)
+
+    def __post_init__(self) -> None:
+        _check_choice("output.format", self.format, OUTPUT_FORMATS)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -344,6 +355,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     replicas: int = 1
     run_dir: str = MISSING
     wait: bool = True  # block with progress until the run ends; false: print job ids and return

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from .errors import RunError
+from .sinks import sink_for
 from .status import collect, error_reason, read_requests
 from .work import RunPaths, atomic_write_text
 
@@ -130,13 +131,13 @@ def _output_tokens(paths: RunPaths, status: dict) -> bytes:
     """From the committed result files' status and output_tokens columns (ok rows)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     plt, fig, ax = _figure()
     values: list = []
-    for path in sorted(paths.results.glob("part-*.parquet")) if paths.results.is_dir() else []:
+    sink = sink_for(paths)
+    for unit in sorted(sink.done_units()):
         try:
-            table = pq.read_table(path, columns=["status", "output_tokens"])
+            table = sink.read(unit, columns=["status", "output_tokens"])
         except (OSError, pa.ArrowInvalid):
             continue
         tokens = pc.filter(table.column("output_tokens"), pc.equal(table.column("status"), "ok"))

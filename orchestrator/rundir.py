@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunError
-
-RESULT_PREFIX = "part-"
+from .sinks import RESULT_PREFIX, sink_for  # noqa: F401 - RESULT_PREFIX re-exported
 
 
 @dataclass
@@ -50,7 +49,7 @@ class RunPaths:
         return self.root / "logs"
 
     def result_file(self, unit: int) -> Path:
-        return self.results / f"{RESULT_PREFIX}{unit:08d}.parquet"
+        return sink_for(self).file(unit)  # the run's output.format names the file
 
     def make(self) -> None:
         for d in (self.results, self.tmp, self.claims, self.progress, self.requests, self.logs):

@@ -19,6 +19,7 @@ from pathlib import Path
 from .clusters.base import ACTIVE_STATES, adapter_named
 from .errors import RunError
 from .report import busy_seconds
+from .sinks import sink_for, sink_of_file
 from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, error_reason, scan_committed
 
 WINDOW_S = 60.0  # what "recent" means for rates and the ETA
@@ -52,7 +53,7 @@ def _commit_key(paths: RunPaths, unit: int, record: dict) -> list | None:
     if isinstance(record.get("bytes"), int) and isinstance(record.get("at"), (int, float)):
         return [record["bytes"], record["at"]]
     try:
-        found = paths.result_file(unit).stat()
+        found = sink_for(paths).file(unit).stat()
     except OSError:
         return None
     return [found.st_size, found.st_mtime_ns]
@@ -62,10 +63,9 @@ def _unit_errors(path: Path) -> list[tuple[str | None, int]] | None:
     """A result file's error texts and how many rows have each (its status and error columns only)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path).read(columns=["status", "error"], use_threads=False)  # small: one thread
+        table = sink_of_file(path).read_file(path, columns=["status", "error"])
     except (OSError, pa.ArrowException):  # replaced or put aside since the listing: the next status sees it
         return None
     errors = pc.filter(table.column("error"), pc.equal(table.column("status"), "error"))
@@ -126,7 +126,8 @@ def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
             counts[index[reason]] += rows
     keys = {u: _commit_key(paths, u, stats[u]) for u in failing}
     misses = [u for u in failing if keys[u] is None or not _cached_entry(cached.get(str(u)), keys[u], len(reasons))]
-    files = [paths.result_file(u) for u in misses]
+    sink = sink_for(paths)
+    files = [sink.file(u) for u in misses]
     if len(files) > 16:  # the reads wait on the filesystem and pyarrow lets go of the GIL: a few at once
         from concurrent.futures import ThreadPoolExecutor
 
