@@ -1,13 +1,16 @@
 """Structured configs (dataclasses) for every group, registered in Hydra's ConfigStore.
 
 `conf/config.yaml` composes them with the YAML groups `model=`, `engine=` and `cluster=`.
-`load_config()` turns a composed DictConfig into validated dataclasses.
+`to_config()` turns a composed DictConfig into validated dataclasses. A closed choice is typed
+`Annotated[str, Literal[...]]` (OmegaConf 2.3 refuses a bare `Literal` field type) and checked in one place,
+`_check_literals`.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional, get_args, get_origin
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -28,11 +31,30 @@ CONF_DIR = bundled("conf")
 EXAMPLE_INPUT = bundled("examples") / "mt_bench_prompts.parquet"
 
 # chat_template: the prompt goes to the engine's chat API, which applies the tokenizer's own template
-PROMPT_FORMATS = ("nemotron4_chat", "steerlm", "nemotron_mini", "raw", "chat_template")
-PROTOCOLS = ("nemo", "openai", "triton")
-OPENAI_APIS = ("completions", "chat")
-DUPLICATE_POLICIES = ("error", "positional", "keep")
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+PromptFormat = Annotated[str, Literal["nemotron4_chat", "steerlm", "nemotron_mini", "raw", "chat_template"]]
+ProtocolName = Annotated[str, Literal["nemo", "openai", "triton"]]  # orchestrator.protocols: one module each
+OpenAIApi = Annotated[str, Literal["completions", "chat"]]
+DuplicatePolicy = Annotated[str, Literal["error", "positional", "keep"]]
+Dtype = Annotated[str, Literal["bf16", "fp16", "fp8", "fp32"]]
+OnInterrupt = Annotated[str, Literal["cancel", "leave"]]
+OutputFormat = Annotated[str, Literal["parquet", "jsonl"]]  # orchestrator.sinks.SINKS: one result file per unit
+
+
+def literal_choices(kind: Any) -> tuple[str, ...]:
+    """The choices of a closed-choice type (`Annotated[str, Literal[...]]`, optionally Optional); () for others."""
+    if get_origin(kind) is typing.Union:
+        return next((found for arg in get_args(kind) if (found := literal_choices(arg))), ())
+    if get_origin(kind) is Annotated:
+        return next((get_args(meta) for meta in kind.__metadata__ if get_origin(meta) is Literal), ())
+    return ()
+
+
+PROMPT_FORMATS = literal_choices(PromptFormat)
+PROTOCOLS = literal_choices(ProtocolName)
+OPENAI_APIS = literal_choices(OpenAIApi)
+DUPLICATE_POLICIES = literal_choices(DuplicatePolicy)
+OUTPUT_FORMATS = literal_choices(OutputFormat)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}  # the keys are Dtype's choices (tests/test_config.py)
 MAX_ROLLOUTS = 1024  # a row's seeds are base .. base + rollouts - 1, all below 2**31
 
 
@@ -44,6 +66,15 @@ def choices(group: str) -> tuple[str, ...]:
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _check_literals(obj: Any, prefix: str) -> None:
+    """Every closed-choice field of a config dataclass holds one of its choices (None passes: unset)."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in fields(obj):
+        options, value = literal_choices(hints[f.name]), getattr(obj, f.name)
+        if options and value is not None:
+            _check_choice(f"{prefix}.{f.name}", value, options)
 
 
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
@@ -78,13 +109,13 @@ class ArchitectureConfig:
 
 @dataclass
 class PromptConfig:
-    format: str = "raw"  # one of PROMPT_FORMATS
+    format: PromptFormat = "raw"
     system: str = ""  # system turn for chat formats
     steerlm_attributes: str = ""  # SteerLM attribute line, without the <extra_id_2> tag
     strip_echo: bool = True  # drop the echoed prompt from the engine's output (NeMo echoes it)
 
     def __post_init__(self) -> None:
-        _check_choice("model.prompt.format", self.format, PROMPT_FORMATS)
+        _check_literals(self, "model.prompt")
 
 
 @dataclass
@@ -92,13 +123,13 @@ class ModelConfig:
     name: str = MISSING
     card: str = ""  # the model card's name
     path: Optional[str] = None  # a Hugging Face checkpoint directory (vllm, sglang, trtllm load it)
-    dtype: str = "bf16"
+    dtype: Dtype = "bf16"
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     end_strings: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
 
     def __post_init__(self) -> None:
-        _check_choice("model.dtype", self.dtype, tuple(DTYPE_BYTES))
+        _check_literals(self, "model")
 
 
 @dataclass
@@ -203,8 +234,8 @@ def default_capacity(cfg: Config) -> int:
 @dataclass
 class EngineConfig:
     name: str = "mock"  # one of conf/engine/*.yaml; each has one adapter in orchestrator/engines/
-    protocol: Optional[str] = None  # nemo, openai or triton; None = the engine's own (endpoint: found from its routes)
-    api: Optional[str] = None  # OpenAI route: completions or chat; None = chat for model.prompt.format=chat_template
+    protocol: Optional[ProtocolName] = None  # nemo, openai or triton; None = the engine's own (endpoint: found from its routes)
+    api: Optional[OpenAIApi] = None  # OpenAI route: completions or chat; None = chat for model.prompt.format=chat_template
     host: str = "127.0.0.1"  # the address the engine's HTTP server binds
     url: Optional[str] = None  # engine=endpoint: the running server (http://host:port, a /v1 suffix is fine)
     port: int = 0  # 0 = a free port chosen on the node
@@ -233,10 +264,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_choice("engine.name", self.name, choices("engine"))
-        if self.protocol is not None:
-            _check_choice("engine.protocol", self.protocol, PROTOCOLS)
-        if self.api is not None:
-            _check_choice("engine.api", self.api, OPENAI_APIS)
+        _check_literals(self, "engine")
         _check_range("engine.ready_timeout_s", self.ready_timeout_s, lo=0, lo_open=True)
         _check_range("engine.port", self.port, lo=0, hi=65535)
         _check_range("engine.master_port", self.master_port, lo=0, hi=65535)
@@ -261,7 +289,7 @@ class ClusterConfig:
     setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load ...), verbatim
     sbatch_args: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, {name: value}
     srun_args: List[str] = field(default_factory=list)  # extra arguments of the engine's srun step
-    on_interrupt: str = "cancel"  # Ctrl-C/SIGTERM/SIGHUP of a waiting front-end: cancel its jobs, or leave them running
+    on_interrupt: OnInterrupt = "cancel"  # Ctrl-C/SIGTERM/SIGHUP of a waiting front-end: cancel its jobs, or leave them running
     max_requeues: int = 3  # times a job requeues itself at its time limit (submitit checkpointing)
     signal_delay_s: int = 90  # Slurm's warning signal (USR2) comes this long before the time limit
     poll_interval_s: float = 2.0  # how often job states are read while waiting
@@ -269,7 +297,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _check_choice("cluster.name", self.name, choices("cluster"))
-        _check_choice("cluster.on_interrupt", self.on_interrupt, ("cancel", "leave"))
+        _check_literals(self, "cluster")
         _check_range("cluster.timeout_min", self.timeout_min, lo=1)
         if self.cpus_per_task is not None:
             _check_range("cluster.cpus_per_task", self.cpus_per_task, lo=1)
@@ -282,7 +310,7 @@ class DataConfig:
     id_column: str = "id"  # when absent from the input, ids are "<file>:<row>"
     unit_rows: int = 2048  # rows per unit of work (one result file each)
     read_batch_rows: int = 1024  # rows per Parquet record batch
-    duplicate_ids: str = "error"  # error: refuse to start; positional: ids become "<file>:<row>"; keep: run every row
+    duplicate_ids: DuplicatePolicy = "error"  # error: refuse to start; positional: ids become "<file>:<row>"; keep: run every row
     truncate_prompts: bool = False  # cut prompts longer than the context (keep the start) instead of a row error
     bytes_per_token: float = 4.0  # for the context check without a tokenizer: UTF-8 bytes per token
     # conversations (README "Conversations and multi-turn"); either replaces prompt_column
@@ -294,7 +322,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_range("data.unit_rows", self.unit_rows, lo=1)
         _check_range("data.read_batch_rows", self.read_batch_rows, lo=1)
-        _check_choice("data.duplicate_ids", self.duplicate_ids, DUPLICATE_POLICIES)
+        _check_literals(self, "data")
         _check_range("data.bytes_per_token", self.bytes_per_token, lo=0, lo_open=True)
 
 
@@ -335,15 +363,12 @@ class ClientConfig:
             _check_range("client.max_in_flight", self.max_in_flight, lo=1)
 
 
-OUTPUT_FORMATS = ("parquet", "jsonl")  # orchestrator.sinks.SINKS: one result file per unit in results/
-
-
 @dataclass
 class OutputConfig:
-    format: str = "parquet"  # results/part-<unit>.parquet; jsonl: one JSON object per row (docs/output.md)
+    format: OutputFormat = "parquet"  # results/part-<unit>.parquet; jsonl: one JSON object per row (docs/output.md)
 
     def __post_init__(self) -> None:
-        _check_choice("output.format", self.format, OUTPUT_FORMATS)
+        _check_literals(self, "output")
 
 
 @dataclass

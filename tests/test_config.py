@@ -112,3 +112,21 @@ def test_a_misspelled_key_added_with_plus_is_refused_with_the_closest_key():
     with pytest.raises(ConfigError, match=r"sampling.temprature is not a config key; did you mean sampling.temperature\?"):
         compose(["+sampling.temprature=0.5"])
     assert compose(["+engine.env.VLLM_HOST_IP=127.0.0.1"]).engine.env == {"VLLM_HOST_IP": "127.0.0.1"}
+
+
+def test_closed_choices_are_literal_types_checked_in_one_place():
+    """Each closed choice is an Annotated[str, Literal[...]] field whose choices the error lists; dtype's
+    choices are the keys of the bytes-per-parameter table."""
+    import typing
+
+    from orchestrator import config as c
+
+    hints = typing.get_type_hints(c.DataConfig, include_extras=True)
+    assert c.literal_choices(hints["duplicate_ids"]) == ("error", "positional", "keep")
+    assert c.literal_choices(typing.get_type_hints(c.EngineConfig, include_extras=True)["protocol"]) == c.PROTOCOLS
+    assert c.literal_choices(hints["prompt_column"]) == ()
+    assert set(c.literal_choices(c.Dtype)) == set(c.DTYPE_BYTES)
+    for override, key in (("cluster.on_interrupt=stay", "cluster.on_interrupt"), ("output.format=csv", "output.format"),
+                          ("engine.api=embeddings", "engine.api"), ("model.dtype=int3", "model.dtype")):
+        with pytest.raises(ConfigError, match=rf"{key}=.* is not valid; choose one of: "):
+            compose([override])

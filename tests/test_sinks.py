@@ -150,7 +150,7 @@ def test_sink_for_reads_the_format_of_the_run_directory(tmp_path):
 # End to end: output.format=jsonl through the CLI (engine=mock), locally and on the local Slurm cluster.
 
 EXE = shutil.which("orchestrator") or "orchestrator"
-SLOW = ["engine.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20", "sampling.tokens_to_generate=6"]
+SLOW = ["engine.simulator.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20", "sampling.tokens_to_generate=6"]
 
 
 def cli(*args, timeout=300):
@@ -240,7 +240,7 @@ def test_retry_failed_replaces_jsonl_units_keeping_their_ok_rows(tmp_path):
     base = ["run", f"data.input={src}", f"run_dir={run_dir}", "output.format=jsonl", "data.unit_rows=20",
             "engine.protocol=openai", "sampling.tokens_to_generate=4", "client.max_retries=0",
             "client.max_error_fraction=1.0"]
-    proc = cli(*base, "engine.error_rate=0.3")
+    proc = cli(*base, "engine.simulator.error_rate=0.3")
     assert proc.returncode == 0, proc.stderr
     first = jsonl_results(run_dir).set_index("id")
     failed = first[first["status"] == "error"]
@@ -269,7 +269,7 @@ def test_status_and_report_read_a_jsonl_run(tmp_path, monkeypatch):
     run_dir = tmp_path / "r"
     proc = cli("run", f"data.input={src}", f"run_dir={run_dir}", "output.format=jsonl", "data.unit_rows=20",
                "engine.protocol=openai", "sampling.tokens_to_generate=4", "client.max_retries=0",
-               "client.max_error_fraction=1.0", "engine.error_rate=0.3")
+               "client.max_error_fraction=1.0", "engine.simulator.error_rate=0.3")
     assert proc.returncode == 0, proc.stderr
     df = jsonl_results(run_dir)
     failed = int((df["status"] == "error").sum())
