@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from .clusters.base import cluster_for
+from .clusters.environment import job_environment
 from .config import Config
 from .engines.server import EngineServer
 from .errors import OrchestratorError
@@ -86,7 +87,7 @@ class NodeJob:
         paths = RunPaths(Path(run_dir))
         plan = Plan.from_json(paths.plan.read_text())
         owner = f"r{replica}"
-        where = f"replica {replica} (job {os.environ.get('SLURM_JOB_ID', 'local')}, host {socket.gethostname()})"
+        where = f"replica {replica} (job {job_environment().get('job_id', 'local')}, host {socket.gethostname()})"
         if not remaining_units(paths, plan, attempt):  # e.g. requeued after the others finished: no engine start
             log_event(paths, f"{where}: nothing left to do; the engine was not started")
             return _final_summary(cfg, paths, plan, attempt, started_at, owner)

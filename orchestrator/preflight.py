@@ -58,6 +58,7 @@ def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> 
     stored = json.loads(stored_print.read_text())
     if isinstance(stored.get("sampling"), dict):  # a run_dir started before sampling.rollouts existed: one answer a row
         stored["sampling"].setdefault("rollouts", 1)
+    stored.setdefault("output.format", "parquet")  # a run_dir started before output.format existed
     changed = _differences(stored, current)
     if changed:
         raise InputError(f"run_dir {paths.root} was started with other settings, so old and new results would "
@@ -97,6 +98,7 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
                  **{k: getattr(cfg.data, k) or None for k in ("messages_column", "turns_column",
                                                              "attributes_column", "keep_columns")}},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
+        "output.format": cfg.output.format,  # the result files' format (orchestrator.sinks)
     }
 
 

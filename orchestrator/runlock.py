@@ -8,6 +8,7 @@ import time
 import uuid
 
 from .clusters.base import cluster_for
+from .clusters.environment import job_environment
 from .config import Config
 from .errors import RunError
 from .work import RunPaths, atomic_write_text, publish_once
@@ -15,8 +16,8 @@ from .work import RunPaths, atomic_write_text, publish_once
 
 def _incarnation() -> list | None:
     """[job id, restart count] when running in a Slurm job's batch step: a requeued job is a new one."""
-    job = os.environ.get("SLURM_JOB_ID")
-    return [job, os.environ.get("SLURM_RESTART_COUNT", "0")] if job else None
+    env = job_environment()
+    return [env.job_id, env.get("restart_count", "0")] if env.job_id else None
 
 
 class RunLock:

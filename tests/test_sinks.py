@@ -336,7 +336,7 @@ def test_a_resume_with_another_output_format_is_refused_and_the_original_resumes
     assert cli(*args, "output.format=jsonl").returncode == 0
     proc = cli(*args)  # output.format=parquet, the default
     assert proc.returncode != 0
-    assert "was started with output.format=jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert "output.format was 'jsonl', now 'parquet'" in proc.stderr and "Traceback" not in proc.stderr
     assert not list((run_dir / "results").glob("*.parquet"))
     again = cli(*args, "output.format=jsonl")
     assert again.returncode == 0, again.stderr
