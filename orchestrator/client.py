@@ -3,6 +3,11 @@
 Rows stream from Parquet a record batch at a time; a bounded queue between the reader and the
 senders keeps memory flat whatever the input size, and keeps enough requests in flight that the
 engine never waits for the client.
+
+Client supervises the replica (its engine, stopping, claims), schedules the work and commits finished
+units, composing the pieces that do the rest: unit_source (a unit's rows still to do, its results),
+sender (one request with its retries), conversation.Turns (the turns of conversation rows), context
+(prompts fitted into the model's context), and here JournalWrites and Progress.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import aiohttp
 import pandas  # noqa: F401 - pyarrow imports it on the first pa.array(list): pay that at start, not mid-run
 import pyarrow as pa
 
-from .config import Config, config_yaml
+from .config import ClientConfig, Config, config_yaml
 from .errors import EngineError, RunError
 from .engines import auth
 from .engines.codecs import EngineInfo, make_codec, openai_api
@@ -61,6 +66,113 @@ class ClientStats:
         return sum(max(0.0, end - start) for start, end in self.segments)
 
 
+class JournalWrites:
+    """When the rows a replica answers are appended to their units' journals (journal.py): once per turn of
+    the event loop, one record per unit, and fsynced every client.journal_sync_s. `loop` is set once the
+    client runs."""
+
+    def __init__(self, journals: Journals, sync_s: float):
+        self.journals, self.sync_s = journals, sync_s
+        self.due: set[UnitBuffer] = set()  # units with rows to append to their journal
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def soon(self, buf: UnitBuffer) -> None:
+        """Append the unit's fresh rows to its journal once the answers of this turn of the event loop are
+        in: one write for all of them."""
+        if not self.due:
+            self.loop.call_soon(self.flush)
+        self.due.add(buf)
+
+    def flush(self) -> None:
+        """Append the fresh rows of the units due to their journals: one record each."""
+        due, self.due = self.due, set()
+        for buf in due:
+            rows, buf.fresh = buf.fresh, []
+            journal = buf.journal
+            if journal is None or not rows or buf.abandoned:
+                continue
+            try:
+                journal.append(buf.journal_record(rows))
+            except (OSError, ValueError) as exc:  # a full disk: the unit goes on without it, whole at its commit
+                log.warning("cannot append to %s (%s); unit %d goes on without a journal", journal.path,
+                            getattr(exc, "strerror", None) or exc, buf.unit)
+                buf.journal = None
+                self.journals.open.discard(journal)
+                try:
+                    journal.close()
+                except OSError:
+                    pass
+
+    def take(self, buf: UnitBuffer) -> tuple[UnitJournal | None, list]:
+        """The unit is committed (or another copy committed it): its journals, to remove."""
+        journal, others = buf.journal, buf.replayed_from
+        buf.journal, buf.replayed_from = None, []
+        self.journals.open.discard(journal)
+        return journal, others
+
+    async def sync(self) -> None:
+        """fsync the journals written since the last look, every client.journal_sync_s: what a node crash
+        (not only a killed process) may lose of the answered rows."""
+        every = self.sync_s
+        if every <= 0:
+            return
+        while True:
+            await asyncio.sleep(every)
+            due = [journal for journal in self.journals.open if journal.unsynced]
+            if due:
+                await asyncio.to_thread(Journals.sync, due)
+
+
+class Progress:
+    """This replica's progress file (work/progress/<owner>.json) and its request records: written after
+    commits and from time to time (see report), read back when a requeued job continues the attempt.
+    `dirty`: a commit since progress was last written."""
+
+    def __init__(self, paths: RunPaths, owner: str, attempt: str, client: ClientConfig, stats: ClientStats,
+                 scheduler: Scheduler, sender: Sender):
+        self.paths, self.owner, self.attempt, self.client = paths, owner, attempt, client
+        self.stats, self.scheduler, self.sender = stats, scheduler, sender
+        self.dirty = False  # a commit since progress was last written
+        self.records_at = time.monotonic()  # when request records were last written
+
+    def continue_attempt(self) -> None:
+        """A job requeued within one attempt continues its replica's totals, so progress and the summary
+        count every segment, not the last one."""
+        try:
+            record = json.loads((self.paths.progress / f"{self.owner}.json").read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(record, dict) and record.get("attempt") == self.attempt:
+            self.stats.rows = UnitStats.of(record)
+            self.stats.earlier = [list(s) for s in record.get("segments", [])]
+            self.stats.backup_copies = record.get("backup_copies", 0)
+            self.stats.discarded_rows = record.get("discarded_rows", 0)
+            self.stats.journal_rows = record.get("journal_rows", 0)
+            self.scheduler.resume(record.get("holding", []))
+
+    def write(self) -> None:
+        """This replica's totals in this attempt (all its segments), the units it holds (a requeued job
+        takes them back), and the request records gathered since the last write: the progress bar,
+        `orchestrator status` and summary.json read them."""
+        records, self.sender.requests = self.sender.requests, []
+        self.dirty, self.records_at = False, time.monotonic()
+        self.scheduler.wrote()
+        write_progress(self.paths, self.owner, {
+            "owner": self.owner, "attempt": self.attempt, **self.stats.rows.__dict__,
+            "segments": self.stats.segments, "holding": sorted(self.scheduler.held),
+            "backup_copies": self.stats.backup_copies, "discarded_rows": self.stats.discarded_rows,
+            "journal_rows": self.stats.journal_rows, "updated": time.time()}, records)
+
+    async def report(self) -> None:
+        """Progress is written after commits (at most once per client.progress_interval_s), and request
+        records at least once per lease_s / 4: a few metadata operations per unit, not per second."""
+        records_every = max(self.client.progress_interval_s, self.client.lease_s / 4)
+        while True:
+            await asyncio.sleep(self.client.progress_interval_s)
+            if self.dirty or (self.sender.requests and time.monotonic() - self.records_at >= records_every):
+                self.write()
+
+
 class Client:
     """Runs a plan's not-yet-committed units against one engine endpoint.
 
@@ -101,11 +213,8 @@ class Client:
         # which units have one (one listing; those of units committed since are removed)
         self.journals = Journals(paths, owner, attempt, settings_digest(paths, fallback=lambda: config_yaml(cfg)))
         self.journals.scan(stale=lambda unit: unit in done and unit not in self.retry_units)
-        self._journal_due: set[UnitBuffer] = set()  # units with rows to append to their journal
+        self.writes = JournalWrites(self.journals, cfg.client.journal_sync_s)
         self.active: dict[int, UnitBuffer] = {}  # units being run, by unit
-        self.dirty = False  # a commit since progress was last written
-        self.records_at = time.monotonic()  # when request records were last written
-        self._continue_attempt()
         self.timeout_s = cfg.request_timeout_s
         self.engine_alive = engine_alive or (lambda: True)
         self.stop_reason: str | None = None
@@ -116,26 +225,13 @@ class Client:
         # of conversation rows, the prompts fitted into the context, and the rows of a unit still to do
         self.sender = Sender(self.protocol, self.url, cfg.client, self.timeout_s, owner, self.stats, self._halt,
                              stopping=lambda: self.stopping.is_set(), engine_alive=self.engine_alive)
+        self.progress = Progress(paths, owner, attempt, cfg.client, self.stats, self.scheduler, self.sender)
+        self.progress.continue_attempt()
         self.turns = Turns(cfg, plan, self.protocol, context, exact_tokens)
         self.fit = ContextFit(cfg, self.protocol, self.info, self.url, context, exact_tokens)
         self.source = UnitSource(cfg, plan, self.protocol, self.journals, self.stats, attempt=attempt,
                                  retry_units=self.retry_units, active=self.active, turns=self.turns, fit=self.fit,
-                                 journal_soon=self._journal_soon, commit=self._commit)
-
-    def _continue_attempt(self) -> None:
-        """A job requeued within one attempt continues its replica's totals, so progress and the summary
-        count every segment, not the last one."""
-        try:
-            record = json.loads((self.paths.progress / f"{self.owner}.json").read_text())
-        except (OSError, ValueError):
-            return
-        if isinstance(record, dict) and record.get("attempt") == self.attempt:
-            self.stats.rows = UnitStats.of(record)
-            self.stats.earlier = [list(s) for s in record.get("segments", [])]
-            self.stats.backup_copies = record.get("backup_copies", 0)
-            self.stats.discarded_rows = record.get("discarded_rows", 0)
-            self.stats.journal_rows = record.get("journal_rows", 0)
-            self.scheduler.resume(record.get("holding", []))
+                                 journal_soon=self.writes.soon, commit=self._commit)
 
     def request_stop(self, reason: str) -> None:
         """Thread-safe: stop taking work and wind down within client.grace_s."""
@@ -153,6 +249,7 @@ class Client:
 
     async def run(self) -> ClientStats:
         self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
+        self.writes.loop = self.loop
         self.unit_done = asyncio.Event()  # a unit of this replica is committed (or lost): look for work again
         self.next_turns: collections.deque = collections.deque()  # see _worker
         if self.stop_reason:
@@ -161,13 +258,13 @@ class Client:
         queue: asyncio.Queue = asyncio.Queue(maxsize=in_flight)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         connector = aiohttp.TCPConnector(limit=in_flight, ssl=auth.client_ssl(self.cfg))  # engine.verify_tls, ca_bundle
-        self._write_progress()  # the replica's heartbeat file, from its start
+        self.progress.write()  # the replica's heartbeat file, from its start
         # every request carries the key (engine.api_key_env); a 401/403 on any of them stops the replica
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=auth.headers(self.cfg),
                                          raise_for_status=auth.stop_on_refusal(self.cfg, self.url, self._halt)) as session:
             self.sender.session = self.fit.session = session
-            helpers = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._watch()),
-                       asyncio.create_task(self._sync_journals())]
+            helpers = [asyncio.create_task(self.progress.report()), asyncio.create_task(self._watch()),
+                       asyncio.create_task(self.writes.sync())]
             work = asyncio.gather(self._produce(queue, in_flight), *[self._worker(queue) for _ in range(in_flight)])
             stop = asyncio.create_task(self.stopping.wait())
             try:
@@ -184,9 +281,9 @@ class Client:
                     raise failed
             finally:
                 await _cancel(stop, *helpers)
-                self._flush_journals()  # what was answered is kept for the next run of these units
+                self.writes.flush()  # what was answered is kept for the next run of these units
                 await asyncio.to_thread(self.journals.close_all, self.cfg.client.journal_sync_s > 0)
-                self._write_progress()
+                self.progress.write()
                 self.ledger.close()
         if self.fatal is not None:
             raise self.fatal
@@ -211,8 +308,8 @@ class Client:
                     if buf is not None and not buf.abandoned:
                         buf.abandoned = True
                         self.stats.discarded_rows += len(buf.ids)
-                        self.dirty = True
-                        await asyncio.to_thread(Journals.remove, *self._take_journals(buf))
+                        self.progress.dirty = True
+                        await asyncio.to_thread(Journals.remove, *self.writes.take(buf))
 
     async def _produce(self, queue: asyncio.Queue, workers: int) -> None:
         await self._produce_units(queue)
@@ -260,8 +357,8 @@ class Client:
             if batch is None:
                 return
             if not self.stopping.is_set():  # once stopping, queued requests are abandoned unsent
-                if self._journal_due:
-                    self._flush_journals()
+                if self.writes.due:
+                    self.writes.flush()
                 await self._send(batch)
 
     async def _send(self, batch: list[tuple]) -> None:
@@ -287,56 +384,11 @@ class Client:
             self.sender.requests.append(outcome.record)
         await self._commit_ready(batch)
 
-    def _journal_soon(self, buf: UnitBuffer) -> None:
-        """Append the unit's fresh rows to its journal once the answers of this turn of the event loop are
-        in: one write for all of them."""
-        if not self._journal_due:
-            self.loop.call_soon(self._flush_journals)
-        self._journal_due.add(buf)
-
-    def _flush_journals(self) -> None:
-        due, self._journal_due = self._journal_due, set()
-        for buf in due:
-            rows, buf.fresh = buf.fresh, []
-            journal = buf.journal
-            if journal is None or not rows or buf.abandoned:
-                continue
-            try:
-                journal.append(buf.journal_record(rows))
-            except (OSError, ValueError) as exc:  # a full disk: the unit goes on without it, whole at its commit
-                log.warning("cannot append to %s (%s); unit %d goes on without a journal", journal.path,
-                            getattr(exc, "strerror", None) or exc, buf.unit)
-                buf.journal = None
-                self.journals.open.discard(journal)
-                try:
-                    journal.close()
-                except OSError:
-                    pass
-
-    def _take_journals(self, buf: UnitBuffer) -> tuple[UnitJournal | None, list]:
-        """The unit is committed (or another copy committed it): its journals, to remove."""
-        journal, others = buf.journal, buf.replayed_from
-        buf.journal, buf.replayed_from = None, []
-        self.journals.open.discard(journal)
-        return journal, others
-
-    async def _sync_journals(self) -> None:
-        """fsync the journals written since the last look, every client.journal_sync_s: what a node crash
-        (not only a killed process) may lose of the answered rows."""
-        every = self.cfg.client.journal_sync_s
-        if every <= 0:
-            return
-        while True:
-            await asyncio.sleep(every)
-            due = [journal for journal in self.journals.open if journal.unsynced]
-            if due:
-                await asyncio.to_thread(Journals.sync, due)
-
     async def _commit_ready(self, batch) -> None:
         self.next_turns.extend(self.turns.next_turns(batch))
         for buf in dict.fromkeys(item[0] for item in batch):
             if buf.fresh:
-                self._journal_soon(buf)
+                self.writes.soon(buf)
         seen = set()
         for item in batch:
             buf = item[0]
@@ -354,7 +406,7 @@ class Client:
             self.unit_done.set()  # once the commit is written: a replica waiting for work looks again now
 
     async def _publish(self, buf: UnitBuffer) -> None:
-        journals = self._take_journals(buf)
+        journals = self.writes.take(buf)
         if buf.abandoned:
             await asyncio.to_thread(Journals.remove, *journals)
             return
@@ -365,7 +417,7 @@ class Client:
         retry = buf.unit in self.retry_units
         won = await asyncio.to_thread(_commit_and_remove_journals, self.paths, buf.unit, table, record,
                                       self.owner, self.ledger, retry, journals)
-        self.dirty = True
+        self.progress.dirty = True
         if not won:  # another copy committed first: these rows are discarded
             self.stats.discarded_rows += stats.rows
             return
@@ -378,28 +430,6 @@ class Client:
             self._halt(TooManyErrors(
                 f"{rows.failed} of {rows.rows} rows failed (more than client.max_error_fraction="
                 f"{client.max_error_fraction}); stopping early. See the error column of {self.paths.results}"))
-
-    def _write_progress(self) -> None:
-        """This replica's totals in this attempt (all its segments), the units it holds (a requeued job
-        takes them back), and the request records gathered since the last write: the progress bar,
-        `orchestrator status` and summary.json read them."""
-        records, self.sender.requests = self.sender.requests, []
-        self.dirty, self.records_at = False, time.monotonic()
-        self.scheduler.wrote()
-        write_progress(self.paths, self.owner, {
-            "owner": self.owner, "attempt": self.attempt, **self.stats.rows.__dict__,
-            "segments": self.stats.segments, "holding": sorted(self.scheduler.held),
-            "backup_copies": self.stats.backup_copies, "discarded_rows": self.stats.discarded_rows,
-            "journal_rows": self.stats.journal_rows, "updated": time.time()}, records)
-
-    async def _report_progress(self) -> None:
-        """Progress is written after commits (at most once per client.progress_interval_s), and request
-        records at least once per lease_s / 4: a few metadata operations per unit, not per second."""
-        records_every = max(self.cfg.client.progress_interval_s, self.cfg.client.lease_s / 4)
-        while True:
-            await asyncio.sleep(self.cfg.client.progress_interval_s)
-            if self.dirty or (self.sender.requests and time.monotonic() - self.records_at >= records_every):
-                self._write_progress()
 
 
 def _commit_and_remove_journals(paths: RunPaths, unit: int, table: pa.Table, stats: dict, owner: str, ledger: Ledger,

@@ -3,7 +3,8 @@
 A row is either a list of {role, content} messages (data.messages_column), a list of user turns
 (data.turns_column), or both (the messages open the conversation, the turns follow). Turn k is sent
 with the model's own answers to turns 1..k-1, so the conversation grows as it is answered. A row that
-cannot be sent is a reason (a row error), never an exception.
+cannot be sent is a reason (a row error), never an exception. Turns makes the requests of such rows,
+turn by turn, for the client.
 """
 from __future__ import annotations
 
