@@ -3,11 +3,16 @@
 A row is either a list of {role, content} messages (data.messages_column), a list of user turns
 (data.turns_column), or both (the messages open the conversation, the turns follow). Turn k is sent
 with the model's own answers to turns 1..k-1, so the conversation grows as it is answered. A row that
-cannot be sent is a reason (a row error), never an exception.
+cannot be sent is a reason (a row error), never an exception. Turns makes the requests of such rows,
+turn by turn, for the client.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .config import Config
+from .prompts import render_messages
+from .work import Plan
 
 ROLES = ("system", "user", "assistant")
 
@@ -109,3 +114,59 @@ class Conversation:
     def why(self, problem: str) -> str:
         """A failure of the current turn, named when the row has several."""
         return f"turn {self.turn} of {self.total}: {problem}" if self.total > 1 else problem
+
+
+def conversation_rows(part, plan: Plan) -> list[tuple]:
+    """(messages, turns, attributes) per row of a record batch; None for a column the plan does not read."""
+    def column(name):
+        return part.column(name).to_pylist() if name else [None] * part.num_rows
+
+    return list(zip(column(plan.messages_column), column(plan.turns_column), column(plan.attributes_column)))
+
+
+class Turns:
+    """The requests of conversation rows, turn by turn, for a unit's buffer (unit_source.UnitBuffer): a
+    request is (buf, row, what is sent, None, 1) as the client's workers send them. `exact_tokens`: the
+    engine counts tokens itself, so a conversation too long for the `context` is its own refusal."""
+
+    def __init__(self, cfg: Config, plan: Plan, protocol, context: int, exact_tokens: bool):
+        self.cfg, self.plan, self.protocol, self.context, self.exact_tokens = cfg, plan, protocol, context, exact_tokens
+
+    def start(self, buf, i: int, row: tuple) -> tuple | None:
+        """The first request of a conversation row, or None when the row is recorded as an error."""
+        plan = self.plan
+        conv = Conversation.start(*row, has_messages=bool(plan.messages_column), has_turns=bool(plan.turns_column))
+        if isinstance(conv, str):
+            buf.fail(i, conv)
+            return None
+        buf.conversations[i] = conv
+        return self.request(buf, i, conv)
+
+    def request(self, buf, i: int, conv: Conversation) -> tuple | None:
+        """(buf, row, what is sent) for the conversation's current turn: the messages on the chat API, else
+        the text in the model's prompt format. Without the engine's own token count, a conversation that
+        outgrows the context is a row error here (conversations are never truncated)."""
+        chat = getattr(self.protocol, "chat", False)
+        sent = [dict(m) for m in conv.messages] if chat else \
+            render_messages(conv.messages, self.cfg.model.prompt, conv.attributes)
+        if not self.exact_tokens:
+            size = sum(len(m["content"].encode()) for m in sent) if chat else len(sent.encode())
+            estimate = size / self.cfg.data.bytes_per_token
+            if estimate > self.context:
+                buf.fail(i, f"the conversation is about {estimate:.0f} tokens ({size} bytes), longer than the "
+                            f"model's {self.context}-token context (data.truncate_prompts does not cut conversations)")
+                return None
+        return buf, i, sent, None, 1
+
+    def next_turns(self, batch) -> list[list]:
+        """The next turn of every conversation a batch just answered, in batches: the client queues them
+        ahead of new rows."""
+        follow: list = []
+        for buf in dict.fromkeys(item[0] for item in batch):
+            rows, buf.next_turn = buf.next_turn, []
+            for i in rows:
+                item = self.request(buf, i, buf.conversations[i])
+                if item is not None:
+                    follow.append(item)
+        size = self.protocol.batch_size
+        return [follow[start:start + size] for start in range(0, len(follow), size)]

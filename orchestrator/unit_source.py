@@ -1,0 +1,274 @@
+"""The rows of a unit still to do, as requests for the client's workers (see UnitSource), and the unit's
+results as they come in (UnitBuffer).
+
+A unit's rows that its journals hold (an earlier run of it was interrupted), or that a retried unit's commit
+kept, are taken as they are; only the others are sent, one request per rollout or run of rollouts, in
+batches of the engine's batch size. It knows nothing of HTTP.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import pyarrow as pa
+
+from .config import Config
+from .context import ContextFit
+from .conversation import Conversation, Turns, conversation_rows
+from .journal import Entry, Journals, UnitJournal
+from .prompts import format_prompt, postprocess
+from .work import Plan, UnitReader, UnitStats, rollout_seed
+
+
+class UnitBuffer:
+    """Results of one unit, filled in any order, committed once every row has an outcome. A row that is a
+    conversation has its outcome after its last turn (or its first failed one): the unit commits whole
+    conversations only. Rows whose outcome is new are listed in `fresh` until the client appends them to
+    the unit's journal (see journal.py).
+
+    With sampling.rollouts = N > 1 a "row" here is one answer: input row r's rollout k is row r * N + k
+    (rows counts them all), so the journal, replay and retry_failed work per rollout."""
+
+    def __init__(self, unit: int, rows: int, turns: bool = False, rollouts: int = 1):
+        self.unit, self.rollouts = unit, rollouts
+        self.responses: list | None = [None] * rows if turns else None  # every turn's answer (data.turns_column)
+        self.kept: dict[str, list] = {}  # data.keep_columns: arrow chunks in row order
+        self.conversations: dict[int, Conversation] = {}  # rows between turns
+        self.next_turn: list[int] = []  # rows whose next turn is ready to send
+        self.ids: list = []
+        self.response: list = [None] * rows
+        self.status: list = [None] * rows
+        self.error: list = [None] * rows
+        self.output_tokens: list = [None] * rows
+        self.latency: list = [None] * rows
+        self.attempts: list = [0] * rows
+        self.remaining = rows
+        self.read_done = False
+        self.abandoned = False  # another copy of the unit committed first: its rows are not sent any more
+        self.retryable = 0  # failed rows the engine is to blame for: a rerun with retry_failed=true may recover them
+        self.blamed: set[int] = set()  # those rows
+        self.fresh: list[int] = []  # rows with an outcome that is not in the unit's journal yet
+        self.journal: UnitJournal | None = None  # this replica's journal of the unit
+        self.replayed_from: list = []  # other replicas' journals replayed into it (removed at the commit)
+
+    def fail(self, i: int, message: str, attempts: int = 0, retryable: bool = False) -> None:
+        conv = self.conversations.pop(i, None)
+        if conv is not None:
+            message, attempts = conv.why(message), conv.attempts + attempts
+        self.status[i], self.error[i], self.attempts[i] = "error", message, attempts
+        self.retryable += retryable
+        if retryable:
+            self.blamed.add(i)
+        self.remaining -= 1
+        self.fresh.append(i)
+
+    def succeed(self, i: int, text: str, tokens: int | None, latency: float, attempts: int,
+                responses: list | None = None) -> None:
+        conv = self.conversations.get(i)
+        if conv is not None:
+            conv.answered(text, tokens, latency, attempts)
+            if not conv.done:
+                self.next_turn.append(i)
+                return
+            del self.conversations[i]
+            responses, tokens, latency, attempts = conv.answers, conv.tokens, conv.latency_s, conv.attempts
+        if self.responses is not None:
+            self.responses[i] = responses
+        self.response[i], self.status[i], self.output_tokens[i] = text, "ok", tokens
+        self.latency[i], self.attempts[i] = latency, attempts
+        self.remaining -= 1
+        self.fresh.append(i)
+
+    def restore(self, i: int, entry: Entry) -> None:
+        """A row's outcome as a journal (or a retried unit's commit) holds it: nothing to send, nothing
+        to journal again."""
+        if self.responses is not None:
+            self.responses[i] = entry.responses
+        self.status[i], self.response[i], self.error[i] = entry.status, entry.response, entry.error
+        self.output_tokens[i], self.latency[i], self.attempts[i] = entry.output_tokens, entry.latency_s, entry.attempts
+        if entry.blamed and entry.status == "error":
+            self.retryable += 1
+            self.blamed.add(i)
+        self.remaining -= 1
+
+    def journal_record(self, rows: list[int]) -> dict:
+        """These rows' outcomes as one journal record: a list per column (see journal.py)."""
+        ids, status = self.ids, self.status
+        record = {"i": rows, "id": [ids[i] for i in rows], "response": [self.response[i] for i in rows],
+                  "tokens": [self.output_tokens[i] for i in rows], "latency": [self.latency[i] for i in rows],
+                  "attempts": [self.attempts[i] for i in rows]}
+        if any(status[i] != "ok" for i in rows):
+            record.update(status=[status[i] for i in rows], error=[self.error[i] for i in rows],
+                          blamed=[i for i in rows if i in self.blamed])
+        if self.responses is not None:
+            record["responses"] = [self.responses[i] for i in rows]
+        return record
+
+    def keep(self, part: pa.RecordBatch, columns: list[str]) -> None:
+        """The kept input columns of rows just read (categoricals as their values)."""
+        repeat = pa.array([r for r in range(part.num_rows) for _ in range(self.rollouts)], pa.int64()) \
+            if columns and self.rollouts > 1 else None
+        for name in columns:
+            column = part.column(name)
+            column = column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+            self.kept.setdefault(name, []).append(column.take(repeat) if repeat is not None else column)
+
+    @property
+    def complete(self) -> bool:
+        return self.read_done and self.remaining == 0
+
+    def table(self, schema: pa.Schema) -> tuple[pa.Table, UnitStats]:
+        columns = {
+            "id": pa.array(self.ids, schema.field("id").type), "response": pa.array(self.response, pa.string()),
+            "responses": pa.array(self.responses or [], pa.list_(pa.string())),
+            "status": pa.array(self.status, pa.string()), "error": pa.array(self.error, pa.string()),
+            "output_tokens": pa.array(self.output_tokens, pa.int64()), "latency_s": pa.array(self.latency, pa.float64()),
+            "attempts": pa.array(self.attempts, pa.int32()),
+        }
+        if "rollout" in schema.names:  # answer i is rollout i % N of its input row
+            columns["rollout"] = pa.array([i % self.rollouts for i in range(len(self.ids))], pa.int32())
+        for name in schema.names:
+            if name not in columns:  # a kept input column
+                kind, chunks = schema.field(name).type, self.kept.get(name, [])
+                columns[name] = pa.concat_arrays([c.cast(kind) for c in chunks]) if chunks else pa.array([], kind)
+        table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+        ok = sum(1 for s in self.status if s == "ok")
+        tokens = sum(t for t in self.output_tokens if t)
+        return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1, self.retryable)
+
+
+
+class UnitSource:
+    """Queues the rows of the units the client claims: a request is (buf, first answer, what is sent, seed,
+    answers), and the queue takes lists of them (a batch, one HTTP request). A unit being read is in
+    `active`; its rows with an outcome are journaled through `journal_soon`, and a unit complete once read
+    is committed through `commit`."""
+
+    def __init__(self, cfg: Config, plan: Plan, protocol, journals: Journals, stats, *, attempt: str,
+                 retry_units: set, active: dict, turns: Turns, fit: ContextFit,
+                 journal_soon: Callable[[UnitBuffer], None], commit: Callable[[UnitBuffer], Awaitable[None]]):
+        self.cfg, self.plan, self.protocol, self.journals, self.stats = cfg, plan, protocol, journals, stats
+        self.attempt, self.retry_units, self.active = attempt, retry_units, active
+        self.turns, self.fit, self.journal_soon, self.commit = turns, fit, journal_soon, commit
+        self.rollouts = plan.rollouts  # answers per input row: fixed with the plan (and checked by the fingerprint)
+        self.reader = UnitReader(plan, cfg.data.read_batch_rows)
+
+    def _start_journal(self, unit: int, rows: int, relist: bool):
+        if relist:
+            self.journals.scan()
+        return self.journals.start(unit, rows)
+
+    async def read(self, unit: int, batch: list, queue: asyncio.Queue, keep: dict | None = None,
+                   relist: bool = False) -> list:
+        """Queue a unit's rows. The rows its journals hold (an earlier run of it was interrupted) are taken
+        from them, not sent; with keep (a retried unit's committed columns), its ok rows are kept as they
+        are. Only the others are sent."""
+        fmt, batch_size, plan, n = self.cfg.model.prompt, self.protocol.batch_size, self.plan, self.rollouts
+        rows = plan.unit_answers(unit)  # result rows: input rows x rollouts
+        buf = UnitBuffer(unit, rows, turns=bool(plan.turns_column), rollouts=n)
+        self.active[unit] = buf
+        journal, replay, buf.replayed_from = await asyncio.to_thread(self._start_journal, unit, rows, relist)
+        if journal is not None:
+            buf.journal = journal
+            self.journals.open.add(journal)
+        # a retried unit redoes its failed rows: a journal's errors count only when this attempt made them
+        retrying = unit in self.retry_units
+        for ids, part in self.reader.read_parts(unit):
+            base = len(buf.ids)
+            buf.ids.extend(ids if n == 1 else [ident for ident in ids for _ in range(n)])
+            buf.keep(part, plan.keep_columns)
+            prompts = conversation_rows(part, plan) if plan.conversational else \
+                part.column(plan.prompt_column).to_pylist()
+            for offset, prompt in enumerate(prompts):
+                first = base + offset * n  # the row's first answer (rollout 0)
+                todo = []  # its rollouts to ask for: those neither kept nor journaled
+                for i in range(first, first + n):
+                    if keep is not None and keep["status"][i] == "ok":
+                        buf.restore(i, Entry(ids[offset], "ok", keep["response"][i], None, keep["output_tokens"][i],
+                                             keep["latency_s"][i], keep["attempts"][i], False,
+                                             (keep.get("responses") or [None] * (i + 1))[i], None))
+                        continue
+                    entry = replay.get(i) if replay else None
+                    if entry is not None and entry.id == ids[offset] and \
+                            (not retrying or entry.status == "ok" or entry.attempt == self.attempt):
+                        buf.restore(i, entry)
+                        self.stats.journal_rows += 1
+                        continue
+                    todo.append(i - first)
+                if not todo:
+                    continue
+                i = first
+                if plan.conversational:  # one answer per row (sampling.rollouts > 1 refuses conversations)
+                    item = self.turns.start(buf, i, prompt)
+                    if item is not None:
+                        batch.append(item)
+                        if len(batch) >= batch_size:
+                            await queue.put(batch)
+                            batch = []
+                    continue
+                prompt, problem = await self.fit.fit(prompt)
+                if problem:
+                    for k in todo:
+                        buf.fail(first + k, problem)
+                    continue
+                for item in self.requests(buf, first, format_prompt(prompt, fmt), ids[offset], todo):
+                    batch.append(item)
+                    if len(batch) >= batch_size:
+                        await queue.put(batch)
+                        batch = []
+            if buf.fresh:
+                self.journal_soon(buf)
+        buf.read_done = True
+        if buf.complete:
+            await self.commit(buf)
+        return batch
+
+    def requests(self, buf: UnitBuffer, first: int, sent: str, row_id, todo: list[int]) -> list[tuple]:
+        """The requests for a row's rollouts `todo`: (buf, first answer, what is sent, seed, answers). One
+        answer: the configured seed. Rollouts: rollout k is sampled with rollout_seed(...) + k; a run of
+        consecutive rollouts goes in one request with n where the engine answers n as separate requests with
+        seeds seed, seed + 1, ... (vLLM; sampling.rollouts_in_one_request), else one request each. NeMo's
+        copies (rollouts_in_one_request there): the row's rollouts in blocks of up to 128 copies, block b
+        seeded base + b x 128; a block is always sent whole (a copy's answer depends on the batch), and only
+        the answers of `todo` are taken (see Client._send)."""
+        if self.rollouts == 1:
+            return [(buf, first, sent, None, 1)]
+        base = rollout_seed(self.cfg.sampling.seed, row_id)
+        most = getattr(self.protocol, "max_n", 1)
+        if getattr(self.protocol, "copies", False):
+            blocks = sorted({k // most for k in todo})
+            return [(buf, first + b * most, sent, base + b * most, min(most, self.rollouts - b * most)) for b in blocks]
+        items: list[tuple] = []
+        for k in todo:
+            last = items[-1] if items else None
+            if last is not None and last[1] + last[4] == first + k and last[4] < most:  # extends the previous run
+                items[-1] = last[:4] + (last[4] + 1,)
+            else:
+                items.append((buf, first + k, sent, base + k, 1))
+        return items
+
+
+def settle_answers(batch: list[tuple], completions: list, latency: float, attempt: int, end_strings: list[str],
+                   strip: bool) -> tuple[int, int]:
+    """A request's completions into its rows (a NeMo copy whose answer the row already has is skipped): the
+    answers taken and the tokens they generated."""
+    got, settled, tokens = iter(completions), 0, 0
+    for buf, i, sent, _, count in batch:
+        for k, comp in zip(range(count), got):
+            if buf.status[i + k] is None:  # not a NeMo copy whose answer the row already has
+                buf.succeed(i + k, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens,
+                            latency, attempt)
+                settled += 1
+                tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
+    return settled, tokens
+
+
+def settle_failures(batch: list[tuple], error: str, attempt: int, retryable: bool) -> int:
+    """A request that failed for good: its rows without an outcome are errors; how many."""
+    settled = 0
+    for buf, i, _, _, count in batch:
+        for k in range(count):
+            if buf.status[i + k] is None:
+                buf.fail(i + k, error, attempt, retryable)
+                settled += 1
+    return settled
