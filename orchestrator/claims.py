@@ -33,8 +33,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import fsops
+from .rundir import RunPaths
 from .sinks import sink_for
-from .work import RunPaths
 
 WAIT = "wait"
 

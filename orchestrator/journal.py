@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import fsops
-from .work import RunPaths
+from .rundir import RunPaths
 
 log = logging.getLogger(__name__)
 

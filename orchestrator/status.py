@@ -17,10 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 from .clusters.base import ACTIVE_STATES, adapter_named
+from .commits import UnitStats, committed_rows, error_reason, scan_committed
 from .errors import RunError
+from .plan import Plan
 from .report import busy_seconds
+from .rundir import RunPaths, atomic_write_text
 from .sinks import sink_for, sink_of_file
-from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, error_reason, scan_committed
 
 WINDOW_S = 60.0  # what "recent" means for rates and the ETA
 LOG_LINES = 8
