@@ -43,7 +43,7 @@ def write_prompts(path: Path, n: int, row_group_rows: int = 65536, chunk: int = 
 
 
 class Engine:
-    """The embedded engine as its own process (`python -m orchestrator.engines.embedded`)."""
+    """The embedded engine as its own process (`python -m orchestrator.simulator`)."""
 
     def __init__(self, workdir: Path, **settings):
         self.workdir = workdir
@@ -54,7 +54,7 @@ class Engine:
     def start(self, timeout_s: float = 30.0) -> "Engine":
         port_file = self.workdir / "engine.port"
         port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "orchestrator.engines.embedded", "--port", "0", "--port-file", str(port_file)]
+        cmd = [sys.executable, "-m", "orchestrator.simulator", "--port", "0", "--port-file", str(port_file)]
         for key, value in self.settings.items():
             cmd += ["--" + key.replace("_", "-"), str(value)]
         self.log = open(self.workdir / "engine.log", "ab")

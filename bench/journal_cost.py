@@ -11,9 +11,9 @@ import statistics
 import time
 
 from _common import cleanup, cpu_probe, load, machine, tmpdir
-from orchestrator.client import UnitBuffer
+from orchestrator.unit_source import UnitBuffer
 from orchestrator.journal import Journals
-from orchestrator.work import RunPaths
+from orchestrator.rundir import RunPaths
 
 UNITS, UNIT_ROWS, BATCH = 49, 2048, 128
 TEXT = "[simulated] " + "word " * 16  # an answer of 16 tokens

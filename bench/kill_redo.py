@@ -35,8 +35,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from _common import REPO, cleanup, cpu_probe, hydra_quote, load, machine, tmpdir, write_prompts
-from orchestrator.engines import embedded
-from orchestrator.engines.embedded import EngineSettings, EngineThread
+from orchestrator.simulator.app import EngineThread
+from orchestrator.simulator.engine import _Engine
+from orchestrator.simulator.model import EngineSettings
 
 IN_FLIGHT = 64
 TOKENS = 16
@@ -79,7 +80,7 @@ class Counting:
 
     def install(self) -> None:
         for name in ("completions", "chat_completions"):
-            original = getattr(embedded._Engine, name)
+            original = getattr(_Engine, name)
             self.originals[name] = original
 
             async def counted(engine, request, _original=original):
@@ -89,7 +90,7 @@ class Counting:
                     self.asked[int(found.group(1))] += 1
                 return await _original(engine, request)
 
-            setattr(embedded._Engine, name, counted)
+            setattr(_Engine, name, counted)
 
     def distinct(self) -> int:
         return len(self.asked)

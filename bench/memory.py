@@ -42,8 +42,9 @@ def child(url: str, data: str, run_dir: str, out: str, *overrides: str) -> None:
     from _common import hydra_quote
     from orchestrator.client import Client
     from orchestrator.config import compose
-    from orchestrator.launch import prepare
-    from orchestrator.work import Plan, RunPaths
+    from orchestrator.preflight import prepare
+    from orchestrator.plan import Plan
+    from orchestrator.rundir import RunPaths
 
     cfg = compose(["engine=endpoint", f"engine.url={url}", f"sampling.tokens_to_generate={TOKENS}",
                    f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}", *overrides])

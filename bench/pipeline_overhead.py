@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from _common import CpuWatch, Engine, cleanup, cpu_probe, hydra_quote, load, machine, run_orchestrator, tmpdir, write_prompts
 from orchestrator.config import compose
-from orchestrator.engines.codecs import NemoCodec
+from orchestrator.protocols.nemo import NemoCodec
 from orchestrator.prompts import format_prompt
 
 TOKENS = 16

@@ -3,7 +3,7 @@
 
 Input: N rows (`id`: string `id-<n>`, `prompt`: string) spread over --files Parquet files (default 1,000),
 written by a subprocess into a temporary directory. Each prepare runs in its own subprocess:
-`orchestrator.config.compose([data.input=..., run_dir=...])` then `orchestrator.launch.prepare(cfg)`, the
+`orchestrator.config.compose([data.input=..., run_dir=...])` then `orchestrator.preflight.prepare(cfg)`, the
 CLI's step before anything is submitted (footers, plan.json, fingerprint, the duplicate-id scan over every
 id). Its peak RSS is the child's ru_maxrss from os.wait4 (KiB on Linux), read per child rather than
 getrusage(RUSAGE_CHILDREN), which would also count the input writer. On Linux a child's ru_maxrss starts at
@@ -13,7 +13,7 @@ prints its own peak, below every child's figure. Target: <= 1 GiB at 100M rows, 
 second pass that finds the examples (the figure covers both passes).
 
 Status: a run directory whose plan has --units units (one row each), every unit committed with
-`orchestrator.work.commit_unit`, one in ten holding a failed row (5,000 units to group errors from), each
+`orchestrator.commits.commit_unit`, one in ten holding a failed row (5,000 units to group errors from), each
 with its error groups in its stats as the client records them (--ungrouped: without, as before). Timed:
 `python -m orchestrator.cli status RUN_DIR` as a command, twice (with --ungrouped the first reads the failed
 units' error columns, the second finds them in work/status-errors.json), and in one process
@@ -71,8 +71,8 @@ def prepare_child(data: str, run_dir: str, out: str) -> None:
     import resource
 
     from orchestrator.config import compose
-    from orchestrator.launch import prepare
-    from orchestrator.work import InputError
+    from orchestrator.errors import InputError
+    from orchestrator.preflight import prepare
 
     cfg = compose([f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}"])
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -94,9 +94,10 @@ def fabricate(folder: str, units: str, out: str, grouped: str = "1") -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from orchestrator.commits import commit_unit, error_summary
     from orchestrator.config import compose
-    from orchestrator.launch import prepare
-    from orchestrator.work import commit_unit, error_summary, result_schema
+    from orchestrator.plan import result_schema
+    from orchestrator.preflight import prepare
 
     units, grouped = int(units), grouped == "1"
     src = Path(folder) / "status-input.parquet"

@@ -17,9 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.commits import committed_rows, committed_stats, scan_committed
 from orchestrator.config import compose
-from orchestrator.launch import prepare
-from orchestrator.work import RunPaths, committed_rows, committed_stats, scan_committed
+from orchestrator.preflight import prepare
+from orchestrator.rundir import RunPaths
 
 units = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
 root = Path(tempfile.mkdtemp(prefix="bench-resume-"))

@@ -3,8 +3,8 @@ commit code on a real directory: what a run of 1,000 replicas costs the filesyst
 ideal it finishes with slow and dying replicas.
 
 Each simulated replica is a `claims.Scheduler` (its clock is the simulation's) that opens the unit's
-journal (`journal.Journals`), commits with `work.commit_unit`, removes the journal and writes progress
-with `work.write_progress`, as the client does, and beats every `lease_s / 4`. A unit's service time is lognormal (mean --service-s); a fraction of the
+journal (`journal.Journals`), commits with `commits.commit_unit`, removes the journal and writes progress
+with `commits.write_progress`, as the client does, and beats every `lease_s / 4`. A unit's service time is lognormal (mean --service-s); a fraction of the
 replicas is --slow-factor times slower; a fraction dies at a random moment (its claims stay behind).
 Every metadata operation is counted by `orchestrator.fsops` (the count is checked against strace on
 real `orchestrator run` processes by `bench/strace_claims.py`).
@@ -36,8 +36,9 @@ import pyarrow as pa
 
 from orchestrator import fsops
 from orchestrator.claims import WAIT, Scheduler, result_exists
+from orchestrator.commits import Ledger, commit_unit, write_progress
 from orchestrator.journal import Journals
-from orchestrator.work import Ledger, RunPaths, commit_unit, write_progress
+from orchestrator.rundir import RunPaths
 
 
 def simulate(R: int, U: int, args, root: Path) -> dict:

@@ -5,8 +5,10 @@ import time
 from pathlib import Path
 
 from .clusters.base import ACTIVE_STATES, adapter_named
+from .commits import scan_committed
+from .plan import Plan
+from .rundir import RunPaths
 from .status import cluster_name, open_run, read_json
-from .work import Plan, RunPaths, scan_committed
 
 
 def cancel(run_dir: str | Path, wait_s: float = 60.0) -> str:

@@ -9,7 +9,7 @@ filesystem's metadata server that stays flat in the number of replicas.
   polled while free ones are left.
 - When no unit is free, an idle replica runs a backup copy of a unit still held by another
   (`<unit>.b<k>`, at most `client.backups` copies per unit), as MapReduce does for stragglers: the
-  first commit wins (`work.commit_unit` links, never replaces), the loser's rows are discarded and
+  first commit wins (`commits.commit_unit` links, never replaces), the loser's rows are discarded and
   counted. A holder that has been silent for `client.lease_s` (no heartbeat) loses its claim to the
   first idle replica that looks. An idle replica looks every `lease_s / 4` (at most 5 s), two
   listings (claims and results) each time, and at once when a unit of its own commits. An idle
@@ -33,8 +33,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import fsops
+from .rundir import RunPaths
 from .sinks import sink_for
-from .work import RunPaths
 
 WAIT = "wait"
 

@@ -30,7 +30,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def cmd_run(cfg) -> None:
-    from .launch import run
+    from .frontend import run
 
     run(cfg)
 
@@ -90,7 +90,7 @@ def cmd_serve_engine(cfg) -> None:
 
 
 def cmd_render(cfg) -> None:
-    from .launch import render
+    from .render import render
 
     for path in render(cfg):
         print(path)

@@ -26,15 +26,19 @@ import pyarrow as pa
 from .config import ClientConfig, Config, config_yaml
 from .errors import EngineError, RunError
 from .engines import auth
-from .engines.codecs import EngineInfo, make_codec, openai_api
-from .context import ContextFit, check_prompt  # noqa: F401 - check_prompt: re-exported
+from .protocols import make_codec
+from .protocols.base import EngineInfo
+from .protocols.openai import openai_api
+from .context import ContextFit
 from .conversation import Turns
 from .claims import WAIT, Scheduler, result_exists
 from .journal import Journals, UnitJournal, settings_digest
-from .sender import Answered, EngineHung, EngineLost, Sender  # noqa: F401 - EngineHung: re-exported
+from .sender import Answered, EngineLost, Sender
 from .unit_source import UnitBuffer, UnitSource, settle_answers, settle_failures
-from .work import (Ledger, Plan, RunPaths, UnitStats, commit_unit, done_units, error_summary, kept_rows, mark_retried,
-                   result_schema, retried, retry_units, write_progress)
+from .commits import (Ledger, UnitStats, commit_unit, done_units, error_summary, kept_rows, mark_retried, retried,
+                      retry_units, write_progress)
+from .plan import Plan, result_schema
+from .rundir import RunPaths
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, get_args, get_
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import ConfigError  # noqa: F401 - re-exported
+from .errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent

@@ -8,8 +8,8 @@ import asyncio
 import aiohttp
 
 from .config import Config
-from .engines.codecs import EngineInfo, TransientError
 from .prompts import format_prompt
+from .protocols.base import EngineInfo, TransientError
 
 
 def check_prompt(value) -> str | None:

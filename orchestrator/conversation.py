@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import Config
+from .plan import Plan
 from .prompts import render_messages
-from .work import Plan
 
 ROLES = ("system", "user", "assistant")
 

@@ -19,8 +19,9 @@ from .node import NodeJob
 from .preflight import prepare
 from .report import _failed_summary, _kept_summary, _summary_extra, build_summary, one_line, write_summary
 from .runlock import RunLock
-from .work import (Plan, RunPaths, committed_rows, done_units, log_event, remaining_units, retried_units,
-                   scan_committed, write_retry_units)
+from .commits import committed_rows, done_units, remaining_units, retried_units, scan_committed, write_retry_units
+from .plan import Plan
+from .rundir import RunPaths, log_event
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}

@@ -13,10 +13,11 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from .commits import error_reason
 from .errors import RunError
+from .rundir import RunPaths, atomic_write_text
 from .sinks import sink_for
-from .status import collect, error_reason, read_requests
-from .work import RunPaths, atomic_write_text
+from .status import collect, read_requests
 
 MAX_REASONS = 6  # error groups drawn one by one; the rest are "other"
 

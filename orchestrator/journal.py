@@ -1,6 +1,6 @@
 """Per-row durability inside a unit of work: a journal beside each unit that is not committed yet.
 
-A unit commits whole (`work.commit_unit`: one Parquet file, published by a link), so readers of
+A unit commits whole (`commits.commit_unit`: one Parquet file, published by a link), so readers of
 `results/` never see part of one. Until it commits, every row of it that has an outcome (an answer,
 or the error it would be committed with; a conversation once its last turn is answered) is appended
 to `work/journal/<unit>.<owner>.jsonl` as soon as its request is answered: one write on a file held
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import fsops
-from .work import RunPaths
+from .rundir import RunPaths
 
 log = logging.getLogger(__name__)
 

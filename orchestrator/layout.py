@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .config import DTYPE_BYTES, ArchitectureConfig, Config, LayoutConfig, ModelConfig
-from .errors import LayoutError  # noqa: F401 - re-exported
+from .errors import LayoutError
 
 GB = 1e9
 

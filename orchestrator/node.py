@@ -7,7 +7,6 @@ one-token generation, runs the client, and stops every rank. The other nodes' ta
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import threading
@@ -15,12 +14,14 @@ from pathlib import Path
 
 from .clusters.base import cluster_for
 from .clusters.environment import job_environment
+from .commits import remaining_units
 from .config import Config
 from .engines.server import EngineServer
 from .errors import OrchestratorError
+from .plan import Plan
 from .preflight import check_engine_identity
 from .report import _failed_summary, _final_summary
-from .work import Plan, RunPaths, log_event, remaining_units
+from .rundir import RunPaths, log_event
 
 
 def engine_server(cfg: Config, paths: RunPaths, attempt: str, replica: int) -> EngineServer:
@@ -81,7 +82,8 @@ class NodeJob:
         return submitit.helpers.DelayedSubmission(NodeJob(*self.args))
 
     def run_node0(self) -> dict:
-        from .client import Client, EngineLost
+        from .client import Client
+        from .sender import EngineLost
 
         cfg, run_dir, attempt, started_at, replica = self.args
         paths = RunPaths(Path(run_dir))

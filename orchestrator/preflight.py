@@ -10,9 +10,10 @@ from pathlib import Path
 from .clusters.base import cluster_for
 from .config import Config, config_yaml
 from .engines.base import adapter_for, check_engine
-from .errors import ConfigError, EngineError, RunError
+from .errors import ConfigError, EngineError, InputError, RunError
 from .layout import build_layout
-from .work import InputError, Plan, RunPaths, apply_duplicate_policy, atomic_write_text, build_plan, publish_once
+from .plan import Plan, apply_duplicate_policy, build_plan
+from .rundir import RunPaths, atomic_write_text, publish_once
 
 
 def check_writable(root: Path) -> None:
@@ -103,8 +104,8 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
 
 
 def _nemo_copies(cfg: Config) -> bool:
-    """codecs.nemo_copies, on an engine that may speak NeMo's protocol."""
-    from .engines.codecs import nemo_copies
+    """protocols.nemo.nemo_copies, on an engine that may speak NeMo's protocol."""
+    from .protocols.nemo import nemo_copies
 
     return adapter_for(cfg).protocol_for(cfg) in ("nemo", None) and nemo_copies(cfg)
 

@@ -9,7 +9,7 @@ from .config import Config, config_yaml
 from .layout import build_layout
 from .node import engine_server
 from .preflight import check_launch
-from .work import RunPaths, atomic_write_text
+from .rundir import RunPaths, atomic_write_text
 
 
 def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:

@@ -9,8 +9,9 @@ from pathlib import Path
 from . import fsops
 from .config import Config
 from .errors import OrchestratorError
-from .work import (Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, log_event, remaining_units,
-                   scan_committed)
+from .commits import UnitStats, committed_rows, remaining_units, scan_committed
+from .plan import Plan
+from .rundir import RunPaths, atomic_write_text, log_event
 
 
 def attempt_progress(paths: RunPaths, attempt: str | None) -> list[dict]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunError
-from .sinks import RESULT_PREFIX, sink_for  # noqa: F401 - RESULT_PREFIX re-exported
+from .sinks import sink_for
 
 
 @dataclass

@@ -11,7 +11,7 @@ from .clusters.base import cluster_for
 from .clusters.environment import job_environment
 from .config import Config
 from .errors import RunError
-from .work import RunPaths, atomic_write_text, publish_once
+from .rundir import RunPaths, atomic_write_text, publish_once
 
 
 def _incarnation() -> list | None:

@@ -16,7 +16,7 @@ import aiohttp
 
 from .config import ClientConfig
 from .errors import EngineError
-from .engines.codecs import MalformedAnswer, RejectedError, TransientError
+from .protocols.base import MalformedAnswer, RejectedError, TransientError
 
 
 class EngineLost(EngineError):

@@ -17,10 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 from .clusters.base import ACTIVE_STATES, adapter_named
+from .commits import UnitStats, committed_rows, error_reason, scan_committed
 from .errors import RunError
+from .plan import Plan
 from .report import busy_seconds
+from .rundir import RunPaths, atomic_write_text
 from .sinks import sink_for, sink_of_file
-from .work import Plan, RunPaths, UnitStats, atomic_write_text, committed_rows, error_reason, scan_committed
 
 WINDOW_S = 60.0  # what "recent" means for rates and the ETA
 LOG_LINES = 8
@@ -93,7 +95,7 @@ def _cached_entry(entry, key: list, known: int) -> bool:
 
 
 def _recorded_errors(record: dict) -> bool:
-    """Whether a unit's commit grouped its failed rows itself (work.error_summary): [[reason, example, rows]]."""
+    """Whether a unit's commit grouped its failed rows itself (commits.error_summary): [[reason, example, rows]]."""
     groups = record.get("errors")
     try:
         return isinstance(groups, list) and all(isinstance(r, str) and isinstance(e, str) and isinstance(n, int)
@@ -104,7 +106,7 @@ def _recorded_errors(record: dict) -> bool:
 
 def error_groups(paths: RunPaths, stats: dict[int, dict]) -> list[dict]:
     """Failed rows of the committed units grouped by reason, most frequent first. A commit records its
-    unit's groups in its stats (work.error_summary), so nothing is read for it. Only units whose commit
+    unit's groups in its stats (commits.error_summary), so nothing is read for it. Only units whose commit
     counted failed rows without them (an older version's, or more than MAX_ERROR_GROUPS reasons) are read,
     and of those only the status and error columns, each commit once: what a unit's file held is kept in
     work/status-errors.json (when the run directory is writable), so a later status reads only the units

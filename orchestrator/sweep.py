@@ -61,7 +61,7 @@ class Sweep:
         self.dir: Path | None = None
 
     def add(self, cfg, name: str, overrides: list[str], sweep_dir: str) -> None:
-        from .launch import submit
+        from .frontend import submit
 
         self.dir = Path(sweep_dir).resolve()
         member = {"name": name or "(no overrides)", "overrides": list(overrides), "run_dir": cfg.run_dir,
@@ -82,14 +82,14 @@ class Sweep:
         record = [{"name": m["name"], "overrides": m["overrides"], "run_dir": m["run_dir"],
                    "jobs": [str(j.job_id) for j in m["submission"].jobs] if m["submission"] else [],
                    "error": m["error"]} for m in self.members]
-        from .work import atomic_write_text
+        from .rundir import atomic_write_text
 
         atomic_write_text(self.dir / "sweep.json", json.dumps({"members": record}, indent=1) + "\n")
 
     def finish(self, wait: bool) -> int:
         """Follow every member (wait=true) or report their jobs; print the table; the exit status."""
-        from .launch import Interrupted, follow, report_submitted, submit_jobs
-        from .work import RunPaths
+        from .frontend import Interrupted, follow, report_submitted, submit_jobs
+        from .rundir import RunPaths
 
         pending = [m for m in self.members if m["submission"] is not None and m["submission"].summary is None]
         try:

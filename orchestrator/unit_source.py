@@ -12,12 +12,14 @@ from typing import Awaitable, Callable
 
 import pyarrow as pa
 
+from .commits import UnitStats
 from .config import Config
 from .context import ContextFit
 from .conversation import Conversation, Turns, conversation_rows
 from .journal import Entry, Journals, UnitJournal
+from .plan import Plan, rollout_seed
 from .prompts import format_prompt, postprocess
-from .work import Plan, UnitReader, UnitStats, rollout_seed
+from .reader import UnitReader
 
 
 class UnitBuffer:

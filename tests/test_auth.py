@@ -29,7 +29,9 @@ from orchestrator.engines.auth import KeyRefused, TLSFailure
 from orchestrator.engines.base import check_engine
 from orchestrator.engines.server import EngineServer
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.launch import prepare, render, run
+from orchestrator.frontend import run
+from orchestrator.preflight import prepare
+from orchestrator.render import render
 from tests.conftest import ROOT, orchestrator_cmd, write_prompts
 
 KEY_ENV = "ORCHESTRATOR_TEST_API_KEY"
@@ -51,7 +53,7 @@ def engine_process(tmp_path: Path, *extra: str, env: dict | None = None, routes:
                    scheme: str = "http"):
     """The embedded engine as a separate process (a server that is already running: engine=endpoint)."""
     port_file = tmp_path / f"engine-{secrets.token_hex(4)}.port"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.engines.embedded", "--port", "0", "--port-file",
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.simulator", "--port", "0", "--port-file",
                              str(port_file), "--routes", routes, "--model-name", "served-model", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import compose
-from orchestrator.launch import prepare
-from orchestrator.work import InputError
+from orchestrator.errors import InputError
+from orchestrator.preflight import prepare
 from tests.conftest import write_prompts
 
 EXE = shutil.which("orchestrator")
@@ -102,7 +102,7 @@ def test_a_null_id_among_good_ids_is_refused_before_submitting(tmp_path):
     ("client.retry_backoff_max_s=-1", "client.retry_backoff_max_s"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(override, key):
-    from orchestrator.config import ConfigError
+    from orchestrator.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"{key}=.* is out of range"):
         compose([override])
@@ -124,7 +124,7 @@ def test_two_first_starts_at_once_cannot_mix_settings(tmp_path):
 def test_dictionary_encoded_ids_work_end_to_end(tmp_path):
     """pandas categoricals are stored dictionary-encoded; they used to fail inside the job, after the plan
     was fixed, so that run_dir could never succeed."""
-    from orchestrator.launch import run
+    from orchestrator.frontend import run
 
     df = pd.DataFrame({"id": pd.Categorical([f"c{i}" for i in range(30)]), "prompt": [f"q {i}" for i in range(30)]})
     df.to_parquet(tmp_path / "in.parquet")

@@ -7,8 +7,9 @@ import pyarrow as pa
 
 from orchestrator import fsops
 from orchestrator.claims import WAIT, Claim, Scheduler, claim_name, parse_claim, spread
+from orchestrator.commits import Ledger, commit_unit, scan_committed
 from orchestrator.config import compose
-from orchestrator.work import Ledger, RunPaths, commit_unit, scan_committed
+from orchestrator.rundir import RunPaths
 
 STATS = {"rows": 1, "ok": 1, "failed": 0, "output_tokens": 0, "units": 1}
 
@@ -182,7 +183,7 @@ def test_wait_reads_every_state_with_one_sacct_per_poll(tmp_path, monkeypatch):
     """50 jobs of an array: each poll is one sacct call, not 50."""
     import submitit
 
-    from orchestrator.launch import wait_for_jobs
+    from orchestrator.frontend import wait_for_jobs
 
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()

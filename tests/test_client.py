@@ -8,11 +8,14 @@ import pytest
 from aiohttp import web
 
 from orchestrator.client import Client
+from orchestrator.commits import done_units
 from orchestrator.config import compose
-from orchestrator.engines.codecs import NemoCodec, RejectedError, TransientError
-from orchestrator.engines.server import EngineError, EngineServer
-from orchestrator.launch import prepare
-from orchestrator.work import RunPaths, done_units
+from orchestrator.engines.server import EngineServer
+from orchestrator.errors import EngineError
+from orchestrator.preflight import prepare
+from orchestrator.protocols.base import RejectedError, TransientError
+from orchestrator.protocols.nemo import NemoCodec
+from orchestrator.rundir import RunPaths
 from tests.conftest import write_prompts
 
 
@@ -239,7 +242,7 @@ def test_engine_that_never_answers_hits_the_deadline(tmp_path):
 
 
 def test_an_engine_that_disappears_is_lost_not_blamed_on_the_rows(tmp_path):
-    from orchestrator.client import EngineLost
+    from orchestrator.sender import EngineLost
 
     src = write_prompts(tmp_path / "in.parquet", 300)
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10", "client.batch_size=10",
@@ -277,7 +280,7 @@ def test_a_stop_request_after_the_client_ended_is_harmless(tmp_path):
 def test_a_job_with_nothing_left_does_not_start_its_engine(tmp_path):
     """A job requeued after every unit was committed (a node crash, another replica finishing) must not
     load the model again: the engine here cannot even start, and the job still succeeds."""
-    from orchestrator.launch import NodeJob
+    from orchestrator.node import NodeJob
 
     src = write_prompts(tmp_path / "in.parquet", 30)
     cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10"])
@@ -295,7 +298,7 @@ def test_a_job_with_nothing_left_does_not_start_its_engine(tmp_path):
 def test_a_failed_submission_cancels_what_it_submitted(tmp_path, monkeypatch):
     from orchestrator.clusters.local import LocalCluster
     from orchestrator.errors import RunError
-    from orchestrator.launch import run
+    from orchestrator.frontend import run
 
     submitted = []
     real_executor = LocalCluster.executor
@@ -366,7 +369,7 @@ def test_a_commit_groups_its_failed_rows_so_status_reads_no_result_file(tmp_path
     """The first `orchestrator status` of a big run read every failed unit's file (seconds at 5,000 of them):
     the commit now records its unit's error groups, and status takes them from the ledger."""
     from orchestrator import status
-    from orchestrator.work import MAX_ERROR_GROUPS, error_summary
+    from orchestrator.commits import MAX_ERROR_GROUPS, error_summary
 
     prompts = ["fine", None, "", "   ", "also fine", "x" * 100_000] * 3
     src = write_prompts(tmp_path / "in.parquet", 0, prompts=prompts)

@@ -18,8 +18,8 @@ from orchestrator.clusters.base import ACTIVE_STATES, ClusterAdapter, Job, adapt
 from orchestrator.clusters.environment import JobEnvironment, job_environment
 from orchestrator.config import compose
 from orchestrator.errors import RunError
-from orchestrator.launch import TERMINAL_STATES
-from orchestrator.work import RunPaths
+from orchestrator.frontend import TERMINAL_STATES
+from orchestrator.rundir import RunPaths
 
 ROOT = Path(__file__).resolve().parent.parent
 # pytest imports this file as `test_cluster_contract`, which a job cannot import: submitit's cloudpickle sends

@@ -2,7 +2,8 @@
 import pytest
 
 from orchestrator.config import compose
-from orchestrator.engines.codecs import EngineInfo, RejectedError, TransientError, make_codec
+from orchestrator.protocols import make_codec
+from orchestrator.protocols.base import EngineInfo, RejectedError, TransientError
 
 
 def codec(protocol, *overrides, **info):
@@ -74,17 +75,14 @@ def test_greedy_and_seed_map_to_each_protocol():
     assert n["greedy"] is True and n["random_seed"] == 7
 
 
-def test_every_protocol_is_one_module_in_the_registry_and_the_old_modules_re_export_it():
+def test_every_protocol_is_one_module_in_the_registry():
     from orchestrator import protocols
     from orchestrator.config import PROTOCOLS
-    from orchestrator.engines import codecs, probe
 
     assert set(protocols.BY_NAME) == set(PROTOCOLS)  # config.py keeps the choices: it sits below protocols
     for name, module in protocols.BY_NAME.items():
         assert module.NAME == name and module.Codec.name == name and protocols.CODECS[name] is module.Codec
         assert callable(module.detect) and callable(module.discover)
-    assert codecs.NemoCodec is protocols.nemo.NemoCodec and codecs.make_codec is protocols.make_codec
-    assert probe.ready is protocols.ready and probe.Http is protocols.base.Http
 
 
 class Routes:

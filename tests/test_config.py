@@ -2,7 +2,8 @@ import subprocess
 
 import pytest
 
-from orchestrator.config import ConfigError, compose, to_config
+from orchestrator.config import compose, to_config
+from orchestrator.errors import ConfigError
 from tests.conftest import orchestrator_cmd
 
 MODELS = ["nemotron4_340b_instruct", "llama2_70b_steerlm_chat", "nemotron3_8b_chat_steerlm",

@@ -18,12 +18,13 @@ from aiohttp import web
 from orchestrator.client import Client
 from orchestrator.config import PromptConfig, compose
 from orchestrator.conversation import Conversation
-from orchestrator.engines.codecs import EngineInfo
-from orchestrator.engines.embedded import EngineSettings, EngineThread
-from orchestrator.errors import ConfigError
-from orchestrator.launch import prepare
+from orchestrator.errors import ConfigError, InputError
+from orchestrator.plan import build_plan
+from orchestrator.preflight import prepare
 from orchestrator.prompts import format_prompt, render_messages
-from orchestrator.work import InputError, build_plan
+from orchestrator.protocols.base import EngineInfo
+from orchestrator.simulator.app import EngineThread
+from orchestrator.simulator.model import EngineSettings
 from tests.test_client import results, run_client
 
 EXE = shutil.which("orchestrator")

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from orchestrator.engines.embedded import (
+from orchestrator.simulator.app import EngineThread
+from orchestrator.simulator.model import (
     EOS,
     MARKER,
     TURN_END,
     VOCABULARY,
     EngineSettings,
-    EngineThread,
     generate_text,
     is_special,
     render_chat,
@@ -976,7 +976,7 @@ def _wait_for_port_file(proc, port_file) -> str:
 def test_subprocess_with_port_file(tmp_path):
     port_file = tmp_path / "engine.port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.engines.embedded", "--port", "0", "--port-file", str(port_file),
+        [sys.executable, "-m", "orchestrator.simulator", "--port", "0", "--port-file", str(port_file),
          "--model-name", "cli-model", "--seed", "3"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -997,7 +997,7 @@ def test_subprocess_with_port_file(tmp_path):
 def test_subprocess_routes_flag(tmp_path):
     port_file = tmp_path / "engine.port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.engines.embedded", "--port", "0", "--port-file", str(port_file),
+        [sys.executable, "-m", "orchestrator.simulator", "--port", "0", "--port-file", str(port_file),
          "--routes", "triton", "--model-name", "steerlm", "--triton-max-len-input", "max_output_token",
          "--triton-max-batch-size", "2"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -1018,6 +1018,6 @@ def test_subprocess_routes_flag(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--routes", "grpc"], ["--triton-model", "onnx"], ["--triton-max-batch-size", "0"]])
 def test_subprocess_refuses_bad_flags(flags):
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.engines.embedded", *flags], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.simulator", *flags], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "error:" in proc.stderr

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from orchestrator.config import compose
-from orchestrator.engines.server import EngineError, EngineServer, free_port
-from orchestrator.errors import OrchestratorError
-from orchestrator.launch import run
+from orchestrator.engines.server import EngineServer, free_port
+from orchestrator.errors import EngineError, OrchestratorError
+from orchestrator.frontend import run
 from tests.conftest import write_prompts
 
 
@@ -21,7 +21,7 @@ def faithful_server(tmp_path, routes: str, *extra: str, port: int = 0):
     """The embedded engine serving only `routes` (nemo, openai or triton), as a separate process."""
     port_file = tmp_path / f"{routes}.port"
     port_file.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.engines.embedded", "--port", str(port), "--port-file",
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.simulator", "--port", str(port), "--port-file",
                              str(port_file), "--routes", routes, "--model-name", "served-model", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -84,7 +84,7 @@ def test_a_closed_port_fails_fast_and_names_the_url(tmp_path):
 
 def test_engine_url_without_engine_endpoint_is_refused_with_the_fix(tmp_path):
     from orchestrator.errors import ConfigError
-    from orchestrator.launch import prepare
+    from orchestrator.preflight import prepare
 
     src = write_prompts(tmp_path / "in.parquet", 5)
     cfg = compose(["engine.url=http://127.0.0.1:1", f"data.input={src}", f"run_dir={tmp_path / 'r'}"])

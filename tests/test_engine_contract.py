@@ -10,7 +10,7 @@ import pytest
 from orchestrator.config import PROTOCOLS, choices, compose
 from orchestrator.engines.base import EngineAdapter, Rendezvous, adapter_for, check_engine
 from orchestrator.errors import ConfigError
-from orchestrator.launch import render
+from orchestrator.render import render
 
 ENGINES = choices("engine")
 HOSTILE = "/models/a dir/it's $(touch {m}) `x`; \"q\""

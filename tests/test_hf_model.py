@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from orchestrator.config import ConfigError, compose
+from orchestrator.config import compose
+from orchestrator.errors import ConfigError
 from orchestrator.layout import build_layout, problems
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,

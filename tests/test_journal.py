@@ -21,12 +21,14 @@ import pytest
 
 from orchestrator import fsops
 from orchestrator.client import Client
+from orchestrator.commits import write_retry_units
 from orchestrator.config import compose
-from orchestrator.engines import embedded
-from orchestrator.engines.embedded import EngineSettings, EngineThread
 from orchestrator.journal import Journals, header, journal_name, parse, settings_digest
-from orchestrator.launch import prepare
-from orchestrator.work import RunPaths, write_retry_units
+from orchestrator.preflight import prepare
+from orchestrator.rundir import RunPaths
+from orchestrator.simulator.app import EngineThread
+from orchestrator.simulator.engine import _Engine
+from orchestrator.simulator.model import EngineSettings
 from tests.conftest import committed, job_pids, journaled, write_prompts
 
 EXE = shutil.which("orchestrator")
@@ -41,7 +43,7 @@ QUESTION = re.compile(r"Question number (\d+):")
 def counting_engine(monkeypatch):
     """(url, asked): the embedded engine (NeMo route, 50 ms a request), counting how often each row was asked."""
     asked: collections.Counter = collections.Counter()
-    generate = embedded._Engine.generate
+    generate = _Engine.generate
 
     async def counted(self, request):
         body = await request.json()
@@ -51,7 +53,7 @@ def counting_engine(monkeypatch):
                 asked[int(found.group(1))] += 1
         return await generate(self, request)
 
-    monkeypatch.setattr(embedded._Engine, "generate", counted)
+    monkeypatch.setattr(_Engine, "generate", counted)
     with EngineThread(EngineSettings(request_latency_s=0.05)) as engine:
         yield engine.url, asked
 

@@ -1,7 +1,8 @@
 import pytest
 
 from orchestrator.config import compose
-from orchestrator.layout import GPUS, LayoutError, build_layout, parameter_count, problems, valid_layouts
+from orchestrator.errors import LayoutError
+from orchestrator.layout import GPUS, build_layout, parameter_count, problems, valid_layouts
 
 
 def test_340b_bf16_is_valid_on_two_nodes_of_eight_h100():

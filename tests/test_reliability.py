@@ -13,13 +13,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.client import Client, EngineHung
+from orchestrator.client import Client
+from orchestrator.commits import done_units
 from orchestrator.config import compose
 from orchestrator.engines.server import free_port
 from orchestrator.errors import EngineError, InputError, OrchestratorError, RunError
-from orchestrator.launch import NodeJob, prepare, run, wait_for_jobs
+from orchestrator.frontend import run, wait_for_jobs
+from orchestrator.node import NodeJob
+from orchestrator.preflight import prepare
+from orchestrator.reader import read_unit
 from orchestrator.report import build_summary
-from orchestrator.work import done_units, read_unit
+from orchestrator.sender import EngineHung
 from tests.conftest import write_prompts
 from tests.test_client import running_engine
 from tests.test_endpoint import faithful_server
@@ -301,7 +305,8 @@ def test_a_changed_input_file_is_named(tmp_path):
 
 
 def test_every_domain_error_shares_one_base():
-    from orchestrator.client import EngineLost, TooManyErrors
+    from orchestrator.client import TooManyErrors
+    from orchestrator.sender import EngineLost
 
     for kind in (EngineHung, EngineLost, TooManyErrors, EngineError, InputError, RunError):
         assert issubclass(kind, OrchestratorError)

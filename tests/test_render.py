@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import compose
-from orchestrator.launch import render
+from orchestrator.render import render
 from tests.conftest import write_prompts
 
 REFERENCE = Path(__file__).parent / "reference" / "render_nemo_340b"

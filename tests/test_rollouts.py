@@ -19,18 +19,21 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from orchestrator.client import Client, UnitBuffer
-from orchestrator.config import ConfigError, compose
-from orchestrator.engines import embedded
-from orchestrator.engines.embedded import EngineSettings, EngineThread
-from orchestrator.engines.probe import ready
-from orchestrator.errors import InputError
+from orchestrator.client import Client
+from orchestrator.commits import scan_committed, write_retry_units
+from orchestrator.config import compose
+from orchestrator.errors import ConfigError, InputError
 from orchestrator.journal import Journals, settings_digest
-from orchestrator.launch import prepare
+from orchestrator.plan import rollout_seed
+from orchestrator.preflight import prepare
+from orchestrator.protocols import ready
 from orchestrator.report import build_summary, one_line
-from orchestrator.simulator import routes_nemo, routes_openai
+from orchestrator.simulator import routes_nemo, routes_openai, validation
+from orchestrator.simulator.app import EngineThread
+from orchestrator.simulator.engine import _Engine
+from orchestrator.simulator.model import EngineSettings
 from orchestrator.status import collect, format_status
-from orchestrator.work import rollout_seed, scan_committed, write_retry_units
+from orchestrator.unit_source import UnitBuffer
 from tests.conftest import job_pids, journaled, orchestrator_cmd, write_prompts
 
 N = 4
@@ -85,7 +88,7 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch):
     found = Recorder()
-    read_object, triton_body = embedded._read_object, embedded._Engine._triton_body
+    read_object, triton_body = validation._read_object, _Engine._triton_body
 
     async def read_and_record(request):
         body = await read_object(request)
@@ -99,7 +102,7 @@ def recorder(monkeypatch):
 
     monkeypatch.setattr(routes_nemo, "_read_object", read_and_record)
     monkeypatch.setattr(routes_openai, "_read_object", read_and_record)
-    monkeypatch.setattr(embedded._Engine, "_triton_body", staticmethod(triton_and_record))
+    monkeypatch.setattr(_Engine, "_triton_body", staticmethod(triton_and_record))
     return found
 
 
@@ -213,7 +216,8 @@ def test_rollouts_in_one_request_with_n_give_the_answers_of_separate_requests(tm
 
 
 def test_the_default_sends_rollouts_in_one_request_only_to_engines_known_to_honour_n(make_cfg):
-    from orchestrator.engines.codecs import OpenAICodec, rollouts_in_one_request
+    from orchestrator.protocols.base import rollouts_in_one_request
+    from orchestrator.protocols.openai import OpenAICodec
 
     assert rollouts_in_one_request(make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai"))
     assert rollouts_in_one_request(make_cfg(*SAMPLE, "engine=vllm", "model.path=/m"))
@@ -231,7 +235,9 @@ def test_the_default_sends_rollouts_in_one_request_only_to_engines_known_to_hono
 def test_nemo_and_triton_codecs_send_one_prompt_a_request_with_its_own_seed(make_cfg):
     """One random_seed per request on NeMo and Triton: with rollouts every prompt goes alone, with its seed
     (over sampling.seed); without rollouts nothing changes."""
-    from orchestrator.engines.codecs import EngineInfo, NemoCodec, TritonCodec
+    from orchestrator.protocols.base import EngineInfo
+    from orchestrator.protocols.nemo import NemoCodec
+    from orchestrator.protocols.triton import TritonCodec
 
     cfg, plain = make_cfg(*SAMPLE, "sampling.seed=3"), make_cfg("sampling.seed=3")
     assert NemoCodec(cfg).batch_size == 1 and NemoCodec(plain).batch_size == 128
@@ -340,17 +346,17 @@ def test_retry_failed_redoes_only_the_failed_rollouts_with_their_own_seeds(tmp_p
     src = write_prompts(tmp_path / "in.parquet", 8)
     base = ["engine.protocol=nemo", "data.unit_rows=4", "client.max_retries=0", "client.max_error_fraction=1.0",
             *SAMPLE, f"data.input={src}"]  # the engine's URL goes to the client, not the settings: two engines
-    generate = embedded._Engine.generate
+    generate = _Engine.generate
     odd = {rollout_seed(None, f"q{r}") + k for r in range(8) for k in (1, 3)}
 
     async def failing(self, request):
         body = await request.json()
         if body.get("random_seed") in odd:
-            return embedded._json({"error": "simulated engine failure"}, 500)
+            return validation._json({"error": "simulated engine failure"}, 500)
         return await generate(self, request)
 
     with monkeypatch.context() as patch:
-        patch.setattr(embedded._Engine, "generate", failing)
+        patch.setattr(_Engine, "generate", failing)
         with EngineThread(EngineSettings()) as engine:
             _, paths, _ = run_client(compose([*base, f"run_dir={tmp_path / 'run'}"]), engine.url)
     first = results(tmp_path / "run")
@@ -507,7 +513,7 @@ def test_nemo_copies_change_the_answers_so_a_resume_may_not_switch_them_on_opena
 
 
 def test_the_nemo_codec_sends_copies_in_blocks_of_at_most_128(make_cfg):
-    from orchestrator.engines.codecs import NemoCodec
+    from orchestrator.protocols.nemo import NemoCodec
 
     codec = NemoCodec(make_cfg("sampling.greedy=false", "sampling.rollouts=200", "sampling.rollouts_in_one_request=true"))
     assert codec.copies and codec.max_n == 128 and codec.batch_size == 1

@@ -9,12 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import duplicates, inputs, status, work
+from orchestrator import duplicates, inputs, status
 from orchestrator.config import DataConfig, compose
-from orchestrator.launch import prepare
+from orchestrator.preflight import prepare
 from orchestrator.report import build_summary
-from orchestrator.work import (InputError, Plan, RunPaths, Units, build_plan, commit_unit, committed_rows,
-                               find_duplicate_ids, result_schema)
+from orchestrator.commits import commit_unit, committed_rows
+from orchestrator.duplicates import find_duplicate_ids
+from orchestrator.errors import InputError
+from orchestrator.plan import Plan, Units, build_plan, result_schema
 from tests.conftest import write_prompts
 
 
@@ -152,13 +154,13 @@ def test_the_spilling_scan_gives_the_in_memory_answer(messy_ids, tmp_path, monke
         assert counts[ident] > 1 and where == [w for i, w in ids if i == ident][:4]
 
     spilled = []
-    real = work._Buckets.repeats
+    real = duplicates._Buckets.repeats
 
     def spy(self, *args):
         spilled.append((self.skip, len(list(self.folder.iterdir())) if self.skip == 0 else 0))  # bucket files
         return real(self, *args)
 
-    monkeypatch.setattr(work._Buckets, "repeats", spy)
+    monkeypatch.setattr(duplicates._Buckets, "repeats", spy)
     for budget in (1, 3, 8, 64, 4096):
         spill = tmp_path / f"spill-{budget}"
         assert find_duplicate_ids(plan, 50, budget=budget, spill_dir=spill) == in_memory, budget
@@ -182,14 +184,14 @@ def test_the_spilling_scan_with_nothing_repeated_and_one_null(tmp_path):
 def test_prepare_spills_under_the_run_dir_and_keeps_its_messages(tmp_path, monkeypatch):
     monkeypatch.setattr(duplicates, "DUPLICATE_SCAN_HASHES", 2)
     folders = []
-    real = work._HashScratch.__enter__
+    real = duplicates._HashScratch.__enter__
 
     def spy(self):
         found = real(self)
         folders.append(found.folder)
         return found
 
-    monkeypatch.setattr(work._HashScratch, "__enter__", spy)
+    monkeypatch.setattr(duplicates._HashScratch, "__enter__", spy)
     pq.write_table(pa.table({"id": ["a", "b", "a", "c", "b"], "prompt": list("vwxyz")}), tmp_path / "in.parquet")
     with pytest.raises(InputError, match=r"2 rows repeat an id of column 'id' \(e\.g\. .*'a' at in\.parquet:0, "
                                          r"in\.parquet:2"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator.status import error_reason
+from orchestrator.commits import error_reason
 from tests.conftest import hydra_value, write_prompts
 
 EXE = shutil.which("orchestrator")

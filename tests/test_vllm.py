@@ -58,7 +58,7 @@ def test_a_local_run_with_engine_vllm_on_the_tiny_model(tiny_model, tmp_path):
 
 def endpoint_rows(server, tmp_path, name, rows, *overrides):
     from orchestrator.config import compose
-    from orchestrator.launch import run
+    from orchestrator.frontend import run
 
     src = tmp_path / f"{name}.parquet"
     write_prompts(src, len(rows) if rows else 40, prompts=rows)
@@ -132,7 +132,7 @@ def test_multi_turn_chat_sends_turn_two_with_the_models_first_answer(vllm_server
     import pyarrow.parquet as pq
 
     from orchestrator.config import compose
-    from orchestrator.launch import run
+    from orchestrator.frontend import run
 
     turns = [["What is 2 + 2?", "And times 3?"], ["Name a colour.", "Why that one?"]]
     pq.write_table(pa.table({"id": ["r0", "r1"], "turns": turns, "category": ["math", "writing"]}),

@@ -5,8 +5,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import DataConfig
-from orchestrator.work import (InputError, Plan, RunPaths, build_plan, commit_unit, committed_stats,
-                               discover_inputs, done_units, read_unit)
+from orchestrator.commits import commit_unit, committed_stats, done_units
+from orchestrator.errors import InputError
+from orchestrator.inputs import discover_inputs
+from orchestrator.plan import Plan, build_plan
+from orchestrator.reader import read_unit
+from orchestrator.rundir import RunPaths
 from tests.conftest import write_prompts
 
 
@@ -113,7 +117,7 @@ def test_totals_come_from_the_ledger_and_fall_back_to_footers(tmp_path):
 
 
 def test_unit_reader_reads_any_order_and_each_row_once(tmp_path):
-    from orchestrator.work import UnitReader
+    from orchestrator.reader import UnitReader
 
     write_prompts(tmp_path / "a.parquet", 100, row_group_size=30)
     write_prompts(tmp_path / "b.parquet", 50, start=100, row_group_size=7)

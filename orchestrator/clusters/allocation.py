@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import RunError
+from ..rundir import RunPaths
 from ..sbatch import engine_step_prefix
-from ..work import RunPaths
 from .base import ClusterAdapter
 from .environment import job_environment
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..config import Config, choices
 from ..errors import ConfigError, RunError
-from ..work import RunPaths
+from ..rundir import RunPaths
 from .environment import JobEnvironment
 
 # a job in one of these states is queued or running (Slurm's names; a local job is RUNNING until it ends)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import RunError
-from ..work import RunPaths
+from ..rundir import RunPaths
 from .base import ClusterAdapter, submitit_folder
 
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, config_yaml
-from ..engines.codecs import make_codec
 from ..errors import RunError
+from ..protocols import make_codec
+from ..rundir import RunPaths
 from ..sbatch import PORT_PLACEHOLDER, engine_step_prefix, render_template, submitit_parameters
-from ..work import RunPaths
 from .base import ClusterAdapter, submitit_folder
 
 

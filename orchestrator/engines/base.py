@@ -32,7 +32,7 @@ class Rendezvous:
 
 class EngineAdapter:
     name = ""
-    protocol = "openai"  # what its server speaks: a codec in codecs.py
+    protocol = "openai"  # what its server speaks: a codec in orchestrator/protocols
     per_gpu_tasks = False  # True: one task per GPU (NeMo, TRT-LLM); False: one per node (vLLM, SGLang)
     default_command: tuple[str, ...] = ()
     max_nodes: int | None = None  # None: any number of nodes per replica

@@ -17,12 +17,12 @@ import requests
 
 from ..config import Config
 from ..errors import EngineError
+from ..protocols import ready
+from ..protocols.base import EngineInfo, RejectedError, TransientError, normalise_url
 from . import auth
 from .base import Rendezvous, adapter_for
-from .codecs import EngineInfo, RejectedError, TransientError
-from .probe import normalise_url, ready
 
-__all__ = ["EngineError", "EngineServer", "free_port"]
+__all__ = ["EngineServer", "free_port"]
 
 
 def _die_with_parent() -> None:

@@ -84,7 +84,7 @@ def rollouts_in_one_request(cfg: Config) -> bool:
     """sampling.rollouts_in_one_request, or the engine's default: vLLM (and the embedded engine, which
     copies it) answer `n` with seeds seed + i; for other engines that is not known, so one request a rollout.
     On NeMo only an explicit true counts: it sends a row's rollouts as copies of its prompt in one request
-    (other answers than one request per rollout, so the resume check includes it: launch.fingerprint)."""
+    (other answers than one request per rollout, so the resume check includes it: preflight.fingerprint)."""
     chosen = cfg.sampling.rollouts_in_one_request
     if chosen is not None:
         return bool(chosen)

@@ -30,7 +30,7 @@ def _count_output_tokens(tokens: list[str], prompt: str) -> int:
 def nemo_copies(cfg: Config) -> bool:
     """Whether a row's rollouts go to NeMo as copies of its prompt in one request under one seed: only with
     an explicit sampling.rollouts_in_one_request=true (never by default: its answers are not those of one
-    request per rollout, so launch.fingerprint records it)."""
+    request per rollout, so preflight.fingerprint records it)."""
     return cfg.sampling.rollouts > 1 and cfg.sampling.rollouts_in_one_request is True
 
 

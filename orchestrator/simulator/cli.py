@@ -30,7 +30,7 @@ def _write_rank(folder: Path, rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m orchestrator.simulator --port 0 --port-file F ...``."""
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.engines.embedded",
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.simulator",
                                      description="Simulated LLM inference engine (NeMo, vLLM and Triton protocols).")
     defaults = EngineSettings()
     for f in fields(EngineSettings):
