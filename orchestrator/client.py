@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from .config import ClientConfig, Config, config_yaml
 from .errors import EngineError, RunError
-from .engines import auth
+from .engines.base import rollouts_in_one_request
+from .protocols import auth
 from .protocols import make_codec
 from .protocols.base import EngineInfo
 from .protocols.openai import openai_api
@@ -193,7 +194,7 @@ class Client:
         self.attempt, self.owner = attempt, owner
         self.info = info or EngineInfo(url=self.url, protocol=cfg.engine.protocol or "nemo", model_name=model_name,
                                        api=openai_api(cfg))
-        self.protocol = make_codec(cfg, self.info)
+        self.protocol = make_codec(cfg, self.info, one_request=rollouts_in_one_request(cfg))
         context = self.info.max_model_len or cfg.model.architecture.max_seq_len
         # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
         # truncation (data.truncate_prompts) cuts by its exact count

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, bundled
-from .engines.auth import env_name_problem
+from .protocols.auth import env_name_problem
 from .errors import ConfigError
 
 TEMPLATES_DIR = bundled("slurm_templates")

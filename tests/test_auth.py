@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from orchestrator.config import compose
-from orchestrator.engines.auth import KeyRefused, TLSFailure
+from orchestrator.protocols.auth import KeyRefused, TLSFailure
 from orchestrator.engines.base import check_engine
 from orchestrator.engines.server import EngineServer
 from orchestrator.errors import ConfigError, OrchestratorError

@@ -3,6 +3,7 @@ inside functions included, has no cycle."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import orchestrator
@@ -75,3 +76,36 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_orchestrator_imports_run_one_way():
     cycle = _cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _readme_order() -> list[str]:
+    """The modules of README's "Layout of the code", in the order it lists them (a package as `name/`)."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    section = text.split("## Layout of the code", 1)[1].split("\n## ", 1)[0]
+    chain = section.split("\n`errors.py`", 1)[1].split("What each does", 1)[0]
+    names = re.findall(r"`([\w./]+)`", "`errors.py`" + re.sub(r"\([^)]*\)", "", chain))
+    return [name.removesuffix(".py").removesuffix("/") for name in names]
+
+
+def _floors() -> dict[str, set[str]]:
+    """The import graph with each subpackage as one node (its own modules import each other freely)."""
+    floors: dict[str, set[str]] = {}
+    for name, targets in import_graph().items():
+        node = name.split(".")[1] if name.count(".") else name
+        floors.setdefault(node, set()).update(t.split(".")[1] for t in targets if t.count("."))
+    floors.pop("orchestrator", None)
+    for node, targets in floors.items():
+        targets.discard(node)
+    return floors
+
+
+def test_the_readme_lists_every_module_in_the_order_its_imports_run():
+    order = _readme_order()
+    floors = {node: targets for node, targets in _floors().items() if node != "__main__"}
+    assert sorted(set(order)) == sorted(order), f"listed twice: {[n for n in order if order.count(n) > 1]}"
+    assert set(floors) - {"hf"} <= set(order) | {"hf"}, f"not in README's list: {sorted(set(floors) - set(order))}"
+    assert set(order) <= set(floors), f"README lists modules that do not exist: {sorted(set(order) - set(floors))}"
+    place = {name: i for i, name in enumerate(order)}
+    place["hf"] = place["config"]  # listed beside config.py, which it serves
+    upward = [f"{a} imports {b}" for a, targets in floors.items() for b in targets if place[b] > place[a]]
+    assert not upward, "README's module list runs against the imports: " + "; ".join(sorted(upward))

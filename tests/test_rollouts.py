@@ -216,7 +216,7 @@ def test_rollouts_in_one_request_with_n_give_the_answers_of_separate_requests(tm
 
 
 def test_the_default_sends_rollouts_in_one_request_only_to_engines_known_to_honour_n(make_cfg):
-    from orchestrator.protocols.base import rollouts_in_one_request
+    from orchestrator.engines.base import rollouts_in_one_request
     from orchestrator.protocols.openai import OpenAICodec
 
     assert rollouts_in_one_request(make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai"))
@@ -225,7 +225,9 @@ def test_the_default_sends_rollouts_in_one_request_only_to_engines_known_to_hono
     assert not rollouts_in_one_request(make_cfg(*SAMPLE, "engine=endpoint", "engine.url=http://h:1"))
     assert rollouts_in_one_request(make_cfg(*SAMPLE, "engine=endpoint", "engine.url=http://h:1",
                                             "sampling.rollouts_in_one_request=true"))
-    codec = OpenAICodec(make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai", "engine.simulator.capacity=64"))
+    cfg = make_cfg(*SAMPLE, "engine=mock", "engine.protocol=openai", "engine.simulator.capacity=64")
+    assert OpenAICodec(cfg).max_n == 1  # the caller says whether the engine honours n: by default only when asked
+    codec = OpenAICodec(cfg, one_request=rollouts_in_one_request(cfg))
     assert codec.max_n == N and codec.in_flight == 2 * 64 // N  # about 2 x capacity sequences in flight
     body = codec.payload(["p"], seed=11, n=N)
     assert body["seed"] == 11 and body["n"] == N and body["return_token_ids"] is True

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..config import Config, choices
 from ..errors import ConfigError
-from . import auth
+from ..protocols import auth
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 
@@ -127,6 +127,18 @@ def adapter_for(cfg: Config) -> EngineAdapter:
         raise ConfigError(f"engine={name} has no adapter (orchestrator/engines/{name}.py with ADAPTER); "
                           f"choose one of: {', '.join(choices('engine'))}") from None
     return adapter
+
+
+def rollouts_in_one_request(cfg: Config) -> bool:
+    """sampling.rollouts_in_one_request, or the engine's default: vLLM (and the embedded engine, which
+    copies it) answer `n` with seeds seed + i; for other engines that is not known, so one request a rollout.
+    On NeMo only an explicit true counts: it sends a row's rollouts as copies of its prompt in one request
+    (other answers than one request per rollout, so the resume check includes it: preflight.fingerprint).
+    The codecs get the answer from their caller (protocols.make_codec's one_request): the engine's adapter knows."""
+    chosen = cfg.sampling.rollouts_in_one_request
+    if chosen is not None:
+        return bool(chosen)
+    return adapter_for(cfg).honours_n
 
 
 def check_engine(cfg: Config) -> EngineAdapter:

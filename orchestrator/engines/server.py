@@ -19,7 +19,7 @@ from ..config import Config
 from ..errors import EngineError
 from ..protocols import ready
 from ..protocols.base import EngineInfo, RejectedError, TransientError, normalise_url
-from . import auth
+from ..protocols import auth
 from .base import Rendezvous, adapter_for
 
 __all__ = ["EngineServer", "free_port"]

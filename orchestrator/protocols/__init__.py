@@ -23,9 +23,13 @@ BY_NAME: dict[str, WireProtocol] = {module.NAME: module for module in MODULES}
 CODECS = {module.NAME: module.Codec for module in MODULES}
 
 
-def make_codec(cfg: Config, info: EngineInfo | None = None, protocol: str | None = None):
+def make_codec(cfg: Config, info: EngineInfo | None = None, protocol: str | None = None,
+               one_request: bool | None = None):
+    """The codec of the engine's protocol. one_request: whether a row's rollouts may go in one request (the
+    caller asks the engine's adapter: engines.base.rollouts_in_one_request); NeMo and Triton decide
+    without it."""
     name = info.protocol if info else (protocol or cfg.engine.protocol or "nemo")
-    return CODECS[name](cfg, info)
+    return CODECS[name](cfg, info, one_request=one_request)
 
 
 def detect_protocol(http: Http) -> str:

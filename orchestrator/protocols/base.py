@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import requests
 
 from ..config import Config
-from ..engines import auth
+from . import auth
 
 PROBE_PROMPT = "Hello"
 
@@ -78,19 +78,6 @@ def _tokens(value: Any, what: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise MalformedAnswer(f"malformed answer: {what} is {value!r}, not a token count")
     return value
-
-
-def rollouts_in_one_request(cfg: Config) -> bool:
-    """sampling.rollouts_in_one_request, or the engine's default: vLLM (and the embedded engine, which
-    copies it) answer `n` with seeds seed + i; for other engines that is not known, so one request a rollout.
-    On NeMo only an explicit true counts: it sends a row's rollouts as copies of its prompt in one request
-    (other answers than one request per rollout, so the resume check includes it: preflight.fingerprint)."""
-    chosen = cfg.sampling.rollouts_in_one_request
-    if chosen is not None:
-        return bool(chosen)
-    from ..engines.base import adapter_for
-
-    return adapter_for(cfg).honours_n
 
 
 def _json(resp: requests.Response) -> Any:

@@ -41,7 +41,7 @@ class NemoCodec:
     echoes_prompt = True
     takes_seed = True  # random_seed: one per request
 
-    def __init__(self, cfg: Config, info: EngineInfo | None = None):
+    def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
         # one random_seed per request: with several rollouts every prompt has its own, so one prompt a request
         rollouts = cfg.sampling.rollouts
         self.batch_size = 1 if rollouts > 1 else min(cfg.client.batch_size, NEMO_MAX_SENTENCES)

@@ -13,7 +13,7 @@ import requests
 
 from ..config import Config, default_capacity
 from .base import (PROBE_PROMPT, Completion, EngineInfo, Http, MalformedAnswer, RejectedError, TransientError, _json,
-                   _status, _text, _tokens, engine_info, rollouts_in_one_request)
+                   _status, _text, _tokens, engine_info)
 
 NAME = "openai"
 
@@ -27,12 +27,16 @@ class OpenAICodec:
     echoes_prompt = False
     takes_seed = True
 
-    def __init__(self, cfg: Config, info: EngineInfo | None = None):
+    def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
+        """one_request: whether a row's rollouts may go in one request with `n` (the engine's adapter knows:
+        engines.base.rollouts_in_one_request); None: only when sampling.rollouts_in_one_request says so."""
+        if one_request is None:
+            one_request = bool(cfg.sampling.rollouts_in_one_request)
         self.chat = (info.api if info else openai_api(cfg)) == "chat"
         self.path = "/v1/chat/completions" if self.chat else "/v1/completions"
         self.batch_size = 1
         rollouts = cfg.sampling.rollouts
-        self.max_n = rollouts if rollouts > 1 and rollouts_in_one_request(cfg) else 1  # answers one request may ask for
+        self.max_n = rollouts if rollouts > 1 and one_request else 1  # answers one request may ask for
         # requests in flight: about 2 x capacity sequences, whether a request holds one or n of them
         self.in_flight = cfg.client.max_in_flight or max(2, math.ceil(2 * default_capacity(cfg) / self.max_n))
         self.system = cfg.model.prompt.system

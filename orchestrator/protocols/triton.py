@@ -27,7 +27,7 @@ class TritonCodec:
     method = "POST"
     echoes_prompt = False
 
-    def __init__(self, cfg: Config, info: EngineInfo | None = None):
+    def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
         model = info.model_name if info else (cfg.engine.served_model_name or cfg.model.name)
         self.generate = bool(info and info.api == "generate")
         self.path = f"/v2/models/{model}/{'generate' if self.generate else 'infer'}"
