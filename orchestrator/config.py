@@ -161,7 +161,7 @@ class SamplingConfig:
     add_BOS: bool = False
     seed: Optional[int] = None
     end_strings: Optional[List[str]] = None  # None = the model's end strings
-    # several answers per input row (README "Several answers per prompt"): rollout k of a row is sampled
+    # several answers per input row (docs/conversations.md "Several answers per prompt"): rollout k of a row is sampled
     # with its own seed, rollout_seed(seed, id) + k
     rollouts: int = 1
     # OpenAI engines: a row's rollouts in one request with `n` (vLLM serves choice i with seed + i, so
@@ -254,7 +254,7 @@ class EngineConfig:
     options: Dict[str, Any] = field(default_factory=dict)  # adapter-specific settings, listed in its YAML
     # extra JSON fields of every request (e.g. vLLM's ignore_eos)
     extra_body: Dict[str, Any] = field(default_factory=dict)
-    # servers behind authentication and TLS (README "Authenticated endpoints")
+    # servers behind authentication and TLS (docs/engines.md "Authenticated endpoints")
     api_key_env: Optional[str] = None  # the NAME of an environment variable holding the API key (never the key itself)
     verify_tls: bool = True  # https: check the server's certificate
     # https: PEM file of the CA that signed the server's certificate; None = the system's
@@ -319,7 +319,7 @@ class DataConfig:
     duplicate_ids: DuplicatePolicy = "error"
     truncate_prompts: bool = False  # cut prompts longer than the context (keep the start) instead of a row error
     bytes_per_token: float = 4.0  # for the context check without a tokenizer: UTF-8 bytes per token
-    # conversations (README "Conversations and multi-turn"); either replaces prompt_column
+    # conversations (docs/conversations.md "Conversations and multi-turn"); either replaces prompt_column
     messages_column: Optional[str] = None  # a list of {role, content} per row: the conversation so far
     turns_column: Optional[str] = None  # a list of user turns per row: each is sent with the model's earlier answers
     attributes_column: Optional[str] = None  # SteerLM attribute line per row; None = model.prompt.steerlm_attributes

@@ -104,7 +104,7 @@ class Plan:
     id_column: str | None  # None: ids are "<file>:<row>"
     id_type: str  # arrow type of the id column in results
     unit_rows: int
-    messages_column: str | None = None  # conversations (README "Conversations and multi-turn")
+    messages_column: str | None = None  # conversations (docs/conversations.md "Conversations and multi-turn")
     turns_column: str | None = None
     attributes_column: str | None = None
     keep_columns: list[str] = field(default_factory=list)
