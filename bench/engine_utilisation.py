@@ -71,7 +71,8 @@ def main() -> int:
         print(cpu.report())
         print(f"engine: capacity={CAPACITY} request_latency_s={REQUEST_LATENCY_S} token_latency_s={TOKEN_LATENCY_S} "
               f"max_natural_tokens={MAX_TOKENS} (OpenAI route)")
-        print(f"rows: {rows} (expected {args.prompts}), ok: {ok}, summary ok/failed: {summary['ok']}/{summary['failed']}")
+        print(f"rows: {rows} (expected {args.prompts}), ok: {ok}, "
+              f"summary ok/failed: {summary['ok']}/{summary['failed']}")
         print(f"engine prompts served during the run: {prompts_served} (incl. the 1-token readiness probe)")
         print(f"request latency_s (client-side, per row): min {lat[0]:.3f}  median {statistics.median(lat):.3f}  "
               f"max {lat[-1]:.3f}  p05 {lat[len(lat) // 20]:.3f}  p95 {lat[len(lat) * 19 // 20]:.3f}")
@@ -81,7 +82,8 @@ def main() -> int:
               f"median {statistics.median(service):.3f}  max {service[-1]:.3f} s")
         print("  (client latency_s adds the wait in the engine's FIFO queue: the client keeps "
               f"2 x {CAPACITY} requests in flight)")
-        print(f"generate_s: {gen_s:.3f}   whole command wall: {wall:.1f} s   (bench total {time.perf_counter() - t0:.1f} s)")
+        print(f"generate_s: {gen_s:.3f}   whole command wall: {wall:.1f} s   "
+              f"(bench total {time.perf_counter() - t0:.1f} s)")
         print(f"engine busy_s delta (ideal engine time): {busy:.3f}")
         print(f"achieved: {achieved:.1f} prompts/s   ideal: {ideal:.1f} prompts/s")
         print(f"peak engine active/waiting (since start): {after['peak_active']}/{after['peak_waiting']}")

@@ -86,7 +86,8 @@ def main() -> int:
             bare.append(n / secs)
             for r in range(args.rounds):  # a b a b ... a: each pipeline run between two bare runs
                 run_dir = work / f"run{r}"
-                overrides = ["engine=endpoint", f"engine.url={engine.url}", "engine.protocol=nemo",  # the bare loop's route
+                # engine.protocol=nemo: the bare loop's route
+                overrides = ["engine=endpoint", f"engine.url={engine.url}", "engine.protocol=nemo",
                              f"sampling.tokens_to_generate={TOKENS}",
                              f"data.input={hydra_quote(data)}", f"run_dir={hydra_quote(run_dir)}", *args.override]
                 wall, _ = run_orchestrator(overrides, timeout_s=args.timeout_s)
@@ -108,7 +109,8 @@ def main() -> int:
             around = (bare[r] + bare[r + 1]) / 2
             ratios.append(pipe[r] / around)
             print(f"round {r}: (a) bare {bare[r]:.0f} | (b) orchestrator run {pipe[r]:.0f} prompts/s "
-                  f"(generate_s {walls[r][1]:.2f} s, whole command wall {walls[r][0]:.2f} s) | (a) bare {bare[r + 1]:.0f}"
+                  f"(generate_s {walls[r][1]:.2f} s, whole command wall {walls[r][0]:.2f} s) "
+                  f"| (a) bare {bare[r + 1]:.0f}"
                   f"  -> ratio vs the bare runs around it {pipe[r] / around:.3f}")
         ratio = statistics.median(ratios)
         print(f"bare loop prompts/s: best {max(bare):.0f}, median {statistics.median(bare):.0f}; "

@@ -206,7 +206,8 @@ def main() -> int:
             result = {**json.loads(out.read_text()), **measured, "n": n}
             rows_out.append(result)
             what = (f"refused as expected: {result['refused'][:90]}..." if "refused" in result else
-                    f"{result['files']} files, {result['units']:,} units, plan.json {result['plan_bytes'] / 1024:.1f} KiB")
+                    f"{result['files']} files, {result['units']:,} units, "
+                    f"plan.json {result['plan_bytes'] / 1024:.1f} KiB")
             print(f"{n:>11,} rows: prepare {result['prepare_s']:.1f} s, peak RSS {result['maxrss_kib'] / 1024:.1f} MiB "
                   f"(after imports {result['maxrss_after_imports_kib'] / 1024:.1f} MiB); {what}; spill files left: "
                   f"{len(result['spill_left'])}", flush=True)
@@ -215,7 +216,8 @@ def main() -> int:
         status = None
         if args.units:
             fab_out, sum_out = work / "fabricate.json", work / "summary.json"
-            spawn(["--fabricate", str(work), str(args.units), str(fab_out), "0" if args.ungrouped else "1"], args.timeout_s)
+            spawn(["--fabricate", str(work), str(args.units), str(fab_out), "0" if args.ungrouped else "1"],
+                  args.timeout_s)
             fab = json.loads(fab_out.read_text())
             cold, warm = status_command(fab["run_dir"]), status_command(fab["run_dir"])
             spawn(["--summary", fab["run_dir"], str(sum_out)], args.timeout_s)
@@ -239,7 +241,8 @@ def main() -> int:
             print(f"  `orchestrator status RUN_DIR` command, first: {status['cold_s']:.2f} s; again: "
                   f"{status['warm_s']:.2f} s (each including Python start-up and imports)")
             print(f"  in one process: status.collect {status['collect_s']:.2f} s, report.build_summary "
-                  f"{status['summary_s']:.2f} s (units_done {status['units_done']:,}, {status['groups']} error group(s))")
+                  f"{status['summary_s']:.2f} s (units_done {status['units_done']:,}, "
+                  f"{status['groups']} error group(s))")
         print(f"\nbench total {time.perf_counter() - t_all:.1f} s; {load()}")
         print(cpu.report())
         return 0 if max(peaks) <= TARGET_MIB * 1024 else 1

@@ -92,8 +92,9 @@ def main() -> None:
     print(f"machine: {machine()}; {load()}; {cpu_probe()}")
     print(f"{args.prompts} prompts, max_tokens {args.tokens}, greedy; model {model_dir}")
     env = CPU_ENV if cpu else {"HF_HUB_OFFLINE": "1"}
-    overrides = ["model=hf", f"model.path={model_dir}", "model.prompt.format=raw", f"sampling.tokens_to_generate={args.tokens}",
-                 "sampling.greedy=true", "sampling.min_tokens_to_generate=0"]
+    overrides = ["model=hf", f"model.path={model_dir}", "model.prompt.format=raw",
+                 f"sampling.tokens_to_generate={args.tokens}", "sampling.greedy=true",
+                 "sampling.min_tokens_to_generate=0"]
     engine = ["engine=vllm", f"engine.command=[{venv / 'bin' / 'vllm'},serve]", "engine.ready_timeout_s=600",
               *(f"+engine.env.{k}={v}" for k, v in env.items())]
     if cpu:
@@ -106,7 +107,8 @@ def main() -> None:
             info = server.wait_ready()
             print(f"vLLM ready in {time.monotonic() - started:.0f} s at {info.url} (model {info.model_name})")
             asyncio.run(bare_loop(info.url, info.model_name, prompts, args.tokens, 64))  # warm-up, not counted
-            bare = {c: asyncio.run(bare_loop(info.url, info.model_name, prompts, args.tokens, c)) for c in (16, 64, 256)}
+            bare = {c: asyncio.run(bare_loop(info.url, info.model_name, prompts, args.tokens, c))
+                    for c in (16, 64, 256)}
             for c, rate in bare.items():
                 print(f"bare loop, concurrency {c}: {rate:.1f} prompts/s")
             best_c = max(bare, key=bare.get)

@@ -4,8 +4,9 @@ ideal it finishes with slow and dying replicas.
 
 Each simulated replica is a `claims.Scheduler` (its clock is the simulation's) that opens the unit's
 journal (`journal.Journals`), commits with `commits.commit_unit`, removes the journal and writes progress
-with `commits.write_progress`, as the client does, and beats every `lease_s / 4`. A unit's service time is lognormal (mean --service-s); a fraction of the
-replicas is --slow-factor times slower; a fraction dies at a random moment (its claims stay behind).
+with `commits.write_progress`, as the client does, and beats every `lease_s / 4`. A unit's service time is
+lognormal (mean --service-s); a fraction of the replicas is --slow-factor times slower; a fraction dies
+at a random moment (its claims stay behind).
 Every metadata operation is counted by `orchestrator.fsops` (the count is checked against strace on
 real `orchestrator run` processes by `bench/strace_claims.py`).
 

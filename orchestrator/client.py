@@ -210,7 +210,8 @@ class Client:
         done = done_units(paths)
         retry = {u for u in self.retry_units if not retried(paths, attempt, u)}
         self.stats.skipped_units = len(done - retry)
-        self.scheduler = Scheduler(paths, attempt, owner, [u for u in range(len(plan.units)) if u not in done or u in retry],
+        self.scheduler = Scheduler(paths, attempt, owner,
+                                   [u for u in range(len(plan.units)) if u not in done or u in retry],
                                    index=replica, lease_s=cfg.client.lease_s, backups=cfg.client.backups, retry=retry,
                                    retried=lambda unit: retried(paths, attempt, unit))
         self.ledger = Ledger(paths, owner)
@@ -265,8 +266,9 @@ class Client:
         connector = aiohttp.TCPConnector(limit=in_flight, ssl=auth.client_ssl(self.cfg))  # engine.verify_tls, ca_bundle
         self.progress.write()  # the replica's heartbeat file, from its start
         # every request carries the key (engine.api_key_env); a 401/403 on any of them stops the replica
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=auth.headers(self.cfg),
-                                         raise_for_status=auth.stop_on_refusal(self.cfg, self.url, self._halt)) as session:
+        async with aiohttp.ClientSession(
+                timeout=timeout, connector=connector, headers=auth.headers(self.cfg),
+                raise_for_status=auth.stop_on_refusal(self.cfg, self.url, self._halt)) as session:
             self.sender.session = self.fit.session = session
             helpers = [asyncio.create_task(self.progress.report()), asyncio.create_task(self._watch()),
                        asyncio.create_task(self.writes.sync())]

@@ -270,7 +270,8 @@ def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool 
                    verify: bool = True) -> Committed:
     """Every committed unit, checked: a file whose size is what its commit wrote is trusted with the
     ledger's stats (one stat call, no read); any other is trusted only when the stats its sink published
-    with it read (a Parquet footer, a JSONL sidecar) and hold the unit's rows. A damaged file is moved to work/damaged/ when put_aside, so its unit is redone.
+    with it read (a Parquet footer, a JSONL sidecar) and hold the unit's rows. A damaged file is moved to
+    work/damaged/ when put_aside, so its unit is redone.
     verify=False trusts the ledger for every listed file (no stat per file: totals for a summary, where a
     resume's check, once per attempt, already ran)."""
     ledger = _ledger(paths)

@@ -161,7 +161,7 @@ class SamplingConfig:
     add_BOS: bool = False
     seed: Optional[int] = None
     end_strings: Optional[List[str]] = None  # None = the model's end strings
-    # several answers per input row (README "Several answers per prompt"): rollout k of a row is sampled
+    # several answers per input row (docs/conversations.md "Several answers per prompt"): rollout k of a row is sampled
     # with its own seed, rollout_seed(seed, id) + k
     rollouts: int = 1
     # OpenAI engines: a row's rollouts in one request with `n` (vLLM serves choice i with seed + i, so
@@ -234,8 +234,10 @@ def default_capacity(cfg: Config) -> int:
 @dataclass
 class EngineConfig:
     name: str = "mock"  # one of conf/engine/*.yaml; each has one adapter in orchestrator/engines/
-    protocol: Optional[ProtocolName] = None  # nemo, openai or triton; None = the engine's own (endpoint: found from its routes)
-    api: Optional[OpenAIApi] = None  # OpenAI route: completions or chat; None = chat for model.prompt.format=chat_template
+    # nemo, openai or triton; None = the engine's own (endpoint: found from its routes)
+    protocol: Optional[ProtocolName] = None
+    # OpenAI route: completions or chat; None = chat for model.prompt.format=chat_template
+    api: Optional[OpenAIApi] = None
     host: str = "127.0.0.1"  # the address the engine's HTTP server binds
     url: Optional[str] = None  # engine=endpoint: the running server (http://host:port, a /v1 suffix is fine)
     port: int = 0  # 0 = a free port chosen on the node
@@ -250,11 +252,13 @@ class EngineConfig:
     skip_special_tokens: Optional[bool] = None  # OpenAI engines; None = false when end strings are set, so they match
     use_tokenizer: bool = True  # count prompt tokens with the engine's /tokenize where it has one
     options: Dict[str, Any] = field(default_factory=dict)  # adapter-specific settings, listed in its YAML
-    extra_body: Dict[str, Any] = field(default_factory=dict)  # extra JSON fields of every request (e.g. vLLM's ignore_eos)
-    # servers behind authentication and TLS (README "Authenticated endpoints")
+    # extra JSON fields of every request (e.g. vLLM's ignore_eos)
+    extra_body: Dict[str, Any] = field(default_factory=dict)
+    # servers behind authentication and TLS (docs/engines.md "Authenticated endpoints")
     api_key_env: Optional[str] = None  # the NAME of an environment variable holding the API key (never the key itself)
     verify_tls: bool = True  # https: check the server's certificate
-    ca_bundle: Optional[str] = None  # https: PEM file of the CA that signed the server's certificate; None = the system's
+    # https: PEM file of the CA that signed the server's certificate; None = the system's
+    ca_bundle: Optional[str] = None
     # embedded (mock) engine knobs
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     # NeMo checkpoints (engine=nemo, engine=triton)
@@ -289,7 +293,8 @@ class ClusterConfig:
     setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load ...), verbatim
     sbatch_args: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, {name: value}
     srun_args: List[str] = field(default_factory=list)  # extra arguments of the engine's srun step
-    on_interrupt: OnInterrupt = "cancel"  # Ctrl-C/SIGTERM/SIGHUP of a waiting front-end: cancel its jobs, or leave them running
+    # Ctrl-C/SIGTERM/SIGHUP of a waiting front-end: cancel its jobs, or leave them running
+    on_interrupt: OnInterrupt = "cancel"
     max_requeues: int = 3  # times a job requeues itself at its time limit (submitit checkpointing)
     signal_delay_s: int = 90  # Slurm's warning signal (USR2) comes this long before the time limit
     poll_interval_s: float = 2.0  # how often job states are read while waiting
@@ -310,10 +315,11 @@ class DataConfig:
     id_column: str = "id"  # when absent from the input, ids are "<file>:<row>"
     unit_rows: int = 2048  # rows per unit of work (one result file each)
     read_batch_rows: int = 1024  # rows per Parquet record batch
-    duplicate_ids: DuplicatePolicy = "error"  # error: refuse to start; positional: ids become "<file>:<row>"; keep: run every row
+    # error: refuse to start; positional: ids become "<file>:<row>"; keep: run every row
+    duplicate_ids: DuplicatePolicy = "error"
     truncate_prompts: bool = False  # cut prompts longer than the context (keep the start) instead of a row error
     bytes_per_token: float = 4.0  # for the context check without a tokenizer: UTF-8 bytes per token
-    # conversations (README "Conversations and multi-turn"); either replaces prompt_column
+    # conversations (docs/conversations.md "Conversations and multi-turn"); either replaces prompt_column
     messages_column: Optional[str] = None  # a list of {role, content} per row: the conversation so far
     turns_column: Optional[str] = None  # a list of user turns per row: each is sent with the model's earlier answers
     attributes_column: Optional[str] = None  # SteerLM attribute line per row; None = model.prompt.steerlm_attributes
@@ -335,14 +341,17 @@ class ClientConfig:
     retry_backoff_max_s: float = 30.0
     request_timeout_s: Optional[float] = None  # None = the engine's worst case: see request_timeout()
     max_s_per_token: float = 0.25  # the slowest generation step a healthy engine takes, for that worst case
-    hung_after_s: Optional[float] = None  # no answer at all this long while requests wait: the engine is hung; None = the request timeout
+    # no answer at all this long while requests wait: the engine is hung; None = the request timeout
+    hung_after_s: Optional[float] = None
     progress_interval_s: float = 1.0  # how often progress is written for the terminal
     max_error_fraction: float = 0.5  # stop early when more than this share of rows failed...
     min_rows_for_error_check: int = 200  # ...once at least this many rows have an outcome
     grace_s: float = 30.0  # on preemption: time for in-flight requests to finish before they are abandoned
     lease_s: float = 120.0  # a replica silent this long has lost its claims: others take its units
-    backups: int = 1  # once no unit is free, idle replicas run up to this many backup copies of each unit still held (0: none)
-    journal_sync_s: float = 5.0  # fsync each unit's journal this often: what a node crash may lose of its answered rows (0: never)
+    # once no unit is free, idle replicas run up to this many backup copies of each unit still held (0: none)
+    backups: int = 1
+    # fsync each unit's journal this often: what a node crash may lose of its answered rows (0: never)
+    journal_sync_s: float = 5.0
 
     def __post_init__(self) -> None:
         _check_range("client.batch_size", self.batch_size, lo=1, hi=128)
@@ -399,7 +408,8 @@ class Config:
         n, s, data = self.sampling.rollouts, self.sampling, self.data
         if n <= 1:
             return
-        conversation = [f"data.{k}={getattr(data, k)!r}" for k in ("messages_column", "turns_column") if getattr(data, k)]
+        conversation = [f"data.{k}={getattr(data, k)!r}" for k in ("messages_column", "turns_column")
+                        if getattr(data, k)]
         if conversation:
             raise ConfigError(f"sampling.rollouts={n} cannot be combined with {' and '.join(conversation)}: several "
                               f"answers per row are for single prompts (data.prompt_column). Drop one of them, or "

@@ -22,7 +22,8 @@ def check_messages(value) -> tuple[list[dict] | None, str | None]:
     if value is None:
         return None, "messages is null"
     if not isinstance(value, list) or not value:
-        return None, "messages is empty" if isinstance(value, list) else f"messages is not a list ({type(value).__name__})"
+        return None, ("messages is empty" if isinstance(value, list)
+                      else f"messages is not a list ({type(value).__name__})")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):

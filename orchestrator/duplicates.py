@@ -50,7 +50,8 @@ def find_duplicate_ids(plan: Plan, batch_rows: int = 65536, max_examples: int = 
             if column.null_count:
                 nulls += column.null_count
                 if first_null is None:
-                    first_null = f"{source.name}:{row + int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))}"
+                    first_null = (f"{source.name}:"
+                                  f"{row + int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))}")
         extra = store.repeats(budget, max_examples, wanted)
     if not extra:
         return 0, [], (nulls, first_null)

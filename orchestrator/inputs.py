@@ -64,8 +64,8 @@ def _id_type(kind: pa.DataType, path: Path, data: DataConfig) -> str:
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
         return str(kind)
     raise InputError(f"{path}: id column {data.id_column!r} has type {kind}; ids must be text or integers. Cast "
-                     f"it (e.g. df[{data.id_column!r}].astype(str)), or point data.id_column at another column (a name the "
-                     f"files lack gives positional ids <file>:<row>)")
+                     f"it (e.g. df[{data.id_column!r}].astype(str)), or point data.id_column at another column "
+                     f"(a name the files lack gives positional ids <file>:<row>)")
 
 
 def _is_text(kind: pa.DataType) -> bool:

@@ -104,7 +104,7 @@ class Plan:
     id_column: str | None  # None: ids are "<file>:<row>"
     id_type: str  # arrow type of the id column in results
     unit_rows: int
-    messages_column: str | None = None  # conversations (README "Conversations and multi-turn")
+    messages_column: str | None = None  # conversations (docs/conversations.md "Conversations and multi-turn")
     turns_column: str | None = None
     attributes_column: str | None = None
     keep_columns: list[str] = field(default_factory=list)
@@ -225,8 +225,9 @@ def apply_duplicate_policy(plan: Plan, data: DataConfig, spill_dir: Path | None 
         if count and data.duplicate_ids == "error":
             shown = "; ".join(f"{ident!r} at {', '.join(where)}" for ident, where in examples)
             raise InputError(f"{count} rows repeat an id of column {plan.id_column!r} (e.g. {shown}); ids must be "
-                             f"unique for exactly-once results. Fix the input, or opt in: data.duplicate_ids=positional "
-                             f"(ids become <file>:<row>) or data.duplicate_ids=keep (every row runs; ids repeat in results)")
+                             f"unique for exactly-once results. Fix the input, or opt in: "
+                             f"data.duplicate_ids=positional (ids become <file>:<row>) or data.duplicate_ids=keep "
+                             f"(every row runs; ids repeat in results)")
         if count or nulls[0]:  # positional
             plan.id_column, plan.id_type = None, "string"
     return plan

@@ -5,7 +5,8 @@ from .config import PromptConfig
 
 TEMPLATES = {
     "nemotron4_chat": "<extra_id_0>System\n{system}\n<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n",
-    "steerlm": "<extra_id_0>System\n{system}\n<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n<extra_id_2>{attributes}\n",
+    "steerlm": ("<extra_id_0>System\n{system}\n<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n"
+                "<extra_id_2>{attributes}\n"),
     "nemotron_mini": "<extra_id_0>System\n{system}\n\n<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n",
     "raw": "{prompt}",
     "chat_template": "{prompt}",  # the engine's chat API renders it with the tokenizer's template

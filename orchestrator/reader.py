@@ -49,7 +49,8 @@ class UnitReader:
         except (pa.ArrowException, OSError) as exc:
             self._file = None  # start afresh at the next unit
             path = self.plan.files[file_index].path
-            raise InputError(f"{path}: rows {start}-{start + count - 1} cannot be read ({str(exc).splitlines()[0][:200]}); "
+            raise InputError(f"{path}: rows {start}-{start + count - 1} cannot be read "
+                             f"({str(exc).splitlines()[0][:200]}); "
                              f"the file is damaged. Rewrite it from its source (the run's plan fixed its size, so "
                              f"start a new run_dir=), or drop it from data.input") from None
 

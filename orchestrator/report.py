@@ -74,7 +74,8 @@ def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, 
         "output_tokens_per_s": round(this_attempt.output_tokens / generate_s, 3) if generate_s > 0 else 0.0,
         "backup_copies": sum(r.get("backup_copies", 0) for r in replicas),  # units run again for a straggler
         "discarded_rows": sum(r.get("discarded_rows", 0) for r in replicas),  # answered by a copy that lost
-        "journal_rows": sum(r.get("journal_rows", 0) for r in replicas),  # kept through a crash or stop, not asked again
+        # kept through a crash or stop, not asked again
+        "journal_rows": sum(r.get("journal_rows", 0) for r in replicas),
         "attempt": attempt,
     }
     summary.update(extra or {})

@@ -76,8 +76,8 @@ class RunLock:
             live = cluster_for(self.cfg).live_jobs(jobs, host or "") if other.get("cluster") == self.cfg.cluster.name \
                 else None
             if live is None:
-                return f"job(s) {' '.join(jobs)} (cluster={other.get('cluster')}, submitted from {host}), whose state " \
-                       f"cannot be read from here"
+                return f"job(s) {' '.join(jobs)} (cluster={other.get('cluster')}, submitted from {host}), " \
+                       f"whose state cannot be read from here"
             if live:
                 return f"job(s) {' '.join(live)} (cluster={other.get('cluster')}, submitted from {host})"
         return ""

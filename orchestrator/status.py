@@ -440,8 +440,8 @@ def format_status(s: dict) -> str:
     if rows.get("rollouts", 1) > 1:  # several answers per prompt: rows are answers
         lines[-1] = (f"answers:    {rows['committed']}/{rows['total']} committed ({share:.1f}%), {rows['ok']} ok, "
                      f"{rows['failed']} failed; {rows['units_done']}/{rows['units']} units")
-        lines.append(f"prompts:    {rows['prompts']}/{rows['prompts_total']} committed, {rows['rollouts']} answers each "
-                     f"(sampling.rollouts)")
+        lines.append(f"prompts:    {rows['prompts']}/{rows['prompts_total']} committed, "
+                     f"{rows['rollouts']} answers each (sampling.rollouts)")
     if s["errors"]:
         lines.append(f"errors:     {rows['failed']} row(s) in {len(s['errors'])} group(s):")
         width = max(len(str(e["rows"])) for e in s["errors"])
@@ -454,7 +454,8 @@ def format_status(s: dict) -> str:
     answers = (lambda rate: f" ({rate['answers_per_s']:.1f} answers/s)") if rows.get("rollouts", 1) > 1 else \
         (lambda rate: "")
     lines.append(f"rate:       recent {recent['prompts_per_s']:.1f} prompts/s{answers(recent)}, "
-                 f"{recent['output_tokens_per_s']:.1f} output tokens/s (last {recent['window_s']:.0f} s)" if recent["rows"]
+                 f"{recent['output_tokens_per_s']:.1f} output tokens/s (last {recent['window_s']:.0f} s)"
+                 if recent["rows"]
                  else f"rate:       recent: no request answered in the last {WINDOW_S:.0f} s")
     lines.append(f"            overall {overall['prompts_per_s']:.1f} prompts/s{answers(overall)}, "
                  f"{overall['output_tokens_per_s']:.1f} output tokens/s over {_duration(overall['window_s'])} of "

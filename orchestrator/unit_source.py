@@ -124,7 +124,8 @@ class UnitBuffer:
             "id": pa.array(self.ids, schema.field("id").type), "response": pa.array(self.response, pa.string()),
             "responses": pa.array(self.responses or [], pa.list_(pa.string())),
             "status": pa.array(self.status, pa.string()), "error": pa.array(self.error, pa.string()),
-            "output_tokens": pa.array(self.output_tokens, pa.int64()), "latency_s": pa.array(self.latency, pa.float64()),
+            "output_tokens": pa.array(self.output_tokens, pa.int64()),
+            "latency_s": pa.array(self.latency, pa.float64()),
             "attempts": pa.array(self.attempts, pa.int32()),
         }
         if "rollout" in schema.names:  # answer i is rollout i % N of its input row

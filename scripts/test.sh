@@ -12,6 +12,8 @@ if [ ! -x /usr/bin/chromium ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 fi
+# The linter configured in pyproject.toml ([tool.ruff]): a finding fails the test command.
+python3 -m ruff check .
 # The documentation site (docs/, mkdocs.yml): --strict fails on a broken link or anchor, or a page left out of
 # the nav; the site goes to a temporary directory, never into the repository.
 python3 -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"

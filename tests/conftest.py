@@ -25,7 +25,8 @@ def hydra_value(value) -> str:
 
 def write_prompts(path: Path, n: int, start: int = 0, ids: bool = True, row_group_size: int | None = None,
                   prompts: list | None = None) -> Path:
-    data = {"prompt": prompts if prompts is not None else [f"Question number {i}: what is {i} + {i}?" for i in range(start, start + n)]}
+    data = {"prompt": prompts if prompts is not None
+            else [f"Question number {i}: what is {i} + {i}?" for i in range(start, start + n)]}
     if ids:
         data["id"] = [f"q{i}" for i in range(start, start + len(data["prompt"]))]
     path.parent.mkdir(parents=True, exist_ok=True)

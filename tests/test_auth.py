@@ -1,4 +1,4 @@
-"""Engines behind authentication and TLS (README "Authenticated endpoints"): engine.api_key_env sends
+"""Engines behind authentication and TLS (docs/engines.md "Authenticated endpoints"): engine.api_key_env sends
 `Authorization: Bearer <key>` on every request, a refused key stops the run at readiness (or stops the replica
 mid-run) with a message instead of row errors, a missing variable is refused before anything is submitted, the
 key is written nowhere, and https:// servers work with engine.verify_tls and engine.ca_bundle.

@@ -1,4 +1,4 @@
-"""The README's commands, run as a user runs them: the installed `orchestrator` console script."""
+"""The commands (docs/index.md "Commands"), run as a user runs them: the installed `orchestrator` console script."""
 import json
 import shutil
 import socket
@@ -44,8 +44,8 @@ def test_run_with_overrides_on_a_directory_in_a_weird_path(weird_tmp_path):
     write_prompts(weird_tmp_path / "in" / "a.parquet", 30)
     write_prompts(weird_tmp_path / "in" / "b.parquet", 20, start=30)
     run_dir = weird_tmp_path / "run 1"
-    cli("run", f"data.input={hydra_value(weird_tmp_path / 'in')}", f"run_dir={hydra_value(run_dir)}", "model=nemotron_mini_4b_instruct",
-        "sampling.tokens_to_generate=8", "data.unit_rows=16")
+    cli("run", f"data.input={hydra_value(weird_tmp_path / 'in')}", f"run_dir={hydra_value(run_dir)}",
+        "model=nemotron_mini_4b_instruct", "sampling.tokens_to_generate=8", "data.unit_rows=16")
     df = pd.read_parquet(run_dir / "results")
     assert sorted(df["id"]) == sorted(f"q{i}" for i in range(50))
     assert (df["output_tokens"] <= 8).all()
@@ -103,13 +103,15 @@ def test_serve_engine_runs_the_embedded_engine(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([EXE, "serve-engine", f"engine.port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([EXE, "serve-engine", f"engine.port={port}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
             try:
-                r = requests.put(f"http://127.0.0.1:{port}/generate", json={"sentences": ["Hi"], "tokens_to_generate": 1}, timeout=5)
+                r = requests.put(f"http://127.0.0.1:{port}/generate",
+                                 json={"sentences": ["Hi"], "tokens_to_generate": 1}, timeout=5)
                 break
             except requests.ConnectionError:
                 assert time.monotonic() < deadline, "engine did not come up"

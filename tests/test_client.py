@@ -132,7 +132,8 @@ def test_retries_with_backoff_recover_transient_errors(tmp_path):
 
 def test_rerun_skips_committed_units(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 50)
-    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10", "sampling.tokens_to_generate=3"])
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.unit_rows=10",
+                   "sampling.tokens_to_generate=3"])
     plan, paths = prepare(cfg)
     first = sorted(done_units(paths))
     assert first == []
@@ -198,7 +199,8 @@ def run_against_recorder(cfg, route: str):
 
 def test_openai_strategy_keeps_max_in_flight_requests_and_never_more(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 200)
-    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai", "client.max_in_flight=12"])
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}", "engine.protocol=openai",
+                   "client.max_in_flight=12"])
     server, paths = run_against_recorder(cfg, "/v1/completions")
     assert server.peak == 12 and sum(server.sizes) == 200
     assert (results(paths)["response"] == "answer").all()
@@ -323,7 +325,8 @@ def test_a_failed_submission_cancels_what_it_submitted(tmp_path, monkeypatch):
     (job,) = submitted
     job.wait()  # bounded by the cancel: the job was stopped, not left running
     assert job.state == "INTERRUPTED"  # stopped by the cancel; left alone it would finish every row
-    assert len(done_units(RunPaths(tmp_path / "r"))) < 2000 // 2048 + 1 or not (tmp_path / "r" / "summary.json").exists()
+    assert (len(done_units(RunPaths(tmp_path / "r"))) < 2000 // 2048 + 1
+            or not (tmp_path / "r" / "summary.json").exists())
 
 
 def test_a_failed_job_reports_its_own_message_with_the_engine_log_not_frames():

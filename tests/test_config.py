@@ -14,7 +14,8 @@ def test_default_composition_is_the_340b_on_the_embedded_engine_locally():
     cfg = compose([])
     assert cfg.model.name == "nemotron4_340b_instruct"
     assert cfg.engine.name == "mock" and cfg.cluster.name == "local"
-    assert (cfg.layout.nodes, cfg.layout.gpus_per_node, cfg.layout.tensor_parallel, cfg.layout.pipeline_parallel) == (2, 8, 8, 2)
+    layout = cfg.layout
+    assert (layout.nodes, layout.gpus_per_node, layout.tensor_parallel, layout.pipeline_parallel) == (2, 8, 8, 2)
     assert cfg.data.prompt_column == "prompt" and cfg.data.id_column == "id"
     assert cfg.engine.host == "127.0.0.1"
     assert cfg.input_path.endswith("examples/mt_bench_prompts.parquet")
@@ -39,7 +40,8 @@ def test_public_keys_override():
                    "engine.simulator.token_latency_s=0.01", "engine.simulator.error_rate=0.2",
                    "engine.simulator.seed=5", "layout.nodes=1", "layout.gpus_per_node=1", "layout.tensor_parallel=1",
                    "layout.pipeline_parallel=1"])
-    assert (cfg.data.input, cfg.data.prompt_column, cfg.data.id_column, cfg.run_dir) == ("/x.parquet", "text", "uid", "/tmp/r")
+    assert (cfg.data.input, cfg.data.prompt_column, cfg.data.id_column, cfg.run_dir) == \
+        ("/x.parquet", "text", "uid", "/tmp/r")
     assert (cfg.layout.gpu, cfg.replicas, cfg.client.max_in_flight) == ("h200_141gb", 3, 9)
     s = cfg.sampling
     assert (s.tokens_to_generate, s.temperature, s.top_p, s.top_k, s.greedy) == (7, 0.5, 0.8, 4, False)
@@ -52,7 +54,8 @@ def test_nemo_engine_exists_as_the_seed_engine():
     from orchestrator.engines.base import adapter_for
 
     adapter = adapter_for(cfg)
-    assert cfg.engine.name == "nemo" and adapter.protocol_for(cfg) == "nemo" and cfg.engine.port == 0  # a free port on node 0
+    # engine.port 0: a free port on node 0
+    assert cfg.engine.name == "nemo" and adapter.protocol_for(cfg) == "nemo" and cfg.engine.port == 0
     assert adapter.tasks_per_node(cfg) == cfg.layout.gpus_per_node == 8  # one task per GPU
 
 
@@ -83,7 +86,8 @@ def test_unknown_model_lists_the_choices(cli_env):
 
 
 def test_typo_in_a_key_is_rejected(cli_env):
-    proc = subprocess.run([*orchestrator_cmd(), "plan", "sampling.temprature=0.5"], capture_output=True, text=True, env=cli_env)
+    proc = subprocess.run([*orchestrator_cmd(), "plan", "sampling.temprature=0.5"], capture_output=True, text=True,
+                          env=cli_env)
     assert proc.returncode != 0
     assert "temprature" in proc.stderr + proc.stdout
 
@@ -110,7 +114,8 @@ def test_the_command_line_refuses_an_old_simulator_key_naming_its_new_key(cli_en
 
 def test_a_misspelled_key_added_with_plus_is_refused_with_the_closest_key():
     """Hydra's own hint for a misspelled key is `+key=value`, which used to be accepted and dropped."""
-    with pytest.raises(ConfigError, match=r"sampling.temprature is not a config key; did you mean sampling.temperature\?"):
+    with pytest.raises(ConfigError,
+                       match=r"sampling.temprature is not a config key; did you mean sampling.temperature\?"):
         compose(["+sampling.temprature=0.5"])
     assert compose(["+engine.env.VLLM_HOST_IP=127.0.0.1"]).engine.env == {"VLLM_HOST_IP": "127.0.0.1"}
 

@@ -133,8 +133,8 @@ class Recorder:
         override = self._keep(body)
         if override is not None:
             return override
-        return web.json_response({"choices": [{"text": self.answer(body["prompt"].rsplit("\n<extra_id_1>Assistant", 1)[0])}],
-                                  "usage": {"completion_tokens": 2}})
+        asked = body["prompt"].rsplit("\n<extra_id_1>Assistant", 1)[0]
+        return web.json_response({"choices": [{"text": self.answer(asked)}], "usage": {"completion_tokens": 2}})
 
     async def generate(self, request):  # NeMo: echoes the prompt
         body = await request.json()
@@ -248,7 +248,8 @@ def test_nemo_batches_steerlm_turns_with_each_rows_attribute_line(recorder, tmp_
     assert [len(b["sentences"]) for b in recorder.bodies] == [3, 3]  # turn 2 of every row in one batch
     second = recorder.bodies[1]["sentences"]
     a1 = Recorder.answer("<extra_id_0>System\nS\n<extra_id_1>User\nA")
-    assert second[0] == (f"<extra_id_0>System\nS\n<extra_id_1>User\nA\n<extra_id_1>Assistant\n<extra_id_2>quality:4,humor:0\n"
+    assert second[0] == ("<extra_id_0>System\nS\n<extra_id_1>User\nA\n<extra_id_1>Assistant\n"
+                         "<extra_id_2>quality:4,humor:0\n"
                          f"{a1}\n<extra_id_1>User\nB\n<extra_id_1>Assistant\n<extra_id_2>quality:4,humor:0\n")
     assert "<extra_id_2>quality:0,humor:4\n" in second[1] and f"<extra_id_2>{ATTRS}\n" in second[2]
     df = results(paths)
@@ -313,7 +314,8 @@ def test_conversation_settings_are_part_of_the_resume_fingerprint(tmp_path):
 def test_the_embedded_engines_chat_answers_depend_on_the_whole_conversation():
     def ask(url, messages):
         body = {"model": "mock", "messages": messages, "max_tokens": 30}
-        return requests.post(url + "/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"]["content"]
+        answer = requests.post(url + "/v1/chat/completions", json=body, timeout=30).json()
+        return answer["choices"][0]["message"]["content"]
 
     with EngineThread(EngineSettings()) as engine:
         one = ask(engine.url, [user("Q1"), assistant("A1"), user("Q2")])
@@ -352,8 +354,8 @@ def test_bad_message_rows_become_recorded_errors(tmp_path):
             [user("a"), system("late")], [user("q"), assistant("a")], [user("   ")]]
     pq.write_table(pa.table({"id": [f"m{i}" for i in range(len(rows))], "messages": pa.array(rows, pa.list_(MESSAGE))}),
                    tmp_path / "in.parquet")
-    cfg = compose([f"data.input={tmp_path / 'in.parquet'}", f"run_dir={tmp_path / 'r'}", "data.messages_column=messages",
-                   "sampling.tokens_to_generate=5"])
+    cfg = compose([f"data.input={tmp_path / 'in.parquet'}", f"run_dir={tmp_path / 'r'}",
+                   "data.messages_column=messages", "sampling.tokens_to_generate=5"])
     _, paths, _ = run_client(cfg, tmp_path)
     df = results(paths).set_index("id")
     assert df.loc["m0", "status"] == "ok" and len(df) == len(rows)
@@ -408,7 +410,8 @@ def test_bad_conversation_column_types_are_refused_naming_the_file_and_column(tm
 
 def test_missing_columns_are_refused_with_the_list_of_columns(tmp_path):
     src = write_rows(tmp_path / "in.parquet", turns=[["a"]])
-    with pytest.raises(InputError, match=r"no column 'msgs' \(data.messages_column\); the columns are \['id', 'turns'\]"):
+    with pytest.raises(InputError,
+                       match=r"no column 'msgs' \(data.messages_column\); the columns are \['id', 'turns'\]"):
         build_plan(compose(["data.messages_column=msgs"]).data, str(src))
     with pytest.raises(InputError, match=r"no column 'category' to keep \(data.keep_columns\); the columns are "
                                          r"\['id', 'turns'\]"):
@@ -419,8 +422,8 @@ def test_missing_columns_are_refused_with_the_list_of_columns(tmp_path):
 
 def test_a_bad_messages_column_stops_the_run_before_anything_is_submitted(tmp_path):
     src = write_rows(tmp_path / "in.parquet", messages=['[{"role": "user", "content": "hi"}]'])
-    proc = subprocess.run([EXE, "run", f"data.input={src}", f"run_dir={tmp_path / 'r'}", "data.messages_column=messages"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([EXE, "run", f"data.input={src}", f"run_dir={tmp_path / 'r'}",
+                           "data.messages_column=messages"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert str(src) in proc.stderr and "data.messages_column" in proc.stderr and "json.loads" in proc.stderr
     assert not (tmp_path / "r" / "plan.json").exists()

@@ -47,7 +47,8 @@ def endpoint_run(tmp_path, url, *overrides, rows=40):
 def test_endpoint_finds_the_protocol_from_the_routes(tmp_path, routes):
     with faithful_server(tmp_path, routes) as url:
         summary, df = endpoint_run(tmp_path, url, "engine.served_model_name=served-model")
-    assert summary["complete"] and (df["status"] == "ok").all() and sorted(df["id"]) == sorted(f"q{i}" for i in range(40))
+    assert summary["complete"] and (df["status"] == "ok").all()
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(40))
     assert f"protocol {routes}" in (tmp_path / "run" / "run.log").read_text()
 
 

@@ -80,7 +80,8 @@ class TestEngineContract:
             path.write_text(files[name])
             assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, name
         tasks = adapter.tasks_per_node(cfg)
-        assert f"--ntasks={2 * tasks}" in files["engine_ranks.sh"] and f"--ntasks-per-node={tasks}" in files["engine_ranks.sh"]
+        assert f"--ntasks={2 * tasks}" in files["engine_ranks.sh"]
+        assert f"--ntasks-per-node={tasks}" in files["engine_ranks.sh"]
         assert files["engine_ranks.sh"].count("SLURM_PROCID=") == 2 * tasks
 
     def test_missing_requirements_are_named_before_submission(self, engine):
@@ -134,7 +135,8 @@ def test_node_env_gives_each_node_its_own_value(tmp_path):
     record = tmp_path / "env.jsonl"
     recorder = tmp_path / "engine-program"
     recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                        f"open({str(record)!r}, 'a').write(json.dumps([os.environ.get('BIND'), sys.argv[1:]]) + '\\n')\n")
+                        f"open({str(record)!r}, 'a')"
+                        ".write(json.dumps([os.environ.get('BIND'), sys.argv[1:]]) + '\\n')\n")
     recorder.chmod(0o755)
     cfg = compose(required("vllm") + ["model=nemotron4_340b_instruct", f"engine.command=[{recorder}]",
                                       "+engine.node_env.BIND=['0','1']"])

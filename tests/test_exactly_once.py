@@ -84,7 +84,8 @@ def test_engine_errors_and_timeouts_end_as_ok_or_recorded_errors(tmp_path):
     errors = df[df["status"] == "error"]["error"]
     assert errors.str.contains("gave up after 2 attempts").all()
     assert errors.str.contains("HTTP 500").any()
-    assert errors.str.contains("timed out: no answer within 1 s (client.request_timeout_s)", regex=False).any()  # the reason, not "TimeoutError: "
+    # the reason, not "TimeoutError: "
+    assert errors.str.contains("timed out: no answer within 1 s (client.request_timeout_s)", regex=False).any()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ok"] == (df["status"] == "ok").sum() and summary["failed"] == (df["status"] == "error").sum()
     assert summary["total"] == len(df) == 1000

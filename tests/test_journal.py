@@ -310,9 +310,10 @@ def test_parse_skips_a_record_whose_columns_are_malformed_and_keeps_the_others(b
     is skipped whole; a row with an unknown status is skipped alone; the records around it are replayed."""
     good = record([[0, "q0", "ok", "zero", None, 1, 0.1, 1, 0], [1, "q1", "error", None, "boom", None, 0.1, 2, 1]])
     data = header("d" * 16, 4, 10, "r0") + b"".join(
-        json.dumps(r).encode() + b"\n" for r in (good, {**record([[2, "q2", "ok", "two", None, 1, 0.1, 1, 0],
-                                                                   [3, "q3", "ok", "three", None, 1, 0.1, 1, 0]]), **bad},
-                                                  record([[4, "q4", "ok", "four", None, 1, 0.1, 1, 0]])))
+        json.dumps(r).encode() + b"\n"
+        for r in (good, {**record([[2, "q2", "ok", "two", None, 1, 0.1, 1, 0],
+                                   [3, "q3", "ok", "three", None, 1, 0.1, 1, 0]]), **bad},
+                  record([[4, "q4", "ok", "four", None, 1, 0.1, 1, 0]])))
     got, end = parse(data, "d" * 16, 4, 10)
     assert end == len(data)
     assert got[1].status == "error" and got[1].blamed and not got[0].blamed and got[4].response == "four"

@@ -33,7 +33,8 @@ def test_parameter_counts_match_the_cards(model, billions):
 
 def test_rule_tp_times_pp_equals_gpus():
     cfg = compose(["layout.pipeline_parallel=1"])
-    assert any("TP x PP = 8 x 1 = 8 must equal nodes x GPUs per node = 2 x 8 = 16" in p for p in problems(cfg.model, cfg.layout))
+    assert any("TP x PP = 8 x 1 = 8 must equal nodes x GPUs per node = 2 x 8 = 16" in p
+               for p in problems(cfg.model, cfg.layout))
 
 
 def test_rule_heads_divisible_by_tp():

@@ -36,7 +36,8 @@ def test_nemotron_mini_template_has_the_blank_line_after_system():
 
 
 def test_base_model_is_raw_completion():
-    assert format_prompt("The capital of France is", compose(["model=nemotron3_8b_base"]).model.prompt) == "The capital of France is"
+    prompt = compose(["model=nemotron3_8b_base"]).model.prompt
+    assert format_prompt("The capital of France is", prompt) == "The capital of France is"
 
 
 def test_system_prompt_is_placed():

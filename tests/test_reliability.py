@@ -68,9 +68,9 @@ def test_resume_against_another_model_behind_the_same_url_is_refused(tmp_path):
         assert run(cfg, show_progress=False)["complete"]
     for part in sorted((tmp_path / "r" / "results").iterdir())[:2]:
         part.unlink()
-    with endpoint_at(tmp_path, port, "model-b"), pytest.raises(RunError, match="is not the one that answered this run_dir's "
-                                                                     "committed rows: served model was 'model-a', "
-                                                                     "now 'model-b'"):
+    with endpoint_at(tmp_path, port, "model-b"), pytest.raises(RunError, match="is not the one that answered this "
+                                                                     "run_dir's committed rows: served model was "
+                                                                     "'model-a', now 'model-b'"):
         run(cfg, show_progress=False)
     assert len(results(tmp_path / "r")) == 20  # nothing from model-b was committed
     with endpoint_at(tmp_path, port, "model-a"):
@@ -281,8 +281,8 @@ def test_a_full_disk_while_writing_the_plan_is_a_sentence_and_leaves_no_temporar
 
 def test_a_corrupt_data_page_names_the_file_and_the_rows(tmp_path):
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": [f"q{i}" for i in range(1000)], "prompt": [f"prompt {i} " * 20 for i in range(1000)]}),
-                   src, compression="snappy")
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(1000)],
+                             "prompt": [f"prompt {i} " * 20 for i in range(1000)]}), src, compression="snappy")
     meta = pq.read_metadata(src).row_group(0).column(1)
     data = bytearray(src.read_bytes())
     start = meta.data_page_offset

@@ -21,7 +21,8 @@ SEED_340B = ("python3 /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval
 
 def render_340b(run_dir: Path, *extra: str) -> dict[str, str]:
     cfg = compose(["cluster=slurm", "engine=nemo", "engine.checkpoint=/models/Nemotron-4-340B-Instruct.nemo",
-                   "cluster.partition=batch", "cluster.account=llm", "cluster.container_image=nvcr.io/nvidia/nemo:24.05",
+                   "cluster.partition=batch", "cluster.account=llm",
+                   "cluster.container_image=nvcr.io/nvidia/nemo:24.05",
                    "cluster.container_mounts=[/lustre/models:/models]", f"run_dir={run_dir}",
                    "data.input=/lustre/prompts", *extra])
     return {p.name: p.read_text() for p in render(cfg)}
@@ -100,7 +101,8 @@ def test_the_plain_template_runs_its_steps_with_exact_arguments(tmp_path):
     bin_dir.mkdir()
     record = tmp_path / "argv.jsonl"
     recorder = (f"#!{sys.executable}\nimport json, sys, os\n"
-                f"open({str(record)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n")
+                f"open({str(record)!r}, 'a')"
+                ".write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n")
     (bin_dir / "srun").write_text(recorder + "import time; time.sleep(30)\n")
     (bin_dir / "scontrol").write_text(recorder + "print('127.0.0.1')\n")
     (bin_dir / "curl").write_text(recorder + "print('{\"sentences\": [\"Hello world\"]}')\n")
@@ -160,4 +162,5 @@ def test_the_plain_template_gives_each_node_its_line_with_the_scripts_values(tmp
                    env={"SLURM_NODEID": "1", "PATH": "/usr/bin:/bin"}, check=True, timeout=60)
     argv = json.loads(record.read_text())
     assert argv[argv.index("--master-addr") + 1] == "node-a" and argv[argv.index("--master-port") + 1] == "29777"
-    assert argv[argv.index("--port") + 1] == "4242" and argv[argv.index("--node-rank") + 1] == "1" and "--headless" in argv
+    assert argv[argv.index("--port") + 1] == "4242" and argv[argv.index("--node-rank") + 1] == "1"
+    assert "--headless" in argv

@@ -517,7 +517,8 @@ def test_nemo_copies_change_the_answers_so_a_resume_may_not_switch_them_on_opena
 def test_the_nemo_codec_sends_copies_in_blocks_of_at_most_128(make_cfg):
     from orchestrator.protocols.nemo import NemoCodec
 
-    codec = NemoCodec(make_cfg("sampling.greedy=false", "sampling.rollouts=200", "sampling.rollouts_in_one_request=true"))
+    codec = NemoCodec(make_cfg("sampling.greedy=false", "sampling.rollouts=200",
+                               "sampling.rollouts_in_one_request=true"))
     assert codec.copies and codec.max_n == 128 and codec.batch_size == 1
     body = codec.payload(["p"], seed=5, n=3)
     assert body["sentences"] == ["p", "p", "p"] and body["random_seed"] == 5

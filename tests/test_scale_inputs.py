@@ -241,7 +241,8 @@ def test_status_and_summary_over_many_units(many_units, monkeypatch):
                              "units": UNITS, "units_done": UNITS, "prompts": UNITS, "prompts_total": UNITS,
                              "answers": UNITS, "answers_total": UNITS, "rollouts": 1}
     assert first["state"] == "complete" and first["damaged"] == []
-    assert [(g["reason"], g["rows"]) for g in first["errors"]] == [("gave up after <n> attempts: HTTP 503", UNITS // 10)]
+    assert [(g["reason"], g["rows"]) for g in first["errors"]] == \
+        [("gave up after <n> attempts: HTTP 503", UNITS // 10)]
     assert (paths.root / "work" / status.ERRORS_CACHE).exists()
     # a second status finds every failed unit's errors in the cache: no result file is read
     monkeypatch.setattr(status, "_unit_errors", lambda path: pytest.fail(f"read {path} again"))

@@ -150,7 +150,8 @@ def test_sink_for_reads_the_format_of_the_run_directory(tmp_path):
 # End to end: output.format=jsonl through the CLI (engine=mock), locally and on the local Slurm cluster.
 
 EXE = shutil.which("orchestrator") or "orchestrator"
-SLOW = ["engine.simulator.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20", "sampling.tokens_to_generate=6"]
+SLOW = ["engine.simulator.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20",
+        "sampling.tokens_to_generate=6"]
 
 
 def cli(*args, timeout=300):

@@ -32,7 +32,8 @@ def sacct_state(job_id: str, deadline_s: float = 60) -> str:
     deadline = time.monotonic() + deadline_s
     state = ""
     while time.monotonic() < deadline:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True).stdout
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
+                             text=True).stdout
         state = out.strip().split("\n")[0].split()[0] if out.strip() else ""
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             return state
@@ -216,8 +217,8 @@ def test_a_job_reaching_its_time_limit_requeues_itself_and_finishes(slurm_cluste
     src = write_prompts(tmp_path / "in.parquet", 1200)
     run_dir = tmp_path / "run"
     proc = run_cli("run", "cluster=slurm", f"cluster.partition={slurm_cluster}", f"data.input={src}",
-                   f"run_dir={run_dir}", "cluster.timeout_min=1", "cluster.signal_delay_s=30", "cluster.max_requeues=10", *SLOW_SLURM,
-                   timeout=400)
+                   f"run_dir={run_dir}", "cluster.timeout_min=1", "cluster.signal_delay_s=30",
+                   "cluster.max_requeues=10", *SLOW_SLURM, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     df = pd.read_parquet(run_dir / "results")
     assert sorted(df["id"]) == sorted(f"q{i}" for i in range(1200)) and (df["status"] == "ok").all()
@@ -300,7 +301,8 @@ def test_slurm_down_is_a_sentence_with_the_fix(slurm_cluster, tmp_path):
                            f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, SLURM_CONF=str(conf)))
     assert proc.returncode == 1
-    assert "Unable to contact slurm controller" in proc.stderr and "rerun the same command once the cluster" in proc.stderr
+    assert "Unable to contact slurm controller" in proc.stderr
+    assert "rerun the same command once the cluster" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

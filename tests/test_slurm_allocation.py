@@ -17,7 +17,7 @@ EXE = shutil.which("orchestrator") or "orchestrator"
 
 
 def submit(tmp_path: Path, partition: str, nodes: int, *overrides: str) -> tuple[str, Path]:
-    """The README's recipe: #SBATCH lines plus one `orchestrator run` line."""
+    """The recipe of docs/slurm.md "Inside your own allocation": #SBATCH lines plus one `orchestrator run` line."""
     out = tmp_path / "job.out"
     script = tmp_path / "job.sh"
     script.write_text("\n".join([

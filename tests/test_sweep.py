@@ -33,8 +33,8 @@ def test_a_sweep_runs_its_members_at_once_and_a_rerun_resumes_only_the_unfinishe
     proc = sweep(*args)
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
-    assert names == sorted(f"model={m},sampling.temperature={t}" for m in ("nemotron3_8b_base", "nemotron_mini_4b_instruct")
-                           for t in ("0.2", "0.7"))
+    assert names == sorted(f"model={m},sampling.temperature={t}"
+                           for m in ("nemotron3_8b_base", "nemotron_mini_4b_instruct") for t in ("0.2", "0.7"))
     members = json.loads((sweep_dir / "sweep.json").read_text())["members"]
     assert len(members) == 4 and all(f"data.input={src}" in m["overrides"] for m in members)
     for name in names:

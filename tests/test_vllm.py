@@ -144,8 +144,8 @@ def test_multi_turn_chat_sends_turn_two_with_the_models_first_answer(vllm_server
     df = results(tmp_path / "turns").sort_values("id").reset_index(drop=True)
     assert (df["status"] == "ok").all() and list(df["category"]) == ["math", "writing"]
     assert df["responses"].map(len).tolist() == [2, 2] and (df["output_tokens"] > 0).all()
-    replay = [[{"role": "user", "content": t[0]}, {"role": "assistant", "content": r[0]}, {"role": "user", "content": t[1]}]
-              for t, r in zip(turns, df["responses"])]
+    replay = [[{"role": "user", "content": t[0]}, {"role": "assistant", "content": r[0]},
+               {"role": "user", "content": t[1]}] for t, r in zip(turns, df["responses"])]
     pq.write_table(pa.table({"id": ["r0", "r1"], "messages": replay}), tmp_path / "replay.parquet")
     run(compose(base + [f"data.input={tmp_path / 'replay.parquet'}", f"run_dir={tmp_path / 'replay'}",
                         "data.messages_column=messages"]), show_progress=False)

@@ -106,7 +106,8 @@ def test_totals_come_from_the_ledger_and_fall_back_to_footers(tmp_path):
     paths = RunPaths(tmp_path)
     paths.make()
     for unit in range(3):
-        commit_unit(paths, unit, pa.table({"id": [f"{unit}"]}), {"rows": 1, "ok": 1, "failed": 0, "output_tokens": 2, "units": 1}, "r0")
+        commit_unit(paths, unit, pa.table({"id": [f"{unit}"]}),
+                    {"rows": 1, "ok": 1, "failed": 0, "output_tokens": 2, "units": 1}, "r0")
     ledger = tmp_path / "work" / "ledger" / "r0.jsonl"
     assert len(ledger.read_text().splitlines()) == 3
     ledger.write_text(ledger.read_text().splitlines()[0] + "\n" + '{"unit": 1, "rows"')  # a crash cut the rest

@@ -96,8 +96,8 @@ class SlurmCluster(ClusterAdapter):
     def render(self, cfg: Config, paths: RunPaths, engine, write, out: Path, rv) -> None:
         executor = self.executor(cfg, paths)
         script = executor._make_submission_file_text(executor._submitit_command_str, "render")
-        note = f"# submitted as one job array of {cfg.replicas} tasks (--array=0-{cfg.replicas - 1}), one per replica\n" \
-            if cfg.replicas > 1 else ""
+        note = (f"# submitted as one job array of {cfg.replicas} tasks (--array=0-{cfg.replicas - 1}), "
+                f"one per replica\n" if cfg.replicas > 1 else "")
         write("job.sbatch", script.replace("#!/bin/bash\n", "#!/bin/bash\n" + note, 1))
         # the plain template, for operators who submit with sbatch: its client is engine=endpoint
         protocol = make_codec(cfg, protocol=engine.protocol_for(cfg)).name

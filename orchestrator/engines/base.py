@@ -91,7 +91,8 @@ class EngineAdapter:
             found.append(f"engine={self.name} loads a Hugging Face checkpoint: set model.path=/path/to/checkpoint "
                          f"(for {cfg.model.name}, the -hf conversion of its weights)")
         if self.needs_nemo_checkpoint and not cfg.engine.checkpoint:
-            found.append(f"engine={self.name} needs engine.checkpoint=/path/to/model.nemo (as seen inside the container)")
+            found.append(f"engine={self.name} needs engine.checkpoint=/path/to/model.nemo "
+                         f"(as seen inside the container)")
         found += auth.problems(cfg)  # engine.api_key_env names a variable that is set; engine.ca_bundle exists
         protocol = self.protocol_for(cfg)
         if cfg.model.prompt.format == "chat_template" and protocol not in ("openai", None):

@@ -19,11 +19,13 @@ class TritonAdapter(EngineAdapter):
     def node_argv(self, cfg: Config, node: int, rv: Rendezvous) -> list[str]:
         e, o = cfg.engine, cfg.engine.options
         return self.command(cfg) + [
-            e.script or SCRIPT, "--nemo_checkpoint", str(e.checkpoint), "--model_type", str(o.get("model_type", "llama")),
+            e.script or SCRIPT, "--nemo_checkpoint", str(e.checkpoint),
+            "--model_type", str(o.get("model_type", "llama")),
             "--triton_model_name", self.served_name(cfg), "--triton_http_address", e.host,
             "--triton_port", str(rv.port), "--num_gpus", str(cfg.layout.gpus_per_node),
             "--tensor_parallelism_size", str(cfg.layout.tensor_parallel),
-            "--max_input_len", str(o.get("max_input_len", cfg.model.architecture.max_seq_len - cfg.sampling.tokens_to_generate)),
+            "--max_input_len",
+            str(o.get("max_input_len", cfg.model.architecture.max_seq_len - cfg.sampling.tokens_to_generate)),
             "--max_output_len", str(o.get("max_output_len", cfg.sampling.tokens_to_generate)),
             "--max_batch_size", str(o.get("max_batch_size", cfg.layout.max_batch_size)), *e.extra_args]
 

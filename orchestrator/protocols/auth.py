@@ -140,7 +140,8 @@ def tls_failure(cfg: Config, url: str, exc: BaseException) -> TLSFailure:
     found = re.search(r"certificate verify failed: ([^(']+?)\s*(?:\(_ssl|'|$)", text) or \
         re.search(r"\[SSL: [A-Z0-9_]+\] ([^(']+?)\s*(?:\(_ssl|'|$)", text)
     reason = found.group(1).strip() if found else type(exc).__name__
-    hint = " (the server may speak plain HTTP: then use an http:// engine.url)" if "wrong version number" in text else ""
+    hint = (" (the server may speak plain HTTP: then use an http:// engine.url)"
+            if "wrong version number" in text else "")
     e = cfg.engine
     trusted = f"the CA in engine.ca_bundle={e.ca_bundle}" if e.ca_bundle else "the system's CA certificates"
     return TLSFailure(f"TLS failed with the engine at {url}: {reason}{hint}; its certificate was checked against "

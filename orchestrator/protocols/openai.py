@@ -88,7 +88,8 @@ class OpenAICodec:
     def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
         if status != 200:
             error = body.get("error") if isinstance(body, dict) else None
-            message = error.get("message") if isinstance(error, dict) else (body.get("detail") if isinstance(body, dict) else body)
+            message = error.get("message") if isinstance(error, dict) else \
+                (body.get("detail") if isinstance(body, dict) else body)
             _status(status, body, message)
         if n > 1:
             return self._parse_choices(body, n)
@@ -96,7 +97,8 @@ class OpenAICodec:
             choice = body["choices"][0]
             text = choice["message"]["content"] if self.chat else choice["text"]
         except (KeyError, IndexError, TypeError):
-            raise MalformedAnswer(f"malformed OpenAI response: no choices[0].{'message.content' if self.chat else 'text'}") from None
+            raise MalformedAnswer("malformed OpenAI response: "
+                                  f"no choices[0].{'message.content' if self.chat else 'text'}") from None
         usage = body.get("usage")
         if usage is not None and not isinstance(usage, dict):
             raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
@@ -119,7 +121,8 @@ class OpenAICodec:
             try:
                 text = choice["message"]["content"] if self.chat else choice["text"]
             except (KeyError, TypeError):
-                raise MalformedAnswer(f"malformed OpenAI response: no choices[{i}].{'message.content' if self.chat else 'text'}") from None
+                raise MalformedAnswer("malformed OpenAI response: "
+                                      f"no choices[{i}].{'message.content' if self.chat else 'text'}") from None
             ids = choice.get("token_ids")
             if ids is not None and not isinstance(ids, list):
                 raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].token_ids is {type(ids).__name__}")

@@ -85,7 +85,8 @@ class TritonCodec:
         if self.generate:
             return [Completion(_text(body.get("text_output"), "text_output"), None)]
         outputs = body.get("outputs")
-        found = [o for o in outputs if isinstance(o, dict) and o.get("name") == "outputs"] if isinstance(outputs, list) else []
+        found = [o for o in outputs if isinstance(o, dict) and o.get("name") == "outputs"] \
+            if isinstance(outputs, list) else []
         data = found[0].get("data") if found else None
         if not isinstance(data, list) or len(data) != len(prompts):
             raise MalformedAnswer(f"malformed Triton response: expected an 'outputs' tensor of {len(prompts)} rows")

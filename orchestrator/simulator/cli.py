@@ -19,7 +19,8 @@ from .triton_tensors import _triton_model
 
 def _write_rank(folder: Path, rank: int) -> None:
     env = os.environ
-    record = {"rank": rank, "local_rank": int(env.get("SLURM_LOCALID", "0")), "node_rank": int(env.get("SLURM_NODEID", "0")),
+    record = {"rank": rank, "local_rank": int(env.get("SLURM_LOCALID", "0")),
+              "node_rank": int(env.get("SLURM_NODEID", "0")),
               "world_size": int(env.get("SLURM_NTASKS", "1")), "node": env.get("SLURMD_NODENAME", socket.gethostname()),
               "gpus": env.get("CUDA_VISIBLE_DEVICES", env.get("SLURM_STEP_GPUS", "")), "pid": os.getpid()}
     folder.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,10 @@ class EngineSettings:
     triton_model: str = "nemo"                  # "nemo" (deploy_triton.py, PyTriton) or "trtllm" (TRT-LLM ensemble)
     triton_max_len_input: str = "max_output_len"  # NeMo's name for the length input ("max_output_token" in 2023)
     triton_max_batch_size: int = 8              # deploy_triton.py --max_batch_size (its default is 8)
-    require_key_env: str = ""        # every route requires Authorization: Bearer <this variable's value> (vLLM's --api-key)
-    revoke_key_after: int = -1       # with require_key_env: the key is refused after this many requests (a key revoked mid-run)
+    # every route requires Authorization: Bearer <this variable's value> (vLLM's --api-key)
+    require_key_env: str = ""
+    # with require_key_env: the key is refused after this many requests (a key revoked mid-run)
+    revoke_key_after: int = -1
     tls_cert: str = ""               # serve HTTPS with this PEM certificate (chain) ...
     tls_key: str = ""                # ... and this PEM private key
 

@@ -116,7 +116,7 @@ class ResultSink(ABC):
             return None
         return size
 
-    def _before_link(self, unit: int, table: pa.Table, stats: dict, written) -> None:
+    def _before_link(self, unit: int, table: pa.Table, stats: dict, written) -> None:  # noqa: B027 (an optional hook)
         """What must be in place before the unit's file appears (a JSONL unit's stats sidecar); written is
         what _write said about the file."""
 
