@@ -20,8 +20,18 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-
-from _common import CpuWatch, Engine, cleanup, cpu_probe, hydra_quote, load, machine, run_orchestrator, tmpdir, write_prompts
+from _common import (
+    CpuWatch,
+    Engine,
+    cleanup,
+    cpu_probe,
+    hydra_quote,
+    load,
+    machine,
+    run_orchestrator,
+    tmpdir,
+    write_prompts,
+)
 
 CAPACITY = 256
 REQUEST_LATENCY_S = 0.2

@@ -11,9 +11,10 @@ import statistics
 import time
 
 from _common import cleanup, cpu_probe, load, machine, tmpdir
-from orchestrator.unit_source import UnitBuffer
+
 from orchestrator.journal import Journals
 from orchestrator.rundir import RunPaths
+from orchestrator.unit_source import UnitBuffer
 
 UNITS, UNIT_ROWS, BATCH = 49, 2048, 128
 TEXT = "[simulated] " + "word " * 16  # an answer of 16 tokens

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from _common import REPO, cleanup, cpu_probe, hydra_quote, load, machine, tmpdir, write_prompts
+
 from orchestrator.simulator.app import EngineThread
 from orchestrator.simulator.engine import _Engine
 from orchestrator.simulator.model import EngineSettings

@@ -40,10 +40,11 @@ def child(url: str, data: str, run_dir: str, out: str, *overrides: str) -> None:
     import resource
 
     from _common import hydra_quote
+
     from orchestrator.client import Client
     from orchestrator.config import compose
-    from orchestrator.preflight import prepare
     from orchestrator.plan import Plan
+    from orchestrator.preflight import prepare
     from orchestrator.rundir import RunPaths
 
     cfg = compose(["engine=endpoint", f"engine.url={url}", f"sampling.tokens_to_generate={TOKENS}",

@@ -26,11 +26,22 @@ import time
 
 import aiohttp
 import pyarrow.parquet as pq
+from _common import (
+    CpuWatch,
+    Engine,
+    cleanup,
+    cpu_probe,
+    hydra_quote,
+    load,
+    machine,
+    run_orchestrator,
+    tmpdir,
+    write_prompts,
+)
 
-from _common import CpuWatch, Engine, cleanup, cpu_probe, hydra_quote, load, machine, run_orchestrator, tmpdir, write_prompts
 from orchestrator.config import compose
-from orchestrator.protocols.nemo import NemoCodec
 from orchestrator.prompts import format_prompt
+from orchestrator.protocols.nemo import NemoCodec
 
 TOKENS = 16
 BATCH = 128

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import aiohttp
 import pyarrow.parquet as pq
-
 from _common import REPO, cleanup, cpu_probe, load, machine, run_orchestrator, tmpdir, write_prompts
 
 sys.path.insert(0, str(REPO))

@@ -31,9 +31,19 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from _common import (REPO, CpuWatch, Engine, cleanup, cpu_probe, hydra_quote, load, machine, prompt_text,
-                     run_orchestrator, tmpdir)
+from _common import (
+    REPO,
+    CpuWatch,
+    Engine,
+    cleanup,
+    cpu_probe,
+    hydra_quote,
+    load,
+    machine,
+    prompt_text,
+    run_orchestrator,
+    tmpdir,
+)
 
 ROLLOUTS = 8
 TOKENS = 16

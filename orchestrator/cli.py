@@ -36,9 +36,8 @@ def cmd_run(cfg) -> None:
 
 
 def cmd_plan(cfg) -> None:
-    from .layout import GPUS, build_layout, format_layout, problems, valid_layouts
-
     from .engines.base import adapter_for
+    from .layout import GPUS, build_layout, format_layout, problems, valid_layouts
 
     layout = build_layout(cfg, check=False)
     found = problems(cfg.model, cfg.layout)

@@ -23,23 +23,32 @@ import aiohttp
 import pandas  # noqa: F401 - pyarrow imports it on the first pa.array(list): pay that at start, not mid-run
 import pyarrow as pa
 
+from .claims import WAIT, Scheduler, result_exists
+from .commits import (
+    Ledger,
+    UnitStats,
+    commit_unit,
+    done_units,
+    error_summary,
+    kept_rows,
+    mark_retried,
+    retried,
+    retry_units,
+    write_progress,
+)
 from .config import ClientConfig, Config, config_yaml
-from .errors import EngineError, RunError
-from .engines.base import rollouts_in_one_request
-from .protocols import auth
-from .protocols import make_codec
-from .protocols.base import EngineInfo
-from .protocols.openai import openai_api
 from .context import ContextFit
 from .conversation import Turns
-from .claims import WAIT, Scheduler, result_exists
+from .engines.base import rollouts_in_one_request
+from .errors import EngineError, RunError
 from .journal import Journals, UnitJournal, settings_digest
+from .plan import Plan, result_schema
+from .protocols import auth, make_codec
+from .protocols.base import EngineInfo
+from .protocols.openai import openai_api
+from .rundir import RunPaths
 from .sender import Answered, EngineLost, Sender
 from .unit_source import UnitBuffer, UnitSource, settle_answers, settle_failures
-from .commits import (Ledger, UnitStats, commit_unit, done_units, error_summary, kept_rows, mark_retried, retried,
-                      retry_units, write_progress)
-from .plan import Plan, result_schema
-from .rundir import RunPaths
 
 log = logging.getLogger(__name__)
 

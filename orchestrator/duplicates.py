@@ -224,7 +224,6 @@ class _Buckets:
 
     def _split(self, path: Path, count: int, budget: int, need: int, wanted: list) -> int:
         """An oversized bucket: one value throughout, or split again below the bits its values share."""
-        import numpy as np
 
         low = high = None
         for chunk in _chunks(path, budget):

@@ -12,16 +12,16 @@ import uuid
 from dataclasses import dataclass, field
 
 from .clusters.base import cluster_for
+from .commits import committed_rows, done_units, remaining_units, retried_units, scan_committed, write_retry_units
 from .config import Config
 from .engines.base import adapter_for
 from .errors import RunError
 from .node import NodeJob
+from .plan import Plan
 from .preflight import prepare
 from .report import _failed_summary, _kept_summary, _summary_extra, build_summary, one_line, write_summary
-from .runlock import RunLock
-from .commits import committed_rows, done_units, remaining_units, retried_units, scan_committed, write_retry_units
-from .plan import Plan
 from .rundir import RunPaths, log_event
+from .runlock import RunLock
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED"}

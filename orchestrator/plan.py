@@ -15,8 +15,15 @@ import pyarrow as pa
 from .config import DataConfig
 from .duplicates import find_duplicate_ids
 from .errors import InputError
-from .inputs import (InputFile, _check_conversation_columns, _footers, _id_type, _kept_types, _list_value,
-                     discover_inputs)
+from .inputs import (
+    InputFile,
+    _check_conversation_columns,
+    _footers,
+    _id_type,
+    _kept_types,
+    _list_value,
+    discover_inputs,
+)
 
 
 class Units(Sequence):

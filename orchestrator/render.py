@@ -17,7 +17,13 @@ def render(cfg: Config, out_dir: Path | None = None) -> list[Path]:
     per-task command lines, the resolved config, and the plain sbatch template filled from the config."""
 
     from .engines.base import Rendezvous
-    from .sbatch import MASTER_ADDR_PLACEHOLDER, MASTER_PORT_PLACEHOLDER, PORT_PLACEHOLDER, rank_lines, with_placeholders
+    from .sbatch import (
+        MASTER_ADDR_PLACEHOLDER,
+        MASTER_PORT_PLACEHOLDER,
+        PORT_PLACEHOLDER,
+        rank_lines,
+        with_placeholders,
+    )
 
     build_layout(cfg)
     check_launch(cfg)

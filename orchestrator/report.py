@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from . import fsops
+from .commits import UnitStats, committed_rows, remaining_units, scan_committed
 from .config import Config
 from .errors import OrchestratorError
-from .commits import UnitStats, committed_rows, remaining_units, scan_committed
 from .plan import Plan
 from .rundir import RunPaths, atomic_write_text, log_event
 

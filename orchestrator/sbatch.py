@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, bundled
-from .protocols.auth import env_name_problem
 from .errors import ConfigError
+from .protocols.auth import env_name_problem
 
 TEMPLATES_DIR = bundled("slurm_templates")
 # values known only when the job runs: rendered as the shell variables the scripts set

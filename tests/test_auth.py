@@ -25,12 +25,12 @@ import pytest
 import requests
 
 from orchestrator.config import compose
-from orchestrator.protocols.auth import KeyRefused, TLSFailure
 from orchestrator.engines.base import check_engine
 from orchestrator.engines.server import EngineServer
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.frontend import run
 from orchestrator.preflight import prepare
+from orchestrator.protocols.auth import KeyRefused, TLSFailure
 from orchestrator.render import render
 from tests.conftest import ROOT, orchestrator_cmd, write_prompts
 

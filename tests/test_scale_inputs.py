@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator import duplicates, inputs, status
-from orchestrator.config import DataConfig, compose
-from orchestrator.preflight import prepare
-from orchestrator.report import build_summary
 from orchestrator.commits import commit_unit, committed_rows
+from orchestrator.config import DataConfig, compose
 from orchestrator.duplicates import find_duplicate_ids
 from orchestrator.errors import InputError
 from orchestrator.plan import Plan, Units, build_plan, result_schema
+from orchestrator.preflight import prepare
+from orchestrator.report import build_summary
 from tests.conftest import write_prompts
 
 

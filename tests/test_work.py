@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.config import DataConfig
 from orchestrator.commits import commit_unit, committed_stats, done_units
+from orchestrator.config import DataConfig
 from orchestrator.errors import InputError
 from orchestrator.inputs import discover_inputs
 from orchestrator.plan import Plan, build_plan

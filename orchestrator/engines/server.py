@@ -17,9 +17,8 @@ import requests
 
 from ..config import Config
 from ..errors import EngineError
-from ..protocols import ready
+from ..protocols import auth, ready
 from ..protocols.base import EngineInfo, RejectedError, TransientError, normalise_url
-from ..protocols import auth
 from .base import Rendezvous, adapter_for
 
 __all__ = ["EngineServer", "free_port"]

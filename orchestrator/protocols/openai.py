@@ -12,8 +12,20 @@ from typing import Any
 import requests
 
 from ..config import Config, default_capacity
-from .base import (PROBE_PROMPT, Completion, EngineInfo, Http, MalformedAnswer, RejectedError, TransientError, _json,
-                   _status, _text, _tokens, engine_info)
+from .base import (
+    PROBE_PROMPT,
+    Completion,
+    EngineInfo,
+    Http,
+    MalformedAnswer,
+    RejectedError,
+    TransientError,
+    _json,
+    _status,
+    _text,
+    _tokens,
+    engine_info,
+)
 
 NAME = "openai"
 

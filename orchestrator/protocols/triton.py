@@ -11,8 +11,18 @@ from typing import Any
 import requests
 
 from ..config import Config, default_capacity
-from .base import (Completion, EngineInfo, Http, MalformedAnswer, RejectedError, TransientError, _json, _status, _text,
-                   engine_info)
+from .base import (
+    Completion,
+    EngineInfo,
+    Http,
+    MalformedAnswer,
+    RejectedError,
+    TransientError,
+    _json,
+    _status,
+    _text,
+    engine_info,
+)
 
 NAME = "triton"
 TRITON_MAX_LEN_INPUTS = ("max_output_len", "max_output_token", "max_tokens")
