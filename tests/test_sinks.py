@@ -41,9 +41,16 @@ def make(kind, root):
     return kind(root)
 
 
-@pytest.fixture(params=[ParquetDirSink, JsonlDirSink], ids=["parquet", "jsonl"])
+@pytest.fixture(params=list(sinks.SINKS.values()), ids=list(sinks.SINKS))  # the contract, for every sink
 def sink(request, tmp_path):
     return make(request.param, tmp_path)
+
+
+def test_every_output_format_has_a_sink():
+    """output.format's choices (config.py's OutputFormat) and the sinks are the same list."""
+    from orchestrator.config import OUTPUT_FORMATS
+
+    assert tuple(sinks.SINKS) == OUTPUT_FORMATS == sinks.FORMATS
 
 
 def test_a_unit_is_published_once_and_reads_back_whole(sink):
