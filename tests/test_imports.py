@@ -109,3 +109,12 @@ def test_the_readme_lists_every_module_in_the_order_its_imports_run():
     place["hf"] = place["config"]  # listed beside config.py, which it serves
     upward = [f"{a} imports {b}" for a, targets in floors.items() for b in targets if place[b] > place[a]]
     assert not upward, "README's module list runs against the imports: " + "; ".join(sorted(upward))
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists the packages setuptools installs: a subpackage left out of it imports from a
+    source tree but is missing from a wheel."""
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(orchestrator(?:\.\w+)*)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"
