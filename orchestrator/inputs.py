@@ -2,6 +2,7 @@
 config, before anything is submitted."""
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import DataConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "output_tokens", "latency_s", "attempts")
 
@@ -43,7 +44,66 @@ def discover_inputs(spec: str) -> tuple[list[Path], Path]:
         files, root = [path], path.resolve().parent
     else:
         raise InputError(f"data.input={spec!r} does not exist; give a Parquet file, a directory or a glob")
-    return [f.resolve() for f in files], root
+    # one entry a file: a symlink to a file (or directory) already found names that file again, and its rows
+    # would be planned twice under one positional id. The first name in sorted order is kept.
+    return list(dict.fromkeys(f.resolve() for f in files)), root
+
+
+def unique_file_entries(entries: list) -> list:
+    """A stored fingerprint's input_files ([path, rows, size, mtime_ns] each) once each, in order: a run_dir
+    planned before discover_inputs dropped repeated files lists a symlinked file twice, and still resumes."""
+    return [list(entry) for entry in dict.fromkeys(tuple(entry) for entry in entries)]
+
+
+# what a run_dir holds that a pattern over the input could match: its results, spills and records
+_RUN_DIR_FILES = ("results/part-00000.parquet", "results/part-00000.jsonl", "work/spill.parquet", "plan.json")
+
+
+def check_run_dir_outside_input(spec: str, run_dir: str) -> None:
+    """Refuse a run_dir that the input's discovery would reach, before anything is planned or submitted: its
+    results would be read back as input, and every rerun would fail on them ("results/part-...: no prompt
+    column"). A run_dir beside the input files, out of the pattern's reach, is fine."""
+    target = Path(run_dir).expanduser()
+    runs = {Path(os.path.abspath(target)), target.resolve()}
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        reached = any(_glob_matches(pattern, run / name) for pattern in _patterns(path) for run in runs
+                      for name in _RUN_DIR_FILES)
+        reached = reached or any(run in Path(os.path.abspath(p)).parents or run in Path(p).resolve().parents
+                                 for p in glob.glob(str(path), recursive=True) for run in runs)
+    elif path.is_dir():
+        top = path.resolve()
+        reached = any(run == top or top in run.parents for run in runs)
+    else:
+        reached = False
+    if reached:
+        raise ConfigError(f"run_dir={str(run_dir)!r} is inside data.input={spec!r}, so its results would be read "
+                          f"as input on every rerun; choose a run_dir outside the input directory (or a data.input "
+                          f"pattern that does not reach it)")
+
+
+def _patterns(pattern: Path) -> list[Path]:
+    """An absolute glob as written, and with its literal leading directories' symlinks resolved."""
+    absolute = Path(os.path.abspath(pattern))
+    parts = absolute.parts
+    literal = next(i for i, part in enumerate(parts + ("*",)) if any(ch in part for ch in "*?["))
+    return [absolute, Path(*Path(*parts[:literal]).resolve().parts, *parts[literal:])]
+
+
+def _glob_matches(pattern: Path, path: Path) -> bool:
+    """Whether glob.glob(pattern, recursive=True) would list path if it existed (as glob does: ** spans any
+    number of directories, and a wildcard matches no hidden name)."""
+    def match(pats: tuple[str, ...], names: tuple[str, ...]) -> bool:
+        if not pats:
+            return not names
+        if pats[0] == "**":
+            return any(match(pats[1:], names[i:]) for i in range(len(names) + 1)
+                       if not any(name.startswith(".") for name in names[:i]))
+        if not names or (names[0].startswith(".") and not pats[0].startswith(".")):
+            return False
+        return fnmatch.fnmatchcase(names[0], pats[0]) and match(pats[1:], names[1:])
+
+    return match(pattern.parts, path.parts)
 
 
 def _open(path: Path) -> pq.ParquetFile:

@@ -11,6 +11,7 @@ from .clusters.base import cluster_for
 from .config import Config, config_yaml
 from .engines.base import adapter_for, check_engine
 from .errors import ConfigError, EngineError, InputError, RunError
+from .inputs import check_run_dir_outside_input, unique_file_entries
 from .layout import build_layout
 from .plan import Plan, apply_duplicate_policy, build_plan
 from .rundir import RunPaths, atomic_write_text, publish_once
@@ -34,6 +35,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     Writes plan and config."""
     build_layout(cfg)
     check_launch(cfg)
+    check_run_dir_outside_input(cfg.input_path, cfg.run_dir)
     plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts)
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)
@@ -60,6 +62,8 @@ def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> 
     if isinstance(stored.get("sampling"), dict):  # a run_dir started before sampling.rollouts existed: one answer a row
         stored["sampling"].setdefault("rollouts", 1)
     stored.setdefault("output.format", "parquet")  # a run_dir started before output.format existed
+    if isinstance(stored.get("input_files"), list):  # a run_dir planned with a symlinked file twice
+        stored["input_files"] = unique_file_entries(stored["input_files"])
     changed = _differences(stored, current)
     if changed:
         raise InputError(f"run_dir {paths.root} was started with other settings, so old and new results would "

@@ -147,3 +147,103 @@ def test_id_columns_that_cannot_be_ids_are_refused_before_submitting(tmp_path, c
     with pytest.raises(InputError, match=r"id column 'id' has type .*; ids must be text or integers"):
         prepare(cfg)
     assert not (tmp_path / "r" / "plan.json").exists()
+
+
+def _result_ids(run_dir):
+    return list(pd.read_parquet(run_dir / "results")["id"])
+
+
+@pytest.mark.parametrize("pattern", ["", "**/*.parquet", "**/*"])
+def test_a_run_dir_inside_the_input_is_refused_before_anything_runs(tmp_path, pattern):
+    """Its results would be read as input by every rerun ("results/part-...: no prompt column")."""
+    write_prompts(tmp_path / "in" / "a.parquet", 5)
+    spec = tmp_path / "in" / pattern if pattern else tmp_path / "in"
+    run_dir = tmp_path / "in" / "run"
+    proc = cli("run", f"data.input={spec}", f"run_dir={run_dir}", "sampling.tokens_to_generate=3")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "run_dir=" in proc.stderr and f"data.input={str(spec)!r}" in proc.stderr, proc.stderr
+    assert "choose a run_dir outside" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (run_dir / "plan.json").exists()
+
+
+def test_a_run_dir_the_input_glob_does_not_reach_runs_and_reruns(tmp_path):
+    """data.input=in/*.parquet never matches in/run/results/part-*: no refusal, and a rerun resumes."""
+    write_prompts(tmp_path / "in" / "a.parquet", 5)
+    args = (f"data.input={tmp_path / 'in' / '*.parquet'}", f"run_dir={tmp_path / 'in' / 'run'}",
+            "sampling.tokens_to_generate=3")
+    for _ in range(2):
+        proc = cli("run", *args)
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(_result_ids(tmp_path / "in" / "run")) == sorted(f"q{i}" for i in range(5))
+
+
+def _linked_input(root):
+    """An input directory holding a symlink to one of its files and a symlink to one of its directories."""
+    write_prompts(root / "a.parquet", 3, ids=False)
+    write_prompts(root / "sub" / "x.parquet", 2, start=3, ids=False)
+    (root / "b_link.parquet").symlink_to("a.parquet")
+    (root / "sub_link").symlink_to("sub", target_is_directory=True)
+    return root
+
+
+@pytest.mark.parametrize("pattern", ["", "**/*.parquet"])
+def test_a_symlinked_input_file_or_directory_is_planned_once(tmp_path, pattern):
+    root = _linked_input(tmp_path / "in")
+    spec = root / pattern if pattern else root
+    plan = prepare(compose([f"data.input={spec}", f"run_dir={tmp_path / 'p'}"]))[0]
+    assert sorted(f.name for f in plan.files) == ["a.parquet", "sub/x.parquet"]
+    proc = cli("run", f"data.input={spec}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=3")
+    assert proc.returncode == 0, proc.stderr
+    ids = _result_ids(tmp_path / "r")
+    assert sorted(ids) == sorted([f"a.parquet:{i}" for i in range(3)] + [f"sub/x.parquet:{i}" for i in range(2)])
+
+
+def test_a_symlinked_input_file_with_ids_is_not_a_repeated_id(tmp_path):
+    write_prompts(tmp_path / "in" / "a.parquet", 4)
+    (tmp_path / "in" / "b.parquet").symlink_to("a.parquet")
+    proc = cli("run", f"data.input={tmp_path / 'in'}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=3")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_result_ids(tmp_path / "r")) == [f"q{i}" for i in range(4)]
+
+
+def test_a_run_dir_planned_with_a_file_twice_still_resumes(tmp_path, monkeypatch):
+    """A run_dir whose plan (written before the fix) lists a symlinked file twice resumes on its stored plan."""
+    from orchestrator import plan as plan_module
+
+    root = _linked_input(tmp_path / "in")
+    discover = plan_module.discover_inputs
+
+    def twice(spec):  # the discovery before the fix: one entry per name, the same resolved file under two
+        files, top = discover(spec)
+        return sorted(files + [files[0]]), top
+
+    args = [f"data.input={root}", f"run_dir={tmp_path / 'r'}", "sampling.tokens_to_generate=3"]
+    with monkeypatch.context() as patched:
+        patched.setattr(plan_module, "discover_inputs", twice)
+        old = prepare(compose(args))[0]
+    assert [f.name for f in old.files] == ["a.parquet", "a.parquet", "sub/x.parquet"]
+    proc = cli("run", *args)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["complete"] and summary["total"] == 8, summary
+
+
+@pytest.mark.parametrize("spec,run_dir,refused", [
+    ("in", "in/run", True), ("in", "in", True), ("in", "out/run", False), ("in/a.parquet", "in/run", False),
+    ("in/*/*/*.parquet", "in/run", True), ("in/*.parquet", "in/run", False), ("in/**", "in/run", True),
+    ("in/**/*.parquet", "in/.run", False), ("via/**/*.parquet", "in/run", True), ("in", "via/run", True),
+    ("in/**/*.parquet", "out/run", False)])
+def test_which_run_dirs_the_input_reaches(tmp_path, spec, run_dir, refused):
+    """A directory reaches every run_dir under it (even through a symlink); a glob, the run_dirs whose results
+    it would match."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.inputs import check_run_dir_outside_input
+
+    write_prompts(tmp_path / "in" / "a.parquet", 1)
+    (tmp_path / "via").symlink_to("in", target_is_directory=True)
+    check = lambda: check_run_dir_outside_input(str(tmp_path / spec), str(tmp_path / run_dir))  # noqa: E731
+    if refused:
+        with pytest.raises(ConfigError, match="choose a run_dir outside the input directory"):
+            check()
+    else:
+        check()
