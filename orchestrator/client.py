@@ -392,9 +392,9 @@ class Client:
             return
         if isinstance(outcome, Answered):
             strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
-            ok, tokens = settle_answers(batch, outcome.completions, outcome.latency, outcome.attempt,
-                                        self.cfg.end_strings, strip)
-            self.sender.answered(outcome, ok, tokens)
+            ok, tokens, failed = settle_answers(batch, outcome.completions, outcome.latency, outcome.attempt,
+                                                self.cfg.end_strings, strip)
+            self.sender.answered(outcome, ok, tokens, failed)
         else:
             outcome.record["failed"] = settle_failures(batch, outcome.error, outcome.attempt, outcome.retryable)
             self.sender.requests.append(outcome.record)

@@ -126,16 +126,17 @@ class Sender:
             return None
         return Failed(error, attempt, retryable, record)
 
-    def answered(self, answer: Answered, ok: int, tokens: int) -> None:
-        """Keep the record of a request whose rows are settled: `ok` answers taken, `tokens` generated."""
-        self.record(answer.record, answer.started, ok=ok, tokens=tokens)
+    def answered(self, answer: Answered, ok: int, tokens: int, failed: int = 0) -> None:
+        """Keep the record of a request whose rows are settled: `ok` answers taken, `tokens` generated, `failed`
+        rows whose own answer was unusable."""
+        self.record(answer.record, answer.started, ok=ok, tokens=tokens, failed=failed)
 
     def record(self, record: dict, started: float, ok: int = 0, tokens: int = 0, error: str | None = None,
-               done: bool = True) -> None:
+               done: bool = True, failed: int = 0) -> None:
         """Fill in one HTTP request's record and keep it; done=False leaves keeping it to the caller (the
         last try's rows count as failed only once they are recorded as errors)."""
         record.update(at=round(time.time(), 3), latency_s=round(time.perf_counter() - started, 4),
-                      output_tokens=tokens, ok=ok, failed=0, replica=self.owner,
+                      output_tokens=tokens, ok=ok, failed=failed, replica=self.owner,
                       error=error[:300] if error is not None else None)
         if done:
             self.requests.append(record)

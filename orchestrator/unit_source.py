@@ -252,18 +252,25 @@ class UnitSource:
 
 
 def settle_answers(batch: list[tuple], completions: list, latency: float, attempt: int, end_strings: list[str],
-                   strip: bool) -> tuple[int, int]:
+                   strip: bool) -> tuple[int, int, int]:
     """A request's completions into its rows (a NeMo copy whose answer the row already has is skipped): the
-    answers taken and the tokens they generated."""
-    got, settled, tokens = iter(completions), 0, 0
+    answers taken, the tokens they generated, and the rows whose own answer was unusable (Completion.error:
+    that row's error, the engine's fault, so retry_failed=true redoes it; the request's other rows are
+    answered)."""
+    got, settled, tokens, failed = iter(completions), 0, 0, 0
     for buf, i, sent, _, count in batch:
         for k, comp in zip(range(count), got):
-            if buf.status[i + k] is None:  # not a NeMo copy whose answer the row already has
-                buf.succeed(i + k, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens,
-                            latency, attempt)
-                settled += 1
-                tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
-    return settled, tokens
+            if buf.status[i + k] is not None:  # a NeMo copy whose answer the row already has
+                continue
+            if comp.error is not None:
+                buf.fail(i + k, comp.error, attempt, retryable=True)
+                failed += 1
+                continue
+            buf.succeed(i + k, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens,
+                        latency, attempt)
+            settled += 1
+            tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
+    return settled, tokens, failed
 
 
 def settle_failures(batch: list[tuple], error: str, attempt: int, retryable: bool) -> int:

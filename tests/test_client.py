@@ -387,3 +387,53 @@ def test_a_commit_groups_its_failed_rows_so_status_reads_no_result_file(tmp_path
     assert groups["prompt is empty"] == 6 and groups["prompt is null"] == 3 and len(groups) == 3
     assert not (paths.root / "work" / status.ERRORS_CACHE).exists()  # nothing read, nothing to keep
     assert error_summary(f"error {chr(97 + i)}" for i in range(MAX_ERROR_GROUPS + 1)) is None  # then status reads it
+
+
+def test_one_null_sentence_fails_only_its_row_and_retry_failed_redoes_only_it(tmp_path, monkeypatch):
+    """Issue 19.3: the embedded engine (NeMo route, in this process) answers one row's sentence with null.
+    Before, all rows of its request were errors ("malformed answer: sentences[k] is NoneType"), and
+    retry_failed=true failed the same rows again; now only that row is an error, and a retry redoes it alone."""
+    import re
+    import subprocess
+
+    from orchestrator.simulator.app import EngineThread
+    from orchestrator.simulator.engine import _Engine
+    from orchestrator.simulator.model import EngineSettings
+    from tests.conftest import orchestrator_cmd
+
+    generate, asked, spoil = _Engine.generate, [], {"on": True}
+
+    async def one_null_sentence(self, request):
+        resp = await generate(self, request)
+        body = json.loads(resp.body)
+        for k, sentence in enumerate(body.get("sentences") or []):
+            row = re.search(r"Question number (\d+):", sentence or "")
+            if row:
+                asked.append(int(row.group(1)))
+                if spoil["on"] and row.group(1) == "7":
+                    body["sentences"][k] = None  # what a broken NeMo batch gave for one of its 128
+        return web.json_response(body, status=resp.status)
+
+    monkeypatch.setattr(_Engine, "generate", one_null_sentence)
+    src = write_prompts(tmp_path / "in.parquet", 40)
+    run_dir = tmp_path / "r"
+    with EngineThread(EngineSettings()) as engine:
+        args = [*orchestrator_cmd(), "run", "engine=endpoint", f"engine.url={engine.url}", "engine.protocol=nemo",
+                f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20", "client.batch_size=10",
+                "sampling.tokens_to_generate=4", "client.max_error_fraction=1.0"]
+        first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr
+        df = pd.read_parquet(run_dir / "results").set_index("id")
+        assert len(df) == 40 and list(df.index[df["status"] == "error"]) == ["q7"], df["error"].value_counts()
+        assert df.loc["q7", "error"] == "malformed answer: sentences[7] is NoneType, not text"
+        assert df.drop("q7")["response"].str.startswith("[simulated]").all()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (summary["failed"], summary["retryable"]) == (1, 1)  # the engine's fault: retry_failed may recover it
+        spoil["on"], asked[:] = False, []
+        again = subprocess.run(args + ["retry_failed=true"], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+    assert "redoing the 1 failed row(s)" in again.stdout
+    assert asked == [7]  # only the bad row was asked again
+    after = pd.read_parquet(run_dir / "results").set_index("id")
+    assert (after["status"] == "ok").all() and len(after) == 40
+    assert after.drop("q7")["response"].equals(df.drop("q7")["response"])

@@ -1,4 +1,6 @@
 """Codecs: every field of every answer is checked, and each protocol's request carries what it must."""
+import re
+
 import pytest
 
 from orchestrator.config import compose
@@ -22,23 +24,59 @@ def test_openai_answers_that_cannot_be_used_are_rejected_not_crashes(body):
 
 
 @pytest.mark.parametrize("body", [
-    {"sentences": [None]}, {"sentences": [3]}, {"sentences": ["a", "b"]},
-    {"sentences": ["a"], "tokens": "oops"}, {"sentences": ["a"], "tokens": [["x", 1]]},
+    {"sentences": ["a", "b"]}, {"sentences": "a"}, {"x": 1}, {"sentences": ["a"], "tokens": "oops"},
+    {"sentences": ["a"], "tokens": [["a"], ["b"]]},
 ])
 def test_nemo_answers_that_cannot_be_used_are_rejected(body):
     with pytest.raises(RejectedError, match="malformed"):
         codec("nemo").parse(200, body, ["p"])
 
 
+@pytest.mark.parametrize("body, problem", [
+    ({"sentences": [None]}, r"sentences\[0\] is NoneType"), ({"sentences": [3]}, r"sentences\[0\] is int"),
+    ({"sentences": ["a"], "tokens": [["x", 1]]}, r"tokens\[0\] is \['x', 1\]"),
+])
+def test_an_unusable_nemo_sentence_is_its_rows_error(body, problem):
+    [answer] = codec("nemo").parse(200, body, ["p"])
+    assert answer.error is not None and re.search("malformed.*" + problem, answer.error), answer.error
+
+
+def test_one_null_sentence_among_several_is_one_row_error_and_the_others_are_answers():
+    """Issue 19.3: one bad sentence of 128 made the whole request (all 128 rows) errors."""
+    body = {"sentences": ["p0 a", None, "p2 c", "p3 d"], "tokens": [["p0", " a"], ["p1"], ["p2", " c"], 7]}
+    answers = codec("nemo").parse(200, body, ["p0", "p1", "p2", "p3"])
+    assert [a.error is None for a in answers] == [True, False, True, False]
+    assert [a.text for a in answers][::2] == ["p0 a", "p2 c"] and answers[0].output_tokens == 1
+    assert answers[1].error == "malformed answer: sentences[1] is NoneType, not text"
+    assert "tokens[3] is 7, not a list of strings" in answers[3].error
+
+
 def test_triton_answers_that_cannot_be_used_are_rejected():
     c = codec("triton", inputs={"prompts": "BYTES", "max_output_len": "INT64"})
-    for body in ({"outputs": [{"name": "outputs", "data": [None]}]}, {"outputs": []}, {"x": 1}, []):
+    for body in ({"outputs": []}, {"x": 1}, [], {"outputs": [{"name": "outputs", "data": ["a", "b"]}]}):
         with pytest.raises(RejectedError, match="malformed"):
             c.parse(200, body, ["p"])
+    answers = c.parse(200, {"outputs": [{"name": "outputs", "data": ["a", None, "c"]}]}, ["p", "q", "r"])
+    assert [a.text for a in answers][::2] == ["a", "c"] and answers[0].error is None is answers[2].error
+    assert answers[1].error == "malformed answer: outputs[1] is NoneType, not text"
     with pytest.raises(TransientError):
         c.parse(503, {"error": "busy"}, ["p"])
     with pytest.raises(RejectedError, match="HTTP 400: unknown input"):
         c.parse(400, {"error": "unknown input"}, ["p"])
+
+
+def test_one_unusable_choice_of_n_is_that_answers_error():
+    cfg = compose(["sampling.rollouts=3", "sampling.greedy=false"])
+    c = make_codec(cfg, EngineInfo(url="http://x", protocol="openai", model_name="m"), one_request=True)
+    assert c.max_n == 3
+    body = {"choices": [{"index": 0, "text": "a", "token_ids": [1]}, {"index": 2, "text": "c", "token_ids": [1, 2]},
+                        {"index": 1, "text": None}]}
+    answers = c.parse(200, body, ["p"], n=3)
+    assert [a.text for a in answers][::2] == ["a", "c"] and [a.output_tokens for a in answers][::2] == [1, 2]
+    assert answers[0].error is None is answers[2].error
+    assert answers[1].error == "malformed answer: choices[1].text is NoneType, not text"
+    with pytest.raises(RejectedError, match="expected 3 choices"):  # the body as a whole: the request's error
+        c.parse(200, {"choices": body["choices"][:2]}, ["p"], n=3)
 
 
 def test_openai_errors_keep_the_engine_message():
@@ -118,3 +156,19 @@ def test_nemo_discovery_takes_the_configured_model_name():
 
     info = discover(compose(["engine.served_model_name=served"]), "http://x", "nemo", Routes())
     assert (info.protocol, info.model_name, info.url) == ("nemo", "served", "http://x")
+
+
+def test_readiness_is_not_proven_by_an_unusable_answer():
+    """The probe asks for one answer: an unusable one (now a row's error, not a raise) still fails readiness."""
+    from orchestrator.protocols import generate_once
+    from orchestrator.protocols.base import MalformedAnswer
+
+    class Resp:
+        status_code = 200
+
+        def json(self):
+            return {"sentences": [None]}
+
+    cfg = compose([])
+    with pytest.raises(MalformedAnswer, match=r"sentences\[0\] is NoneType"):
+        generate_once(cfg, EngineInfo(url="http://x", protocol="nemo", model_name="m"), lambda *a, **k: Resp())

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..config import Config
 from ..errors import EngineError
 from . import nemo, openai, triton
-from .base import PROBE_PROMPT, EngineInfo, Http, WireProtocol, _json
+from .base import PROBE_PROMPT, EngineInfo, Http, MalformedAnswer, WireProtocol, _json
 
 # in the order detect_protocol tries them; NeMo, taken by elimination (its detect is always true), last
 MODULES: tuple[WireProtocol, ...] = (openai, triton, nemo)
@@ -54,7 +54,9 @@ def generate_once(cfg: Config, info: EngineInfo, http: Http | None = None) -> No
         raise EngineError(f"{info.url} answered {codec.method} {codec.path} with HTTP 404 {body}: the server "
                           f"speaks the OpenAI API, not {info.protocol}; use engine.protocol=openai (or leave "
                           f"engine.protocol unset with engine=endpoint to detect it)")
-    codec.parse(resp.status_code, body, [PROBE_PROMPT])
+    for answer in codec.parse(resp.status_code, body, [PROBE_PROMPT]):
+        if answer.error is not None:  # the one answer asked for is unusable: no proof the engine works
+            raise MalformedAnswer(answer.error)
 
 
 def ready(cfg: Config, url: str, protocol: str | None) -> EngineInfo:

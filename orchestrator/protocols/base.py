@@ -3,7 +3,9 @@ exchange (EngineInfo, Completion), the probe's HTTP (Http), the answer checks, a
 protocol's module implements (WireProtocol).
 
 Every field of every answer is checked: an answer we cannot use is a `RejectedError` for its rows
-(recorded as row errors), never a crash.
+(recorded as row errors), never a crash. A body unusable as a whole (not the shape asked for, the wrong
+number of answers) fails its request; one unusable element of a usable body (a null sentence) is the error
+of its own row only (`Completion.error`).
 
 Several answers per prompt (sampling.rollouts > 1): every request carries its own seed (`payload(...,
 seed=)`), so NeMo and Triton get one prompt per request (one seed each); the OpenAI codec may ask for a
@@ -16,7 +18,7 @@ sends a row's copies together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import requests
 
@@ -40,8 +42,21 @@ class MalformedAnswer(RejectedError):
 
 @dataclass
 class Completion:
+    """The engine's answer for one prompt of a request, or why that one answer is unusable (`error`): one bad
+    element of an answer (a null sentence of 128) is its row's error, never the whole request's."""
+
     text: str  # the engine's output for one prompt, echo included where the engine echoes
     output_tokens: int | None
+    error: str | None = None  # set: this answer is unusable (a MalformedAnswer's message), text and tokens unset
+
+    @classmethod
+    def checked(cls, make: Callable[[], Completion]) -> Completion:
+        """The completion `make` builds from one element of an answer, or, where that element is unusable
+        (make raises MalformedAnswer), that row's error."""
+        try:
+            return make()
+        except MalformedAnswer as exc:
+            return cls("", None, error=str(exc))
 
 
 @dataclass

@@ -27,6 +27,13 @@ def _count_output_tokens(tokens: list[str], prompt: str) -> int:
     return len(tokens) - min(len(tokens), bisect_left(ends, len(prompt)) + 1)
 
 
+def _sentence(i: int, text: Any, tok: Any, prompt: str) -> Completion:
+    """Sentence i of an answer with its tokens; raises MalformedAnswer when either is unusable."""
+    if tok is not None and not (isinstance(tok, list) and all(isinstance(t, str) for t in tok)):
+        raise MalformedAnswer(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
+    return Completion(_text(text, f"sentences[{i}]"), _count_output_tokens(tok, prompt) if tok else None)
+
+
 def nemo_copies(cfg: Config) -> bool:
     """Whether a row's rollouts go to NeMo as copies of its prompt in one request under one seed: only with
     an explicit sampling.rollouts_in_one_request=true (never by default: its answers are not those of one
@@ -90,12 +97,9 @@ class NemoCodec:
         tokens = body.get("tokens") or [None] * len(prompts)
         if not isinstance(tokens, list) or len(tokens) != len(prompts):
             raise MalformedAnswer(f"malformed NeMo response: expected {len(prompts)} token lists")
-        out = []
-        for i, (text, tok, prompt) in enumerate(zip(sentences, tokens, prompts)):
-            if tok is not None and not (isinstance(tok, list) and all(isinstance(t, str) for t in tok)):
-                raise MalformedAnswer(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
-            out.append(Completion(_text(text, f"sentences[{i}]"), _count_output_tokens(tok, prompt) if tok else None))
-        return out
+        # each sentence on its own: an unusable one is its row's error, the batch's others are answers
+        return [Completion.checked(lambda i=i, text=text, tok=tok, prompt=prompt: _sentence(i, text, tok, prompt))
+                for i, (text, tok, prompt) in enumerate(zip(sentences, tokens, prompts))]
 
 
 Codec = NemoCodec

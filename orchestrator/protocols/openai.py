@@ -127,19 +127,22 @@ class OpenAICodec:
         indexes = [c.get("index") for c in choices]
         if sorted(i for i in indexes if isinstance(i, int) and not isinstance(i, bool)) != list(range(n)):
             raise MalformedAnswer(f"malformed OpenAI response: choice indexes {indexes[:8]}, not 0..{n - 1}")
-        out = []
-        for choice in sorted(choices, key=lambda c: c["index"]):
-            i = choice["index"]
-            try:
-                text = choice["message"]["content"] if self.chat else choice["text"]
-            except (KeyError, TypeError):
-                raise MalformedAnswer("malformed OpenAI response: "
-                                      f"no choices[{i}].{'message.content' if self.chat else 'text'}") from None
-            ids = choice.get("token_ids")
-            if ids is not None and not isinstance(ids, list):
-                raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].token_ids is {type(ids).__name__}")
-            out.append(Completion(_text(text, f"choices[{i}].text"), len(ids) if ids is not None else None))
-        return out
+        # each choice on its own: an unusable one is its answer's error, the others are answers
+        return [Completion.checked(lambda choice=choice: self._choice(choice))
+                for choice in sorted(choices, key=lambda c: c["index"])]
+
+    def _choice(self, choice: dict) -> Completion:
+        """One choice of an answer with n; raises MalformedAnswer when it is unusable."""
+        i = choice["index"]
+        try:
+            text = choice["message"]["content"] if self.chat else choice["text"]
+        except (KeyError, TypeError):
+            raise MalformedAnswer("malformed OpenAI response: "
+                                  f"no choices[{i}].{'message.content' if self.chat else 'text'}") from None
+        ids = choice.get("token_ids")
+        if ids is not None and not isinstance(ids, list):
+            raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].token_ids is {type(ids).__name__}")
+        return Completion(_text(text, f"choices[{i}].text"), len(ids) if ids is not None else None)
 
 
 def openai_api(cfg: Config) -> str:

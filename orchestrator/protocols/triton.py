@@ -100,7 +100,9 @@ class TritonCodec:
         data = found[0].get("data") if found else None
         if not isinstance(data, list) or len(data) != len(prompts):
             raise MalformedAnswer(f"malformed Triton response: expected an 'outputs' tensor of {len(prompts)} rows")
-        return [Completion(_text(text, f"outputs[{i}]"), None) for i, text in enumerate(data)]
+        # each row on its own: an unusable one is its row's error, the others are answers
+        return [Completion.checked(lambda i=i, text=text: Completion(_text(text, f"outputs[{i}]"), None))
+                for i, text in enumerate(data)]
 
 
 Codec = TritonCodec
