@@ -25,8 +25,9 @@ Format, JSON lines:
 A row is its index in the unit (`i`), checked against its id when replayed. Columns, not a list per
 row: the record of 128 answers is encoded in about half the time. The last line without its
 newline (a write cut by the kill) is dropped, and cut off before the next append; a line that does
-not parse is skipped. D is a digest of the run's `fingerprint.json` (the settings that decide the
-answers): a journal of other settings, another unit or another row count is ignored and removed.
+not parse, or a record whose fields have the wrong type (a number as the response), is skipped:
+counted, logged, and its rows asked again. D is a digest of the run's `fingerprint.json` (the settings
+that decide the answers): a journal of other settings, another unit or another row count is ignored and removed.
 
 Metadata operations per unit: one open when it is claimed and one unlink when it commits. Other
 replicas' journals are found by one listing when a replica starts and one per claim it makes once no
@@ -104,39 +105,58 @@ def _line(record: dict) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
-def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]]:
-    """The rows of one record; a record whose columns do not line up is skipped whole."""
+def _int(value, top: int) -> bool:
+    """A whole number in [0, top) (JSON true/false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < top
+
+
+def _text(value) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _typed(response, error, tokens, latency, attempts, responses) -> bool:
+    """Whether a row's fields have the types its commit stores them as (a number as the response would
+    make building the unit's Parquet file fail on every rerun)."""
+    return _text(response) and _text(error) and (tokens is None or _int(tokens, 2 ** 63)) and \
+        (latency is None or isinstance(latency, (int, float)) and not isinstance(latency, bool)) and \
+        _int(attempts, 2 ** 31) and (responses is None or isinstance(responses, list) and all(map(_text, responses)))
+
+
+def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]] | None:
+    """The rows of one record; None for a record skipped whole: its columns do not line up, or a field of
+    one of its rows has the wrong type (its rows are asked again)."""
     index = record.get("i")
     if not isinstance(index, list):
-        return []
+        return None
     n = len(index)
     names = ("id", "response", "tokens", "latency", "attempts")
     columns = [record.get(name) for name in names]
     status, error, responses = record.get("status"), record.get("error"), record.get("responses")
     if any(not isinstance(c, list) or len(c) != n for c in columns) or \
             any(c is not None and (not isinstance(c, list) or len(c) != n) for c in (status, error, responses)):
-        return []
+        return None
     try:
         blamed = set(record.get("blamed") or ())
     except TypeError:  # not a list of row numbers
-        return []
+        return None
     attempt = attempt if isinstance(attempt, str) else None
     found = []
     for k, (i, ident, response, tokens, latency, attempts) in enumerate(zip(index, *columns)):
         state = status[k] if status is not None else "ok"
-        if not isinstance(i, int) or not 0 <= i < rows or state not in ("ok", "error") or not isinstance(attempts, int):
+        turns = responses[k] if responses is not None else None
+        message = error[k] if error is not None else None
+        if not _int(i, 2 ** 63) or not _typed(response, message, tokens, latency, attempts, turns):
+            return None
+        if i >= rows or state not in ("ok", "error"):
             continue
-        found.append((i, Entry(ident, state, response, error[k] if error is not None else None,
-                               tokens if isinstance(tokens, int) else None,
-                               latency if isinstance(latency, (int, float)) else None, attempts, i in blamed,
-                               responses[k] if responses is not None and isinstance(responses[k], list) else None,
+        found.append((i, Entry(ident, state, response, message, tokens, latency, attempts, i in blamed, turns,
                                attempt)))
     return found
 
 
-def parse(data: bytes, digest: str, unit: int, rows: int) -> tuple[dict[int, Entry] | None, int]:
-    """A journal's rows (the last record of a row wins), and the length of its whole lines. None when it
-    is not this unit's under these settings (or its first line never made it to the file)."""
+def parse_counted(data: bytes, digest: str, unit: int, rows: int) -> tuple[dict[int, Entry] | None, int, int]:
+    """parse(), and how many records in the middle were skipped: a line that does not parse (damaged by a
+    node crash) or a record whose columns do not line up or whose fields have the wrong type."""
     end = data.rfind(b"\n") + 1  # what follows the last newline is a record cut by a kill: dropped
     lines = data[:end].split(b"\n")[:-1]
     try:
@@ -145,20 +165,34 @@ def parse(data: bytes, digest: str, unit: int, rows: int) -> tuple[dict[int, Ent
         first = None
     if not isinstance(first, dict) or first.get("journal") != FORMAT or first.get("settings") != digest \
             or first.get("unit") != unit or first.get("rows") != rows:
-        return None, end
+        return None, end, 0
     entries: dict[int, Entry] = {}
     attempt = None
+    skipped = 0
     for line in lines[1:]:
         try:
             record = json.loads(line)
         except ValueError:  # damaged in the middle (a node crash can leave zeros): skipped
+            skipped += 1
             continue
         if not isinstance(record, dict):
+            skipped += 1
             continue
         if "attempt" in record:
             attempt = record["attempt"]
             continue
-        entries.update(_entries(record, rows, attempt))
+        found = _entries(record, rows, attempt)
+        if found is None:
+            skipped += 1
+            continue
+        entries.update(found)
+    return entries, end, skipped
+
+
+def parse(data: bytes, digest: str, unit: int, rows: int) -> tuple[dict[int, Entry] | None, int]:
+    """A journal's rows (the last record of a row wins), and the length of its whole lines. None when it
+    is not this unit's under these settings (or its first line never made it to the file)."""
+    entries, end, _ = parse_counted(data, digest, unit, rows)
     return entries, end
 
 
@@ -205,6 +239,7 @@ class Journals:
         self.owner, self.attempt, self.digest = owner, attempt, digest
         self.found: dict[int, set[str]] = {}
         self.open: set[UnitJournal] = set()  # changed on the client's event loop only
+        self.skipped = 0  # journal records that could not be replayed (see parse_counted)
 
     def scan(self, stale: Callable[[int], bool] | None = None) -> int:
         """One listing: which units have journals. Those of units `stale` says are done (committed and not
@@ -238,7 +273,8 @@ class Journals:
             data = fsops.read_bytes(path)
             if data is None:
                 continue
-            got, _ = parse(data, self.digest, unit, rows)
+            got, _, skipped = parse_counted(data, self.digest, unit, rows)
+            self._skipped(path, skipped)
             if got is None:  # another run's settings (or unit): never mixed in
                 fsops.unlink(path)
                 continue
@@ -263,7 +299,8 @@ class Journals:
         try:
             fh.seek(0)
             data = fh.read()
-            entries, end = parse(data, self.digest, unit, rows) if data else (None, 0)
+            entries, end, skipped = parse_counted(data, self.digest, unit, rows) if data else (None, 0, 0)
+            self._skipped(path, skipped)
             if entries is None:  # new, or another run's: start it afresh
                 fh.truncate(0)
                 fh.write(header(self.digest, unit, rows, self.owner))
@@ -276,6 +313,13 @@ class Journals:
             fh.close()
             raise
         return UnitJournal(path, fh), entries
+
+    def _skipped(self, path: Path, skipped: int) -> None:
+        """Count and log the records of a journal that could not be replayed (their rows are asked again)."""
+        if skipped:
+            self.skipped += skipped
+            log.warning("%d record(s) of the journal %s could not be replayed (damaged, or fields of the wrong "
+                        "type); their rows are asked again", skipped, path)
 
     @staticmethod
     def remove(journal: UnitJournal | None, others: list[Path]) -> None:

@@ -1,6 +1,7 @@
 """One front-end per run_dir: the lock file work/frontend.json and what tells a live holder from a gone one."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ from .clusters.environment import job_environment
 from .config import Config
 from .errors import RunError
 from .rundir import RunPaths, atomic_write_text, publish_once
+
+TAKEOVER_S = 10.0  # how long starts racing to take over a stale lock keep looking; a gate held longer is abandoned
 
 
 def _incarnation() -> list | None:
@@ -29,32 +32,80 @@ class RunLock:
     def __init__(self, cfg: Config, paths: RunPaths):
         self.cfg, self.path = cfg, paths.root / "work" / "frontend.json"
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "cluster": cfg.cluster.name, "jobs": [],
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "incarnation": _incarnation()}
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "incarnation": _incarnation(),
+                       "nonce": uuid.uuid4().hex}  # tells two starts' records apart (a takeover compares them)
         self.held = False
 
     def acquire(self) -> None:
-        for _ in range(5):
+        deadline = time.monotonic() + TAKEOVER_S
+        while time.monotonic() < deadline:
             if publish_once(self.path, json.dumps(self.record)):
                 self.held = True
                 return
             try:
-                other = json.loads(self.path.read_text())
+                seen = self.path.read_bytes()
             except FileNotFoundError:
                 continue
+            try:
+                other = json.loads(seen)
             except ValueError:
+                other = {}
+            if not isinstance(other, dict):
                 other = {}
             holder = self._still_running(other)
             if holder:
                 raise RunError(f"run_dir {self.path.parent.parent} is in use by {holder}; a second run there would "
                                f"compute the same units twice. Wait for it to end, stop it, or choose another run_dir=."
                                f" (If it is certainly gone, delete {self.path}.)")
-            stale = self.path.with_name(f".frontend.stale-{uuid.uuid4().hex}")
+            if not self._take_over(seen):
+                time.sleep(0.01)  # another start is taking this same stale lock over: look again once it has
+        raise RunError(f"could not take {self.path}: other starts kept taking it over for {TAKEOVER_S:.0f} s; try "
+                       f"again (if no other start is running, delete {self.path} and any "
+                       f"{self.path.parent / '.frontend.takeover-*'})")
+
+    def _take_over(self, seen: bytes) -> bool:
+        """Remove the lock judged stale, a compare and swap: only while it still holds `seen`, and only by
+        the one start that wins the gate named for it (publish_once is atomic), so no start removes a fresh
+        lock another has just published. Nothing else changes a lock whose front-end is gone: a start
+        publishes only where there is none. False when another start holds the gate (it is taking over)."""
+        gate = self.path.with_name(f".frontend.takeover-{hashlib.sha256(seen).hexdigest()[:16]}")
+        mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "nonce": uuid.uuid4().hex})
+        if not publish_once(gate, mine):
+            self._clear_abandoned(gate)
+            return False
+        try:
             try:
-                os.rename(self.path, stale)
-                stale.unlink()
-            except FileNotFoundError:  # another start took it over first: look again
-                continue
-        raise RunError(f"could not take {self.path}: other starts keep taking it; try again")
+                now = self.path.read_bytes()
+            except FileNotFoundError:
+                return True
+            if now == seen:  # still the stale record: nobody but the gate's holder removes it
+                self.path.unlink(missing_ok=True)
+            return True
+        finally:
+            gate.unlink(missing_ok=True)
+
+    @staticmethod
+    def _clear_abandoned(gate) -> None:
+        """A takeover gate whose start died while holding it (it is held for milliseconds) would block the
+        takeover for good: one older than TAKEOVER_S is removed (renamed aside, then checked to be that same
+        file, else put back)."""
+        try:
+            old = gate.read_bytes()
+            if time.time() - gate.stat().st_mtime < TAKEOVER_S:
+                return
+        except FileNotFoundError:
+            return
+        aside = gate.with_name(f"{gate.name}.gone-{uuid.uuid4().hex}")
+        try:
+            os.rename(gate, aside)
+        except FileNotFoundError:
+            return
+        if aside.read_bytes() != old:  # a fresh gate of another start: put it back
+            try:
+                os.link(aside, gate)
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
 
     def _still_running(self, other: dict) -> str:
         host, pid, jobs = other.get("host"), other.get("pid"), [str(j) for j in other.get("jobs", [])]

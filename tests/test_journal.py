@@ -319,3 +319,36 @@ def test_parse_skips_a_record_whose_columns_are_malformed_and_keeps_the_others(b
     assert got[1].status == "error" and got[1].blamed and not got[0].blamed and got[4].response == "four"
     expected = {0, 1, 2, 4} if "status" in bad else {0, 1, 4}  # only the row whose status is unknown is dropped
     assert set(got) == expected
+
+
+@pytest.mark.parametrize("bad", [{"response": [42, "two"]}, {"error": [None, 7]}, {"tokens": ["3", 1]},
+                                 {"latency": [[], 0.1]}, {"attempts": [True, 1]}, {"responses": [["a", 5], None]},
+                                 {"i": [True, 2]}])
+def test_a_record_of_the_wrong_type_is_skipped_counted_and_its_rows_asked_again(tmp_path, counting_engine, caplog,
+                                                                                 bad):
+    """A well-formed journal record whose fields have the wrong type (a number as the response) would make
+    every rerun of the unit fail building its commit: its rows are skipped on replay, counted and logged,
+    and asked again; the rows of the records around it are replayed."""
+    url, asked = counting_engine
+    src = write_prompts(tmp_path / "in.parquet", 20)
+    cfg = compose([f"data.input={src}", f"run_dir={tmp_path / 'run'}", "data.unit_rows=10", "client.batch_size=5",
+                   "sampling.tokens_to_generate=4"])
+    _, paths = prepare(cfg)
+    path = journal_file(paths, 0, "r7", [[0, "q0", "ok", "from the journal", None, 3, 0.5, 1, 0]])
+    wrong = {**record([[1, "q1", "ok", "one", None, 3, 0.5, 1, 0], [2, "q2", "ok", "two", None, 3, 0.5, 1, 0]]),
+             **bad}
+    with path.open("ab") as fh:
+        fh.write(json.dumps(wrong).encode() + b"\n" + b"{not json\n" +
+                 json.dumps(record([[3, "q3", "ok", "three", None, 3, 0.5, 1, 0]])).encode() + b"\n")
+    with caplog.at_level("WARNING", logger="orchestrator.journal"):
+        paths, stats = run_client(cfg, url)
+    df = pd.read_parquet(paths.results)
+    assert sorted(df["id"]) == sorted(f"q{i}" for i in range(20))  # every row, exactly once
+    assert (df["status"] == "ok").all()
+    df = df.set_index("id")
+    assert df.loc["q0", "response"] == "from the journal" and df.loc["q3", "response"] == "three"
+    assert not df.loc[["q1", "q2"], "response"].isin(["one", "two"]).any()  # the wrong record's rows: asked again
+    assert sorted(asked) == [i for i in range(20) if i not in (0, 3)] and max(asked.values()) == 1
+    assert stats.journal_rows == 2
+    warned = [r.getMessage() for r in caplog.records if "could not be replayed" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0] and "2 record(s)" in warned[0], caplog.text
