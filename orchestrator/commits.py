@@ -268,9 +268,10 @@ def _footer_stats(path: Path, rows: int | None) -> dict | str:
 
 def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool = False,
                    verify: bool = True) -> Committed:
-    """Every committed unit, checked: a file whose size is what its commit wrote is trusted with the
-    ledger's stats (one stat call, no read); any other is trusted only when the stats its sink published
-    with it read (a Parquet footer, a JSONL sidecar) and hold the unit's rows. A damaged file is moved to
+    """Every committed unit, checked: a file whose size is what its commit wrote, and whose ledger record
+    holds the plan's rows for the unit, is trusted with the ledger's stats (one stat call, no read); any other
+    is trusted only when the stats its sink published with it read (a Parquet footer, a JSONL sidecar) and
+    hold the unit's rows (a file of a unit outside the plan never is). A damaged file is moved to
     work/damaged/ when put_aside, so its unit is redone.
     verify=False trusts the ledger for every listed file (no stat per file: totals for a summary, where a
     resume's check, once per attempt, already ran)."""
@@ -284,17 +285,22 @@ def scan_committed(paths: RunPaths, plan: "Plan | None" = None, put_aside: bool 
         name = entry.name
         try:
             record = ledger.get(unit)
-            if record is not None and not verify:
+            rows = plan.unit_answers(unit) if plan is not None and unit < len(plan.units) else None
+            # the ledger vouches for a file only when it also holds the plan's rows for the unit
+            fits = record is not None and (rows is None or record.get("rows") == rows)
+            if fits and not verify:
                 good[unit] = record
                 continue
             size = entry.stat().st_size
         except (ValueError, OSError):
             continue
-        if record is not None and record.get("bytes") == size:
+        if fits and record.get("bytes") == size:
             good[unit] = record
             continue
-        rows = plan.unit_answers(unit) if plan is not None and unit < len(plan.units) else None
-        found = sink.check_file(Path(entry.path), rows, UnitStats.of)
+        if plan is not None and unit >= len(plan.units):
+            found = f"is not in the plan ({len(plan.units)} units)"
+        else:
+            found = sink.check_file(Path(entry.path), rows, UnitStats.of)
         if isinstance(found, dict):
             good[unit] = found
             continue

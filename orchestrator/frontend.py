@@ -19,7 +19,15 @@ from .errors import RunError
 from .node import NodeJob
 from .plan import Plan
 from .preflight import prepare
-from .report import _failed_summary, _kept_summary, _summary_extra, build_summary, one_line, write_summary
+from .report import (
+    _failed_summary,
+    _kept_summary,
+    _summary_extra,
+    build_summary,
+    incomplete_error,
+    one_line,
+    write_summary,
+)
 from .rundir import RunPaths, log_event
 from .runlock import RunLock
 
@@ -183,6 +191,8 @@ def _submit(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at:
         if summary is None:
             summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
             write_summary(paths, summary)
+        if not summary["complete"]:  # never a success with rows missing
+            raise incomplete_error(paths, plan, summary)
         print(f"nothing left to do\nresults: {paths.results}\nsummary: {one_line(summary)}")
         sub.summary = summary
         return sub
@@ -309,5 +319,5 @@ def follow(sub: Submission, show_progress: bool = True) -> dict:
     print(f"results: {paths.results}")
     print(f"summary: {one_line(summary)}")
     if not summary["complete"]:
-        raise RunError(f"{summary['committed']}/{summary['total']} rows committed; rerun the same command to resume")
+        raise incomplete_error(paths, plan, summary)
     return summary

@@ -46,6 +46,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
         plan = Plan.from_json(paths.plan.read_text())
         resumed = True
     else:
+        _refuse_replanning(paths, stored_print)
         plan = apply_duplicate_policy(plan, cfg.data, spill_dir=paths.root / "work")  # big inputs spill there
         resumed = False
     paths.make()
@@ -55,6 +56,22 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
         atomic_write_text(paths.plan, plan.to_json())
     atomic_write_text(paths.root / "config.yaml", config_yaml(cfg))
     return plan, paths
+
+
+def _refuse_replanning(paths: RunPaths, stored_print: Path) -> None:
+    """A run_dir that holds a plan, results or a ledger but no fingerprint.json is never planned again: a new
+    plan (another data.unit_rows, other input) over the committed files would trust them for other rows."""
+    if stored_print.exists():
+        return
+    ledger = paths.root / "work" / "ledger"
+    found = [str(p.relative_to(paths.root)) + ("/" if p.is_dir() else "")
+             for p in (paths.plan, paths.results, ledger)
+             if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if found:
+        raise InputError(f"run_dir {paths.root} holds {', '.join(found)} but no fingerprint.json (the settings its "
+                         f"committed rows were made with), so it cannot be resumed safely nor planned again. Restore "
+                         f"{stored_print} from a backup of the run_dir to resume, or choose a new run_dir= for a "
+                         f"fresh run")
 
 
 def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import fsops
 from .commits import UnitStats, committed_rows, remaining_units, scan_committed
 from .config import Config
-from .errors import OrchestratorError
+from .errors import OrchestratorError, RunError
 from .plan import Plan
 from .rundir import RunPaths, atomic_write_text, log_event
 
@@ -140,6 +140,18 @@ def _failed_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, star
         write_summary(paths, summary)
     except (OSError, OrchestratorError):  # the failure itself may be a full disk: the error is what matters
         pass
+
+
+def incomplete_error(paths: RunPaths, plan: Plan, summary: dict) -> RunError:
+    """Why a run that ended with complete: false did not succeed: which units (and rows) have no trusted
+    result, and what to do."""
+    have = scan_committed(paths, plan, verify=False).units
+    missing = [u for u in range(len(plan.units)) if u not in have]
+    rows = sum(plan.unit_answers(u) for u in missing)
+    shown = ", ".join(str(u) for u in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    units = f"; unit(s) {shown} ({rows} rows) have no committed result" if missing else ""
+    return RunError(f"run_dir {paths.root} is incomplete: {summary['committed']}/{summary['total']} rows committed"
+                    f"{units}. Rerun the same command to resume: the missing units are redone")
 
 
 def _summary_extra(cfg: Config, paths: RunPaths) -> dict:

@@ -119,3 +119,50 @@ def test_results_read_during_a_run_are_never_partial(tmp_path):
             seen, reads = len(ids), reads + 1
     assert run.wait(timeout=60) == 0
     assert reads > 5 and 0 < seen <= 600
+
+
+def _part(run_dir: Path, unit: int) -> Path:
+    return run_dir / "results" / f"part-{unit:08d}.parquet"
+
+
+def test_a_run_dir_with_results_but_no_fingerprint_is_refused_not_replanned(tmp_path):
+    """Issue 19.2: with fingerprint.json gone, a rerun with another data.unit_rows built a new plan over the
+    committed results and trusted the old files by size: 1,250/2,000 rows, 'nothing left to do', exit 0."""
+    src = write_prompts(tmp_path / "in.parquet", 2000)
+    run_dir = tmp_path / "run"
+    first = cli("run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=250")
+    assert first.returncode == 0, first.stderr
+    for unit in (5, 6, 7):  # where a run killed after 5 of its 8 units stands: 1,250 of 2,000 rows committed
+        _part(run_dir, unit).unlink()
+    (run_dir / "fingerprint.json").unlink()
+    plan_before = (run_dir / "plan.json").read_text()
+    rerun = cli("run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=500")
+    assert rerun.returncode != 0, f"a rerun over results with no fingerprint.json succeeded:\n{rerun.stdout}"
+    assert "nothing left to do" not in rerun.stdout
+    assert "fingerprint.json" in rerun.stderr and str(run_dir) in rerun.stderr, rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    assert (run_dir / "plan.json").read_text() == plan_before  # never re-planned
+    assert sorted(p.name for p in (run_dir / "results").iterdir()) == [_part(run_dir, u).name for u in range(5)]
+
+
+def test_a_committed_unit_whose_rows_disagree_with_the_plan_is_redone(tmp_path):
+    """A unit file the ledger vouches for by size but with another row count than the plan's unit (a plan made
+    over old results, as before issue 19.2's fix) is not trusted: it is put aside and redone."""
+    src = write_prompts(tmp_path / "in.parquet", 2000)
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    assert cli("run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=250").returncode == 0
+    assert cli("run", f"data.input={src}", f"run_dir={other}", "data.unit_rows=500").returncode == 0
+    expected = answers(other)
+    for name in ("plan.json", "fingerprint.json"):  # a re-plan with unit_rows=500 over the 250-row files
+        shutil.copy(other / name, run_dir / name)
+    for unit in range(4, 8):
+        _part(run_dir, unit).unlink()
+    rerun = cli("run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=500")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "nothing left to do" not in rerun.stdout
+    assert "holds 250 rows, the unit has 500" in rerun.stderr, rerun.stderr
+    got = answers(run_dir)
+    assert list(got["id"]) == list(expected["id"])  # every id, exactly once
+    assert list(got["response"]) == list(expected["response"])
+    assert len(list((run_dir / "work" / "damaged").iterdir())) == 4
+    assert json.loads((run_dir / "summary.json").read_text())["complete"] is True
