@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,6 +73,24 @@ def job_pids(run_dir: Path) -> list[int]:
     """The local executor's job processes of a run_dir (each runs a client)."""
     out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def kill_jobs_when(first: subprocess.Popen, run_dir: Path, ready, sig: int = signal.SIGKILL,
+                   front_end: bool = False, timeout_s: float = 120.0) -> None:
+    """Once ready() holds (polled, with a deadline; the run `first` must not end before), send sig to
+    run_dir's job processes, SIGKILL the front-end too when front_end, and wait for the front-end to end."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert first.poll() is None, "the run ended before it could be stopped: " + first.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "timed out waiting for the moment to stop the run"
+        time.sleep(0.01)
+    pids = job_pids(run_dir)
+    assert pids, "the job process running the client was not found"
+    for pid in pids:
+        os.kill(pid, sig)
+    if front_end:
+        first.kill()
+    first.communicate(timeout=timeout_s)
 
 
 def orchestrator_cmd() -> list[str]:

@@ -1,8 +1,6 @@
 """Never lose a row: SIGKILL and rerun, injected faults, reading results while a run goes on."""
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +9,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import committed, job_pids, write_prompts
+from tests.conftest import committed, kill_jobs_when, write_prompts
 
 EXE = shutil.which("orchestrator")
 SLOW = ["engine.simulator.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=20",
@@ -42,16 +40,7 @@ def test_sigkill_then_rerun_gives_every_id_once_and_the_same_answers(tmp_path, u
     run_dir = tmp_path / "run"
     args = ["run", f"data.input={src}", f"run_dir={run_dir}", *SLOW]
     first = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while committed(run_dir) < kill_after_units:
-        assert first.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    pids = job_pids(run_dir)
-    assert pids, "the job process running the client was not found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    first.wait(timeout=120)
+    kill_jobs_when(first, run_dir, lambda: committed(run_dir) >= kill_after_units)
     assert first.returncode != 0
     done_before = committed(run_dir)
     assert kill_after_units <= done_before < 30

@@ -6,12 +6,10 @@ runs in this process, so it outlives the killed job and counts across the kill a
 import asyncio
 import collections
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +27,7 @@ from orchestrator.rundir import RunPaths
 from orchestrator.simulator.app import EngineThread
 from orchestrator.simulator.engine import _Engine
 from orchestrator.simulator.model import EngineSettings
-from tests.conftest import committed, job_pids, journaled, write_prompts
+from tests.conftest import committed, journaled, kill_jobs_when, write_prompts
 
 EXE = shutil.which("orchestrator")
 ROWS, UNIT, BATCH, IN_FLIGHT = 600, 100, 10, 2
@@ -82,18 +80,9 @@ def start_and_stop(args: list[str], run_dir: Path, units: int, records: int, sig
     """Start a run, wait for `units` commits and `records` journal records of the unit after them, then send
     sig to the job. Returns the number of units committed before the rerun."""
     first = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while committed(run_dir) < units or len(journaled(run_dir)) < records:
-        assert first.poll() is None, "the run ended before it could be stopped: " + first.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    pids = job_pids(run_dir)
-    assert pids, "the job process running the client was not found"
-    for pid in pids:
-        os.kill(pid, sig)
-    if sig == signal.SIGKILL:  # the whole machine, front-end included (it would take submitit's ~15 s to notice)
-        first.kill()
-    first.communicate(timeout=120)
+    # SIGKILL: the whole machine, front-end included (it would take submitit's ~15 s to notice)
+    kill_jobs_when(first, run_dir, lambda: committed(run_dir) >= units and len(journaled(run_dir)) >= records,
+                   sig, front_end=sig == signal.SIGKILL)
     assert first.returncode != 0
     return committed(run_dir)
 

@@ -6,8 +6,6 @@ The engine runs in this process (EngineThread) and records every request body, s
 prompt was asked with which seed, across a killed job and its rerun."""
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -34,7 +32,7 @@ from orchestrator.simulator.engine import _Engine
 from orchestrator.simulator.model import EngineSettings
 from orchestrator.status import collect, format_status
 from orchestrator.unit_source import UnitBuffer
-from tests.conftest import job_pids, journaled, orchestrator_cmd, write_prompts
+from tests.conftest import journaled, kill_jobs_when, orchestrator_cmd, write_prompts
 
 N = 4
 SAMPLE = ["sampling.greedy=false", f"sampling.rollouts={N}", "sampling.tokens_to_generate=6",
@@ -272,17 +270,8 @@ def test_kill_9_mid_run_then_rerun_gives_every_id_and_rollout_exactly_once(tmp_p
     with EngineThread(EngineSettings(request_latency_s=0.02)) as engine:
         cmd = [*orchestrator_cmd(), "run", *args, f"engine.url={engine.url}", f"run_dir={run_dir}"]
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
-        deadline = time.monotonic() + 60
-        while len(list((run_dir / "results").glob("*.parquet"))) < 1 or len(journaled(run_dir)) < 3:
-            assert first.poll() is None, "the run ended before it could be killed: " + first.communicate()[1][-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        pids = job_pids(run_dir)
-        assert pids, "the job process running the client was not found"
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        first.kill()
-        first.communicate(timeout=60)
+        kill_jobs_when(first, run_dir, lambda: any((run_dir / "results").glob("*.parquet"))
+                       and len(journaled(run_dir)) >= 3, front_end=True, timeout_s=60)
         done_before = len(list((run_dir / "results").glob("*.parquet")))
         assert 1 <= done_before < rows // unit
         asked_before = recorder.answers()

@@ -6,9 +6,7 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +15,7 @@ import pytest
 
 from orchestrator import sinks
 from orchestrator.sinks import JsonlDirSink, ParquetDirSink, sink_for
-from tests.conftest import job_pids, write_prompts
+from tests.conftest import kill_jobs_when, write_prompts
 
 SCHEMA = pa.schema([("id", pa.string()), ("asked_at", pa.timestamp("us")), ("response", pa.string()),
                     ("responses", pa.list_(pa.string())), ("status", pa.string()), ("error", pa.string()),
@@ -199,16 +197,7 @@ def test_a_jsonl_run_killed_and_resumed_has_every_row_once_with_the_same_answers
     run_dir = tmp_path / "run"
     args = ["run", f"data.input={src}", f"run_dir={run_dir}", "output.format=jsonl", *SLOW]
     first = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while jsonl_units(run_dir) < 3:
-        assert first.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    pids = job_pids(run_dir)
-    assert pids, "the job process running the client was not found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    first.wait(timeout=120)
+    kill_jobs_when(first, run_dir, lambda: jsonl_units(run_dir) >= 3)
     assert first.returncode != 0
     done_before = jsonl_units(run_dir)
     assert 3 <= done_before < 15
