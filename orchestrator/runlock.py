@@ -46,12 +46,7 @@ class RunLock:
                 seen = self.path.read_bytes()
             except FileNotFoundError:
                 continue
-            try:
-                other = json.loads(seen)
-            except ValueError:
-                other = {}
-            if not isinstance(other, dict):
-                other = {}
+            other = self._lock_record(seen)
             holder = self._still_running(other)
             if holder:
                 raise RunError(f"run_dir {self.path.parent.parent} is in use by {holder}; a second run there would "
@@ -62,6 +57,21 @@ class RunLock:
         raise RunError(f"could not take {self.path}: other starts kept taking it over for {TAKEOVER_S:.0f} s; try "
                        f"again (if no other start is running, delete {self.path} and any "
                        f"{self.path.parent / '.frontend.takeover-*'})")
+
+    def _lock_record(self, seen: bytes) -> dict:
+        """The record of the lock there. One that is not a JSON object naming a host and a pid was not written
+        by a front-end (locks are published whole, never in part): it cannot be judged live or gone, so it is
+        named with the fix rather than taken over or read as "pid None on None"."""
+        try:
+            other = json.loads(seen)
+        except ValueError:
+            other = None
+        if isinstance(other, dict) and isinstance(other.get("host"), str) and isinstance(other.get("pid"), int) \
+                and not isinstance(other.get("pid"), bool):
+            return other
+        raise RunError(f"the lock file {self.path} is unreadable (not a front-end's record: {seen[:60]!r}), so "
+                       f"whether another front-end uses run_dir {self.path.parent.parent} cannot be told. If no "
+                       f"other run is using it, delete {self.path} and start again.")
 
     def _take_over(self, seen: bytes) -> bool:
         """Remove the lock judged stale, a compare and swap: only while it still holds `seen`, and only by

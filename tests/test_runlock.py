@@ -108,3 +108,21 @@ def test_a_takeover_gate_left_by_a_start_that_died_does_not_block_the_takeover(m
     lock.acquire()
     assert lock.held and json.loads((work / "frontend.json").read_text())["nonce"] == lock.record["nonce"]
     assert sorted(p.name for p in work.iterdir()) == ["frontend.json"]
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"host\": \"n1\", \"pi", b"[1, 2]", b"{\"jobs\": []}"],
+                         ids=["empty", "cut", "not-an-object", "no-host-or-pid"])
+def test_a_garbled_lock_is_named_with_the_fix(make_cfg, tmp_path, content):
+    """A lock file that is not a front-end's record (hand-edited, cut by a full disk) cannot be judged live
+    or gone: the start is refused naming the file and the fix, not with "pid None on None", and the file is
+    left as it was (issue 19, item 12)."""
+    cfg = make_cfg()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "frontend.json").write_bytes(content)
+    with pytest.raises(RunError) as err:
+        RunLock(cfg, RunPaths(tmp_path)).acquire()
+    message = str(err.value)
+    assert f"the lock file {work / 'frontend.json'} is unreadable" in message
+    assert f"delete {work / 'frontend.json'} and start again" in message and "None" not in message
+    assert (work / "frontend.json").read_bytes() == content
