@@ -346,3 +346,18 @@ def test_https_with_verify_tls_false_works(tmp_path, monkeypatch, https_engine):
 def test_a_ca_bundle_that_is_not_a_file_is_refused_before_submission(tmp_path):
     with pytest.raises(ConfigError, match="engine.ca_bundle=.*nope.pem is not a file"):
         prepare(endpoint_cfg(tmp_path, "https://127.0.0.1:9", f"engine.ca_bundle={tmp_path / 'nope.pem'}"))
+
+
+@pytest.mark.parametrize("content", [b"\x30\x82\x01\x0a\x02\x82\x01\x01\x00", b"not a certificate\n",
+                                     b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"],
+                         ids=["der", "text", "broken-pem"])
+def test_a_ca_bundle_that_is_not_pem_is_refused_before_submission_naming_the_file(tmp_path, content):
+    """A CA file Python's ssl cannot load (DER, stray text, a cut PEM) is refused by the checks, naming the key,
+    the file and the PEM form wanted, instead of an SSLError from inside the job (issue 19, item 12)."""
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        prepare(endpoint_cfg(tmp_path, "https://127.0.0.1:9", f"engine.ca_bundle={ca}"))
+    message = str(err.value)
+    assert f"engine.ca_bundle={ca} is not a PEM certificate file" in message
+    assert "-----BEGIN CERTIFICATE-----" in message and "openssl x509 -inform der" in message

@@ -51,6 +51,23 @@ def missing_env(key: str, name: str | None) -> str | None:
             f"server needs no key")
 
 
+def ca_bundle_problem(ca_bundle: str) -> str | None:
+    """Why engine.ca_bundle cannot be trusted as a CA (None when it can): not a file, or a file that
+    Python's ssl cannot load as PEM certificates (a DER file, a key, a directory's listing...)."""
+    path = Path(ca_bundle).expanduser()
+    if not path.is_file():
+        return (f"engine.ca_bundle={ca_bundle} is not a file: give the PEM file of the CA that signed the "
+                f"server's certificate")
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return (f"engine.ca_bundle={ca_bundle} is not a PEM certificate file ({reason}): give the CA certificate "
+                f"in PEM form (text starting with -----BEGIN CERTIFICATE-----; convert a DER file with "
+                f"`openssl x509 -inform der -in {path.name} -out ca.pem`)")
+    return None
+
+
 def problems(cfg: Config) -> list[str]:
     """The auth and TLS settings' problems, each with its fix; checked before anything is submitted."""
     e, found = cfg.engine, []
@@ -59,9 +76,10 @@ def problems(cfg: Config) -> list[str]:
         problem = env_name_problem(key, name) or missing_env(key, name)
         if problem:
             found.append(problem)
-    if e.ca_bundle and not Path(e.ca_bundle).expanduser().is_file():
-        found.append(f"engine.ca_bundle={e.ca_bundle} is not a file: give the PEM file of the CA that signed the "
-                     f"server's certificate")
+    if e.ca_bundle:
+        problem = ca_bundle_problem(e.ca_bundle)
+        if problem:
+            found.append(problem)
     if e.api_key_env and cfg.cluster.name == "slurm":
         export = str(cfg.cluster.sbatch_args.get("export", "ALL"))
         names = [n.split("=")[0] for n in export.split(",")]
@@ -100,6 +118,9 @@ def client_ssl(cfg: Config) -> ssl.SSLContext | bool:
     if not cfg.engine.verify_tls:
         return False
     if cfg.engine.ca_bundle:
+        problem = ca_bundle_problem(cfg.engine.ca_bundle)
+        if problem:
+            raise TLSFailure(problem)
         return ssl.create_default_context(cafile=str(Path(cfg.engine.ca_bundle).expanduser()))
     return True
 
