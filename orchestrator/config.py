@@ -86,6 +86,18 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
         raise ConfigError(f"{key}={value!r} is out of range; it must be {' and '.join(s for s in (lo_s, hi_s) if s)}")
 
 
+def _check_one_line(key: str, value: Any) -> None:
+    """A value that becomes one line of a job script (#SBATCH, srun, pyxis) must stay one line: a newline or
+    another control character would end that line and start a new one, which sbatch reads as a command."""
+    if value is None:
+        return
+    text = str(value)
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"{key}={text!r} holds a control character ({bad!r}); it becomes one line of the job "
+                          f"script, so it must be one line of printable text: remove the line break")
+
+
 @dataclass
 class ArchitectureConfig:
     num_layers: int = MISSING  # MISSING values are read from model.path/config.json when it is set
@@ -306,6 +318,15 @@ class ClusterConfig:
         _check_range("cluster.timeout_min", self.timeout_min, lo=1)
         if self.cpus_per_task is not None:
             _check_range("cluster.cpus_per_task", self.cpus_per_task, lo=1)
+        for name in ("partition", "account", "qos", "constraint", "mem", "job_name", "container_image",
+                     "container_workdir"):
+            _check_one_line(f"cluster.{name}", getattr(self, name))
+        for name in ("container_mounts", "srun_args"):
+            for i, value in enumerate(getattr(self, name) or []):
+                _check_one_line(f"cluster.{name}[{i}]", value)
+        for name, value in (self.sbatch_args or {}).items():
+            _check_one_line(f"cluster.sbatch_args (the name {name!r})", name)
+            _check_one_line(f"cluster.sbatch_args.{name}", value)
 
 
 @dataclass

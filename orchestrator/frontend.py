@@ -3,6 +3,7 @@ end, and stop them on Ctrl-C or a stop signal. The local and Slurm paths run the
 only in the executor."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -11,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .clusters.base import cluster_for
+from .clusters.base import cluster_for, submitit_folder
 from .commits import committed_rows, done_units, remaining_units, retried_units, scan_committed, write_retry_units
 from .config import Config
 from .engines.base import adapter_for
@@ -200,6 +201,22 @@ def _submit(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at:
     return sub
 
 
+_LOCAL_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+
+
+def _submit_failure(exc: BaseException, folder: RunPaths) -> str:
+    """Why a submission failed, with the fix that fits: a file that could not be written here (a full disk or
+    quota, a read-only or foreign directory: waiting for the cluster would not help) names that file; anything
+    else is the cluster refusing, and the same command is to be rerun once it accepts jobs."""
+    if isinstance(exc, OSError) and exc.errno in _LOCAL_WRITE:
+        where = exc.filename or submitit_folder(folder)
+        return (f"writing {where} failed: {exc.strerror or exc} (the job's files go under "
+                f"{submitit_folder(folder)}). Free space or quota there, or make {folder.root} writable, then "
+                f"rerun the same command")
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return f"{reason}; rerun the same command once the cluster accepts jobs"
+
+
 def submit_jobs(subs: list[Submission], folder: RunPaths | None = None) -> None:
     """Submit the jobs of one or more runs (a sweep's members). Runs whose jobs ask the cluster for the
     same resources go in as one job array where the cluster has arrays (submitit logs under folder)."""
@@ -227,11 +244,10 @@ def _submit_group(group: list[Submission], folder: RunPaths) -> None:
             job.cancel(check=False)
         done = f"; cancelled the {len(submitted)} job(s) already submitted " \
                f"({', '.join(str(j.job_id) for j in submitted)})" if submitted else ""
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         what = f"a job array of {len(pending)} jobs" if len(pending) > 1 and cluster.array_key(group[0].cfg) \
             else f"replica {len(jobs)} of {len(pending)}"
-        raise RunError(f"submitting {what} failed: {reason}{done}. Nothing was committed by them; rerun the same "
-                       f"command once the cluster accepts jobs") from None
+        raise RunError(f"submitting {what} failed: {_submit_failure(exc, folder)}{done}. Nothing was committed "
+                       f"by them") from None
     for (sub, _), job in zip(pending, jobs):
         sub.jobs.append(job)
     for sub in group:

@@ -310,3 +310,44 @@ def test_every_domain_error_shares_one_base():
 
     for kind in (EngineHung, EngineLost, TooManyErrors, EngineError, InputError, RunError):
         assert issubclass(kind, OrchestratorError)
+
+
+def test_a_full_disk_at_submission_names_the_file_and_says_free_space_not_wait_for_the_cluster(tmp_path,
+                                                                                                monkeypatch):
+    """submitit writes the job's pickle under the run_dir when it submits; a full disk there is this machine's
+    problem, not the cluster's: the message names the file and says to free space, never "once the cluster
+    accepts jobs" (issue 19, item 12)."""
+    import submitit
+
+    src = write_prompts(tmp_path / "in.parquet", 10)
+    pickle = tmp_path / "r" / "work" / "submitit" / "job.pkl"
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(pickle))
+
+    monkeypatch.setattr(submitit.LocalExecutor, "submit", full)
+    with pytest.raises(RunError) as err:
+        run(compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}"]), show_progress=False)
+    message = str(err.value)
+    assert f"writing {pickle} failed: No space left on device" in message
+    assert "Free space or quota there" in message and "once the cluster accepts jobs" not in message
+
+
+@pytest.mark.parametrize("key", ["cluster.partition", "cluster.account", "cluster.job_name",
+                                 "cluster.sbatch_args.comment", "cluster.srun_args"])
+def test_a_newline_in_a_value_that_becomes_a_job_script_line_is_refused_naming_the_key(tmp_path, monkeypatch,
+                                                                                       key):
+    """A newline in a value that becomes an #SBATCH or srun line would start a new line of the script (an
+    injected command sbatch would run): it is refused at the config check naming the key, not passed to sbatch
+    and reported as "once the cluster accepts jobs" (issue 19, item 12). The value comes from the environment
+    (Hydra's command line refuses a raw newline itself)."""
+    monkeypatch.setenv("ORCH_TEST_VALUE", "gpu\nrm -rf /tmp/x")
+    value = "[${oc.env:ORCH_TEST_VALUE}]" if key == "cluster.srun_args" else "${oc.env:ORCH_TEST_VALUE}"
+    shown = "cluster.srun_args[0]" if key == "cluster.srun_args" else key
+    src = write_prompts(tmp_path / "in.parquet", 4)
+    proc = subprocess.run([EXE, "plan", "cluster=slurm", f"data.input={src}", f"run_dir={tmp_path / 'r'}",
+                           f"{'+' if 'sbatch_args' in key else ''}{key}={value}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{shown}='gpu\\nrm -rf /tmp/x' holds a control character" in proc.stderr, proc.stderr
+    assert "remove the line break" in proc.stderr
