@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import InputError
 from .rundir import write_error
 
 
@@ -13,7 +15,17 @@ def _id_batches(plan: Plan, batch_rows: int):  # noqa: F821 (a plan.Plan; plan i
     for source in plan.files:
         pf = pq.ParquetFile(source.path)
         row = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=[plan.id_column]):
+        batches = pf.iter_batches(batch_size=batch_rows, columns=[plan.id_column])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:  # a damaged page: the file, not a bug of ours
+                raise InputError(f"{source.path}: the id column {plan.id_column!r} cannot be read from row {row} "
+                                 f"on ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                                 f": the file is damaged. Rewrite it from its source, or drop it from data.input; "
+                                 f"nothing was submitted") from None
             yield source, row, batch.column(0)
             row += batch.num_rows
 

@@ -247,3 +247,21 @@ def test_which_run_dirs_the_input_reaches(tmp_path, spec, run_dir, refused):
             check()
     else:
         check()
+
+
+def test_a_corrupt_data_page_in_the_id_column_names_the_file_and_column(tmp_path):
+    """A damaged data page of the id column (footer intact, so the file opens) is met by the duplicate-id scan
+    before anything is submitted: the refusal names the file, the column and the fix, never a raw pyarrow
+    traceback (issue 19, item 12)."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(1000)], "prompt": [f"prompt {i}" for i in range(1000)]}),
+                   src, compression="snappy")
+    page = pq.read_metadata(src).row_group(0).column(0).data_page_offset
+    data = bytearray(src.read_bytes())
+    data[page:page + 200] = b"\xff" * 200
+    src.write_bytes(bytes(data))
+    proc = cli("run", f"data.input={src}", f"run_dir={tmp_path / 'r'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{src}: the id column 'id' cannot be read from row 0 on" in proc.stderr
+    assert "the file is damaged" in proc.stderr and "nothing was submitted" in proc.stderr
+    assert not list((tmp_path / "r").glob("work/submitit/*"))
