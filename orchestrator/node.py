@@ -89,7 +89,7 @@ class NodeJob:
         paths = RunPaths(Path(run_dir))
         plan = Plan.from_json(paths.plan.read_text())
         owner = f"r{replica}"
-        where = f"replica {replica} (job {job_environment().get('job_id', 'local')}, host {socket.gethostname()})"
+        where = f"replica {replica} (job {job_environment().job_name or 'local'}, host {socket.gethostname()})"
         if not remaining_units(paths, plan, attempt):  # e.g. requeued after the others finished: no engine start
             log_event(paths, f"{where}: nothing left to do; the engine was not started")
             return _final_summary(cfg, paths, plan, attempt, started_at, owner)

@@ -197,10 +197,13 @@ def test_the_environment_map_reads_the_clusters_variables(cluster):
     assert env.job_id == "77" and env.get("restart_count") == "2" and env.global_rank == 3
     assert [env.get(n) for n in ("local_rank", "node", "num_tasks", "step_nodelist", "cpus_on_node")] == \
         ["1", "1", "8", "n2", "16"]
+    assert env.job_name == "77"  # not a task of an array: the job id
+    task = adapter.environment({"SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"})
+    assert task.job_name == "77_3" and task.job_id == "80"  # an array's task: as squeue and scancel name it
     assert env.get("nodelist") == "n[1-2]"  # SLURM_JOB_NODELIST is unset: the older name answers
     assert env.gpus_on_node == 4  # SLURM_GPUS_ON_NODE is empty: --gpus-per-node's gpu:4 answers
     empty = adapter.environment({})
-    assert empty.job_id is None and empty.global_rank == 0 and empty.gpus_on_node is None
+    assert empty.job_id is None and empty.job_name is None and empty.global_rank == 0 and empty.gpus_on_node is None
     assert empty.get("restart_count", "0") == "0"
     with pytest.raises(KeyError, match="'nodes' is not a name of the job environment"):
         empty.get("nodes")

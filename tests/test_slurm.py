@@ -112,6 +112,8 @@ def test_six_replicas_are_one_job_array_and_a_straggler_is_finished_by_a_backup_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backup_copies"] >= 1 and summary["complete"]
     assert leftover(run_dir) == ""
+    logged = set(re.findall(r"replica \d+ \(job ([^,]+),", (run_dir / "run.log").read_text()))
+    assert logged and logged <= set(jobs), (logged, jobs)  # run.log names tasks as squeue does: <array>_<task>
 
 
 def test_a_rank_dying_before_readiness_fails_the_job_fast(slurm_cluster, tmp_path):

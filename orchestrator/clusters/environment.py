@@ -18,6 +18,8 @@ class JobEnvironment:
 
     _env: ClassVar[dict[str, tuple[str, ...]]] = {
         "job_id": ("SLURM_JOB_ID",),
+        "array_job_id": ("SLURM_ARRAY_JOB_ID",),
+        "array_task_id": ("SLURM_ARRAY_TASK_ID",),
         "restart_count": ("SLURM_RESTART_COUNT",),
         "global_rank": ("SLURM_PROCID",),
         "local_rank": ("SLURM_LOCALID",),
@@ -54,6 +56,13 @@ class JobEnvironment:
     def job_id(self) -> str | None:
         """The cluster's id of the job this process runs in; None outside one."""
         return self.get("job_id")
+
+    @property
+    def job_name(self) -> str | None:
+        """The job as the cluster's commands show it: `<array job>_<task>` for a task of a job array (what
+        squeue, sacct and scancel take and the front-end prints), else the job id; None outside a job."""
+        array, task = self.get("array_job_id"), self.get("array_task_id")
+        return f"{array}_{task}" if array and task else self.job_id
 
     @property
     def global_rank(self) -> int:
