@@ -231,6 +231,17 @@ class UnitJournal:
                 self.fh.close()
 
 
+def remove_leftovers(paths: RunPaths) -> int:
+    """Once every unit is committed, no journal can be replayed: those left by copies stopped before they
+    could remove theirs (a backup killed after the winner replayed and committed) go. One listing; how many."""
+    removed = 0
+    for name in fsops.listdir(folder(paths)):
+        if parse_name(name) is not None:
+            fsops.unlink(folder(paths) / name)
+            removed += 1
+    return removed
+
+
 class Journals:
     """This replica's journals, and what it knows of the others' (unit -> owners, from a listing)."""
 

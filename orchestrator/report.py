@@ -10,6 +10,7 @@ from . import fsops
 from .commits import UnitStats, committed_rows, remaining_units, scan_committed
 from .config import Config
 from .errors import OrchestratorError, RunError
+from .journal import remove_leftovers
 from .plan import Plan
 from .rundir import RunPaths, atomic_write_text, log_event
 
@@ -111,8 +112,10 @@ def _final_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, start
             fsops.create_exclusive(paths.root / "work" / f"summary-{attempt}.by", owner):
         summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
         write_summary(paths, summary)
+        removed = remove_leftovers(paths)
+        left = f"; removed {removed} journal(s) left by stopped copies" if removed else ""
         log_event(paths, f"{owner}: run complete, {summary['committed']}/{summary['total']} rows committed; "
-                         f"summary.json written")
+                         f"summary.json written{left}")
         return summary
     return {"replica": owner, "attempt": attempt}
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -341,3 +342,31 @@ def test_a_record_of_the_wrong_type_is_skipped_counted_and_its_rows_asked_again(
     assert stats.journal_rows == 2
     warned = [r.getMessage() for r in caplog.records if "could not be replayed" in r.getMessage()]
     assert len(warned) == 1 and str(path) in warned[0] and "2 record(s)" in warned[0], caplog.text
+
+
+def test_a_finished_run_keeps_no_journal_of_a_copy_killed_after_the_winner_replayed(tmp_path, counting_engine,
+                                                                                    monkeypatch):
+    """A backup copy of unit 1 starts journaling after the holder replayed that unit's journals, and is killed
+    before it can remove its own: the holder's commit removes only what it replayed. Once the run is complete
+    no journal can be replayed, so none is left, and run.log says how many went (issue 19, item 12)."""
+    from orchestrator.node import NodeJob
+
+    url, _ = counting_engine
+    src = write_prompts(tmp_path / "in.parquet", 300)
+    cfg = compose([*ARGS, f"engine.url={url}", f"data.input={src}", f"run_dir={tmp_path / 'run'}"])
+    plan, paths = prepare(cfg)
+    start, planted = Journals.start, []
+
+    def a_copy_begins_after_the_replay(self, unit, rows):
+        got = start(self, unit, rows)
+        if unit == 1 and not planted:
+            path = self.folder / journal_name(1, "r7")
+            path.write_bytes(header(self.digest, 1, rows, "r7"))
+            planted.append(path)
+        return got
+
+    monkeypatch.setattr(Journals, "start", a_copy_begins_after_the_replay)
+    summary = NodeJob(cfg, str(paths.root), "20261203-000000-abcdef", time.time(), 0).run_node0()
+    assert summary["complete"] and summary["committed"] == 300 and planted
+    assert not list((tmp_path / "run" / "work" / "journal").glob("*.jsonl"))
+    assert "removed 1 journal(s) left by stopped copies" in (tmp_path / "run" / "run.log").read_text()
