@@ -198,13 +198,14 @@ def _hydra_main(command: str, args: list[str]) -> None:
         _fail(str(exc), 1)
     sweep = None
     if command == "run" and ("-m" in args or "--multirun" in args):
-        from .sweep import Sweep, sweep_overrides
+        from .sweep import Sweep, screen, sweep_overrides
 
         try:
             args = [*args, *sweep_overrides(args)]
+            args, refused = screen(args)
         except OrchestratorError as exc:
             _fail(str(exc), 1)
-        sweep = Sweep()
+        sweep = Sweep(refused)
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(dict_cfg) -> None:
@@ -212,12 +213,13 @@ def _hydra_main(command: str, args: list[str]) -> None:
             from hydra.core.hydra_config import HydraConfig
 
             hc = HydraConfig.get()
+            name = str(Path(hc.runtime.output_dir).relative_to(hc.sweep.dir)) if hc.sweep.subdir else ""
             try:
                 cfg = to_config(dict_cfg)
-            except OrchestratorError as exc:
-                _fail(str(exc), 1)
+            except OrchestratorError as exc:  # this member's settings: recorded, the others run
+                sweep.add_refused(name, list(hc.overrides.task), hc.sweep.dir, str(exc))
+                return
             cfg.run_dir = str(Path(hc.runtime.output_dir).resolve())
-            name = str(Path(hc.runtime.output_dir).relative_to(hc.sweep.dir)) if hc.sweep.subdir else ""
             sweep.add(cfg, name, list(hc.overrides.task), hc.sweep.dir)
             return
         try:
@@ -231,9 +233,9 @@ def _hydra_main(command: str, args: list[str]) -> None:
         task()
     finally:
         sys.argv = saved
-    if sweep is not None and sweep.members:
+    if sweep is not None and (sweep.members or sweep.in_use):
         try:
-            code = sweep.finish(wait=sweep.members[0]["cfg"].wait)
+            code = sweep.finish(wait=sweep.wait)
         except OrchestratorError as exc:
             _fail(str(exc), 1)
         if code:

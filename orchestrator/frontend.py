@@ -3,6 +3,7 @@ end, and stop them on Ctrl-C or a stop signal. The local and Slurm paths run the
 only in the executor."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -57,8 +58,7 @@ def wait_for_jobs(jobs: list, cfg: Config, on_tick, complete=None, settle_s: flo
             if complete():
                 complete_since = time.monotonic()
         if complete_since is not None and time.monotonic() - complete_since >= settle_s:
-            for job in pending:
-                job.cancel(check=False)
+            cluster.stop(pending, cfg)
             return pending
         still = []
         for job, state in zip(pending, cluster.states(pending)):  # one query for all (sacct on Slurm)
@@ -98,6 +98,20 @@ def _raise_on_stop_signals() -> dict:
         raise FrontEndStopped(signal.Signals(signum).name)
 
     return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)}
+
+
+@contextlib.contextmanager
+def _signals_ignored(stop_signals: dict):
+    """Ctrl-C and the stop signals are ignored inside (in the main thread: elsewhere none reach us)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, *stop_signals)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -240,8 +254,7 @@ def _submit_group(group: list[Submission], folder: RunPaths) -> None:
                                                     replica)))
     except Exception as exc:  # noqa: BLE001 - sbatch refused, Slurm down, ...: never leave a partial run behind
         submitted = [job for job in jobs if getattr(job, "_job_id", getattr(job, "job_id", None))]
-        for job in submitted:
-            job.cancel(check=False)
+        cluster.stop(submitted, group[0].cfg)
         done = f"; cancelled the {len(submitted)} job(s) already submitted " \
                f"({', '.join(str(j.job_id) for j in submitted)})" if submitted else ""
         what = f"a job array of {len(pending)} jobs" if len(pending) > 1 and cluster.array_key(group[0].cfg) \
@@ -307,9 +320,14 @@ def follow(sub: Submission, show_progress: bool = True) -> dict:
             print(f"interrupted by {why}: job(s) {ids} go on running (cluster.on_interrupt=leave). "
                   f"{hint + '. ' if hint else ''}Cancel them with: orchestrator cancel {paths.root}", flush=True)
             return {"jobs": [str(j.job_id) for j in jobs], "run_dir": str(paths.root), "left_running": True}
-        for job in jobs:
-            job.cancel(check=False)
-        message = (f"interrupted by {why}: cancelled job(s) {ids}; what they committed is kept "
+        print(f"interrupted by {why}: stopping job(s) {ids} (they commit what finished within "
+              f"client.grace_s={cfg.client.grace_s:g} s)", flush=True)
+        with _signals_ignored(stop_signals):  # a second signal must not cut the stop short
+            alive = cluster.stop(jobs, cfg)
+        ended = (f"job(s) {' '.join(str(j.job_id) for j in alive)} did not end even after SIGKILL (stuck in the "
+                 f"kernel?): check them with `orchestrator status {paths.root}`; the others were cancelled"
+                 if alive else f"cancelled job(s) {ids}")
+        message = (f"interrupted by {why}: {ended}; what they committed is kept "
                    f"({committed_rows(plan, done_units(paths))}/{plan.total_rows} rows). Rerun the same command "
                    f"to resume")
         _failed_summary(cfg, paths, plan, attempt, started_at, RunError(message))

@@ -23,6 +23,10 @@ def _incarnation() -> list | None:
     return [env.job_id, env.get("restart_count", "0")] if env.job_id else None
 
 
+class RunDirInUse(RunError):
+    """Another front-end (or its jobs) holds the run_dir."""
+
+
 class RunLock:
     """One front-end per run_dir: work/frontend.json names it (host, pid) and its jobs. Another start on the
     same run_dir is refused while that front-end is alive (its pid on this host, or its heartbeat: the
@@ -49,7 +53,7 @@ class RunLock:
             other = self._lock_record(seen)
             holder = self._still_running(other)
             if holder:
-                raise RunError(f"run_dir {self.path.parent.parent} is in use by {holder}; a second run there would "
+                raise RunDirInUse(f"run_dir {self.path.parent.parent} is in use by {holder}; a second run there would "
                                f"compute the same units twice. Wait for it to end, stop it, or choose another run_dir=."
                                f" (If it is certainly gone, delete {self.path}.)")
             if not self._take_over(seen):

@@ -145,3 +145,35 @@ def tiny_model() -> Path:
     subprocess.run([str(python), str(ROOT / "scripts" / "build_tiny_model.py"), str(TINY)], check=True,
                    capture_output=True, timeout=300)
     return TINY
+
+
+def process_tree(pid: int) -> set[int]:
+    """pid's live descendants (not pid), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), list(children.get(pid, []))
+    while todo:
+        found.add(todo[-1])
+        todo.extend(children.get(todo.pop(), []))
+    return found
+
+
+def alive_processes(pids: set[int]) -> list[str]:
+    """Those of pids still running (not zombies), with their command lines."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            alive.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            continue
+    return alive

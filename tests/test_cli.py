@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import requests
 
-from tests.conftest import hydra_value, write_prompts
+from tests.conftest import alive_processes, hydra_value, process_tree, write_prompts
 
 EXE = shutil.which("orchestrator")
 pytestmark = pytest.mark.skipif(EXE is None, reason="`pip install -e .` puts `orchestrator` on PATH")
@@ -127,26 +127,33 @@ def test_help_lists_the_commands():
     assert "run" in out and "plan" in out and "serve-engine" in out
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
-def test_stopping_the_front_end_stops_its_local_job_and_engine(tmp_path, signum):
-    """Closing the terminal (SIGHUP) or SIGTERM used to leave the local job and its engine running on."""
+@pytest.mark.parametrize("signum,sigint_ignored", [("SIGTERM", False), ("SIGHUP", False), ("SIGTERM", True)],
+                         ids=["SIGTERM", "SIGHUP", "SIGTERM-started-with-&"])
+def test_stopping_the_front_end_stops_its_local_job_and_engine(tmp_path, signum, sigint_ignored):
+    """Closing the terminal (SIGHUP) or SIGTERM used to leave the local job and its engine running on. A front-end
+    started from a script with `&` (CI, cron, nohup) inherits SIGINT as ignored, and so do its jobs: they used to
+    outlive "cancelled job(s)" (issue 19, item 1). When the front-end exits saying so, the job and its engine
+    have ended, and nothing is committed after."""
     import signal as signals
 
     src = write_prompts(tmp_path / "in.parquet", 3000)
     run_dir = tmp_path / "run"
+    ignore = (lambda: signals.signal(signals.SIGINT, signals.SIG_IGN)) if sigint_ignored else None
     proc = subprocess.Popen([EXE, "run", f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20",
-                             "client.batch_size=10", "engine.simulator.request_latency_s=0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "client.batch_size=10", "engine.simulator.request_latency_s=0.2", "client.grace_s=5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     deadline = time.monotonic() + 120
     while not (run_dir / "results").is_dir() or not list((run_dir / "results").glob("*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, "no commit"
         time.sleep(0.1)
+    while not any("orchestrator.simulator" in c for c in alive_processes(process_tree(proc.pid))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no engine process under the front-end"
+        time.sleep(0.1)
+    under = process_tree(proc.pid)  # the job's submitit controller, its task and the engine
     proc.send_signal(getattr(signals, signum))
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and f"interrupted by {signum}: cancelled job(s)" in err and "Rerun" in err
-    deadline = time.monotonic() + 30  # the job and the engine go with it, within a bounded time
-    while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout.strip():
-        assert time.monotonic() < deadline, subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True,
-                                                           text=True).stdout
-        time.sleep(0.2)
-    assert len(list((run_dir / "results").glob("*.parquet"))) < 150
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and f"interrupted by {signum}: cancelled job(s)" in err and "Rerun" in err, err
+    assert alive_processes(under) == [], "a process of the run outlived the front-end that said it was cancelled"
+    assert not (run_dir / "work" / "frontend.json").exists()
+    units = len(list((run_dir / "results").glob("*.parquet")))
+    assert units < 150 and f"({units * 20}/3000 rows)" in err

@@ -3,13 +3,16 @@ overrides, a rerun skips finished members and resumes the others, a table at the
 import json
 import re
 import shutil
+import signal
 import subprocess
+import time
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from tests.conftest import write_prompts
+from tests.conftest import alive_processes, process_tree, write_prompts
 
 EXE = shutil.which("orchestrator")
 
@@ -77,3 +80,59 @@ def test_a_sweep_member_with_a_bad_setting_is_reported_and_the_others_run(tmp_pa
 def test_run_dir_in_a_sweep_is_refused_with_the_sweep_dir_key(tmp_path):
     proc = sweep("sampling.temperature=0.2,0.7", f"run_dir={tmp_path / 'r'}")
     assert proc.returncode == 1 and "hydra.sweep.dir=DIR" in proc.stderr
+
+
+@pytest.mark.parametrize("swept,bad,good", [("client.grace_s=-1,5", "client.grace_s=-1", "client.grace_s=5"),
+                                            ("replicas=abc,1", "replicas=abc", "replicas=1")],
+                         ids=["out-of-range", "wrong-type"])
+def test_a_bad_value_of_one_member_is_its_error_and_the_others_run(tmp_path, swept, bad, good):
+    """A value the config checks (out of range) or Hydra (a wrong type) refuse used to abort the whole sweep:
+    now that member's error is in sweep.json and the table, the others run, and the exit status is 1
+    (issue 19, item 5)."""
+    src = write_prompts(tmp_path / "in.parquet", 20)
+    sweep_dir = tmp_path / "s"
+    proc = sweep(f"data.input={src}", swept, "sampling.tokens_to_generate=2", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    members = {m["name"]: m for m in json.loads((sweep_dir / "sweep.json").read_text())["members"]}
+    assert set(members) == {bad, good}
+    assert members[bad]["error"] and bad.split("=")[1] in members[bad]["error"] and not members[bad]["jobs"]
+    assert members[good]["error"] is None and members[good]["jobs"]
+    assert re.search(rf"^{re.escape(bad)}\s+failed", proc.stdout, re.M)
+    assert re.search(rf"^{re.escape(good)}\s+complete\s+20\s", proc.stdout, re.M)
+    assert sorted(pd.read_parquet(sweep_dir / good / "results")["id"]) == sorted(f"q{i}" for i in range(20))
+
+
+def test_a_second_start_of_a_running_sweep_keeps_its_record_and_an_interrupt_stops_every_member(tmp_path):
+    """The same sweep started again while it runs is refused and leaves sweep.json as the first wrote it (it
+    used to overwrite it with members that had no jobs). SIGTERM to the first, started as a script's `&` does
+    (SIGINT ignored), names every member's jobs, leaves none of their processes, and no member reads
+    "running" afterwards (issue 19, items 1 and 5)."""
+    src = write_prompts(tmp_path / "in.parquet", 3000)
+    sweep_dir = tmp_path / "s"
+    args = [EXE, "run", "-m", f"data.input={src}", "sampling.temperature=0.2,0.7", "data.unit_rows=20",
+            "client.batch_size=10", "engine.simulator.request_latency_s=0.2", "client.grace_s=5",
+            "sampling.tokens_to_generate=2", f"hydra.sweep.dir={sweep_dir}"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    names = ["sampling.temperature=0.2", "sampling.temperature=0.7"]
+    deadline = time.monotonic() + 120
+    while not all(list((sweep_dir / n / "results").glob("*.parquet")) for n in names if (sweep_dir / n).is_dir()) \
+            or not all((sweep_dir / n / "results").is_dir() for n in names):
+        assert first.poll() is None and time.monotonic() < deadline, "the members did not both commit"
+        time.sleep(0.1)
+    record = (sweep_dir / "sweep.json").read_bytes()
+    jobs = {m["name"]: m["jobs"] for m in json.loads(record)["members"]}
+    assert sorted(jobs) == names and all(jobs.values())
+    second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and "this sweep is already running" in second.stderr, second.stderr
+    assert (sweep_dir / "sweep.json").read_bytes() == record
+    under = process_tree(first.pid)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=180)
+    assert first.returncode == 1, out + err
+    for name in names:
+        assert re.search(rf"cancelled job\(s\) {' '.join(jobs[name])}\b", out + err), (name, out + err)
+    assert alive_processes(under) == []
+    status = subprocess.run([EXE, "status", str(sweep_dir), "--json"], capture_output=True, text=True, timeout=60)
+    found = {m["member"]: m["status"] for m in json.loads(status.stdout)["members"]}
+    assert found == {name: "interrupted" for name in names}, found

@@ -99,6 +99,14 @@ class ClusterAdapter:
         raise RunError(f"cannot cancel cluster={self.name} job(s) {' '.join(ids)} from here; stop them where they "
                        f"run")
 
+    def stop(self, jobs: list, cfg: Config) -> list:
+        """End the front-end's own jobs (an interrupt, a failed submission, jobs still waiting once the run is
+        complete); returns those it could not see end. Here the cluster ends them (scancel: SIGTERM, then
+        SIGKILL after its KillWait), so asking is enough."""
+        for job in jobs:
+            job.cancel(check=False)
+        return []
+
     def environment(self, environ=None) -> JobEnvironment:
         """The job this process runs in, as this cluster's environment tells it."""
         return JobEnvironment(environ)

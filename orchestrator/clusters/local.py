@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 from ..config import Config
@@ -57,8 +58,69 @@ class LocalCluster(ClusterAdapter):
             except ProcessLookupError:
                 pass
 
+    def stop(self, jobs: list, cfg: Config) -> list:
+        """SIGTERM to each job, never submitit's SIGINT (a front-end started from a script with `&`, by cron or
+        nohup, and so its jobs, ignore SIGINT): the job's submitit controller passes it to the task, whose
+        client stops within client.grace_s, commits what finished and stops its engine. A job still alive
+        STOP_MARGIN_S after that is SIGKILLed with every process under it (its engine too). Returns once every
+        job has ended; the jobs that did not end even then (a process stuck in the kernel)."""
+        live = [job for job in jobs if not job.done()]
+        for job in live:
+            process = getattr(job, "_process", None)  # submitit's LocalJob: the controller it started
+            if process is None:
+                job.cancel(check=False)  # not a process of ours: it is asked, as any cluster's job
+            else:
+                _signal([process.pid], signal.SIGTERM)
+        live = _wait_ended(live, time.monotonic() + cfg.client.grace_s + STOP_MARGIN_S)
+        for job in live:
+            process = getattr(job, "_process", None)
+            if process is not None:
+                _signal(_process_tree(process.pid), signal.SIGKILL)
+        return _wait_ended(live, time.monotonic() + STOP_MARGIN_S)
+
     def poll_interval_s(self, cfg: Config) -> float:
         return cfg.client.progress_interval_s
+
+
+STOP_MARGIN_S = 15.0  # past client.grace_s: a stopping job's last commit and its engine's stop
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_ended(jobs: list, deadline: float) -> list:
+    """The jobs still running at the deadline (none as soon as all have ended)."""
+    while True:
+        jobs = [job for job in jobs if not job.done()]
+        if not jobs or time.monotonic() >= deadline:
+            return jobs
+        time.sleep(0.05)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and every process under it (children first listed after their parent), from /proc: read before
+    any is killed, since an orphan's parent becomes init."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
 
 
 def _local_job_alive(job: str, paths: RunPaths | None) -> bool:
