@@ -48,6 +48,11 @@ class Task:
             raise ValueError(f"the task's last words: {self.value}")
         if self.what == "sleep":
             time.sleep(self.value)  # the long job that cancel stops
+        if self.what == "deaf":  # a job that ignores SIGTERM, with a child of its own (an engine)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); time.sleep(600)"])
+            time.sleep(600)
         if self.what == "env":
             env = job_environment()
             return {"job_id": env.job_id, "global_rank": env.global_rank, "nodelist": env.get("nodelist")}
@@ -232,3 +237,19 @@ def test_a_local_job_on_another_host_is_unknown_here_and_cancelled_there(tmp_pat
     assert adapter.live_jobs([str(os.getpid())], socket.gethostname()) == [str(os.getpid())]  # no run: pid alone
     assert ACTIVE_STATES >= {"RUNNING", "PENDING"} and not ACTIVE_STATES & ENDED
     assert adapter.job_states([], socket.gethostname(), paths) == {}
+
+
+def test_a_local_job_deaf_to_sigterm_is_killed_with_its_children_after_the_grace(tmp_path, monkeypatch):
+    """LocalCluster.stop: SIGTERM, then after client.grace_s (and the margin) SIGKILL to the job's whole process
+    tree, a child ignoring SIGTERM too; it returns once all of them have ended (issue 19, item 1)."""
+    from orchestrator.clusters import local
+    from tests.conftest import alive_processes, process_tree
+
+    monkeypatch.setattr(local, "STOP_MARGIN_S", 1.0)
+    cfg = compose(["cluster=local", f"run_dir={tmp_path}", "client.grace_s=1"])
+    adapter, paths = cluster_for(cfg), RunPaths(tmp_path)
+    job = adapter.executor(cfg, paths).submit(Task("deaf"))
+    until(lambda: len(alive_processes(process_tree(job._process.pid))) >= 2, 60, "the job and its child")
+    under = process_tree(job._process.pid) | {job._process.pid}
+    assert adapter.stop([job], cfg) == [] and job.done()
+    assert alive_processes(under) == []

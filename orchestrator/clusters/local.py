@@ -72,11 +72,17 @@ class LocalCluster(ClusterAdapter):
             else:
                 _signal([process.pid], signal.SIGTERM)
         live = _wait_ended(live, time.monotonic() + cfg.client.grace_s + STOP_MARGIN_S)
+        killed = []
         for job in live:
             process = getattr(job, "_process", None)
             if process is not None:
-                _signal(_process_tree(process.pid), signal.SIGKILL)
-        return _wait_ended(live, time.monotonic() + STOP_MARGIN_S)
+                killed += _process_tree(process.pid)
+        _signal(killed, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_MARGIN_S
+        live = _wait_ended(live, deadline)
+        while any(pid_alive(pid) for pid in killed) and time.monotonic() < deadline:  # not our children: polled
+            time.sleep(0.05)
+        return live
 
     def poll_interval_s(self, cfg: Config) -> float:
         return cfg.client.progress_interval_s
