@@ -322,6 +322,7 @@ def follow(sub: Submission, show_progress: bool = True) -> dict:
             return {"jobs": [str(j.job_id) for j in jobs], "run_dir": str(paths.root), "left_running": True}
         print(f"interrupted by {why}: stopping job(s) {ids} (they commit what finished within "
               f"client.grace_s={cfg.client.grace_s:g} s)", flush=True)
+        log_event(paths, f"front-end: interrupted by {why}; stopping job(s) {ids}")
         with _signals_ignored(stop_signals):  # a second signal must not cut the stop short
             alive = cluster.stop(jobs, cfg)
         ended = (f"job(s) {' '.join(str(j.job_id) for j in alive)} did not end even after SIGKILL (stuck in the "

@@ -1,6 +1,7 @@
 """cluster=allocation on the real local cluster: an sbatch script whose only command is
 `orchestrator run` uses its own allocation (no nested sbatch), one srun step per replica."""
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -108,3 +109,30 @@ def test_one_replicas_engine_dying_loses_only_that_replica(slurm_cluster, tmp_pa
     assert f"warning: job {job}.r0 failed" in text and "the engine process exited during the run" in text
     df = pd.read_parquet(results)
     assert sorted(df["id"]) == sorted(f"q{i}" for i in range(600)) and (df["status"] == "ok").all()
+
+
+def test_sigterm_to_the_batch_step_stops_the_replica_steps_with_grace_and_logs_it(slurm_cluster, tmp_path):
+    """SIGTERM to the batch step (the front-end: `scancel --batch --signal=TERM`, a wrapper's kill) used to
+    SIGTERM each replica's srun, which kills its step at once: nothing more committed, nothing logged. The
+    front-end now signals the steps' tasks (`scancel --signal=TERM JOB.STEP`): every replica stops within
+    client.grace_s (its log line says so), run.log tells the stop, and no step, engine steps included, is left
+    running (issue 19, item 9)."""
+    src = write_prompts(tmp_path / "in.parquet", 3000)
+    run_dir = tmp_path / "run"
+    job, out = submit(tmp_path, slurm_cluster, 2, f"data.input={src}", f"run_dir={run_dir}", "client.grace_s=20",
+                      *SLOW_SLURM)
+    results = run_dir / "results"
+    wait_for(lambda: results.is_dir() and len(list(results.glob("*.parquet"))) >= 4, 180, "some commits")
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
+    assert sacct_state(job, deadline_s=180) in ("FAILED", "COMPLETED", "CANCELLED"), out.read_text()
+    log = (run_dir / "run.log").read_text()
+    assert "front-end: interrupted by SIGTERM; stopping job(s)" in log, log
+    assert re.search(rf"stopping replica step\(s\) {job}\.r0: scancel --ctld --signal=TERM {job}\.\d+", log), log
+    stopped = set(re.findall(r"replica (\d) \(job [^)]*\): stopped \(SIGTERM\)", log))
+    assert stopped == {"0", "1"}, log  # both replicas stopped themselves (their clients had their grace)
+    assert "replica step(s) ended within their grace" in log, log
+    states = lambda: subprocess.run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", job],  # noqa: E731
+                                    capture_output=True, text=True).stdout
+    wait_for(lambda: "RUNNING" not in states(), 60, f"every step of job {job} ended (accounting lags)")
+    assert len(states().splitlines()) >= 5  # the job, its batch step, two replica steps and their engine steps
+    assert subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout.strip() == b""

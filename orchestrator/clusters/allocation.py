@@ -13,6 +13,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ..config import Config
@@ -104,6 +105,14 @@ class AllocationCluster(ClusterAdapter):
     def state(self, job) -> str:
         return job.state
 
+    def stop(self, jobs: list, cfg: Config) -> list:
+        """Every replica step at once: SIGTERM to its tasks, client.grace_s + 30 s, then SIGKILL (stop_steps);
+        what happens goes to run.log."""
+        from ..rundir import log_event
+
+        paths = RunPaths(Path(cfg.run_dir))
+        return stop_steps(jobs, cfg.client.grace_s + 30, log=lambda text: log_event(paths, f"front-end: {text}"))
+
     def _result(self, job):
         return job.result()
 
@@ -157,14 +166,15 @@ class StepExecutor:
         with open(f"{stem}.srun.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return StepJob(proc, f"{job_environment().get('job_id', 'allocation')}.r{replica}", Path(stem),
-                       cfg.client.grace_s + 30)
+                       cfg.client.grace_s + 30, f"{cfg.cluster.job_name}-r{replica}")
 
 
 class StepJob:
-    """One replica's step, owned by the front-end: it always stops it (SIGTERM, then SIGKILL)."""
+    """One replica's step, owned by the front-end: it always stops it (SIGTERM to the step's tasks, then
+    SIGKILL)."""
 
-    def __init__(self, proc: subprocess.Popen, job_id: str, stem: Path, grace_s: float):
-        self.proc, self.job_id, self.stem, self.grace_s = proc, job_id, stem, grace_s
+    def __init__(self, proc: subprocess.Popen, job_id: str, stem: Path, grace_s: float, name: str = ""):
+        self.proc, self.job_id, self.stem, self.grace_s, self.name = proc, job_id, stem, grace_s, name
 
     @property
     def state(self) -> str:
@@ -175,15 +185,30 @@ class StepJob:
         return self.proc.poll() is not None
 
     def cancel(self, check: bool = False) -> None:
-        """srun passes SIGTERM to the replica's tasks, which stop within client.grace_s and commit."""
-        if self.proc.poll() is not None:
-            return
+        """Stop this one step: see stop_steps."""
+        stop_steps([self], self.grace_s)
+
+    def terminate(self, steps: dict[str, str]) -> str:
+        """SIGTERM to the step's tasks: `scancel --ctld --signal=TERM JOB.STEP` (steps: name -> JOB.STEP; through
+        slurmctld, since slurmd's direct answer for a step of a multi-node job can be an error after the
+        signal went out). Never to
+        srun itself, which on SIGTERM kills its step at once ("forcing job termination"): its tasks would
+        commit nothing. A step not registered yet (srun still starting) has no task to lose: srun is told.
+        What was done, for the log."""
+        step = steps.get(self.name)
+        if step:
+            try:
+                done = subprocess.run(["scancel", "--ctld", "--signal=TERM", step], capture_output=True, text=True,
+                                      timeout=60)
+                if done.returncode == 0:
+                    return f"scancel --ctld --signal=TERM {step}"
+                failed = f"scancel --ctld --signal=TERM {step} failed ({done.stderr.strip() or done.returncode})"
+            except (OSError, subprocess.SubprocessError) as exc:
+                failed = f"scancel --ctld --signal=TERM {step} failed ({exc})"
+            self.proc.send_signal(signal.SIGTERM)
+            return f"{failed}; SIGTERM to its srun (pid {self.proc.pid})"
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=self.grace_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        return f"SIGTERM to its srun (pid {self.proc.pid})"
 
     def result(self):
         self.proc.wait()
@@ -198,3 +223,47 @@ class StepJob:
 
 
 ADAPTER = AllocationCluster()
+
+
+def _steps() -> dict[str, str]:
+    """This job's running steps: name -> JOB.STEP (squeue --steps)."""
+    job = job_environment().job_id
+    if not job:
+        return {}
+    try:
+        out = subprocess.run(["squeue", "--steps", "-h", "-j", job, "-o", "%i|%j"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {name: step for step, _, name in (line.partition("|") for line in out.split()) if name}
+
+
+def stop_steps(jobs: list, grace_s: float, log=None) -> list:
+    """Stop replica steps together: SIGTERM to every step's tasks at once, then grace_s for all of them (their
+    clients stop within client.grace_s and commit; a replica's engine step ends with its task), then SIGKILL
+    to the srun of any step still running. Returns the steps that did not end."""
+    live = [job for job in jobs if not job.done()]
+    if not live:
+        return []
+    steps = _steps()
+    said = [f"{job.job_id}: {job.terminate(steps)}" for job in live]
+    if log:
+        log(f"stopping replica step(s) {'; '.join(said)}; waiting up to {grace_s:.0f} s for them to commit")
+    deadline = time.monotonic() + grace_s
+    for job in live:
+        try:
+            job.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    late = [job for job in live if not job.done()]
+    for job in late:
+        job.proc.kill()
+    for job in late:
+        try:
+            job.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    if log:
+        log("replica step(s) ended" + (f"; {' '.join(j.job_id for j in late)} killed after {grace_s:.0f} s"
+                                       if late else " within their grace"))
+    return [job for job in live if not job.done()]
