@@ -218,17 +218,17 @@ def _submit(cfg: Config, plan: Plan, paths: RunPaths, lock: RunLock, started_at:
 _LOCAL_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
 
 
-def _submit_failure(exc: BaseException, folder: RunPaths) -> str:
-    """Why a submission failed, with the fix that fits: a file that could not be written here (a full disk or
+def _submit_failure(exc: BaseException, folder: RunPaths) -> tuple[str, str]:
+    """Why a submission failed and the fix that fits: a file that could not be written here (a full disk or
     quota, a read-only or foreign directory: waiting for the cluster would not help) names that file; anything
     else is the cluster refusing, and the same command is to be rerun once it accepts jobs."""
     if isinstance(exc, OSError) and exc.errno in _LOCAL_WRITE:
         where = exc.filename or submitit_folder(folder)
         return (f"writing {where} failed: {exc.strerror or exc} (the job's files go under "
-                f"{submitit_folder(folder)}). Free space or quota there, or make {folder.root} writable, then "
+                f"{submitit_folder(folder)})", f"free space or quota there, or make {folder.root} writable, then "
                 f"rerun the same command")
     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    return f"{reason}; rerun the same command once the cluster accepts jobs"
+    return reason, "rerun the same command once the cluster accepts jobs"
 
 
 def submit_jobs(subs: list[Submission], folder: RunPaths | None = None) -> None:
@@ -259,8 +259,8 @@ def _submit_group(group: list[Submission], folder: RunPaths) -> None:
                f"({', '.join(str(j.job_id) for j in submitted)})" if submitted else ""
         what = f"a job array of {len(pending)} jobs" if len(pending) > 1 and cluster.array_key(group[0].cfg) \
             else f"replica {len(jobs)} of {len(pending)}"
-        raise RunError(f"submitting {what} failed: {_submit_failure(exc, folder)}{done}. Nothing was committed "
-                       f"by them") from None
+        reason, fix = _submit_failure(exc, folder)
+        raise RunError(f"submitting {what} failed: {reason}{done}. Nothing was committed by them; {fix}") from None
     for (sub, _), job in zip(pending, jobs):
         sub.jobs.append(job)
     for sub in group:

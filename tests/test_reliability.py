@@ -330,7 +330,7 @@ def test_a_full_disk_at_submission_names_the_file_and_says_free_space_not_wait_f
         run(compose([f"data.input={src}", f"run_dir={tmp_path / 'r'}"]), show_progress=False)
     message = str(err.value)
     assert f"writing {pickle} failed: No space left on device" in message
-    assert "Free space or quota there" in message and "once the cluster accepts jobs" not in message
+    assert "free space or quota there" in message and "once the cluster accepts jobs" not in message
 
 
 @pytest.mark.parametrize("key", ["cluster.partition", "cluster.account", "cluster.job_name",
