@@ -23,6 +23,7 @@ import argparse
 import heapq
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -71,10 +72,21 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
     commits: list[float] = []
     stats = Counter()
     fsops.COUNTS.clear()
+    units_won = [0] * R  # units each replica committed, and when it claimed its first: in its progress record
+    first, last_won = [None] * R, [None] * R
+
+    def progress(r: int, t: float, requests=None) -> None:
+        """The client's progress record: units committed, [first request, last commit], the time written."""
+        segments = [[first[r], last_won[r]]] if units_won[r] else []
+        write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim", "units": units_won[r],
+                                        "segments": segments, "updated": t}, requests)
+        # the rename that wrote it set its time to now, on the simulation's clock (not counted: no extra call)
+        os.utime(paths.progress / f"r{r}.json", (t, t))
+        scheds[r].wrote()
+
     for r in range(R):
         journals[r].scan()  # what the client does at its start
-        write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim"})
-        scheds[r].wrote()
+        progress(r, 0.0)
         at(0.0, "ask", r)
         at(scheds[r].beat_s, "beat", r)
         if r in dies:
@@ -107,6 +119,7 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
                 at(t + sched.poll_s, "ask", r)
             else:
                 token = seq[0]
+                first[r] = t if first[r] is None else first[r]
                 journal, _, others = journals[r].start(got.unit, 1)  # replays what others journaled of it
                 running[r] = (got.unit, got.copy, token, journal, others)
                 service = rng.lognormvariate(mu, sigma) * factor[r]
@@ -119,9 +132,10 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
                               f"r{r}", ledgers[r])
             sched.release(unit)
             Journals.remove(journal, others)
-            write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim", "updated": t},
-                           [{"at": t, "prompts": 1}])
-            sched.wrote()
+            if won:
+                units_won[r] += 1
+                last_won[r] = t
+            progress(r, t, [{"at": t, "prompts": 1}])
             if won:
                 commits.append(t)
             else:

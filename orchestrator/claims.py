@@ -24,6 +24,8 @@ virtual time (the clock is a parameter) to show the cost at 1,000 replicas.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import threading
 import time
@@ -103,6 +105,15 @@ class Scheduler:
         self.backup_claims: dict[int, set[int]] = {}  # unit -> its backup copies claimed, as last listed
         self.left: np.ndarray | None = None  # units not committed at the last look (None: not looked yet)
         self.backup_copies = self.takeovers = 0
+        # backup claims made without running them yet (unit -> (copy, when to look again)): the holder is expected
+        # to commit first, so a copy would only be discarded; the claim keeps a replica on watch (it runs the copy
+        # if the holder falls behind or goes silent) and lets the other idle replicas end
+        self.watching: dict[int, tuple[int, float]] = {}
+        self.watches = 0  # backup claims made on watch (started later or not at all)
+        # this replica's own pace: time from its first claim to its last unit done, over the units done
+        self.first_claim_at: float | None = None
+        self.last_done_at, self.units_done = 0.0, 0
+        self.seen: dict[str, tuple[float | None, float | None, float | None]] = {}  # holder -> pace, as read this look
         self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -132,8 +143,13 @@ class Scheduler:
     def release(self, unit: int) -> None:
         """The unit is committed (by anyone) or given up: no longer held."""
         with self.lock:
-            self.held.pop(unit, None)
+            copy = self.held.pop(unit, None)
             self.finished.add(unit)
+            if self.watching.pop(unit, None) is not None:
+                self.next_look = float("-inf")  # the unit watched is done: look for work (or end) at the next ask
+            elif copy is not None:
+                self.units_done += 1
+                self.last_done_at = self.clock()
 
     def next(self) -> Claim | str | None:
         """The next unit to run, WAIT (nothing to take now: look again after poll_s), or None: nothing is
@@ -141,7 +157,10 @@ class Scheduler:
         unit left is running with all its copies. A replica that ends so frees its nodes at the tail of a
         run instead of polling; the copies' holders finish the rest, and take over a silent one's claim."""
         with self.lock:
-            return self._next()
+            got = self._next()
+            if isinstance(got, Claim) and self.first_claim_at is None:
+                self.first_claim_at = self.clock()
+            return got
 
     def _next(self) -> Claim | str | None:
         while self.reclaim:
@@ -208,6 +227,7 @@ class Scheduler:
         self.idle_looks += 1
         self.next_look = now + self.poll_s
         self.in_tail = True
+        self.seen = {}
         claimed = self._learn(fsops.listdir(self.folder))
         committed = np.asarray(sorted(self.sink.done_units()), dtype=np.int64)
         left = self.todo if self.left is None else self.left
@@ -223,20 +243,37 @@ class Scheduler:
             self.taken[self._slots(unclaimed)] = False
             self.next_look = float("-inf")
             return self._next()
+        started = self._watched(now)
+        if started is not None:
+            return started
         others = [int(u) for u in left if int(u) not in self.held and int(u) not in self.finished]
         if not others:  # all that is left is this replica's own: look again when it commits one, not before
-            self.next_look = float("-inf")
+            self.next_look = self._watch_until()
             return WAIT
         self.rng.shuffle(others)
         if self.backups:
             # the units with the fewest copies first: a straggler's unit gets one backup before any gets two
+            watch = None
             for unit in sorted(others, key=lambda u: len(self._copies(u)))[:3]:
                 copy = next((k for k in range(1, self.backups + 1) if k not in self._copies(unit)), None)
-                if copy is not None and fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
+                if copy is None:
+                    continue
+                due = self._copy_due(unit, now)
+                if due > now:  # the holder is expected to commit first: a copy would be discarded
+                    watch = watch or (unit, copy, due)
+                elif fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
                     self.held[unit] = copy
                     self.backup_copies += 1
                     self.idle_looks = 0
                     return Claim(unit, copy)
+            if watch is not None:
+                unit, copy, due = watch
+                if fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
+                    self.held[unit] = copy
+                    self.watching[unit] = (copy, due)
+                    self.watches += 1
+                    self.next_look = self._watch_until()
+                    return WAIT
         if now >= self.next_lease_check:  # twice a lease, a few units: holders silent for a lease lose them
             self.next_lease_check = now + self.lease_s / 2
             for unit in others[:4]:
@@ -248,7 +285,91 @@ class Scheduler:
                         return Claim(unit, copy)
         if self.backups and not self.held and all(len(self._copies(u)) > self.backups for u in others):
             return None  # every unit left runs with all its copies: nothing here for this replica; it ends
+        if self.watching:
+            self.next_look = min(self.next_look, self._watch_until())
         return WAIT
+
+    # a backup copy is started only when it is expected to commit before its unit's holder by this share of its
+    # own run time; a holder later than twice its usual time a unit (a node gone slow, an engine stuck) is copied
+    BEAT_BY = 0.25
+    LATE = 2.0
+
+    def _watch_until(self) -> float:
+        """When to look again: when the first unit on watch is due to be copied (or at once when it commits, see
+        release); with none on watch, at the next ask (this replica looks again when one of its own commits)."""
+        return min((due for _, due in self.watching.values()), default=float("-inf"))
+
+    def _watched(self, now: float) -> Claim | None:
+        """A unit on watch whose holder fell behind or went silent: its copy starts now."""
+        for unit, (copy, due) in sorted(self.watching.items()):
+            if due > now:
+                continue
+            due = self._copy_due(unit, now)
+            if due > now:
+                self.watching[unit] = (copy, due)
+                continue
+            del self.watching[unit]
+            self.backup_copies += 1
+            self.idle_looks = 0
+            return Claim(unit, copy)
+        return None
+
+    def _pace(self) -> float | None:
+        """This replica's seconds per unit so far (None before its first unit is done)."""
+        if not self.units_done or self.first_claim_at is None:
+            return None
+        return max(0.0, self.last_done_at - self.first_claim_at) / self.units_done
+
+    def _copy_due(self, unit: int, now: float) -> float:
+        """From when a backup copy of a unit held by another is worth running: now when it is expected to commit
+        before the holder (by BEAT_BY of its own time), or when the holder is late or silent; otherwise the time
+        at which the holder will be late (LATE times its pace after its last commit) or silent for a lease.
+
+        The holder's pace is in its progress record (units committed, [first request, last commit] of each segment
+        of its job, written after commits: one open, which also gives the file's time, its last heartbeat); this
+        replica's own is measured here. With neither known, a copy starts at once, as it always did."""
+        holder = self.holders.get((unit, 0))
+        if holder is None:
+            holder = self._read_holder(unit, 0)
+        if not holder or holder == self.owner:
+            return now
+        if holder not in self.seen:
+            self.seen[holder] = self._read_pace(holder)
+        pace, since, beat = self.seen[holder]
+        mine = self._pace()
+        pace = pace if pace is not None else mine
+        if pace is None or since is None:
+            return now
+        copy_s = mine if mine is not None else pace
+        if since + pace - now > copy_s * (1 + self.BEAT_BY):
+            return now  # a straggler: the copy commits first
+        due = since + self.LATE * max(pace, copy_s)
+        if beat is not None:
+            due = min(due, beat + self.lease_s)
+        return max(due, now)
+
+    def _read_pace(self, holder: str) -> tuple[float | None, float | None, float | None]:
+        """A holder's seconds per unit, when it last committed (or, before its first commit, last wrote its
+        record) and its last heartbeat, from its progress file (one open); Nones for what it does not say."""
+        try:
+            with fsops.open_file(self.paths.progress / f"{holder}.json", "r") as fh:
+                beat = os.fstat(fh.fileno()).st_mtime
+                record = json.loads(fh.read())
+        except (OSError, ValueError):
+            return None, None, None
+        if not isinstance(record, dict):
+            return None, None, beat
+        try:
+            segments = [(float(a), float(b)) for a, b in record.get("segments") or []]
+            units = int(record.get("units") or 0)
+            updated = record.get("updated")
+            updated = float(updated) if updated is not None else None
+        except (TypeError, ValueError):
+            return None, None, beat
+        if units <= 0 or not segments:
+            return None, updated, beat
+        busy = sum(max(0.0, b - a) for a, b in segments)
+        return busy / units, segments[-1][1], beat
 
     def _take_over(self, unit: int, copy: int, now: float) -> bool:
         path = self.folder / claim_name(unit, copy)

@@ -204,3 +204,97 @@ for i in $(seq 0 49); do echo "777_$i|$state|n1"; done
     lines = calls.read_text().splitlines()
     assert len(lines) == 3 == len(ticks)  # three polls, one sacct each
     assert lines[0].count("-j") == 1  # the array asked for once, by its id
+
+
+def drive(tmp_path, unit_s: list[float], units: int, start_s: list[float] | None = None, lease_s: float = 120.0):
+    """Replicas taking unit_s[r] seconds a unit, in virtual time (as bench/scale.py does): each claims, commits
+    with commit_unit, writes its progress record as the client does (units committed, [first request, last
+    commit], updated) and beats every lease_s / 4. Returns the schedulers, the copies discarded (a lost commit
+    or a copy dropped because another committed first) and the makespan."""
+    import heapq
+    import json
+
+    from orchestrator.commits import write_progress
+
+    clock = Clock()
+    t0 = clock.now
+    paths = RunPaths(tmp_path)
+    paths.make()
+    scheds = [Scheduler(paths, "a1", f"r{r}", range(units), index=r, clock=clock, seed=f"r{r}", lease_s=lease_s)
+              for r in range(len(unit_s))]
+    won = [0] * len(scheds)
+    first = [None] * len(scheds)
+    events, seq, running, discarded, last = [], [0], {}, [0], [t0]
+
+    def at(t, kind, r, data=None):
+        seq[0] += 1
+        heapq.heappush(events, (t, seq[0], kind, r, data))
+
+    def progress(r, t):
+        segments = [[first[r], t]] if won[r] else []
+        write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "a1", "units": won[r], "segments": segments,
+                                        "holding": sorted(scheds[r].held), "updated": t})
+        os.utime(paths.progress / f"r{r}.json", (t, t))  # written at t (virtual time)
+        scheds[r].wrote()
+        assert json.loads((paths.progress / f"r{r}.json").read_text())["units"] == won[r]
+
+    for r, s in enumerate(scheds):
+        t = t0 + (start_s[r] if start_s else 0.0)
+        clock.now = t
+        progress(r, t)
+        at(t, "ask", r)
+        at(t + s.beat_s, "beat", r)
+    ended = set()
+    while events:
+        t, _, kind, r, data = heapq.heappop(events)
+        if r in ended:
+            continue
+        clock.now, s = t, scheds[r]
+        if kind == "beat":
+            s.beat()
+            gone = s.lost(lambda u: paths.result_file(u).exists())
+            if r in running and running[r][0] in gone:
+                discarded[0] += 1
+                del running[r]
+                at(t, "ask", r)
+            at(t + s.beat_s, "beat", r)
+        elif kind == "ask" and r not in running:
+            got = s.next()
+            if got is None:
+                ended.add(r)
+            elif got == WAIT:
+                at(t + s.poll_s, "ask", r)
+            else:
+                first[r] = t if first[r] is None else first[r]
+                seq[0] += 1
+                running[r] = (got.unit, seq[0])
+                at(t + unit_s[r], "done", r, seq[0])
+        elif kind == "done" and running.get(r, (None, None))[1] == data:
+            unit = running.pop(r)[0]
+            if commit_unit(paths, unit, pa.table({"x": [unit]}), STATS, f"r{r}"):
+                won[r] += 1
+                last[0] = t
+            else:
+                discarded[0] += 1
+            s.release(unit)
+            progress(r, t)
+            at(t, "ask", r)
+    assert sorted(scan_committed(paths).units) == list(range(units))
+    return scheds, discarded[0], last[0] - t0
+
+
+def test_no_backup_copy_when_the_holder_runs_as_fast(tmp_path):
+    """Two equal replicas (60 s a unit), the second started 30 s later: when the first runs out of units, the
+    second is half-way through its last one; a copy (60 s) could never commit first, so none is started."""
+    scheds, discarded, makespan = drive(tmp_path, [60.0, 60.0], units=10, start_s=[0.0, 30.0])
+    assert sum(s.backup_copies for s in scheds) == 0
+    assert discarded == 0
+    assert makespan == 330.0
+
+
+def test_a_straggler_gets_a_backup_copy_that_commits_first(tmp_path):
+    """The second replica is 5x slower (300 s a unit): once the first runs out of units, copying the straggler's
+    unit beats waiting for it."""
+    scheds, discarded, makespan = drive(tmp_path, [60.0, 300.0], units=10)
+    assert scheds[0].backup_copies >= 1
+    assert makespan < 600.0  # without the copy the straggler's second unit ends at 600 s
