@@ -171,6 +171,7 @@ class Scheduler:
                 self.held[unit] = 0
                 return Claim(unit)
         i = self._free_from(self.cursor)
+        listed = None  # the claims folder's names, when listed just now (the tail's look uses them)
         while i is not None:
             unit = int(self.todo[i])
             self.taken[i] = True
@@ -179,9 +180,10 @@ class Scheduler:
                 self.held[unit] = 0
                 self.in_tail, self.idle_looks = False, 0
                 return Claim(unit)
-            self._learn(fsops.listdir(self.folder))  # another replica got there: see all that is taken
+            listed = fsops.listdir(self.folder)
+            self._learn(listed)  # another replica got there: see all that is taken
             i = self._random_free()
-        return self._tail()
+        return self._tail(listed)
 
     def _free_from(self, start: int) -> int | None:
         free = np.flatnonzero(~self.taken[start:])
@@ -220,7 +222,7 @@ class Scheduler:
     def _copies(self, unit: int) -> set[int]:
         return {0} | self.backup_claims.get(unit, set())
 
-    def _tail(self) -> Claim | str | None:
+    def _tail(self, listed: list[str] | None = None) -> Claim | str | None:
         now = self.clock()
         if now < self.next_look:
             return WAIT
@@ -228,7 +230,7 @@ class Scheduler:
         self.next_look = now + self.poll_s
         self.in_tail = True
         self.seen = {}
-        claimed = self._learn(fsops.listdir(self.folder))
+        claimed = self._learn(fsops.listdir(self.folder) if listed is None else listed)
         committed = np.asarray(sorted(self.sink.done_units()), dtype=np.int64)
         left = self.todo if self.left is None else self.left
         done = np.isin(left, committed)
@@ -252,28 +254,25 @@ class Scheduler:
             return WAIT
         self.rng.shuffle(others)
         if self.backups:
-            # the units with the fewest copies first: a straggler's unit gets one backup before any gets two
-            watch = None
+            # the units with the fewest copies first: a straggler's unit gets one backup before any gets two. The
+            # first that can be claimed is this replica's: a copy when it would commit before the holder, otherwise
+            # a watch (each unit is looked at by the first idle replica to claim it, once)
             for unit in sorted(others, key=lambda u: len(self._copies(u)))[:3]:
                 copy = next((k for k in range(1, self.backups + 1) if k not in self._copies(unit)), None)
                 if copy is None:
                     continue
                 due = self._copy_due(unit, now)
-                if due > now:  # the holder is expected to commit first: a copy would be discarded
-                    watch = watch or (unit, copy, due)
-                elif fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
-                    self.held[unit] = copy
+                if not fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
+                    continue  # another idle replica claimed it meanwhile
+                self.held[unit] = copy
+                self.idle_looks = 0
+                if due <= now:
                     self.backup_copies += 1
-                    self.idle_looks = 0
                     return Claim(unit, copy)
-            if watch is not None:
-                unit, copy, due = watch
-                if fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
-                    self.held[unit] = copy
-                    self.watching[unit] = (copy, due)
-                    self.watches += 1
-                    self.next_look = self._watch_until()
-                    return WAIT
+                self.watching[unit] = (copy, due)  # the holder is expected to commit first: a copy would be discarded
+                self.watches += 1
+                self.next_look = self._watch_until()
+                return WAIT
         if now >= self.next_lease_check:  # twice a lease, a few units: holders silent for a lease lose them
             self.next_lease_check = now + self.lease_s / 2
             for unit in others[:4]:
@@ -283,6 +282,8 @@ class Scheduler:
                         self.takeovers += 1
                         self.idle_looks = 0
                         return Claim(unit, copy)
+                    if copy == 0:  # its holder is alive and commits it: its copies' claims need no look
+                        break
         if self.backups and not self.held and all(len(self._copies(u)) > self.backups for u in others):
             return None  # every unit left runs with all its copies: nothing here for this replica; it ends
         if self.watching:
@@ -397,7 +398,7 @@ class Scheduler:
             return False
         if holder == self.owner:
             return unit not in self.held  # claimed by this replica's previous job, before a requeue
-        last = fsops.mtime(self.paths.progress / f"{holder}.json")
+        last = self.seen[holder][2] if holder in self.seen else fsops.mtime(self.paths.progress / f"{holder}.json")
         if last is None:
             last = fsops.mtime(path)
         return last is not None and now - last >= self.lease_s
