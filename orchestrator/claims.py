@@ -305,6 +305,7 @@ class Scheduler:
         for unit, (copy, due) in sorted(self.watching.items()):
             if due > now:
                 continue
+            self._read_holder(unit, 0)  # taken over since, maybe
             due = self._copy_due(unit, now)
             if due > now:
                 self.watching[unit] = (copy, due)
@@ -338,7 +339,8 @@ class Scheduler:
             self.seen[holder] = self._read_pace(holder)
         pace, since, beat = self.seen[holder]
         mine = self._pace()
-        pace = pace if pace is not None else mine
+        if pace is None:  # nothing committed yet: as fast as this replica, on this unit since its claim
+            pace, since = mine, fsops.mtime(self.folder / claim_name(unit))
         if pace is None or since is None:
             return now
         copy_s = mine if mine is not None else pace
@@ -350,8 +352,8 @@ class Scheduler:
         return max(due, now)
 
     def _read_pace(self, holder: str) -> tuple[float | None, float | None, float | None]:
-        """A holder's seconds per unit, when it last committed (or, before its first commit, last wrote its
-        record) and its last heartbeat, from its progress file (one open); Nones for what it does not say."""
+        """A holder's seconds per unit and when it last committed (None, None before its first commit), and its
+        last heartbeat (None without a progress file), from its progress file: one open."""
         try:
             with fsops.open_file(self.paths.progress / f"{holder}.json", "r") as fh:
                 beat = os.fstat(fh.fileno()).st_mtime
@@ -363,12 +365,10 @@ class Scheduler:
         try:
             segments = [(float(a), float(b)) for a, b in record.get("segments") or []]
             units = int(record.get("units") or 0)
-            updated = record.get("updated")
-            updated = float(updated) if updated is not None else None
         except (TypeError, ValueError):
             return None, None, beat
         if units <= 0 or not segments:
-            return None, updated, beat
+            return None, None, beat
         busy = sum(max(0.0, b - a) for a, b in segments)
         return busy / units, segments[-1][1], beat
 
