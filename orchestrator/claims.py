@@ -7,14 +7,20 @@ filesystem's metadata server that stays flat in the number of replicas.
 - A failed claim means another replica got there: one listing of the claims folder then shows every
   unit taken so far, and the replica jumps to a random unit still free. No unit held by another is
   polled while free ones are left.
-- When no unit is free, an idle replica runs a backup copy of a unit still held by another
+- When no unit is free, an idle replica claims a backup copy of a unit still held by another
   (`<unit>.b<k>`, at most `client.backups` copies per unit), as MapReduce does for stragglers: the
   first commit wins (`commits.commit_unit` links, never replaces), the loser's rows are discarded and
-  counted. A holder that has been silent for `client.lease_s` (no heartbeat) loses its claim to the
-  first idle replica that looks. An idle replica looks every `lease_s / 4` (at most 5 s), two
-  listings (claims and results) each time, and at once when a unit of its own commits. An idle
-  replica with nothing to copy (every unit left has all its copies running) ends, freeing its nodes:
-  a tail of 1,000 replicas costs about two looks each, not a poll every few seconds.
+  counted. It runs the copy only when the copy can commit first: the holder's pace (seconds per unit
+  committed) and last commit are in its progress record, this replica's own pace is measured here,
+  and a copy starts when it is expected to finish a quarter of its own time before the holder. Else
+  the claim is a watch: the replica runs nothing and looks again when the holder is twice its pace
+  late or silent for a lease (then the copy starts), or as soon as the unit commits. Between equal
+  replicas no copy runs; a straggler's unit is copied at once. A holder that has been silent for
+  `client.lease_s` (no heartbeat) loses its claim to the first idle replica that looks. An idle
+  replica looks after 1, 2, 4 s... up to `lease_s / 4` (at most 10 s), two listings (claims and
+  results) each time, and at once when a unit of its own commits. An idle replica with nothing to
+  copy (every unit left has all its copies claimed) ends, freeing its nodes: a tail of 1,000 replicas
+  costs about two looks each, not a poll every few seconds.
 - A replica's heartbeat is its progress file, `work/progress/<owner>.json` (one utime every
   `lease_s / 4`, skipped when the file was written since: it is after each commit). Only one attempt's
   replicas run at a time (one front-end per run_dir), so an owner's file speaks for this attempt.
@@ -261,9 +267,9 @@ class Scheduler:
                 copy = next((k for k in range(1, self.backups + 1) if k not in self._copies(unit)), None)
                 if copy is None:
                     continue
-                due = self._copy_due(unit, now)
                 if not fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
                     continue  # another idle replica claimed it meanwhile
+                due = self._copy_due(unit, now)
                 self.held[unit] = copy
                 self.idle_looks = 0
                 if due <= now:

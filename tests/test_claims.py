@@ -297,8 +297,39 @@ def test_a_straggler_gets_a_backup_copy_that_commits_first(tmp_path):
     """The second replica is 5x slower (300 s a unit): once the first runs out of units, copying the straggler's
     unit beats waiting for it."""
     scheds, discarded, makespan = drive(tmp_path, [60.0, 300.0], units=10)
-    assert scheds[0].backup_copies >= 1
-    assert makespan < 600.0  # without the copy the straggler's second unit ends at 600 s
+    assert scheds[0].backup_copies == 1 and scheds[0].watches == 0  # started at once, from the straggler's pace
+    assert discarded == 1  # the straggler's own run of it
+    assert makespan == 540.0  # without the copy the straggler's second unit ends at 600 s
+
+
+def test_a_holder_that_goes_silent_has_its_watched_unit_copied(tmp_path):
+    """A unit on watch (its holder expected to commit first) is copied once its holder is silent for a lease."""
+    clock = Clock()
+    paths = RunPaths(tmp_path)
+    paths.make()
+    from orchestrator.commits import write_progress
+
+    def record(owner, units, first, last):
+        write_progress(paths, owner, {"owner": owner, "units": units, "segments": [[first, last]]})
+        os.utime(paths.progress / f"{owner}.json", (last, last))
+
+    holder = Scheduler(paths, "a1", "r0", range(2), index=0, clock=clock, lease_s=40)
+    idle = Scheduler(paths, "a1", "r1", range(2), index=1, clock=clock, lease_s=40)
+    start = clock.now
+    assert holder.next() == Claim(0) and idle.next() == Claim(1)
+    clock.now += 30
+    assert commit_unit(paths, 1, pa.table({"x": [1]}), STATS, "r1")
+    idle.release(1)
+    record("r0", 1, start - 580, start - 280)  # 300 s a unit, the last commit 280 s ago: due in 20 s
+    holder.beat()
+    assert idle.next() == WAIT and idle.watching and idle.backup_copies == 0  # on watch: a copy would lose
+    clock.now += 10
+    holder.beat()  # its last heartbeat
+    clock.now += 35
+    assert idle.next() == WAIT and idle.watching  # late, but alive (35 s < lease) and not twice its pace late
+    clock.now += 10  # silent for 45 s > lease (40 s)
+    assert idle.next() == Claim(0, copy=1)
+    assert idle.backup_copies == 1 and not idle.watching
 
 
 def test_many_replicas_on_a_small_input_cost_a_bounded_number_of_calls(tmp_path):
