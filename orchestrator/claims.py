@@ -14,7 +14,7 @@ filesystem's metadata server that stays flat in the number of replicas.
   committed) and last commit are in its progress record, this replica's own pace is measured here,
   and a copy starts when it is expected to finish a quarter of its own time before the holder. Else
   the claim is a watch: the replica runs nothing and looks again when the holder is twice its pace
-  late or silent for a lease (then the copy starts), or as soon as the unit commits. Between equal
+  late or has missed two heartbeats (then the copy starts), or as soon as the unit commits. Between equal
   replicas no copy runs; a straggler's unit is copied at once. A holder that has been silent for
   `client.lease_s` (no heartbeat) loses its claim to the first idle replica that looks. An idle
   replica looks after 1, 2, 4 s... up to `lease_s / 4` (at most 10 s), two listings (claims and
@@ -297,7 +297,8 @@ class Scheduler:
         return WAIT
 
     # a backup copy is started only when it is expected to commit before its unit's holder by this share of its
-    # own run time; a holder later than twice its usual time a unit (a node gone slow, an engine stuck) is copied
+    # own run time; a holder later than twice its usual time a unit (a node gone slow, an engine stuck), or silent
+    # for half a lease (two heartbeats missed: dead, maybe), is copied
     BEAT_BY = 0.25
     LATE = 2.0
 
@@ -331,7 +332,7 @@ class Scheduler:
     def _copy_due(self, unit: int, now: float) -> float:
         """From when a backup copy of a unit held by another is worth running: now when it is expected to commit
         before the holder (by BEAT_BY of its own time), or when the holder is late or silent; otherwise the time
-        at which the holder will be late (LATE times its pace after its last commit) or silent for a lease.
+        at which the holder will be late (LATE times its pace after its last commit) or silent for half a lease.
 
         The holder's pace is in its progress record (units committed, [first request, last commit] of each segment
         of its job, written after commits: one open, which also gives the file's time, its last heartbeat); this
@@ -353,8 +354,8 @@ class Scheduler:
         if since + pace - now > copy_s * (1 + self.BEAT_BY):
             return now  # a straggler: the copy commits first
         due = since + self.LATE * max(pace, copy_s)
-        if beat is not None:
-            due = min(due, beat + self.lease_s)
+        if beat is not None:  # a live holder beats every lease / 4: two beats missed, and it may be dead
+            due = min(due, beat + self.lease_s / 2)
         return max(due, now)
 
     def _read_pace(self, holder: str) -> tuple[float | None, float | None, float | None]:

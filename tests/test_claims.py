@@ -303,7 +303,7 @@ def test_a_straggler_gets_a_backup_copy_that_commits_first(tmp_path):
 
 
 def test_a_holder_that_goes_silent_has_its_watched_unit_copied(tmp_path):
-    """A unit on watch (its holder expected to commit first) is copied once its holder is silent for a lease."""
+    """A unit on watch (its holder expected to commit first) is copied once its holder has missed two heartbeats."""
     clock = Clock()
     paths = RunPaths(tmp_path)
     paths.make()
@@ -325,9 +325,9 @@ def test_a_holder_that_goes_silent_has_its_watched_unit_copied(tmp_path):
     assert idle.next() == WAIT and idle.watching and idle.backup_copies == 0  # on watch: a copy would lose
     clock.now += 10
     holder.beat()  # its last heartbeat
-    clock.now += 35
-    assert idle.next() == WAIT and idle.watching  # late, but alive (35 s < lease) and not twice its pace late
-    clock.now += 10  # silent for 45 s > lease (40 s)
+    clock.now += 15
+    assert idle.next() == WAIT and idle.watching  # late, but it beat 15 s ago (< lease / 2), not twice its pace late
+    clock.now += 10  # silent for 25 s: two heartbeats (every lease / 4 = 10 s) missed
     assert idle.next() == Claim(0, copy=1)
     assert idle.backup_copies == 1 and not idle.watching
 
