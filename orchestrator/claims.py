@@ -116,6 +116,7 @@ class Scheduler:
         # if the holder falls behind or goes silent) and lets the other idle replicas end
         self.watching: dict[int, tuple[int, float]] = {}
         self.watches = 0  # backup claims made on watch (started later or not at all)
+        self.watch_look = False  # the next look is for the units on watch only (no listing)
         # this replica's own pace: time from its first claim to its last unit done, over the units done
         self.first_claim_at: float | None = None
         self.last_done_at, self.units_done = 0.0, 0
@@ -152,7 +153,8 @@ class Scheduler:
             copy = self.held.pop(unit, None)
             self.finished.add(unit)
             if self.watching.pop(unit, None) is not None:
-                self.next_look = float("-inf")  # the unit watched is done: look for work (or end) at the next ask
+                # the unit watched is done: look for work (or end) at the next ask
+                self.next_look, self.watch_look = float("-inf"), False
             elif copy is not None:
                 self.units_done += 1
                 self.last_done_at = self.clock()
@@ -232,6 +234,15 @@ class Scheduler:
         now = self.clock()
         if now < self.next_look:
             return WAIT
+        if self.watch_look and listed is None:  # a look for the units on watch: their holders' records tell
+            self.watch_look, self.seen = False, {}
+            started = self._watched(now)
+            if started is not None:
+                return started
+            if self._watch_until() > now:
+                self.next_look, self.watch_look = self._watch_until(), True
+                return WAIT
+        self.watch_look = False
         self.idle_looks += 1
         self.next_look = now + self.poll_s
         self.in_tail = True
@@ -257,6 +268,7 @@ class Scheduler:
         others = [int(u) for u in left if int(u) not in self.held and int(u) not in self.finished]
         if not others:  # all that is left is this replica's own: look again when it commits one, not before
             self.next_look = self._watch_until()
+            self.watch_look = bool(self.watching)
             return WAIT
         self.rng.shuffle(others)
         if self.backups:
@@ -277,7 +289,7 @@ class Scheduler:
                     return Claim(unit, copy)
                 self.watching[unit] = (copy, due)  # the holder is expected to commit first: a copy would be discarded
                 self.watches += 1
-                self.next_look = self._watch_until()
+                self.next_look, self.watch_look = self._watch_until(), True
                 return WAIT
         if now >= self.next_lease_check:  # twice a lease, a few units: holders silent for a lease lose them
             self.next_lease_check = now + self.lease_s / 2
@@ -308,16 +320,24 @@ class Scheduler:
         return min((due for _, due in self.watching.values()), default=float("-inf"))
 
     def _watched(self, now: float) -> Claim | None:
-        """A unit on watch whose holder fell behind or went silent: its copy starts now."""
+        """A unit on watch whose holder fell behind or went silent: its copy starts now (one open for the
+        holder's record; before a copy starts, the claim is read again and the unit's result looked for)."""
         for unit, (copy, due) in sorted(self.watching.items()):
             if due > now:
                 continue
-            self._read_holder(unit, 0)  # taken over since, maybe
             due = self._copy_due(unit, now)
+            if due <= now:
+                before = self.holders.get((unit, 0))
+                if self._read_holder(unit, 0) != before:  # taken over since: the new holder's record tells
+                    due = self._copy_due(unit, now)
             if due > now:
                 self.watching[unit] = (copy, due)
                 continue
             del self.watching[unit]
+            if self.sink.is_done(unit):  # committed since the last look: nothing to copy
+                self.held.pop(unit, None)
+                self.finished.add(unit)
+                continue
             self.backup_copies += 1
             self.idle_looks = 0
             return Claim(unit, copy)
