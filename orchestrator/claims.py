@@ -7,20 +7,23 @@ filesystem's metadata server that stays flat in the number of replicas.
 - A failed claim means another replica got there: one listing of the claims folder then shows every
   unit taken so far, and the replica jumps to a random unit still free. No unit held by another is
   polled while free ones are left.
-- When no unit is free, an idle replica claims a backup copy of a unit still held by another
+- When no unit is free, an idle replica runs a backup copy of a unit still held by another
   (`<unit>.b<k>`, at most `client.backups` copies per unit), as MapReduce does for stragglers: the
   first commit wins (`commits.commit_unit` links, never replaces), the loser's rows are discarded and
-  counted. It runs the copy only when the copy can commit first: the holder's pace (seconds per unit
-  committed) and last commit are in its progress record, this replica's own pace is measured here,
-  and a copy starts when it is expected to finish a quarter of its own time before the holder. Else
-  the claim is a watch: the replica runs nothing and looks again when the holder is twice its pace
-  late or has missed two heartbeats (then the copy starts), or as soon as the unit commits. Between equal
-  replicas no copy runs; a straggler's unit is copied at once. A holder that has been silent for
-  `client.lease_s` (no heartbeat) loses its claim to the first idle replica that looks. An idle
-  replica looks after 1, 2, 4 s... up to `lease_s / 4` (at most 10 s), two listings (claims and
-  results) each time, and at once when a unit of its own commits. An idle replica with nothing to
-  copy (every unit left has all its copies claimed) ends, freeing its nodes: a tail of 1,000 replicas
-  costs about two looks each, not a poll every few seconds.
+  counted. A copy starts only when it can commit first: the holder's pace (seconds per unit committed)
+  and last commit are in its progress record (one open), this replica's own pace is measured here,
+  and the copy must be expected to finish a quarter of its own time before the holder. Otherwise the
+  first idle replica to look at the unit watches it (`<unit>.w<when the holder should commit>`; a
+  watch takes no copy slot): it runs nothing, and starts the copy if the holder gets twice its pace
+  late or misses two heartbeats. Any other idle replica reads from the watch's name, without opening
+  anything, whether a copy of its own would commit first. Between equal replicas no copy runs; a
+  straggler's unit is copied at once. A holder that has been silent for `client.lease_s` (no
+  heartbeat) loses its claim to the first idle replica that looks. An idle replica looks after 1, 2,
+  4 s... up to `lease_s / 4` (at most 10 s), two listings (claims and results) each time, and at once
+  when a unit of its own commits; a watcher looks at its holder's record only, when it is due. An
+  idle replica with nothing to do (every unit left has all its copies running, or is watched and it
+  cannot beat the holder) ends, freeing its nodes: a tail of 1,000 replicas costs about two looks
+  each, not a poll every few seconds.
 - A replica's heartbeat is its progress file, `work/progress/<owner>.json` (one utime every
   `lease_s / 4`, skipped when the file was written since: it is after each commit). Only one attempt's
   replicas run at a time (one front-end per run_dir), so an owner's file speaks for this attempt.
@@ -55,6 +58,20 @@ class Claim:
 
 def claim_name(unit: int, copy: int = 0) -> str:
     return f"{unit:08d}" + (f".b{copy}" if copy else "")
+
+
+def watch_name(unit: int, finish: float) -> str:
+    """A watch of a unit: the holder is expected to commit it by `finish` (whole seconds on the replicas'
+    clock), so any idle replica reads from the listing whether a copy of its own would commit first."""
+    return f"{unit:08d}.w{max(0, int(finish))}"
+
+
+def parse_watch(name: str) -> tuple[int, int] | None:
+    """(unit, finish) of a watch's name; None for anything else."""
+    base, _, finish = name.partition(".w")
+    if len(base) != 8 or not base.isdigit() or not finish.isdigit():
+        return None
+    return int(base), int(finish)
 
 
 def parse_claim(name: str) -> tuple[int, int] | None:
@@ -109,12 +126,13 @@ class Scheduler:
         self.idle_looks = 0  # looks in a row that found nothing: the next one waits longer
         self.holders: dict[tuple[int, int], str] = {}  # (unit, copy) -> holder, as last read
         self.backup_claims: dict[int, set[int]] = {}  # unit -> its backup copies claimed, as last listed
+        self.watch_claims: dict[int, int] = {}  # unit -> when its holder is expected to commit it, as its watch says
         self.left: np.ndarray | None = None  # units not committed at the last look (None: not looked yet)
         self.backup_copies = self.takeovers = 0
-        # backup claims made without running them yet (unit -> (copy, when to look again)): the holder is expected
-        # to commit first, so a copy would only be discarded; the claim keeps a replica on watch (it runs the copy
-        # if the holder falls behind or goes silent) and lets the other idle replicas end
-        self.watching: dict[int, tuple[int, float]] = {}
+        # units this replica watches (unit -> when to look at its holder again): their holder is expected to commit
+        # first, so a copy would only be discarded; the watch (a claim named watch_name) keeps this replica ready to
+        # run the copy if the holder falls behind or goes silent, and lets idle replicas that cannot beat it end
+        self.watching: dict[int, float] = {}
         self.watches = 0  # backup claims made on watch (started later or not at all)
         self.watch_look = False  # the next look is for the units on watch only (no listing)
         # this replica's own pace: time from its first claim to its last unit done, over the units done
@@ -214,7 +232,7 @@ class Scheduler:
 
     def _learn(self, names: list[str]) -> np.ndarray:
         """Mark every claimed unit taken; note the backup copies claimed. Returns the claimed units."""
-        units, backups = [], {}
+        units, backups, watches = [], {}, {}
         for name in names:
             if len(name) == 8 and name.isdigit():
                 units.append(int(name))
@@ -222,6 +240,11 @@ class Scheduler:
                 parsed = parse_claim(name)
                 if parsed is not None:
                     backups.setdefault(parsed[0], set()).add(parsed[1])
+            elif ".w" in name:
+                watch = parse_watch(name)
+                if watch is not None:
+                    watches[watch[0]] = min(watch[1], watches.get(watch[0], watch[1]))
+        self.watch_claims = watches
         claimed = np.asarray(units, dtype=np.int64)
         self.taken[self._slots(claimed)] = True
         self.backup_claims = backups
@@ -272,25 +295,9 @@ class Scheduler:
             return WAIT
         self.rng.shuffle(others)
         if self.backups:
-            # the units with the fewest copies first: a straggler's unit gets one backup before any gets two. The
-            # first that can be claimed is this replica's: a copy when it would commit before the holder, otherwise
-            # a watch (each unit is looked at by the first idle replica to claim it, once)
-            for unit in sorted(others, key=lambda u: len(self._copies(u)))[:3]:
-                copy = next((k for k in range(1, self.backups + 1) if k not in self._copies(unit)), None)
-                if copy is None:
-                    continue
-                if not fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
-                    continue  # another idle replica claimed it meanwhile
-                due = self._copy_due(unit, now)
-                self.held[unit] = copy
-                self.idle_looks = 0
-                if due <= now:
-                    self.backup_copies += 1
-                    return Claim(unit, copy)
-                self.watching[unit] = (copy, due)  # the holder is expected to commit first: a copy would be discarded
-                self.watches += 1
-                self.next_look, self.watch_look = self._watch_until(), True
-                return WAIT
+            got = self._copy_or_watch(others, now)
+            if got is not None:
+                return got
         if now >= self.next_lease_check:  # twice a lease, a few units: holders silent for a lease lose them
             self.next_lease_check = now + self.lease_s / 2
             for unit in others[:4]:
@@ -302,8 +309,9 @@ class Scheduler:
                         return Claim(unit, copy)
                     if copy == 0:  # its holder is alive and commits it: its copies' claims need no look
                         break
-        if self.backups and not self.held and all(len(self._copies(u)) > self.backups for u in others):
-            return None  # every unit left runs with all its copies: nothing here for this replica; it ends
+        if self.backups and not self.held and all(len(self._copies(u)) > self.backups or u in self.watch_claims
+                                                  for u in others):
+            return None  # every unit left runs with all its copies, or is watched: nothing here for this replica
         if self.watching:
             self.next_look = min(self.next_look, self._watch_until())
         return WAIT
@@ -314,33 +322,74 @@ class Scheduler:
     BEAT_BY = 0.25
     LATE = 2.0
 
+    def _copy_or_watch(self, others: list[int], now: float) -> Claim | str | None:
+        """Once no unit is free: a backup copy of a unit held by another when it would commit before the holder,
+        else a watch of a unit nobody watches yet (None: neither). A watched unit's name says when its holder is
+        expected to commit, so this replica copies the one it would gain most on without reading anything; an
+        unwatched one (the fewest copies first: a straggler's unit gets one backup before any gets two) costs a
+        look at its holder's record, and the first idle replica to look watches it, or copies it."""
+        free = {u: k for u in others
+                if (k := next((k for k in range(1, self.backups + 1) if k not in self._copies(u)), None)) is not None}
+        mine = self._pace()
+        watched = [u for u in free if u in self.watch_claims and u not in self.watching]
+        if watched and mine is not None:
+            unit = max(watched, key=lambda u: self.watch_claims[u])
+            if now + mine * (1 + self.BEAT_BY) < self.watch_claims[unit] and \
+                    fsops.create_exclusive(self.folder / claim_name(unit, free[unit]), self.owner):
+                return self._start_copy(unit, free[unit])
+        unwatched = [u for u in free if u not in self.watch_claims]
+        for unit in sorted(unwatched, key=lambda u: len(self._copies(u)))[:3]:
+            due, finish = self._copy_due(unit, now)
+            if due <= now:
+                if fsops.create_exclusive(self.folder / claim_name(unit, free[unit]), self.owner):
+                    return self._start_copy(unit, free[unit])
+                continue  # another idle replica claimed it meanwhile
+            if fsops.create_exclusive(self.folder / watch_name(unit, finish), self.owner):
+                # the holder is expected to commit first: a copy would be discarded. On watch instead: the copy
+                # starts if the holder falls behind or goes silent
+                self.held[unit] = -1
+                self.watching[unit] = due
+                self.watch_claims[unit] = int(finish)
+                self.watches += 1
+                self.idle_looks = 0
+                self.next_look, self.watch_look = self._watch_until(), True
+                return WAIT
+        return None
+
+    def _start_copy(self, unit: int, copy: int) -> Claim:
+        self.watching.pop(unit, None)
+        self.held[unit] = copy
+        self.backup_copies += 1
+        self.idle_looks = 0
+        return Claim(unit, copy)
+
     def _watch_until(self) -> float:
         """When to look again: when the first unit on watch is due to be copied (or at once when it commits, see
         release); with none on watch, at the next ask (this replica looks again when one of its own commits)."""
-        return min((due for _, due in self.watching.values()), default=float("-inf"))
+        return min(self.watching.values(), default=float("-inf"))
 
     def _watched(self, now: float) -> Claim | None:
         """A unit on watch whose holder fell behind or went silent: its copy starts now (one open for the
         holder's record; before a copy starts, the claim is read again and the unit's result looked for)."""
-        for unit, (copy, due) in sorted(self.watching.items()):
+        for unit, due in sorted(self.watching.items()):
             if due > now:
                 continue
-            due = self._copy_due(unit, now)
+            due, _ = self._copy_due(unit, now)
             if due <= now:
                 before = self.holders.get((unit, 0))
                 if self._read_holder(unit, 0) != before:  # taken over since: the new holder's record tells
-                    due = self._copy_due(unit, now)
+                    due, _ = self._copy_due(unit, now)
             if due > now:
-                self.watching[unit] = (copy, due)
+                self.watching[unit] = due
                 continue
             del self.watching[unit]
-            if self.sink.is_done(unit):  # committed since the last look: nothing to copy
-                self.held.pop(unit, None)
-                self.finished.add(unit)
-                continue
-            self.backup_copies += 1
-            self.idle_looks = 0
-            return Claim(unit, copy)
+            if not self.sink.is_done(unit):  # not committed since the last look
+                for copy in range(1, self.backups + 1):  # a copy slot free (another replica may copy it already)
+                    if copy not in self._copies(unit) and \
+                            fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
+                        return self._start_copy(unit, copy)
+            self.held.pop(unit, None)  # committed, or running with all its copies: no longer this replica's
+            self.finished.add(unit)
         return None
 
     def _pace(self) -> float | None:
@@ -349,19 +398,20 @@ class Scheduler:
             return None
         return max(0.0, self.last_done_at - self.first_claim_at) / self.units_done
 
-    def _copy_due(self, unit: int, now: float) -> float:
+    def _copy_due(self, unit: int, now: float) -> tuple[float, float]:
         """From when a backup copy of a unit held by another is worth running: now when it is expected to commit
         before the holder (by BEAT_BY of its own time), or when the holder is late or silent; otherwise the time
         at which the holder will be late (LATE times its pace after its last commit) or silent for half a lease.
 
         The holder's pace is in its progress record (units committed, [first request, last commit] of each segment
         of its job, written after commits: one open, which also gives the file's time, its last heartbeat); this
-        replica's own is measured here. With neither known, a copy starts at once, as it always did."""
+        replica's own is measured here. With neither known, a copy starts at once, as it always did. Returns that
+        time, and when the holder is expected to commit."""
         holder = self.holders.get((unit, 0))
         if holder is None:
             holder = self._read_holder(unit, 0)
         if not holder or holder == self.owner:
-            return now
+            return now, now
         if holder not in self.seen:
             self.seen[holder] = self._read_pace(holder)
         pace, since, beat = self.seen[holder]
@@ -369,14 +419,14 @@ class Scheduler:
         if pace is None:  # nothing committed yet: as fast as this replica, on this unit since its claim
             pace, since = mine, fsops.mtime(self.folder / claim_name(unit))
         if pace is None or since is None:
-            return now
+            return now, now
         copy_s = mine if mine is not None else pace
         if since + pace - now > copy_s * (1 + self.BEAT_BY):
-            return now  # a straggler: the copy commits first
+            return now, since + pace  # a straggler: the copy commits first
         due = since + self.LATE * max(pace, copy_s)
         if beat is not None:  # a live holder beats every lease / 4: two beats missed, and it may be dead
             due = min(due, beat + self.lease_s / 2)
-        return max(due, now)
+        return max(due, now), since + pace
 
     def _read_pace(self, holder: str) -> tuple[float | None, float | None, float | None]:
         """A holder's seconds per unit and when it last committed (None, None before its first commit), and its

@@ -344,3 +344,29 @@ def test_many_replicas_on_a_small_input_cost_a_bounded_number_of_calls(tmp_path)
     assert calls <= 1350, dict(fsops.COUNTS)
     assert fsops.COUNTS["listdir"] <= 100 and fsops.COUNTS["stat"] <= 100, dict(fsops.COUNTS)
     assert discarded == 0
+
+
+def test_a_unit_watched_by_a_slow_replica_is_still_copied_by_a_fast_one(tmp_path):
+    """A watch takes no copy slot: its name says when the holder is expected to commit, so a faster idle replica
+    that would commit first copies the unit, reading nothing but the listing."""
+    from orchestrator.claims import parse_watch
+    from orchestrator.commits import write_progress
+
+    clock = Clock()
+    t0 = clock.now
+    holder, slow, fast = (make(tmp_path, f"r{i}", units=3, index=i, clock=clock) for i in range(3))
+    paths = holder.paths
+    assert holder.next() == Claim(0) and slow.next() == Claim(1) and fast.next() == Claim(2)
+    write_progress(paths, "r0", {"owner": "r0", "units": 1, "segments": [[t0 - 1000, t0]]})  # 1,000 s a unit
+    for sched, unit, took in ((fast, 2, 60), (slow, 1, 600)):
+        clock.now = t0 + took
+        assert commit_unit(paths, unit, pa.table({"x": [unit]}), STATS, sched.owner)
+        sched.release(unit)
+    holder.beat()
+    # 600 s a unit: its copy would commit at t0 + 1,350 at the earliest, after the holder (t0 + 1,000)
+    assert slow.next() == WAIT and slow.watches == 1 and slow.backup_copies == 0
+    watches = [parse_watch(name) for name in os.listdir(slow.folder) if parse_watch(name)]
+    assert watches == [(0, int(t0 + 1000))]
+    fsops.COUNTS.clear()
+    assert fast.next() == Claim(0, copy=1)  # 60 s a unit: commits at about t0 + 660
+    assert fsops.COUNTS == {"listdir": 2, "create": 1}  # the claims and the results listed, the copy claimed
