@@ -180,8 +180,9 @@ class Scheduler:
     def next(self) -> Claim | str | None:
         """The next unit to run, WAIT (nothing to take now: look again after poll_s), or None: nothing is
         left for this replica, because every unit of this attempt is committed or (with backups) every
-        unit left is running with all its copies. A replica that ends so frees its nodes at the tail of a
-        run instead of polling; the copies' holders finish the rest, and take over a silent one's claim."""
+        unit left is running with all its copies, or watched by a replica it could not beat. A replica that
+        ends so frees its nodes at the tail of a run instead of polling; the holders, copies and watchers
+        finish the rest, and take over a silent one's claim."""
         with self.lock:
             got = self._next()
             if isinstance(got, Claim) and self.first_claim_at is None:
@@ -383,7 +384,7 @@ class Scheduler:
                 self.watching[unit] = due
                 continue
             del self.watching[unit]
-            if not self.sink.is_done(unit):  # not committed since the last look
+            if unit in self.retry or not self.sink.is_done(unit):  # not committed since the last look
                 for copy in range(1, self.backups + 1):  # a copy slot free (another replica may copy it already)
                     if copy not in self._copies(unit) and \
                             fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
