@@ -12,10 +12,15 @@ real `orchestrator run` processes by `bench/strace_claims.py`).
 
 Printed per R: metadata operations per unit (and by kind), makespan / ideal (ideal: the work divided
 by the replicas' combined speed while alive), the tail (time from the 99th-percentile commit to the
-last, as a share of the run), units run twice (backup copies and takeovers) and rows discarded, and a
-check that every unit was committed exactly once.
+last, as a share of the run), units run twice (backup copies and takeovers), units watched (a backup
+claim whose copy did not start: the holder was expected to commit first) and rows discarded (every
+unit has as many rows, so the units' share is the rows'), and a check that every unit was committed
+exactly once. Each replica writes the progress record the client writes (units committed, [first
+request, last commit]): the scheduler reads a holder's pace from it.
 
 Run: python bench/scale.py [--replicas 1,10,100,1000] [--units 50000] [--slow 0.1] [--deaths 0.01]
+     [--repeat N: N seeds per R, and their total]; 2 equal replicas as in issue 19.10:
+     python bench/scale.py --replicas 2 --units 10 --slow 0 --deaths 0 --repeat 20
 """
 from __future__ import annotations
 
@@ -165,7 +170,7 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
         "R": R, "U": U, "ops_per_unit": sum(ops.values()) / U, "ops": dict(ops),
         "efficiency": ideal / makespan, "tail": (makespan - p99) / makespan,
         "backup_copies": sum(s.backup_copies for s in scheds), "takeovers": sum(s.takeovers for s in scheds),
-        "watches": sum(getattr(s, "watches", 0) for s in scheds),
+        "watches": sum(getattr(s, "watches", 0) for s in scheds),  # getattr: the code before issue 19 runs too
         "lost_commits": stats["lost_commits"], "abandoned": stats["abandoned"],
         "exactly_once": files == U and sorted(ledger_units) == list(range(U)),
         "makespan_s": makespan, "ideal_s": ideal, "dead": len(dies),
