@@ -12,10 +12,15 @@ real `orchestrator run` processes by `bench/strace_claims.py`).
 
 Printed per R: metadata operations per unit (and by kind), makespan / ideal (ideal: the work divided
 by the replicas' combined speed while alive), the tail (time from the 99th-percentile commit to the
-last, as a share of the run), units run twice (backup copies and takeovers) and rows discarded, and a
-check that every unit was committed exactly once.
+last, as a share of the run), units run twice (backup copies and takeovers), units watched (a backup
+claim whose copy did not start: the holder was expected to commit first) and rows discarded (every
+unit has as many rows, so the units' share is the rows'), and a check that every unit was committed
+exactly once. Each replica writes the progress record the client writes (units committed, [first
+request, last commit]): the scheduler reads a holder's pace from it.
 
 Run: python bench/scale.py [--replicas 1,10,100,1000] [--units 50000] [--slow 0.1] [--deaths 0.01]
+     [--repeat N: N seeds per R, and their total]; 2 equal replicas as in issue 19.10:
+     python bench/scale.py --replicas 2 --units 10 --slow 0 --deaths 0 --repeat 20
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import argparse
 import heapq
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -36,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator import fsops
-from orchestrator.claims import WAIT, Scheduler, result_exists
+from orchestrator.claims import WAIT, Scheduler, claim_name, result_exists
 from orchestrator.commits import Ledger, commit_unit, write_progress
 from orchestrator.journal import Journals
 from orchestrator.rundir import RunPaths
@@ -71,10 +77,21 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
     commits: list[float] = []
     stats = Counter()
     fsops.COUNTS.clear()
+    units_won = [0] * R  # units each replica committed, and when it claimed its first: in its progress record
+    first, last_won = [None] * R, [None] * R
+
+    def progress(r: int, t: float, requests=None) -> None:
+        """The client's progress record: units committed, [first request, last commit], the time written."""
+        segments = [[first[r], last_won[r]]] if units_won[r] else []
+        write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim", "units": units_won[r],
+                                        "segments": segments, "updated": t}, requests)
+        # the rename that wrote it set its time to now, on the simulation's clock (not counted: no extra call)
+        os.utime(paths.progress / f"r{r}.json", (t, t))
+        scheds[r].wrote()
+
     for r in range(R):
         journals[r].scan()  # what the client does at its start
-        write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim"})
-        scheds[r].wrote()
+        progress(r, 0.0)
         at(0.0, "ask", r)
         at(scheds[r].beat_s, "beat", r)
         if r in dies:
@@ -107,6 +124,10 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
                 at(t + sched.poll_s, "ask", r)
             else:
                 token = seq[0]
+                first[r] = t if first[r] is None else first[r]
+                claim = sched.folder / claim_name(got.unit, got.copy)
+                if claim.exists():  # made now, on the simulation's clock (not counted: no extra call)
+                    os.utime(claim, (t, t))
                 journal, _, others = journals[r].start(got.unit, 1)  # replays what others journaled of it
                 running[r] = (got.unit, got.copy, token, journal, others)
                 service = rng.lognormvariate(mu, sigma) * factor[r]
@@ -119,9 +140,10 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
                               f"r{r}", ledgers[r])
             sched.release(unit)
             Journals.remove(journal, others)
-            write_progress(paths, f"r{r}", {"owner": f"r{r}", "attempt": "sim", "updated": t},
-                           [{"at": t, "prompts": 1}])
-            sched.wrote()
+            if won:
+                units_won[r] += 1
+                last_won[r] = t
+            progress(r, t, [{"at": t, "prompts": 1}])
             if won:
                 commits.append(t)
             else:
@@ -148,6 +170,7 @@ def simulate(R: int, U: int, args, root: Path) -> dict:
         "R": R, "U": U, "ops_per_unit": sum(ops.values()) / U, "ops": dict(ops),
         "efficiency": ideal / makespan, "tail": (makespan - p99) / makespan,
         "backup_copies": sum(s.backup_copies for s in scheds), "takeovers": sum(s.takeovers for s in scheds),
+        "watches": sum(getattr(s, "watches", 0) for s in scheds),  # getattr: the code before issue 19 runs too
         "lost_commits": stats["lost_commits"], "abandoned": stats["abandoned"],
         "exactly_once": files == U and sorted(ledger_units) == list(range(U)),
         "makespan_s": makespan, "ideal_s": ideal, "dead": len(dies),
@@ -166,6 +189,7 @@ def main() -> None:
     parser.add_argument("--lease-s", type=float, default=120.0)
     parser.add_argument("--backups", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per R, seeds --seed, --seed + 1, ...")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one ledger file held open per replica
@@ -173,22 +197,33 @@ def main() -> None:
     print(f"U={args.units} units, service {args.service_s:g} s mean (sigma {args.sigma}), {args.slow:.0%} of "
           f"replicas {args.slow_factor:g}x slower, {args.deaths:.0%} die, lease {args.lease_s:g} s, "
           f"backups {args.backups}")
-    print(f"{'R':>5} {'ops/unit':>8} {'makespan/ideal':>14} {'tail':>6} {'run twice':>9} {'discarded':>9} "
-          f"{'dead':>4} {'once':>5} {'wall':>6}  ops by kind")
+    print(f"{'R':>5} {'seed':>4} {'ops/unit':>8} {'makespan/ideal':>14} {'tail':>6} {'run twice':>9} {'watched':>7} "
+          f"{'discarded':>15} {'dead':>4} {'once':>5} {'wall':>6}  ops by kind")
     for R in [int(x) for x in args.replicas.split(",")]:
-        root = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=base))
-        try:
-            started = time.perf_counter()
-            res = simulate(R, args.units, args, root)
-            wall = time.perf_counter() - started
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        kinds = " ".join(f"{k}={v / args.units:.2f}" for k, v in sorted(res["ops"].items()))
-        print(f"{R:>5} {res['ops_per_unit']:>8.2f} {res['efficiency']:>14.3f} {res['tail']:>6.1%} "
-              f"{res['backup_copies'] + res['takeovers']:>9} {res['lost_commits'] + res['abandoned']:>9} "
-              f"{res['dead']:>4} {str(res['exactly_once']):>5} {wall:>5.0f}s  {kinds}", flush=True)
-        if not res["exactly_once"]:
-            sys.exit(f"R={R}: results are not exactly once")
+        discarded = efficiency = 0.0
+        for seed in range(args.seed, args.seed + args.repeat):
+            root = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=base))
+            try:
+                started = time.perf_counter()
+                res = simulate(R, args.units, argparse.Namespace(**{**vars(args), "seed": seed}), root)
+                wall = time.perf_counter() - started
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            kinds = " ".join(f"{k}={v / args.units:.2f}" for k, v in sorted(res["ops"].items()))
+            # every unit has as many rows: the units' share is the rows' share
+            lost = res["lost_commits"] + res["abandoned"]
+            discarded += lost
+            efficiency += res["efficiency"]
+            print(f"{R:>5} {seed:>4} {res['ops_per_unit']:>8.2f} {res['efficiency']:>14.3f} {res['tail']:>6.1%} "
+                  f"{res['backup_copies'] + res['takeovers']:>9} {res['watches']:>7} "
+                  f"{f'{lost} ({lost / args.units:.1%})':>15} {res['dead']:>4} {str(res['exactly_once']):>5} "
+                  f"{wall:>5.0f}s  {kinds}", flush=True)
+            if not res["exactly_once"]:
+                sys.exit(f"R={R}: results are not exactly once")
+        if args.repeat > 1:
+            print(f"{R:>5}  all: rows discarded {discarded / (args.units * args.repeat):.1%} "
+                  f"({discarded:g} units of {args.units * args.repeat}), mean makespan/ideal "
+                  f"{efficiency / args.repeat:.3f}, over seeds {args.seed}-{args.seed + args.repeat - 1}", flush=True)
 
 
 if __name__ == "__main__":

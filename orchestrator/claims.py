@@ -10,11 +10,20 @@ filesystem's metadata server that stays flat in the number of replicas.
 - When no unit is free, an idle replica runs a backup copy of a unit still held by another
   (`<unit>.b<k>`, at most `client.backups` copies per unit), as MapReduce does for stragglers: the
   first commit wins (`commits.commit_unit` links, never replaces), the loser's rows are discarded and
-  counted. A holder that has been silent for `client.lease_s` (no heartbeat) loses its claim to the
-  first idle replica that looks. An idle replica looks every `lease_s / 4` (at most 5 s), two
-  listings (claims and results) each time, and at once when a unit of its own commits. An idle
-  replica with nothing to copy (every unit left has all its copies running) ends, freeing its nodes:
-  a tail of 1,000 replicas costs about two looks each, not a poll every few seconds.
+  counted. A copy starts only when it can commit first: the holder's pace (seconds per unit committed)
+  and last commit are in its progress record (one open), this replica's own pace is measured here,
+  and the copy must be expected to finish a quarter of its own time before the holder. Otherwise the
+  first idle replica to look at the unit watches it (`<unit>.w<when the holder should commit>`; a
+  watch takes no copy slot): it runs nothing, and starts the copy if the holder gets twice its pace
+  late or misses two heartbeats. Any other idle replica reads from the watch's name, without opening
+  anything, whether a copy of its own would commit first. Between equal replicas no copy runs; a
+  straggler's unit is copied at once. A holder that has been silent for `client.lease_s` (no
+  heartbeat) loses its claim to the first idle replica that looks. An idle replica looks after 1, 2,
+  4 s... up to `lease_s / 4` (at most 10 s), two listings (claims and results) each time, and at once
+  when a unit of its own commits; a watcher looks at its holder's record only, when it is due. An
+  idle replica with nothing to do (every unit left has all its copies running, or is watched and it
+  cannot beat the holder) ends, freeing its nodes: a tail of 1,000 replicas costs about two looks
+  each, not a poll every few seconds.
 - A replica's heartbeat is its progress file, `work/progress/<owner>.json` (one utime every
   `lease_s / 4`, skipped when the file was written since: it is after each commit). Only one attempt's
   replicas run at a time (one front-end per run_dir), so an owner's file speaks for this attempt.
@@ -24,6 +33,8 @@ virtual time (the clock is a parameter) to show the cost at 1,000 replicas.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import threading
 import time
@@ -47,6 +58,20 @@ class Claim:
 
 def claim_name(unit: int, copy: int = 0) -> str:
     return f"{unit:08d}" + (f".b{copy}" if copy else "")
+
+
+def watch_name(unit: int, finish: float) -> str:
+    """A watch of a unit: the holder is expected to commit it by `finish` (whole seconds on the replicas'
+    clock), so any idle replica reads from the listing whether a copy of its own would commit first."""
+    return f"{unit:08d}.w{max(0, int(finish))}"
+
+
+def parse_watch(name: str) -> tuple[int, int] | None:
+    """(unit, finish) of a watch's name; None for anything else."""
+    base, _, finish = name.partition(".w")
+    if len(base) != 8 or not base.isdigit() or not finish.isdigit():
+        return None
+    return int(base), int(finish)
 
 
 def parse_claim(name: str) -> tuple[int, int] | None:
@@ -101,8 +126,19 @@ class Scheduler:
         self.idle_looks = 0  # looks in a row that found nothing: the next one waits longer
         self.holders: dict[tuple[int, int], str] = {}  # (unit, copy) -> holder, as last read
         self.backup_claims: dict[int, set[int]] = {}  # unit -> its backup copies claimed, as last listed
+        self.watch_claims: dict[int, int] = {}  # unit -> when its holder is expected to commit it, as its watch says
         self.left: np.ndarray | None = None  # units not committed at the last look (None: not looked yet)
         self.backup_copies = self.takeovers = 0
+        # units this replica watches (unit -> when to look at its holder again): their holder is expected to commit
+        # first, so a copy would only be discarded; the watch (a claim named watch_name) keeps this replica ready to
+        # run the copy if the holder falls behind or goes silent, and lets idle replicas that cannot beat it end
+        self.watching: dict[int, float] = {}
+        self.watches = 0  # backup claims made on watch (started later or not at all)
+        self.watch_look = False  # the next look is for the units on watch only (no listing)
+        # this replica's own pace: time from its first claim to its last unit done, over the units done
+        self.first_claim_at: float | None = None
+        self.last_done_at, self.units_done = 0.0, 0
+        self.seen: dict[str, tuple[float | None, float | None, float | None]] = {}  # holder -> pace, as read this look
         self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -132,16 +168,26 @@ class Scheduler:
     def release(self, unit: int) -> None:
         """The unit is committed (by anyone) or given up: no longer held."""
         with self.lock:
-            self.held.pop(unit, None)
+            copy = self.held.pop(unit, None)
             self.finished.add(unit)
+            if self.watching.pop(unit, None) is not None:
+                # the unit watched is done: look for work (or end) at the next ask
+                self.next_look, self.watch_look = float("-inf"), False
+            elif copy is not None:
+                self.units_done += 1
+                self.last_done_at = self.clock()
 
     def next(self) -> Claim | str | None:
         """The next unit to run, WAIT (nothing to take now: look again after poll_s), or None: nothing is
         left for this replica, because every unit of this attempt is committed or (with backups) every
-        unit left is running with all its copies. A replica that ends so frees its nodes at the tail of a
-        run instead of polling; the copies' holders finish the rest, and take over a silent one's claim."""
+        unit left is running with all its copies, or watched by a replica it could not beat. A replica that
+        ends so frees its nodes at the tail of a run instead of polling; the holders, copies and watchers
+        finish the rest, and take over a silent one's claim."""
         with self.lock:
-            return self._next()
+            got = self._next()
+            if isinstance(got, Claim) and self.first_claim_at is None:
+                self.first_claim_at = self.clock()
+            return got
 
     def _next(self) -> Claim | str | None:
         while self.reclaim:
@@ -152,6 +198,7 @@ class Scheduler:
                 self.held[unit] = 0
                 return Claim(unit)
         i = self._free_from(self.cursor)
+        listed = None  # the claims folder's names, when listed just now (the tail's look uses them)
         while i is not None:
             unit = int(self.todo[i])
             self.taken[i] = True
@@ -160,9 +207,10 @@ class Scheduler:
                 self.held[unit] = 0
                 self.in_tail, self.idle_looks = False, 0
                 return Claim(unit)
-            self._learn(fsops.listdir(self.folder))  # another replica got there: see all that is taken
+            listed = fsops.listdir(self.folder)
+            self._learn(listed)  # another replica got there: see all that is taken
             i = self._random_free()
-        return self._tail()
+        return self._tail(listed)
 
     def _free_from(self, start: int) -> int | None:
         free = np.flatnonzero(~self.taken[start:])
@@ -185,7 +233,7 @@ class Scheduler:
 
     def _learn(self, names: list[str]) -> np.ndarray:
         """Mark every claimed unit taken; note the backup copies claimed. Returns the claimed units."""
-        units, backups = [], {}
+        units, backups, watches = [], {}, {}
         for name in names:
             if len(name) == 8 and name.isdigit():
                 units.append(int(name))
@@ -193,6 +241,11 @@ class Scheduler:
                 parsed = parse_claim(name)
                 if parsed is not None:
                     backups.setdefault(parsed[0], set()).add(parsed[1])
+            elif ".w" in name:
+                watch = parse_watch(name)
+                if watch is not None:
+                    watches[watch[0]] = min(watch[1], watches.get(watch[0], watch[1]))
+        self.watch_claims = watches
         claimed = np.asarray(units, dtype=np.int64)
         self.taken[self._slots(claimed)] = True
         self.backup_claims = backups
@@ -201,14 +254,24 @@ class Scheduler:
     def _copies(self, unit: int) -> set[int]:
         return {0} | self.backup_claims.get(unit, set())
 
-    def _tail(self) -> Claim | str | None:
+    def _tail(self, listed: list[str] | None = None) -> Claim | str | None:
         now = self.clock()
         if now < self.next_look:
             return WAIT
+        if self.watch_look and listed is None:  # a look for the units on watch: their holders' records tell
+            self.watch_look, self.seen = False, {}
+            started = self._watched(now)
+            if started is not None:
+                return started
+            if self._watch_until() > now:
+                self.next_look, self.watch_look = self._watch_until(), True
+                return WAIT
+        self.watch_look = False
         self.idle_looks += 1
         self.next_look = now + self.poll_s
         self.in_tail = True
-        claimed = self._learn(fsops.listdir(self.folder))
+        self.seen = {}
+        claimed = self._learn(fsops.listdir(self.folder) if listed is None else listed)
         committed = np.asarray(sorted(self.sink.done_units()), dtype=np.int64)
         left = self.todo if self.left is None else self.left
         done = np.isin(left, committed)
@@ -223,20 +286,19 @@ class Scheduler:
             self.taken[self._slots(unclaimed)] = False
             self.next_look = float("-inf")
             return self._next()
+        started = self._watched(now)
+        if started is not None:
+            return started
         others = [int(u) for u in left if int(u) not in self.held and int(u) not in self.finished]
         if not others:  # all that is left is this replica's own: look again when it commits one, not before
-            self.next_look = float("-inf")
+            self.next_look = self._watch_until()
+            self.watch_look = bool(self.watching)
             return WAIT
         self.rng.shuffle(others)
         if self.backups:
-            # the units with the fewest copies first: a straggler's unit gets one backup before any gets two
-            for unit in sorted(others, key=lambda u: len(self._copies(u)))[:3]:
-                copy = next((k for k in range(1, self.backups + 1) if k not in self._copies(unit)), None)
-                if copy is not None and fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
-                    self.held[unit] = copy
-                    self.backup_copies += 1
-                    self.idle_looks = 0
-                    return Claim(unit, copy)
+            got = self._copy_or_watch(others, now)
+            if got is not None:
+                return got
         if now >= self.next_lease_check:  # twice a lease, a few units: holders silent for a lease lose them
             self.next_lease_check = now + self.lease_s / 2
             for unit in others[:4]:
@@ -246,9 +308,147 @@ class Scheduler:
                         self.takeovers += 1
                         self.idle_looks = 0
                         return Claim(unit, copy)
-        if self.backups and not self.held and all(len(self._copies(u)) > self.backups for u in others):
-            return None  # every unit left runs with all its copies: nothing here for this replica; it ends
+                    if copy == 0:  # its holder is alive and commits it: its copies' claims need no look
+                        break
+        if self.backups and not self.held and all(len(self._copies(u)) > self.backups or u in self.watch_claims
+                                                  for u in others):
+            return None  # every unit left runs with all its copies, or is watched: nothing here for this replica
+        if self.watching:
+            self.next_look = min(self.next_look, self._watch_until())
         return WAIT
+
+    # a backup copy is started only when it is expected to commit before its unit's holder by this share of its
+    # own run time; a holder later than twice its usual time a unit (a node gone slow, an engine stuck), or silent
+    # for half a lease (two heartbeats missed: dead, maybe), is copied
+    BEAT_BY = 0.25
+    LATE = 2.0
+
+    def _copy_or_watch(self, others: list[int], now: float) -> Claim | str | None:
+        """Once no unit is free: a backup copy of a unit held by another when it would commit before the holder,
+        else a watch of a unit nobody watches yet (None: neither). A watched unit's name says when its holder is
+        expected to commit, so this replica copies the one it would gain most on without reading anything; an
+        unwatched one (the fewest copies first: a straggler's unit gets one backup before any gets two) costs a
+        look at its holder's record, and the first idle replica to look watches it, or copies it."""
+        free = {u: k for u in others
+                if (k := next((k for k in range(1, self.backups + 1) if k not in self._copies(u)), None)) is not None}
+        mine = self._pace()
+        watched = [u for u in free if u in self.watch_claims and u not in self.watching]
+        if watched and mine is not None:
+            unit = max(watched, key=lambda u: self.watch_claims[u])
+            if now + mine * (1 + self.BEAT_BY) < self.watch_claims[unit] and \
+                    fsops.create_exclusive(self.folder / claim_name(unit, free[unit]), self.owner):
+                return self._start_copy(unit, free[unit])
+        unwatched = [u for u in free if u not in self.watch_claims]
+        for unit in sorted(unwatched, key=lambda u: len(self._copies(u)))[:3]:
+            due, finish = self._copy_due(unit, now)
+            if due <= now:
+                if fsops.create_exclusive(self.folder / claim_name(unit, free[unit]), self.owner):
+                    return self._start_copy(unit, free[unit])
+                continue  # another idle replica claimed it meanwhile
+            if fsops.create_exclusive(self.folder / watch_name(unit, finish), self.owner):
+                # the holder is expected to commit first: a copy would be discarded. On watch instead: the copy
+                # starts if the holder falls behind or goes silent
+                self.held[unit] = -1
+                self.watching[unit] = due
+                self.watch_claims[unit] = int(finish)
+                self.watches += 1
+                self.idle_looks = 0
+                self.next_look, self.watch_look = self._watch_until(), True
+                return WAIT
+        return None
+
+    def _start_copy(self, unit: int, copy: int) -> Claim:
+        self.watching.pop(unit, None)
+        self.held[unit] = copy
+        self.backup_copies += 1
+        self.idle_looks = 0
+        return Claim(unit, copy)
+
+    def _watch_until(self) -> float:
+        """When to look again: when the first unit on watch is due to be copied (or at once when it commits, see
+        release); with none on watch, at the next ask (this replica looks again when one of its own commits)."""
+        return min(self.watching.values(), default=float("-inf"))
+
+    def _watched(self, now: float) -> Claim | None:
+        """A unit on watch whose holder fell behind or went silent: its copy starts now (one open for the
+        holder's record; before a copy starts, the claim is read again and the unit's result looked for)."""
+        for unit, due in sorted(self.watching.items()):
+            if due > now:
+                continue
+            due, _ = self._copy_due(unit, now)
+            if due <= now:
+                before = self.holders.get((unit, 0))
+                if self._read_holder(unit, 0) != before:  # taken over since: the new holder's record tells
+                    due, _ = self._copy_due(unit, now)
+            if due > now:
+                self.watching[unit] = due
+                continue
+            del self.watching[unit]
+            if unit in self.retry or not self.sink.is_done(unit):  # not committed since the last look
+                for copy in range(1, self.backups + 1):  # a copy slot free (another replica may copy it already)
+                    if copy not in self._copies(unit) and \
+                            fsops.create_exclusive(self.folder / claim_name(unit, copy), self.owner):
+                        return self._start_copy(unit, copy)
+            self.held.pop(unit, None)  # committed, or running with all its copies: no longer this replica's
+            self.finished.add(unit)
+        return None
+
+    def _pace(self) -> float | None:
+        """This replica's seconds per unit so far (None before its first unit is done)."""
+        if not self.units_done or self.first_claim_at is None:
+            return None
+        return max(0.0, self.last_done_at - self.first_claim_at) / self.units_done
+
+    def _copy_due(self, unit: int, now: float) -> tuple[float, float]:
+        """From when a backup copy of a unit held by another is worth running: now when it is expected to commit
+        before the holder (by BEAT_BY of its own time), or when the holder is late or silent; otherwise the time
+        at which the holder will be late (LATE times its pace after its last commit) or silent for half a lease.
+
+        The holder's pace is in its progress record (units committed, [first request, last commit] of each segment
+        of its job, written after commits: one open, which also gives the file's time, its last heartbeat); this
+        replica's own is measured here. With neither known, a copy starts at once, as it always did. Returns that
+        time, and when the holder is expected to commit."""
+        holder = self.holders.get((unit, 0))
+        if holder is None:
+            holder = self._read_holder(unit, 0)
+        if not holder or holder == self.owner:
+            return now, now
+        if holder not in self.seen:
+            self.seen[holder] = self._read_pace(holder)
+        pace, since, beat = self.seen[holder]
+        mine = self._pace()
+        if pace is None:  # nothing committed yet: as fast as this replica, on this unit since its claim
+            pace, since = mine, fsops.mtime(self.folder / claim_name(unit))
+        if pace is None or since is None:
+            return now, now
+        copy_s = mine if mine is not None else pace
+        if since + pace - now > copy_s * (1 + self.BEAT_BY):
+            return now, since + pace  # a straggler: the copy commits first
+        due = since + self.LATE * max(pace, copy_s)
+        if beat is not None:  # a live holder beats every lease / 4: two beats missed, and it may be dead
+            due = min(due, beat + self.lease_s / 2)
+        return max(due, now), since + pace
+
+    def _read_pace(self, holder: str) -> tuple[float | None, float | None, float | None]:
+        """A holder's seconds per unit and when it last committed (None, None before its first commit), and its
+        last heartbeat (None without a progress file), from its progress file: one open."""
+        try:
+            with fsops.open_file(self.paths.progress / f"{holder}.json", "r") as fh:
+                beat = os.fstat(fh.fileno()).st_mtime
+                record = json.loads(fh.read())
+        except (OSError, ValueError):
+            return None, None, None
+        if not isinstance(record, dict):
+            return None, None, beat
+        try:
+            segments = [(float(a), float(b)) for a, b in record.get("segments") or []]
+            units = int(record.get("units") or 0)
+        except (TypeError, ValueError):
+            return None, None, beat
+        if units <= 0 or not segments:
+            return None, None, beat
+        busy = sum(max(0.0, b - a) for a, b in segments)
+        return busy / units, segments[-1][1], beat
 
     def _take_over(self, unit: int, copy: int, now: float) -> bool:
         path = self.folder / claim_name(unit, copy)
@@ -276,7 +476,7 @@ class Scheduler:
             return False
         if holder == self.owner:
             return unit not in self.held  # claimed by this replica's previous job, before a requeue
-        last = fsops.mtime(self.paths.progress / f"{holder}.json")
+        last = self.seen[holder][2] if holder in self.seen else fsops.mtime(self.paths.progress / f"{holder}.json")
         if last is None:
             last = fsops.mtime(path)
         return last is not None and now - last >= self.lease_s
