@@ -260,10 +260,14 @@ class Scheduler:
             return WAIT
         if self.watch_look and listed is None:  # a look for the units on watch: their holders' records tell
             self.watch_look, self.seen = False, {}
+            for unit in [u for u in self.watching if u not in self.retry and self.sink.is_done(u)]:
+                del self.watching[unit]  # its holder committed it (one stat): this replica looks for work, or ends
+                self.held.pop(unit, None)
+                self.finished.add(unit)
             started = self._watched(now)
             if started is not None:
                 return started
-            if self._watch_until() > now:
+            if self.watching and self._watch_until() > now:
                 self.next_look, self.watch_look = self._watch_until(), True
                 return WAIT
         self.watch_look = False
@@ -364,10 +368,20 @@ class Scheduler:
         self.idle_looks = 0
         return Claim(unit, copy)
 
+    COMMIT_POLL_S = 1.0  # once a watched unit's holder is expected to have committed, whether it did: a stat this
+    # often at least (a tenth of this replica's time a unit, when longer)
+
     def _watch_until(self) -> float:
-        """When to look again: when the first unit on watch is due to be copied (or at once when it commits, see
-        release); with none on watch, at the next ask (this replica looks again when one of its own commits)."""
-        return min(self.watching.values(), default=float("-inf"))
+        """When to look again: when the first unit on watch is due to be copied, or, from when its holder is
+        expected to commit it, every COMMIT_POLL_S (one stat: a watcher whose unit is committed looks for work
+        or ends at once, not at the copy's due time); with none on watch, at the next ask (this replica looks
+        again when one of its own commits)."""
+        due = min(self.watching.values(), default=float("-inf"))
+        if not self.watching:
+            return due
+        expected = min(self.watch_claims.get(unit, due) for unit in self.watching)
+        every = max(self.COMMIT_POLL_S, (self._pace() or 0.0) / 10)  # a tenth of its time a unit, at most, idle
+        return min(due, max(expected, self.clock() + every))
 
     def _watched(self, now: float) -> Claim | None:
         """A unit on watch whose holder fell behind or went silent: its copy starts now (one open for the
