@@ -302,26 +302,33 @@ def test_a_straggler_gets_a_backup_copy_that_commits_first(tmp_path):
     assert makespan == 540.0  # without the copy the straggler's second unit ends at 600 s
 
 
-def test_a_holder_that_goes_silent_has_its_watched_unit_copied(tmp_path):
-    """A unit on watch (its holder expected to commit first) is copied once its holder has missed two heartbeats."""
+def holder_and_idle(tmp_path, lease_s: float, holder_unit_s: float, holder_last_s: float):
+    """Two replicas over two units: r0 holds unit 0; r1 committed unit 1 30 s on and is idle. r0's progress
+    record says it took holder_unit_s for one unit, its last commit holder_last_s before the start (its file's
+    time is that commit); r0 beats now. (clock, paths, holder, idle)."""
+    from orchestrator.commits import write_progress
+
     clock = Clock()
     paths = RunPaths(tmp_path)
     paths.make()
-    from orchestrator.commits import write_progress
-
-    def record(owner, units, first, last):
-        write_progress(paths, owner, {"owner": owner, "units": units, "segments": [[first, last]]})
-        os.utime(paths.progress / f"{owner}.json", (last, last))
-
-    holder = Scheduler(paths, "a1", "r0", range(2), index=0, clock=clock, lease_s=40)
-    idle = Scheduler(paths, "a1", "r1", range(2), index=1, clock=clock, lease_s=40)
+    holder = Scheduler(paths, "a1", "r0", range(2), index=0, clock=clock, lease_s=lease_s)
+    idle = Scheduler(paths, "a1", "r1", range(2), index=1, clock=clock, lease_s=lease_s)
     start = clock.now
     assert holder.next() == Claim(0) and idle.next() == Claim(1)
     clock.now += 30
     assert commit_unit(paths, 1, pa.table({"x": [1]}), STATS, "r1")
     idle.release(1)
-    record("r0", 1, start - 580, start - 280)  # 300 s a unit, the last commit 280 s ago: due in 20 s
+    last = start - holder_last_s
+    write_progress(paths, "r0", {"owner": "r0", "units": 1, "segments": [[last - holder_unit_s, last]]})
+    os.utime(paths.progress / "r0.json", (last, last))
     holder.beat()
+    return clock, paths, holder, idle
+
+
+def test_a_holder_that_goes_silent_has_its_watched_unit_copied(tmp_path):
+    """A unit on watch (its holder expected to commit first) is copied once its holder has missed two heartbeats."""
+    # 300 s a unit, the last commit 280 s ago: due in 20 s
+    clock, paths, holder, idle = holder_and_idle(tmp_path, lease_s=40, holder_unit_s=300, holder_last_s=280)
     assert idle.next() == WAIT and idle.watching and idle.backup_copies == 0  # on watch: a copy would lose
     clock.now += 10
     holder.beat()  # its last heartbeat
@@ -377,21 +384,7 @@ def test_a_watcher_whose_unit_is_committed_ends_soon_after_not_at_the_copy_due_t
     """A watcher is told by nobody when the unit it watches commits: it used to wait until the copy's due time
     (twice the holder's pace late), holding its engine and the run's end (15 s of a 36 s local run). From the
     holder's expected commit on it asks, one stat at a time, whether the unit is committed, and then ends."""
-    clock = Clock()
-    paths = RunPaths(tmp_path)
-    paths.make()
-    from orchestrator.commits import write_progress
-
-    holder = Scheduler(paths, "a1", "r0", range(2), index=0, clock=clock, lease_s=400)
-    idle = Scheduler(paths, "a1", "r1", range(2), index=1, clock=clock, lease_s=400)
-    start = clock.now
-    assert holder.next() == Claim(0) and idle.next() == Claim(1)
-    clock.now += 30
-    assert commit_unit(paths, 1, pa.table({"x": [1]}), STATS, "r1")
-    idle.release(1)
-    write_progress(paths, "r0", {"owner": "r0", "units": 1, "segments": [[start - 60, start - 5]]})  # 55 s a unit
-    os.utime(paths.progress / "r0.json", (start - 5, start - 5))
-    holder.beat()
+    clock, paths, holder, idle = holder_and_idle(tmp_path, lease_s=400, holder_unit_s=55, holder_last_s=5)
     assert idle.next() == WAIT and idle.watching  # on watch: the holder commits first
     due = idle.watching[0]
     clock.now += 25  # the holder commits unit 0 when expected, long before the copy would be due
