@@ -29,7 +29,7 @@ from orchestrator.engines.base import check_engine
 from orchestrator.engines.server import EngineServer
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.frontend import run
-from orchestrator.preflight import prepare
+from orchestrator.preflight import check_launch, prepare
 from orchestrator.protocols.auth import KeyRefused, TLSFailure
 from orchestrator.render import render
 from tests.conftest import ROOT, orchestrator_cmd, write_prompts
@@ -153,9 +153,9 @@ def test_the_embedded_engines_own_variable_and_a_slurm_export_that_drops_the_key
         check_engine(compose(["engine.simulator.require_key_env=ORCHESTRATOR_TEST_ENGINE_KEY"]))
     slurm = ["cluster=slurm", "engine=endpoint", "engine.url=https://127.0.0.1:9", f"engine.api_key_env={KEY_ENV}"]
     with pytest.raises(ConfigError, match=f"cluster.sbatch_args.export=NONE does not pass {KEY_ENV}"):
-        check_engine(compose([*slurm, "+cluster.sbatch_args.export=NONE"]))
-    check_engine(compose([*slurm, "+cluster.sbatch_args.export='ALL,X=1'"]))
-    check_engine(compose([*slurm, f"+cluster.sbatch_args.export='PATH,{KEY_ENV}'"]))
+        check_launch(compose([*slurm, "+cluster.sbatch_args.export=NONE"]))
+    check_launch(compose([*slurm, "+cluster.sbatch_args.export='ALL,X=1'"]))
+    check_launch(compose([*slurm, f"+cluster.sbatch_args.export='PATH,{KEY_ENV}'"]))
 
 
 # ---------------------------------------------------------------- a refused key stops the run, never the rows

@@ -18,6 +18,19 @@ from .base import ClusterAdapter, submitit_folder
 class SlurmCluster(ClusterAdapter):
     name = "slurm"
 
+    def problems(self, cfg: Config, engine) -> list[str]:
+        """The job must get engine.api_key_env's variable: sbatch's --export (cluster.sbatch_args.export)
+        passes it only as ALL or by name."""
+        key = cfg.engine.api_key_env
+        if not key:
+            return []
+        export = str(cfg.cluster.sbatch_args.get("export", "ALL"))
+        names = [n.split("=")[0] for n in export.split(",")]
+        if names[0] != "ALL" and key not in names:
+            return [f"cluster.sbatch_args.export={export} does not pass {key} (engine.api_key_env) to the job: add "
+                    f"it (export=ALL, or export={export},{key})"]
+        return []
+
     def executor(self, cfg: Config, paths: RunPaths):
         import submitit
 

@@ -4,7 +4,8 @@ The key lives only in the environment variable that engine.api_key_env names. Co
 logs, rendered scripts and summary.json hold that name, never the value: it is read from the environment
 where a request is made (the readiness probe and the client, in the job) and sent as
 `Authorization: Bearer <key>` on every request. A job gets the variable the way it gets the rest of the
-submitting environment (the local executor's subprocess; sbatch's default --export=ALL on Slurm).
+submitting environment (the local executor's subprocess; sbatch's default --export=ALL on Slurm: an export that
+drops the variable is refused by the Slurm adapter, clusters/slurm.py).
 
 An answer of 401 or 403 is the key being refused (missing, wrong or revoked): final at readiness, and
 during the run it stops the replica (no row is blamed) instead of turning every row into an error.
@@ -80,12 +81,6 @@ def problems(cfg: Config) -> list[str]:
         problem = ca_bundle_problem(e.ca_bundle)
         if problem:
             found.append(problem)
-    if e.api_key_env and cfg.cluster.name == "slurm":
-        export = str(cfg.cluster.sbatch_args.get("export", "ALL"))
-        names = [n.split("=")[0] for n in export.split(",")]
-        if names[0] not in ("ALL",) and e.api_key_env not in names:
-            found.append(f"cluster.sbatch_args.export={export} does not pass {e.api_key_env} (engine.api_key_env) "
-                         f"to the job: add it (export=ALL, or export={export},{e.api_key_env})")
     return found
 
 
