@@ -124,8 +124,6 @@ class Sweep:
             raise RunError(f"{self.in_use.split('; a second run')[0]}: this sweep is already running (or its "
                            f"jobs are). Nothing was submitted and {self.dir / 'sweep.json'} is left as it was; "
                            f"follow it with `orchestrator status {self.dir}`")
-        if not self.members and self.refused:
-            self.dir = self.dir or Path.cwd()
         pending = [m for m in self.members if m["submission"] is not None and m["submission"].summary is None]
         try:
             submit_jobs([m["submission"] for m in pending], RunPaths(self.dir))
