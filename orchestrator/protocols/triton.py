@@ -6,6 +6,7 @@ Detection: GET /v2/health/ready answers 200. Discovery: the model's input tensor
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import requests
@@ -26,6 +27,7 @@ from .base import (
 
 NAME = "triton"
 TRITON_MAX_LEN_INPUTS = ("max_output_len", "max_output_token", "max_tokens")
+NEMO_ERROR = "An error occurred: "  # how NeMo's deploy models (TensorRTLLM.triton_infer_fn) answer their exceptions
 
 
 class TritonCodec:
@@ -66,8 +68,11 @@ class TritonCodec:
             if name in self.inputs and value is not None:
                 out.append({"name": name, "datatype": self.inputs[name], "shape": [n, 1], "data": [value] * n})
         if self.end_strings and "stop_words_list" in self.inputs:
-            out.append({"name": "stop_words_list", "datatype": "BYTES", "shape": [n, len(self.end_strings)],
-                        "data": self.end_strings * n})
+            # NeMo's infer function reads this input with str_ndarray2list, which squeezes the last axis: one
+            # stop word a row (row i stops at word i), and [n, 2] is an error answer. The first end string
+            # stops generation; the client cuts the answer at every end string (prompts.postprocess).
+            out.append({"name": "stop_words_list", "datatype": "BYTES", "shape": [n, 1],
+                        "data": self.end_strings[:1] * n})
         return out
 
     def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
@@ -89,7 +94,8 @@ class TritonCodec:
 
     def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
         if status != 200:
-            _status(status, body, body.get("error") if isinstance(body, dict) else body)
+            message = error_message(body)
+            _status(status, message, message)
         if not isinstance(body, dict):
             raise MalformedAnswer(f"malformed Triton response: {str(body)[:200]}")
         if self.generate:
@@ -101,8 +107,28 @@ class TritonCodec:
         if not isinstance(data, list) or len(data) != len(prompts):
             raise MalformedAnswer(f"malformed Triton response: expected an 'outputs' tensor of {len(prompts)} rows")
         # each row on its own: an unusable one is its row's error, the others are answers
-        return [Completion.checked(lambda i=i, text=text: Completion(_text(text, f"outputs[{i}]"), None))
-                for i, text in enumerate(data)]
+        return [Completion.checked(lambda i=i, text=text: _answer(text, i)) for i, text in enumerate(data)]
+
+
+def _answer(text: Any, row: int) -> Completion:
+    """One row of NeMo's `outputs`. NeMo's deploy models catch their own exceptions and answer them as the
+    text "An error occurred: ..." (HTTP 200, one row): that is the row's error, never an answer."""
+    text = _text(text, f"outputs[{row}]")
+    if text.startswith(NEMO_ERROR):
+        raise MalformedAnswer(f"the Triton model answered an error: {text[len(NEMO_ERROR):][:500]}")
+    return Completion(text, None)
+
+
+def error_message(body: Any) -> str:
+    """Triton's error text ({"error": ...}); a Python model's traceback (PyTriton answers a model's exception
+    with one, HTTP 500) shortened to its first line and the exception it ends with."""
+    text = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), str) else str(body)
+    if "Traceback (most recent call last)" not in text:
+        return text
+    head = text.split("Traceback (most recent call last)")[0].rstrip(": ")
+    raised = [line.strip() for line in text.splitlines()
+              if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b.*:", line.strip())]
+    return f"{head}: {raised[-1]}" if raised else head
 
 
 Codec = TritonCodec
@@ -124,6 +150,16 @@ def discover(cfg: Config, url: str, http: Http) -> EngineInfo:
     resp = http("GET", "/v2/health/ready")
     if resp.status_code != 200:
         raise TransientError(f"GET /v2/health/ready: HTTP {resp.status_code}")
+    # PyTriton's server is ready before its model is bound, then unready while the model loads: until the
+    # model's own route says ready, it is loading (or not the name it was deployed with, which the
+    # message says; a server we started has the name we gave it)
+    resp = http("GET", f"/v2/models/{info.model_name}/ready")
+    if resp.status_code != 200:
+        meta = http("GET", f"/v2/models/{info.model_name}")
+        raise TransientError(f"the Triton model {info.model_name!r} is not ready (GET /v2/models/{info.model_name}"
+                             f"/ready: HTTP {resp.status_code}; its metadata: HTTP {meta.status_code} "
+                             f"{error_message(_json(meta))}); if it is deployed under another name, set "
+                             f"engine.served_model_name to that name")
     resp = http("GET", f"/v2/models/{info.model_name}")
     meta = _json(resp)
     if resp.status_code != 200 or not isinstance(meta, dict):
