@@ -85,6 +85,17 @@ class _TritonError(Exception):
         self.status, self.message = status, message
 
 
+class _TritonModelError(_TritonError):
+    """The model's execute raising (PyTriton's traceback, shortened to its last line): Triton answers it
+    500 on infer, its JSON body sent as text/plain, and 400 on generate."""
+
+    def __init__(self, model: str, error: str):
+        super().__init__(500, f"Failed to process the request(s) for model '{model}_0_0', message: "
+                              f"TritonModelException: Model execute error: Traceback (most recent call last):\n"
+                              f"  File \"model.py\", line 492, in execute\n    raise triton_responses_or_error\n"
+                              f"{error}\n\n\n\nAt:\n  model.py(501): execute\n")
+
+
 def _dims(dims) -> str:
     return "[" + ",".join(map(str, dims)) + "]"
 
@@ -123,3 +134,158 @@ def _read_json_data(name: str, datatype: str, data, count: int) -> list:
     if len(values) != count:
         raise _TritonError(500, "Failed to parse 'data' field: shape does not match true shape")
     return values
+
+
+_WS = b" \t\n\r"
+
+
+def _rapidjson_error(raw: bytes) -> str | None:
+    """rapidjson's message and offset for a body it refuses (Triton's TritonJson parses requests with it,
+    NaN and Infinity allowed), or None where it accepts the body: a recursive descent like rapidjson's
+    reader, so the offset is where rapidjson stops, not where Python's json does."""
+    class Stop(Exception):
+        pass
+
+    i, n = 0, len(raw)
+
+    def peek() -> int:
+        return raw[i] if i < n else 0
+
+    def fail(message: str, at: int):
+        raise Stop(f"{message} at {at}")
+
+    def ws() -> None:
+        nonlocal i
+        while i < n and raw[i] in _WS:
+            i += 1
+
+    def consume(word: bytes) -> None:
+        nonlocal i
+        for c in word:
+            if peek() != c:
+                fail("Invalid value.", i)
+            i += 1
+
+    def digits() -> int:
+        nonlocal i
+        start = i
+        while 48 <= peek() <= 57:
+            i += 1
+        return i - start
+
+    def number() -> None:
+        nonlocal i
+        start = i
+        if peek() == ord("-"):
+            i += 1
+        if peek() == ord("0"):
+            i += 1
+        elif 49 <= peek() <= 57:
+            digits()
+        elif peek() == ord("N"):
+            return consume(b"NaN")
+        elif peek() == ord("I"):
+            consume(b"Inf")
+            return consume(b"inity") if peek() == ord("i") else None
+        else:
+            fail("Invalid value.", i)
+        if peek() == ord("."):
+            i += 1
+            if not digits():
+                fail("Miss fraction part in number.", i)
+        if peek() in b"eE":
+            i += 1
+            if peek() in b"+-":
+                i += 1
+            if not digits():
+                fail("Miss exponent in number.", i)
+        if abs(float(raw[start:i])) == float("inf"):
+            fail("Number too big to be stored in double.", start)
+
+    def hex4(escape: int) -> int:
+        nonlocal i
+        code = raw[i:i + 4]
+        if len(code) < 4 or any(c not in b"0123456789abcdefABCDEF" for c in code):
+            fail("Incorrect hex digit after \\u escape in string.", escape)
+        i += 4
+        return int(code, 16)
+
+    def string() -> None:
+        nonlocal i
+        i += 1
+        while True:
+            c = peek()
+            if c == ord("\\"):
+                escape, i = i, i + 1
+                if peek() == ord("u"):
+                    i += 1
+                    if 0xD800 <= hex4(escape) <= 0xDBFF:
+                        if raw[i:i + 2] != b"\\u":
+                            fail("The surrogate pair in string is invalid.", escape)
+                        i += 2
+                        if not 0xDC00 <= hex4(escape) <= 0xDFFF:
+                            fail("The surrogate pair in string is invalid.", escape)
+                elif peek() and peek() in b'"\\/bfnrt':
+                    i += 1
+                else:
+                    fail("Invalid escape character in string.", escape)
+            elif c == ord('"'):
+                i += 1
+                return
+            elif c == 0:
+                fail("Missing a closing quotation mark in string.", i)
+            elif c < 0x20:
+                fail("Invalid escape character in string.", i)
+            else:
+                i += 1
+
+    def value() -> None:
+        nonlocal i
+        c = peek()
+        if c in (ord("n"), ord("t"), ord("f")):
+            consume({ord("n"): b"null", ord("t"): b"true", ord("f"): b"false"}[c])
+        elif c == ord('"'):
+            string()
+        elif c in (ord("{"), ord("[")):
+            close = ord("}") if c == ord("{") else ord("]")
+            i += 1
+            ws()
+            if peek() == close:
+                i += 1
+                return
+            while True:
+                if close == ord("}"):
+                    if peek() != ord('"'):
+                        fail("Missing a name for object member.", i)
+                    string()
+                    ws()
+                    if peek() != ord(":"):
+                        fail("Missing a colon after a name of object member.", i)
+                    i += 1
+                    ws()
+                value()
+                ws()
+                if peek() == ord(","):
+                    i += 1
+                    ws()
+                elif peek() == close:
+                    i += 1
+                    return
+                elif close == ord("}"):
+                    fail("Missing a comma or '}' after an object member.", i)
+                else:
+                    fail("Missing a comma or ']' after an array element.", i)
+        else:
+            number()
+
+    try:
+        ws()
+        if not peek():
+            fail("The document is empty.", i)
+        value()
+        ws()
+        if peek():
+            fail("The document root must not be followed by other values.", i)
+    except Stop as stop:
+        return str(stop)
+    return None
