@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from aiohttp import web
 
@@ -146,11 +147,17 @@ class _TritonRequests:
                 raise ValueError("out of range")
             return float(text)
 
+        body = error = None
         try:
-            return json.loads(raw.decode("utf-8", "replace"), parse_float=number)
+            body = json.loads(raw.decode("utf-8", "replace"), parse_float=number)
         except ValueError as exc:
             error = _rapidjson_error(raw) or f"Invalid value. at {getattr(exc, 'pos', 0)}"
-            raise _TritonError(500, f"failed to parse the request JSON buffer: {error}") from None
+        else:
+            if re.search(rb"\\u[dD][89abAB]", raw):  # Python takes a lone high surrogate, rapidjson not
+                error = _rapidjson_error(raw)
+        if error:
+            raise _TritonError(500, f"failed to parse the request JSON buffer: {error}")
+        return body
 
 
 class _TritonRoutes(_TritonRequests):
