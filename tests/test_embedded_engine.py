@@ -765,8 +765,22 @@ SHAPE_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requi
         ([P1, tensor("max_output_len", "INT32", [8])], 400,
          "[request id: <id_unknown>] inference input 'max_output_len' data-type is 'INT32', but model 'mock' "
          "expects 'INT64'"),
+        # Triton's map of the inputs goes newest first: its checks name the last bad input
         ([P1, tensor("top_k", "INT64", [1, 1])], 400,
+         "[request id: <id_unknown>] input 'prompts' batch size does not match other inputs for 'mock'"),
+        ([tensor("prompts", "BYTES", ["a", "b"]), tensor("top_k", "INT64", [1, 1]),
+          tensor("random_seed", "INT64", [1])], 400,
          "[request id: <id_unknown>] input 'top_k' batch size does not match other inputs for 'mock'"),
+        ([P1, tensor("aaa", "INT64", [1]), tensor("bbb", "INT64", [1])], 400,
+         "unexpected inference input 'bbb' for model 'mock'"),
+        ([P1, tensor("top_k", "INT32", [1]), tensor("random_seed", "INT32", [1])], 400,
+         "[request id: <id_unknown>] inference input 'random_seed' data-type is 'INT32', but model 'mock' expects "
+         "'INT64'"),
+        # a batch of 0 is checked as a batch of 1
+        ([tensor("prompts", "BYTES", [], shape=[0, 1])], 400,
+         "[request id: <id_unknown>] expected 1 string elements for inference input 'prompts' for model 'mock', got 0"),
+        ([tensor("prompts", "BYTES", [], shape=[0, 1]), tensor("top_k", "INT64", [], shape=[0, 1])], 400,
+         "[request id: <id_unknown>] input byte size mismatch for input 'top_k' for model 'mock'. Expected 8, got 0"),
         ([tensor("prompts", "BYTES", ["a"] * 9)], 400,
          "[request id: <id_unknown>] inference request batch-size must be <= 8 for 'mock'"),
         ([tensor("prompts", "BYTES", ["a"], shape=[2, 1])], 400,
@@ -778,7 +792,7 @@ SHAPE_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requi
         ([P1, tensor("top_k", "INT64", [1, 2], shape=[1, 1])], 500,
          "Unable to parse 'data': Shape does not match true shape of 'data' field"),
         ([P1, tensor("top_k", "INT64", [1], shape=[1, 2])], 500,
-         "Failed to parse 'data' field: shape does not match true shape"),
+         "Unable to parse 'data': Shape does not match true shape of 'data' field"),
         ([P1, tensor("top_k", "INT64", ["1"])], 500,
          "Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer"),
         ([P1, tensor("top_p", "FP16", [0.5])], 400,
@@ -823,6 +837,8 @@ def model_error(r, status, last_line):
         ([P1, tensor("stop_words_list", "BYTES", [], shape=[1, 0])],
          "ValueError: Iteration of zero-sized operands is not enabled"),
         ([tensor("prompts", "BYTES", [], shape=[1, 0])], "ValueError: Iteration of zero-sized operands is not enabled"),
+        ([P1, tensor("top_k", "INT64", [], shape=[1, 0])],
+         "TypeError: memoryview: cannot cast view with zeros in shape or strides"),
         # NeMo answers the stop words' squeeze with one row, and PyTriton refuses it for a batch of 2
         ([tensor("prompts", "BYTES", ["a", "b"]),
           tensor("stop_words_list", "BYTES", ["x", "y", "z", "w"], shape=[2, 2])],
@@ -966,11 +982,10 @@ def test_triton_trtllm_ensemble_generate_and_infer():
             "[request id: <id_unknown>] expected number of inputs between 2 and 18 but got 1 inputs for model "
             "'ensemble'. Got input(s) ['text_input'], but missing required input(s) ['max_tokens']. Please provide "
             "all required input(s).")}
-        # a list for a (1,) input is a row an element (tritonserver 2.51 names whichever input its map
-        # holds first; the simulator, the later one)
+        # a list for a (1,) input is a row an element
         r = requests.post(url, json={"text_input": "hi", "max_tokens": [1, 2]}, timeout=30)
         assert r.status_code == 400 and r.json() == {"error": (
-            "[request id: <id_unknown>] input 'max_tokens' batch size does not match other inputs for 'ensemble'")}
+            "[request id: <id_unknown>] input 'text_input' batch size does not match other inputs for 'ensemble'")}
         r = requests.post(url, json={"text_input": ["a", "b"], "max_tokens": [6, 6], "random_seed": [3, 4]},
                           timeout=30)
         assert r.json()["text_output"] == [generate_text(p, 6, [], seed, 512, skip_special_tokens=False).text

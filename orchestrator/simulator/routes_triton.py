@@ -11,6 +11,7 @@ from aiohttp import web
 from .model import _dumps, generate_text
 from .triton_tensors import (
     _BATCH_NOTE,
+    _BYTE_SIZES,
     _dims,
     _rapidjson_error,
     _read_json_data,
@@ -37,7 +38,8 @@ class _TritonRequests:
     @staticmethod
     def _triton_error(exc: _TritonError) -> web.Response:
         if isinstance(exc, _TritonModelError):  # Triton sends the model's error as text/plain
-            return web.Response(text=_dumps({"error": exc.message}), status=exc.status, content_type="text/plain")
+            return web.Response(body=_dumps({"error": exc.message}).encode(), status=exc.status,
+                                content_type="text/plain")
         return _json({"error": exc.message}, exc.status)
 
     def _triton_parse_infer(self, body) -> tuple[list[tuple[str, str, list[int], list]], list[str], str]:
@@ -87,9 +89,11 @@ class _TritonRequests:
     def _triton_validate(self, tensors, request_id: str) -> int:
         """Triton core's InferenceRequest::Normalize for a batching model; returns the batch size. It
         counts the inputs against the required and the total, and does not check that each required
-        one is there: a request without one reaches the model."""
+        one is there: a request without one reaches the model. Its map of the inputs goes newest first
+        (mostly: inputs sharing a hash bucket keep their order), so a check names the last bad input."""
         model, m = self.s.model_name, self.triton
         prefix = f"[request id: {request_id or '<id_unknown>'}] "
+        tensors = tensors[::-1]
         names = [t[0] for t in tensors]
         required = [t.name for t in m.inputs if not t.optional]
         missing = [r for r in required if r not in names]
@@ -126,7 +130,11 @@ class _TritonRequests:
             if len(dims) != len(spec.dims) or any(c not in (-1, d) for c, d in zip(spec.dims, dims)):
                 raise _TritonError(400, f"{prefix}unexpected shape for input '{name}' for model '{model}'. "
                                         f"Expected {_dims([-1, *spec.dims])}, got {_dims(shape)}. {_BATCH_NOTE}")
-            count = math.prod(shape)
+            count = max(1, shape[0]) * math.prod(dims)  # a batch of 0 is read as 1
+            if datatype != "BYTES" and len(values) != count:
+                size = _BYTE_SIZES[datatype]
+                raise _TritonError(400, f"{prefix}input byte size mismatch for input '{name}' for model '{model}'. "
+                                        f"Expected {count * size}, got {len(values) * size}")
             if datatype == "BYTES" and len(values) > count:
                 raise _TritonError(400, f"{prefix}unexpected number of string elements {count + 1} for inference "
                                         f"input '{name}' for model '{model}', expecting {count}")
@@ -236,8 +244,11 @@ class _TritonRoutes(_TritonRequests):
         refuses for a batch of more than one. None: the model generates."""
         model, shapes = self.s.model_name, {name: shape for name, _, shape, _ in tensors}
         squeeze = "cannot select an axis to squeeze out which has size not equal to one"
-        if any(0 in shape for shape in shapes.values()):
-            raise _TritonModelError(model, "ValueError: Iteration of zero-sized operands is not enabled")
+        for _, datatype, shape, _ in tensors:
+            if 0 in shape:
+                raise _TritonModelError(model, "ValueError: Iteration of zero-sized operands is not enabled"
+                                        if datatype == "BYTES" else
+                                        "TypeError: memoryview: cannot cast view with zeros in shape or strides")
         if "prompts" not in shapes:
             raise _TritonModelError(model, "KeyError: 'prompts'")
         if shapes["prompts"][-1] != 1:
