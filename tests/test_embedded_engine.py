@@ -646,7 +646,7 @@ NEMO_INPUTS = [
 def test_triton_health_and_server_metadata(engine):
     for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/mock/ready", "/v2/models/mock/versions/1/ready"):
         r = requests.get(engine.url + path, timeout=30)
-        assert r.status_code == 200 and r.content == b""
+        assert r.status_code == 200 and r.content == b"" and r.headers["Content-Type"] == "text/plain"
     meta = requests.get(engine.url + "/v2", timeout=30).json()
     assert meta == {"name": "triton", "version": "2.51.0", "extensions": [  # tritonserver 2.51.0 (PyTriton 0.7.0)
         "classification", "sequence", "model_repository", "model_repository(unload_dependents)", "schedule_policy",

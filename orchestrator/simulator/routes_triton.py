@@ -172,7 +172,7 @@ class _TritonRoutes(_TritonRequests):
     """Triton's KServe v2 routes, served one batch at a time like a PyTriton model instance."""
 
     async def triton_health(self, request: web.Request) -> web.Response:
-        return web.Response()  # 200, empty body: live and ready
+        return web.Response(body=b"", content_type="text/plain")  # 200, empty body: live and ready
 
     async def triton_server_metadata(self, request: web.Request) -> web.Response:
         return _json({"name": "triton", "version": "2.51.0", "extensions": [
@@ -185,7 +185,7 @@ class _TritonRoutes(_TritonRequests):
             self._triton_lookup(request)
         except _TritonError as exc:
             return self._triton_error(exc)
-        return web.Response()
+        return web.Response(body=b"", content_type="text/plain")
 
     async def triton_metadata(self, request: web.Request) -> web.Response:
         try:
