@@ -646,9 +646,12 @@ NEMO_INPUTS = [
 def test_triton_health_and_server_metadata(engine):
     for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/mock/ready", "/v2/models/mock/versions/1/ready"):
         r = requests.get(engine.url + path, timeout=30)
-        assert r.status_code == 200 and r.content == b""
+        assert r.status_code == 200 and r.content == b"" and r.headers["Content-Type"] == "text/plain"
     meta = requests.get(engine.url + "/v2", timeout=30).json()
-    assert meta["name"] == "triton" and "model_configuration" in meta["extensions"]
+    assert meta == {"name": "triton", "version": "2.51.0", "extensions": [  # tritonserver 2.51.0 (PyTriton 0.7.0)
+        "classification", "sequence", "model_repository", "model_repository(unload_dependents)", "schedule_policy",
+        "model_configuration", "system_shared_memory", "cuda_shared_memory", "binary_tensor_data", "parameters",
+        "statistics", "trace", "logging"]}
     r = requests.post(engine.url + "/v2/health/ready", timeout=30)
     assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
 
@@ -663,14 +666,28 @@ def test_triton_model_metadata_and_config(engine):
     assert config["max_batch_size"] == 8 and config["backend"] == "python"
     assert [(i["name"], i["optional"]) for i in config["input"]][:2] == [("prompts", False), ("max_output_len", True)]
     assert config["input"][0]["data_type"] == "TYPE_STRING" and config["input"][1]["data_type"] == "TYPE_INT64"
+    # the keys (in order) and the tensors' entries of tritonserver 2.51's answer for a PyTriton model
+    assert list(config) == ["name", "platform", "backend", "runtime", "version_policy", "max_batch_size", "input",
+                            "output", "batch_input", "batch_output", "optimization", "dynamic_batching",
+                            "instance_group", "default_model_filename", "cc_model_filenames", "metric_tags",
+                            "parameters", "model_warmup"]
+    assert config["input"][0] == {"name": "prompts", "data_type": "TYPE_STRING", "format": "FORMAT_NONE", "dims": [-1],
+                                  "is_shape_tensor": False, "allow_ragged_batch": False, "optional": False,
+                                  "is_non_linear_format_io": False}
+    assert config["output"] == [{"name": "outputs", "data_type": "TYPE_STRING", "dims": [-1], "label_filename": "",
+                                 "is_shape_tensor": False, "is_non_linear_format_io": False}]
+    assert config["dynamic_batching"]["preferred_batch_size"] == [8]
+    assert [(g["name"], g["kind"], g["count"]) for g in config["instance_group"]] == [("mock_0", "KIND_CPU", 1)]
 
 
 def test_triton_unknown_model_and_version(engine):
-    for method, path in (("GET", "/v2/models/other"), ("GET", "/v2/models/other/ready"),
-                         ("GET", "/v2/models/other/config"), ("POST", "/v2/models/other/infer"),
-                         ("POST", "/v2/models/other/generate")):
+    for method, path in (("GET", "/v2/models/other"), ("GET", "/v2/models/other/config"),
+                         ("POST", "/v2/models/other/infer"), ("POST", "/v2/models/other/generate")):
         r = requests.request(method, engine.url + path, json={"inputs": []}, timeout=30)
         assert r.status_code == 404 and r.json() == {"error": "Request for unknown model: 'other' is not found"}
+    for path in ("/v2/models/other/ready", "/v2/models/mock/versions/2/ready"):  # the ready route says 400
+        r = requests.get(engine.url + path, timeout=30)
+        assert r.status_code == 400 and r.json() == {"error": "Model version not ready"}
     r = requests.get(engine.url + "/v2/models/mock/versions/2", timeout=30)
     assert r.status_code == 404 and r.json() == {"error": "Request for unknown model: 'mock' version 2 is not found"}
     for path in ("/v2/models/mock/nothing", "/v2/nothing"):
@@ -701,18 +718,19 @@ def test_triton_infer_batch(engine):
 
 
 def test_triton_infer_stop_words_keep_special_tokens(engine):
+    """NeMo's stop_words_list has one word a row (str_ndarray2list squeezes the last axis), each row
+    its own (not the first row's, unlike the sampling inputs)."""
     prompts = PROMPTS[:4]
-    stop = [["<extra_id_1>", "\x11"]] * 4
+    stop = ["<extra_id_1>", "<extra_id_1>", "<extra_id_1>", "\x11"]
     body = {"inputs": [tensor("prompts", "BYTES", prompts), tensor("max_output_len", "INT64", [600] * 4),
-                       tensor("stop_words_list", "BYTES", sum(stop, []), shape=[4, 2])]}
+                       tensor("stop_words_list", "BYTES", stop)]}
     data = infer(engine, body).json()["outputs"][0]["data"]
-    ended = 0
-    for prompt, text in zip(prompts, data):
-        assert text == generate_text(prompt, 600, ["<extra_id_1>", "\x11"], 0, 512, skip_special_tokens=False,
+    for prompt, word, text in zip(prompts, stop, data):
+        assert text == generate_text(prompt, 600, [word], 0, 512, skip_special_tokens=False,
                                      include_stop_str=True).text
-        ended += text.endswith("\n" + TURN_END)  # the card splits on "\n<extra_id_1>"
         assert "User\n" not in text
-    assert ended >= 3
+    assert [text.endswith("\n" + TURN_END) for text in data] == [True, True, True, False]  # the card splits on
+    assert data[3].endswith("\x11")                                                        # "\n<extra_id_1>"
 
 
 def test_triton_sampling_inputs_are_first_value(engine):
@@ -740,10 +758,6 @@ SHAPE_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requi
     "inputs,status,error",
     [
         ([P1, tensor("foo", "INT64", [1])], 400, "unexpected inference input 'foo' for model 'mock'"),
-        ([tensor("max_output_len", "INT64", [8])], 400,
-         "[request id: <id_unknown>] expected number of inputs between 1 and 11 but got 1 inputs for model 'mock'. "
-         "Got input(s) ['max_output_len'], but missing required input(s) ['prompts']. Please provide all required "
-         "input(s)."),
         ([], 400,
          "[request id: <id_unknown>] expected number of inputs between 1 and 11 but got 0 inputs for model 'mock'. "
          "Got input(s) [], but missing required input(s) ['prompts']. Please provide all required input(s)."),
@@ -753,8 +767,22 @@ SHAPE_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requi
         ([P1, tensor("max_output_len", "INT32", [8])], 400,
          "[request id: <id_unknown>] inference input 'max_output_len' data-type is 'INT32', but model 'mock' "
          "expects 'INT64'"),
+        # Triton's map of the inputs goes newest first: its checks name the last bad input
         ([P1, tensor("top_k", "INT64", [1, 1])], 400,
+         "[request id: <id_unknown>] input 'prompts' batch size does not match other inputs for 'mock'"),
+        ([tensor("prompts", "BYTES", ["a", "b"]), tensor("top_k", "INT64", [1, 1]),
+          tensor("random_seed", "INT64", [1])], 400,
          "[request id: <id_unknown>] input 'top_k' batch size does not match other inputs for 'mock'"),
+        ([P1, tensor("aaa", "INT64", [1]), tensor("bbb", "INT64", [1])], 400,
+         "unexpected inference input 'bbb' for model 'mock'"),
+        ([P1, tensor("top_k", "INT32", [1]), tensor("random_seed", "INT32", [1])], 400,
+         "[request id: <id_unknown>] inference input 'random_seed' data-type is 'INT32', but model 'mock' expects "
+         "'INT64'"),
+        # a batch of 0 is checked as a batch of 1
+        ([tensor("prompts", "BYTES", [], shape=[0, 1])], 400,
+         "[request id: <id_unknown>] expected 1 string elements for inference input 'prompts' for model 'mock', got 0"),
+        ([tensor("prompts", "BYTES", [], shape=[0, 1]), tensor("top_k", "INT64", [], shape=[0, 1])], 400,
+         "[request id: <id_unknown>] input byte size mismatch for input 'top_k' for model 'mock'. Expected 8, got 0"),
         ([tensor("prompts", "BYTES", ["a"] * 9)], 400,
          "[request id: <id_unknown>] inference request batch-size must be <= 8 for 'mock'"),
         ([tensor("prompts", "BYTES", ["a"], shape=[2, 1])], 400,
@@ -766,7 +794,7 @@ SHAPE_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requi
         ([P1, tensor("top_k", "INT64", [1, 2], shape=[1, 1])], 500,
          "Unable to parse 'data': Shape does not match true shape of 'data' field"),
         ([P1, tensor("top_k", "INT64", [1], shape=[1, 2])], 500,
-         "Failed to parse 'data' field: shape does not match true shape"),
+         "Unable to parse 'data': Shape does not match true shape of 'data' field"),
         ([P1, tensor("top_k", "INT64", ["1"])], 500,
          "Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer"),
         ([P1, tensor("top_p", "FP16", [0.5])], 400,
@@ -787,15 +815,85 @@ def test_triton_infer_errors(engine, inputs, status, error):
     assert r.json() == {"error": error}
 
 
+MODEL_ERROR = ("Failed to process the request(s) for model 'mock_0_0', message: TritonModelException: Model execute "
+               "error: Traceback (most recent call last):\n")
+SQUEEZE = "cannot select an axis to squeeze out which has size not equal to one"
+
+
+def model_error(r, status, last_line):
+    """A PyTriton model's exception as tritonserver answers it: its traceback, ending in the error."""
+    error = r.json()["error"]
+    assert r.status_code == status and error.startswith(MODEL_ERROR) and f"\n{last_line}\n" in error, error
+    return r
+
+
+@pytest.mark.parametrize(
+    "inputs,last_line",
+    [
+        # Triton checks only the number of inputs; NeMo's infer function pops "prompts"
+        ([tensor("max_output_len", "INT64", [8])], "KeyError: 'prompts'"),
+        ([tensor("max_output_len", "INT64", [8, 8]), tensor("top_k", "INT64", [1, 1])], "KeyError: 'prompts'"),
+        # str_ndarray2list squeezes the prompts' last axis
+        ([tensor("prompts", "BYTES", ["a", "b"], shape=[1, 2])], f"ValueError: {SQUEEZE}"),
+        # PyTriton cannot pass on a tensor without elements
+        ([P1, tensor("stop_words_list", "BYTES", [], shape=[1, 0])],
+         "ValueError: Iteration of zero-sized operands is not enabled"),
+        ([tensor("prompts", "BYTES", [], shape=[1, 0])], "ValueError: Iteration of zero-sized operands is not enabled"),
+        ([P1, tensor("top_k", "INT64", [], shape=[1, 0])],
+         "TypeError: memoryview: cannot cast view with zeros in shape or strides"),
+        # NeMo answers the stop words' squeeze with one row, and PyTriton refuses it for a batch of 2
+        ([tensor("prompts", "BYTES", ["a", "b"]),
+          tensor("stop_words_list", "BYTES", ["x", "y", "z", "w"], shape=[2, 2])],
+         "ValueError: Received output tensors with different batch sizes: outputs: (1, 1). Expected batch size: 2. "),
+    ],
+)
+def test_triton_model_errors_are_500_text(engine, inputs, last_line):
+    r = model_error(infer(engine, {"inputs": inputs}), 500, last_line)
+    assert r.headers["Content-Type"].startswith("text/plain")  # tritonserver's, for a model's error
+
+
+def test_triton_nemo_answers_its_own_errors_as_one_row(engine):
+    """NeMo's triton_infer_fn catches the stop words' squeeze: HTTP 200, its text the one answer."""
+    body = {"inputs": [P1, tensor("stop_words_list", "BYTES", ["x", "y"], shape=[1, 2])]}
+    r = infer(engine, body)
+    assert r.status_code == 200
+    assert r.json()["outputs"] == [{"name": "outputs", "datatype": "BYTES", "shape": [1, 1],
+                                    "data": [f"An error occurred: {SQUEEZE}"]}]
+    r = requests.post(engine.url + "/v2/models/mock/generate", json={"prompts": "hi", "stop_words_list": ["x", "y"]},
+                      timeout=30)
+    assert r.json() == {"model_name": "mock", "model_version": "1", "outputs": f"An error occurred: {SQUEEZE}"}
+
+
+def test_triton_bad_json_is_a_500(engine):
+    """tritonserver 2.51 answers a body it cannot parse 500 (its text after the prefix is rapidjson's, not imitated)."""
+    for raw in (b"   ", b"{not json", b"[1 2]", b'"abc'):
+        for route in ("infer", "generate"):
+            r = requests.post(f"{engine.url}/v2/models/mock/{route}", data=raw, timeout=30)
+            assert r.status_code == 500, (raw, r.text)
+            assert r.json()["error"].startswith("failed to parse the request JSON buffer: ")
+    r = requests.post(f"{engine.url}/v2/models/mock/generate", data=b"   ", timeout=30)
+    assert r.json()["error"] == "failed to parse the request JSON buffer: The document is empty. at 3"
+
+
 def test_triton_infer_bad_bodies(engine):
     for raw, status, error in (
-        (b"", 400, "failed to parse the request JSON buffer: The document is empty. at 0"),
-        (b"{not json", 400, "failed to parse the request JSON buffer: Invalid value. at 1"),
+        # no body: Triton reads it as the raw data of a model's lone input
+        (b"", 400, "[request id: <id_unknown>] Raw request must only have 1 input (found 1) to be deduced but got 11 "
+                   "inputs in 'mock' model configuration"),
         (b"{}", 500, "Unable to parse 'inputs': attempt to access non-existing object member 'inputs'"),
         (b'{"inputs": {}}', 500, "Unable to parse 'inputs': attempt to access JSON non-array as array"),
+        (b'{"a": NaN, "b": -Infinity}', 500, "Unable to parse 'inputs': attempt to access non-existing object member "
+                                             "'inputs'"),  # rapidjson takes them, as Triton parses
+        (b"[]", 500, "Unable to parse 'inputs': attempt to access non-existing object member 'inputs'"),
     ):
         r = requests.post(engine.url + "/v2/models/mock/infer", data=raw, timeout=30)
         assert (r.status_code, r.json()) == (status, {"error": error})
+    for raw in (b'{"inputs": []}\x00garbage', b'\xef\xbb\xbf{"inputs": []}'):  # a NUL ends the text; a BOM is skipped
+        r = requests.post(engine.url + "/v2/models/mock/infer", data=raw, timeout=30)
+        assert r.status_code == 400 and "but got 0 inputs for model 'mock'" in r.json()["error"]
+    r = requests.post(engine.url + "/v2/models/mock/generate", data=b"", timeout=30)
+    assert (r.status_code, r.json()) == (500, {"error": "failed to parse the request JSON buffer: The document is "
+                                                        "empty. at 0"})
     r = infer(engine, {"inputs": [P1], "outputs": [{"name": "text"}]})
     assert r.status_code == 400 and r.json() == {"error": "unexpected inference output 'text' for model 'mock'"}
     assert infer(engine, {"inputs": [P1], "outputs": [{"name": "outputs"}]}).status_code == 200
@@ -813,6 +911,11 @@ def test_triton_generate_extension_on_the_nemo_model(engine):
                                                  include_stop_str=True).text}
     r = requests.post(engine.url + "/v2/models/mock/generate", json={"text_input": "hi", "max_tokens": 5}, timeout=30)
     assert r.status_code == 400 and "missing required input(s) ['prompts']" in r.json()["error"]
+    # the model's own error, which generate answers 400 (infer: 500)
+    model_error(requests.post(engine.url + "/v2/models/mock/generate", json={"max_output_len": 5}, timeout=30), 400,
+                "KeyError: 'prompts'")
+    model_error(requests.post(engine.url + "/v2/models/mock/generate", json={"prompts": ["a", "b"]}, timeout=30), 400,
+                f"ValueError: {SQUEEZE}")
     r = requests.post(engine.url + "/v2/models/mock/generate", json={"prompts": "hi", "extra": [1]}, timeout=30)
     assert r.status_code == 400 and r.json() == {
         "error": "parameter 'extra' has invalid type. It should be either 'int', 'bool', or 'string'."}
@@ -857,9 +960,20 @@ def test_triton_trtllm_ensemble_generate_and_infer():
             "[request id: <id_unknown>] expected number of inputs between 2 and 18 but got 1 inputs for model "
             "'ensemble'. Got input(s) ['text_input'], but missing required input(s) ['max_tokens']. Please provide "
             "all required input(s).")}
+        # a list for a (1,) input is a row an element
         r = requests.post(url, json={"text_input": "hi", "max_tokens": [1, 2]}, timeout=30)
-        assert r.status_code == 400
-        assert r.json() == {"error": "The schema can not convert input 'max_tokens' to tensor with proper shape"}
+        assert r.status_code == 400 and r.json() == {"error": (
+            "[request id: <id_unknown>] input 'text_input' batch size does not match other inputs for 'ensemble'")}
+        r = requests.post(url, json={"text_input": ["a", "b"], "max_tokens": [6, 6], "random_seed": [3, 4]},
+                          timeout=30)
+        assert r.json()["text_output"] == [generate_text(p, 6, [], seed, 512, skip_special_tokens=False).text
+                                           for p, seed in (("a", 3), ("b", 4))]
+        # two inputs pass Triton's count check without max_tokens: the model's default length
+        top_k = tensor("top_k", "INT32", [1])
+        r = infer(e, {"inputs": [tensor("text_input", "BYTES", ["a"]), top_k]}, model="ensemble")
+        assert r.json()["outputs"][0]["data"] == [generate_text("a", 16, [], 0, 512, skip_special_tokens=False).text]
+        r = infer(e, {"inputs": [tensor("max_tokens", "INT32", [4]), top_k]}, model="ensemble")
+        assert r.status_code == 500 and "\nKeyError: 'text_input'\n" in r.json()["error"]
         body = {"inputs": [tensor("text_input", "BYTES", ["a", "b"]), tensor("max_tokens", "INT32", [6, 6]),
                            tensor("random_seed", "UINT64", [3, 4])]}  # per-row values in the ensemble
         data = infer(e, body, model="ensemble").json()["outputs"][0]["data"]

@@ -93,8 +93,8 @@ def recorder(monkeypatch):
         found.add(body)
         return body
 
-    async def triton_and_record(request, allow_empty=False):
-        body = await triton_body(request, allow_empty)
+    async def triton_and_record(request, *args):
+        body = await triton_body(request, *args)
         found.add(body)
         return body
 

@@ -73,6 +73,7 @@ def _triton_model(s: EngineSettings) -> _TritonModel:
 _INT_RANGES = {"INT8": 8, "INT16": 16, "INT32": 32, "INT64": 64}
 _UINT_RANGES = {"UINT8": 8, "UINT16": 16, "UINT32": 32, "UINT64": 64}
 _TRITON_JSON_TYPES = {"BOOL", "FP32", "FP64", "BYTES", *_INT_RANGES, *_UINT_RANGES}
+_BYTE_SIZES = {"BOOL": 1, "FP32": 4, "FP64": 8, **{t: bits // 8 for t, bits in {**_INT_RANGES, **_UINT_RANGES}.items()}}
 _BATCH_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension to be "
                "prepended to each input shape. If you want to specify the full shape including the batch dim "
                "in your input dims config, try setting max_batch_size to zero. See the model configuration "
@@ -83,6 +84,17 @@ class _TritonError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class _TritonModelError(_TritonError):
+    """The model's execute raising (PyTriton's traceback, shortened to its last line): Triton answers it
+    500 on infer, its JSON body sent as text/plain, and 400 on generate."""
+
+    def __init__(self, model: str, error: str):
+        super().__init__(500, f"Failed to process the request(s) for model '{model}_0_0', message: "
+                              f"TritonModelException: Model execute error: Traceback (most recent call last):\n"
+                              f"  File \"model.py\", line 492, in execute\n    raise triton_responses_or_error\n"
+                              f"{error}\n\n\n\nAt:\n  model.py(501): execute\n")
 
 
 def _dims(dims) -> str:
@@ -121,5 +133,6 @@ def _read_json_data(name: str, datatype: str, data, count: int) -> list:
         if not ok:
             raise _TritonError(500, f"Unable to parse 'data': attempt to access JSON non-{what}")
     if len(values) != count:
-        raise _TritonError(500, "Failed to parse 'data' field: shape does not match true shape")
+        raise _TritonError(500, "Unable to parse 'data': Shape does not match true shape of 'data' field")
     return values
+
