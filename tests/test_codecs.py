@@ -172,3 +172,42 @@ def test_readiness_is_not_proven_by_an_unusable_answer():
     cfg = compose([])
     with pytest.raises(MalformedAnswer, match=r"sentences\[0\] is NoneType"):
         generate_once(cfg, EngineInfo(url="http://x", protocol="nemo", model_name="m"), lambda *a, **k: Resp())
+
+
+def test_triton_discovery_waits_while_the_model_loads():
+    """PyTriton's server says ready before its model is bound: /v2/models/m/ready answers 400 and the
+    metadata 404 ("not found", then "has no available versions") until the model has loaded. That is a
+    wait (TransientError, retried by readiness), not a refusal; it used to be a RejectedError."""
+    from orchestrator.protocols import discover
+
+    class Resp:
+        def __init__(self, status, body):
+            self.status_code, self.body = status, body
+
+        def json(self):
+            return self.body
+
+    loading = {"/v2/health/ready": Resp(200, ""), "/v2/models/m/ready": Resp(400, {"error": "Model version not ready"}),
+               "/v2/models/m": Resp(404, {"error": "Request for unknown model: 'm' has no available versions"})}
+    cfg = compose(["engine.served_model_name=m"])
+    with pytest.raises(TransientError, match="'m' is not ready .*HTTP 400.*has no available versions.*"
+                                             "engine.served_model_name"):
+        discover(cfg, "http://x", "triton", lambda method, path, **kw: loading[path])
+
+
+def test_triton_rows_answered_with_nemos_error_text_are_row_errors():
+    """NeMo's deploy model answers its own exception as the text "An error occurred: ..." (HTTP 200)."""
+    body = {"outputs": [{"name": "outputs", "datatype": "BYTES", "shape": [2, 1],
+                         "data": ["fine", "An error occurred: the prompt is too long"]}]}
+    good, bad = codec("triton").parse(200, body, ["a", "b"])
+    assert (good.text, good.error) == ("fine", None)
+    assert bad.error == "the Triton model answered an error: the prompt is too long"
+
+
+def test_triton_sends_one_stop_word_a_row():
+    """NeMo squeezes stop_words_list's last axis: [n, 1], the first end string (the client cuts at all of them)."""
+    c = codec("triton", "sampling.end_strings=['<extra_id_1>','<|endoftext|>']",
+              inputs={"prompts": "BYTES", "stop_words_list": "BYTES"})
+    (stop,) = [t for t in c.payload(["a", "b"])["inputs"] if t["name"] == "stop_words_list"]
+    assert stop == {"name": "stop_words_list", "datatype": "BYTES", "shape": [2, 1],
+                    "data": ["<extra_id_1>", "<extra_id_1>"]}

@@ -210,6 +210,92 @@ def test_on_slurm_the_engine_step_launches_it_and_a_killed_server_resumes_exactl
     assert leftover(run_dir) == ""
 
 
+def _t(name: str, datatype: str, data: list, shape: list[int] | None = None) -> dict:
+    return {"name": name, "datatype": datatype, "shape": shape or [len(data), 1], "data": data}
+
+
+# what the tests above send and what can go wrong with it: (method, path, JSON body or raw bytes)
+AGREEMENT = {
+    "server metadata": ("GET", "/v2", None),
+    "server ready": ("GET", "/v2/health/ready", None),
+    "server live": ("GET", "/v2/health/live", None),
+    "model metadata": ("GET", "/v2/models/hf", None),
+    "model ready": ("GET", "/v2/models/hf/ready", None),
+    "version ready": ("GET", "/v2/models/hf/versions/1/ready", None),
+    "unknown model ready": ("GET", "/v2/models/other/ready", None),
+    "unknown model metadata": ("GET", "/v2/models/other", None),
+    "unknown version": ("GET", "/v2/models/hf/versions/2", None),
+    "unknown model infer": ("POST", "/v2/models/other/infer", {"inputs": [_t("prompts", "BYTES", ["a"])]}),
+    "infer": ("POST", "/v2/models/hf/infer", {"inputs": [
+        _t("prompts", "BYTES", ["Hello", "What is"]), _t("max_output_len", "INT64", [3, 3]),
+        _t("top_k", "INT64", [1, 1]), _t("top_p", "FP32", [0.0, 0.0]), _t("temperature", "FP32", [1.0, 1.0]),
+        _t("stop_words_list", "BYTES", ["<extra_id_1>", "<extra_id_1>"])]}),
+    "batch over max_batch_size": ("POST", "/v2/models/hf/infer", {"inputs": [_t("prompts", "BYTES", ["a"] * 5)]}),
+    "wrong datatype": ("POST", "/v2/models/hf/infer", {"inputs": [
+        _t("prompts", "BYTES", ["a"]), _t("max_output_len", "INT32", [3])]}),
+    "unknown input": ("POST", "/v2/models/hf/infer", {"inputs": [
+        _t("prompts", "BYTES", ["a"]), _t("max_tokens", "INT64", [3])]}),
+    "batch sizes differ": ("POST", "/v2/models/hf/infer", {"inputs": [
+        _t("prompts", "BYTES", ["a", "b"]), _t("max_output_len", "INT64", [3])]}),
+    "too few strings": ("POST", "/v2/models/hf/infer", {"inputs": [_t("prompts", "BYTES", ["a"], [2, 1])]}),
+    "two stop words a row, one row": ("POST", "/v2/models/hf/infer", {"inputs": [
+        _t("prompts", "BYTES", ["a"]), _t("max_output_len", "INT64", [3]),
+        _t("stop_words_list", "BYTES", ["x", "y"], [1, 2])]}),
+    "two stop words a row, two rows": ("POST", "/v2/models/hf/infer", {"inputs": [
+        _t("prompts", "BYTES", ["a", "b"]), _t("max_output_len", "INT64", [3, 3]),
+        _t("stop_words_list", "BYTES", ["x", "y", "x", "y"], [2, 2])]}),
+    "no prompts": ("POST", "/v2/models/hf/infer", {"inputs": [_t("max_output_len", "INT64", [3])]}),
+    "no inputs": ("POST", "/v2/models/hf/infer", {"parameters": {}}),
+    "not JSON": ("POST", "/v2/models/hf/infer", b"{nope"),
+    "generate": ("POST", "/v2/models/hf/generate", {"prompts": "Hello", "max_output_len": 3}),
+}
+
+
+@pytest.fixture(scope="module")
+def imitation():
+    """The embedded engine's Triton routes, set up as the real server above (NeMo's model, hf, max_batch_size 4)."""
+    from orchestrator.simulator.app import EngineThread
+    from orchestrator.simulator.model import EngineSettings
+
+    with EngineThread(EngineSettings(model_name="hf", routes="triton", triton_max_batch_size=4)) as engine:
+        yield engine
+
+
+def _shape(answer: requests.Response):
+    """What must agree: the status and, for an error, its text (a model's traceback reduced as the codec reduces
+    it); for an answer, its JSON without the generated text (the two generators differ)."""
+    from orchestrator.protocols.triton import error_message
+
+    try:
+        body = answer.json()
+    except ValueError:
+        return answer.status_code, answer.text
+    if answer.status_code != 200:
+        text = error_message(body)
+        unparsed = "failed to parse the request JSON buffer: "  # then rapidjson's words, which are not imitated
+        return answer.status_code, unparsed if text.startswith(unparsed) else text
+    if isinstance(body, dict) and "model_name" in body and "outputs" in body:
+        outputs = body["outputs"]
+        if isinstance(outputs, list):  # infer: the text of an error answer is NeMo's, the others the model's
+            outputs = [{**o, "data": [d if d.startswith("An error occurred") else "<text>" for d in o["data"]]}
+                       for o in outputs]
+        else:  # generate: one element, unwrapped
+            outputs = "<text>"
+        return 200, {**body, "outputs": outputs}
+    if isinstance(body, dict) and "config" in answer.url:
+        return 200, {k: body[k] for k in ("name", "max_batch_size", "input", "output")}
+    return 200, body
+
+
+@pytest.mark.parametrize("case", list(AGREEMENT))
+def test_the_embedded_engine_answers_as_the_real_triton_server(server, imitation, case):
+    method, path, body = AGREEMENT[case]
+    kwargs = {"data": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+    real = requests.request(method, server.url + path, timeout=120, **kwargs)
+    imitated = requests.request(method, imitation.url + path, timeout=30, **kwargs)
+    assert _shape(imitated) == _shape(real)
+
+
 def test_a_400_from_triton_is_final_with_tritons_message(server):
     """The codec reads the real server's refusal of a batch over its max_batch_size as final (not retried),
     with Triton's own text: what the rows of that request record."""
