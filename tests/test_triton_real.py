@@ -124,12 +124,18 @@ def test_the_answers_are_the_models_for_each_row(server, tmp_path):
     assert len(set(direct)) > 1  # the model's text, not an echo or a constant
 
 
-def test_the_2023_length_input_max_output_token_is_sent_by_its_name(triton_python, tmp_path):
+def test_the_2023_length_input_max_output_token_is_sent_by_its_name_and_a_stop_leaves_no_process(
+        triton_python, tmp_path):
+    """A model whose length input has NeMo's 2023 name; then the engine owner's stop ends the stand-in and
+    every process it started (tritonserver, PyTriton's proxies, Python's resource tracker) before it returns."""
     record = tmp_path / "calls.jsonl"
     cfg = compose(triton(record=record, TRITON_TEST_MAX_LEN_INPUT="max_output_token"))
     with EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port") as engine:
         engine.wait_ready()
         df = endpoint_rows(engine, tmp_path, "old", None, "sampling.tokens_to_generate=5")
+        tree = process_tree(engine.proc.pid) | {engine.proc.pid}
+        assert any("tritonserver" in line for line in alive_processes(tree)), alive_processes(tree)
+    assert alive_processes(tree) == []
     assert (df["status"] == "ok").all() and len(df) == 40
     got = calls(record)  # the two readiness generations (the server's owner, then the run's) ask for 1 token
     assert [c["first"]["max_output_token"] for c in got[:2]] == [[1], [1]] and sum(c["rows"] for c in got[2:]) == 40
@@ -168,26 +174,19 @@ def test_the_generate_extension_on_a_tensorrt_llm_ensemble(triton_python, tmp_pa
     assert committed_units(tmp_path / "gen400") == 0  # refused before any row was sent
 
 
-def test_stopping_the_server_leaves_no_process(triton_python, tmp_path):
-    """The engine owner's stop ends the stand-in and the tritonserver it started (its own child)."""
-    cfg = compose(triton())
-    with EngineServer(cfg, tmp_path / "engine.log", tmp_path / "engine.port") as engine:
-        engine.wait_ready()
-        tree = process_tree(engine.proc.pid) | {engine.proc.pid}
-        assert any("tritonserver" in line for line in alive_processes(tree)), alive_processes(tree)
-    assert alive_processes(tree) == []
-
-
 @pytest.mark.slurm
 def test_on_slurm_the_engine_step_launches_it_and_a_killed_server_resumes_exactly_once(
         triton_python, slurm_cluster, tmp_path):
     src = write_prompts(tmp_path / "in.parquet", 400)
     run_dir = tmp_path / "run"
+    # its own model name: the kill below must find this run's stand-in, not the module's local server
     args = [*triton("cluster=slurm", f"cluster.partition={slurm_cluster}", "layout.gpus_per_node=1",
-                    "cluster.cpus_per_task=2"), f"data.input={src}", f"run_dir={run_dir}", "data.unit_rows=20"]
+                    "cluster.cpus_per_task=2", "engine.served_model_name=on-slurm"), f"data.input={src}",
+            f"run_dir={run_dir}", "data.unit_rows=20"]
     first = start_run(*args)
     wait_for(lambda: committed_units(run_dir) >= 2, 400, "two committed units")
-    found = subprocess.run(["pgrep", "-f", f"{SERVER} --nemo_checkpoint"], capture_output=True, text=True)
+    found = subprocess.run(["pgrep", "-f", f"{SERVER} .*--triton_model_name on-slurm"], capture_output=True,
+                           text=True)
     stand_in = [pid for pid in found.stdout.split()
                 if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].split(b"/")[-1] == b"python"]
     assert stand_in, "no deploy_triton stand-in process"
@@ -199,7 +198,7 @@ def test_on_slurm_the_engine_step_launches_it_and_a_killed_server_resumes_exactl
     kept = committed_units(run_dir)
     assert 2 <= kept < 20
     log = next((run_dir / "logs").glob("engine-*.log")).read_text()
-    assert "--triton_model_name hf" in log and "--num_gpus 1" in log and "--max_batch_size 4" in log
+    assert "--triton_model_name on-slurm" in log and "--num_gpus 1" in log and "--max_batch_size 4" in log
     again = run_cli("run", *args, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     (job,) = job_ids(again.stdout)

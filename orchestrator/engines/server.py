@@ -34,6 +34,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _only_zombies(group: int) -> bool:
+    """Whether every process left in the group has exited (a zombie its new parent has not reaped yet); False
+    where there is no /proc to tell."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for entry in filter(str.isdigit, entries):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return False
+    return True
+
+
 def free_port() -> int:
     """A port free on this node now (the engine binds it moments later)."""
     with socket.socket() as sock:
@@ -163,13 +181,32 @@ class EngineServer:
                           f"{self.cfg.engine.ready_timeout_s:.0f} s (engine.ready_timeout_s); last: {last}; {where}")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the engine's whole process group (its own session), then SIGKILL to what is left after
+        grace_s; returns once every process of the group is gone, not only the one it started (an engine's
+        helpers, e.g. PyTriton's tritonserver and Python's resource tracker, exit after it), or the engine
+        died and left some behind."""
+        if self.proc is None:
             return
+        group = self.proc.pid  # start_new_session: the group's id is the engine's pid
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            if not self._group_alive(group):
+                break
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while self._group_alive(group) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.proc.wait()
+
+    def _group_alive(self, group: int) -> bool:
+        """Whether a process of the group is still running (our own child reaped first: a zombie counts)."""
+        self.proc.poll()
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            os.killpg(group, 0)
         except ProcessLookupError:
-            pass
+            return False
+        except PermissionError:
+            return True
+        return not _only_zombies(group)
