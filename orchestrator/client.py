@@ -393,7 +393,8 @@ class Client:
         if isinstance(outcome, Answered):
             strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
             ok, tokens, failed = settle_answers(batch, outcome.completions, outcome.latency, outcome.attempt,
-                                                self.cfg.end_strings, strip)
+                                                self.cfg.end_strings, strip, self.cfg.sampling.tokens_to_generate,
+                                                self.cfg.model.prompt.reasoning_tags)
             self.sender.answered(outcome, ok, tokens, failed)
         else:
             outcome.record["failed"] = settle_failures(batch, outcome.error, outcome.attempt, outcome.retryable)

@@ -125,9 +125,16 @@ class PromptConfig:
     system: str = ""  # system turn for chat formats
     steerlm_attributes: str = ""  # SteerLM attribute line, without the <extra_id_2> tag
     strip_echo: bool = True  # drop the echoed prompt from the engine's output (NeMo echoes it)
+    # [opening, closing] tags of a reasoning model's thinking (e.g. ['<think>', '</think>']): the text before the
+    # closing one goes to the `reasoning` column, the rest is the answer; null: no split (an engine that sends
+    # its reasoning apart, vLLM's `reasoning` field, fills that column anyway)
+    reasoning_tags: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         _check_literals(self, "model.prompt")
+        if self.reasoning_tags is not None and (len(self.reasoning_tags) != 2 or not all(self.reasoning_tags)):
+            raise ConfigError(f"model.prompt.reasoning_tags={list(self.reasoning_tags)}: give the opening and the "
+                              f"closing tag, e.g. model.prompt.reasoning_tags=['<think>','</think>']")
 
 
 @dataclass

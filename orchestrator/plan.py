@@ -264,6 +264,10 @@ def result_schema(plan: Plan) -> pa.Schema:
         *([("responses", pa.list_(pa.string()))] if plan.turns_column else []),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("finish_reason", pa.string()),  # stop, length, or the engine's own word
+        ("stop", pa.string()),  # the end string the answer stopped at
+        ("prompt_tokens", pa.int64()),
+        ("reasoning", pa.string()),  # a reasoning model's thinking (the engine's field, or model.prompt.reasoning_tags)
         ("output_tokens", pa.int64()),
         ("latency_s", pa.float64()),
         ("attempts", pa.int32()),

@@ -102,7 +102,8 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "model": cfg.model.name,
         "model.path": cfg.model.path,
         "model.max_seq_len": cfg.model.architecture.max_seq_len,
-        "model.prompt": asdict(cfg.model.prompt),
+        # reasoning_tags unset is left out, as in a run_dir started before it existed
+        "model.prompt": {k: v for k, v in asdict(cfg.model.prompt).items() if v is not None or k != "reasoning_tags"},
         "end_strings": cfg.end_strings,
         # rollouts decides the answers and the units' layout; whether they go in one request does neither,
         # except on NeMo, where it sends them as copies under one seed (other answers): see _nemo_copies

@@ -151,3 +151,23 @@ def test_multi_turn_chat_sends_turn_two_with_the_models_first_answer(vllm_server
                         "data.messages_column=messages"]), show_progress=False)
     again = results(tmp_path / "replay").sort_values("id").reset_index(drop=True)
     assert list(again["response"]) == [r[1] for r in df["responses"]]
+
+
+def test_finish_reason_stop_and_token_counts_are_vllms_own(vllm_server, tmp_path):
+    """vLLM's finish_reason and stop_reason (the stop string it matched), and usage.prompt_tokens, in each row:
+    length when the budget ran out, stop at <extra_id_1> when a logit bias makes it come first."""
+    import requests
+
+    prompts = ["What is 2 + 2?", "Name a colour.", "Tell me about the number 7."]
+    raw = ["model.prompt.format=raw", "sampling.greedy=true", "sampling.tokens_to_generate=6"]
+    budget = endpoint_rows(vllm_server, tmp_path, "budget", prompts, *raw, "sampling.end_strings=[]")
+    assert (budget["status"] == "ok").all() and (budget["output_tokens"] == 6).all()
+    assert (budget["finish_reason"] == "length").all() and budget["stop"].isna().all()
+    counts = [requests.post(vllm_server.url + "/tokenize", json={"model": vllm_server.model_name, "prompt": p},
+                            timeout=30).json()["count"] for p in prompts]
+    assert list(budget["prompt_tokens"]) == counts  # rows q0, q1, q2: the prompts in order
+    turn_end = _token_id(vllm_server, "<extra_id_1>")
+    stopped = endpoint_rows(vllm_server, tmp_path, "stopped", prompts, *raw, "sampling.end_strings=['<extra_id_1>']",
+                            f"+engine.extra_body.logit_bias.{turn_end}=100")
+    assert (stopped["finish_reason"] == "stop").all() and (stopped["stop"] == "<extra_id_1>").all()
+    assert (stopped["output_tokens"] == 1).all()

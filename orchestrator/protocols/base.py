@@ -48,6 +48,10 @@ class Completion:
     text: str  # the engine's output for one prompt, echo included where the engine echoes
     output_tokens: int | None
     error: str | None = None  # set: this answer is unusable (a MalformedAnswer's message), text and tokens unset
+    finish_reason: str | None = None  # the engine's own word for why the answer ended (OpenAI's finish_reason)
+    stop: str | None = None  # the stop string the engine says it matched (vLLM's stop_reason, when a string)
+    prompt_tokens: int | None = None  # the prompt's tokens, from the engine's usage
+    reasoning: str | None = None  # a reasoning model's thinking, sent apart from the answer (vLLM's reasoning)
 
     @classmethod
     def checked(cls, make: Callable[[], Completion]) -> Completion:

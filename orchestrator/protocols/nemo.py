@@ -31,7 +31,10 @@ def _sentence(i: int, text: Any, tok: Any, prompt: str) -> Completion:
     """Sentence i of an answer with its tokens; raises MalformedAnswer when either is unusable."""
     if tok is not None and not (isinstance(tok, list) and all(isinstance(t, str) for t in tok)):
         raise MalformedAnswer(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
-    return Completion(_text(text, f"sentences[{i}]"), _count_output_tokens(tok, prompt) if tok else None)
+    if not tok:
+        return Completion(_text(text, f"sentences[{i}]"), None)
+    generated = _count_output_tokens(tok, prompt)  # the rest of its tokens are the prompt's
+    return Completion(_text(text, f"sentences[{i}]"), generated, prompt_tokens=len(tok) - generated)
 
 
 def nemo_copies(cfg: Config) -> bool:
