@@ -208,7 +208,7 @@ class Client:
         # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
         # truncation (data.truncate_prompts) cuts by its exact count
         exact_tokens = self.info.can_tokenize
-        self.schema = result_schema(plan)
+        self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None)
         self.rollouts = plan.rollouts  # answers per input row: fixed with the plan (and checked by the fingerprint)
         if self.rollouts > 1 and not self.protocol.takes_seed:
             raise EngineError(f"sampling.rollouts={self.rollouts} sends each rollout with its own seed, but the "

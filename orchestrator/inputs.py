@@ -16,7 +16,7 @@ from .config import DataConfig
 from .errors import ConfigError, InputError
 
 RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "finish_reason", "stop", "prompt_tokens",
-                  "reasoning", "output_tokens", "latency_s", "attempts")
+                  "reasoning", "output_tokens", "latency_s", "attempts", "token_logprobs", "top_logprobs")
 
 
 @dataclass

@@ -22,7 +22,7 @@ Format, JSON lines:
         failed row also has "status", "error" and "blamed" (the failed rows the engine is to blame for),
         one of a multi-turn unit "responses" (every turn's answer), and one where the engine said how its
         answers ended "finish", "stop", "ptokens" and "reasoning" (finish_reason, the end string,
-        prompt_tokens, the reasoning text)
+        prompt_tokens, the reasoning text), and with sampling.logprobs "logprobs" and "top"
 
 A row is its index in the unit (`i`), checked against its id when replayed. Columns, not a list per
 row: the record of 128 answers is encoded in about half the time. The last line without its
@@ -64,11 +64,13 @@ class Details(NamedTuple):
     stop: str | None = None
     prompt_tokens: int | None = None
     reasoning: str | None = None
+    token_logprobs: list | None = None  # sampling.logprobs: a logprob per output token
+    top_logprobs: list | None = None  # and per token its K best alternatives, [{token, logprob}, ...]
 
 
 DETAILS = Details._fields  # their result columns
 NO_DETAILS = Details()
-_DETAIL_KEYS = ("finish", "stop", "ptokens", "reasoning")  # their journal keys
+_DETAIL_KEYS = ("finish", "stop", "ptokens", "reasoning", "logprobs", "top")  # their journal keys
 
 
 @dataclass
@@ -168,7 +170,8 @@ def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]] | None
         said = Details(*(c[k] if c is not None else None for c in details))
         if not _int(i, 2 ** 63) or not _typed(response, message, tokens, latency, attempts, turns) or \
                 not (_text(said.finish_reason) and _text(said.stop) and _text(said.reasoning) and
-                     (said.prompt_tokens is None or _int(said.prompt_tokens, 2 ** 63))):
+                     (said.prompt_tokens is None or _int(said.prompt_tokens, 2 ** 63)) and
+                     all(v is None or isinstance(v, list) for v in (said.token_logprobs, said.top_logprobs))):
             return None
         if i >= rows or state not in ("ok", "error"):
             continue

@@ -78,6 +78,7 @@ def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> 
     stored = json.loads(stored_print.read_text())
     if isinstance(stored.get("sampling"), dict):  # a run_dir started before sampling.rollouts existed: one answer a row
         stored["sampling"].setdefault("rollouts", 1)
+        stored["sampling"].setdefault("logprobs", None)  # ... or sampling.logprobs: none
     stored.setdefault("output.format", "parquet")  # a run_dir started before output.format existed
     if isinstance(stored.get("input_files"), list):  # a run_dir planned with a symlinked file twice
         stored["input_files"] = unique_file_entries(stored["input_files"])

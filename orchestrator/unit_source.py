@@ -46,6 +46,8 @@ class UnitBuffer:
         self.finish_reason: list = [None] * rows  # stop, length, or the engine's own word (prompts.ending)
         self.stop: list = [None] * rows  # the end string the answer stopped at
         self.reasoning: list = [None] * rows  # a reasoning model's thinking, apart from its answer
+        self.token_logprobs: list = [None] * rows  # sampling.logprobs: each output token's
+        self.top_logprobs: list = [None] * rows  # and its K best alternatives
         self.latency: list = [None] * rows
         self.attempts: list = [0] * rows
         self.remaining = rows
@@ -82,7 +84,8 @@ class UnitBuffer:
         if self.responses is not None:
             self.responses[i] = responses
         self.response[i], self.status[i], self.output_tokens[i] = text, "ok", tokens
-        self.finish_reason[i], self.stop[i], self.prompt_tokens[i], self.reasoning[i] = details
+        (self.finish_reason[i], self.stop[i], self.prompt_tokens[i], self.reasoning[i], self.token_logprobs[i],
+         self.top_logprobs[i]) = details
         self.latency[i], self.attempts[i] = latency, attempts
         self.remaining -= 1
         self.fresh.append(i)
@@ -94,7 +97,8 @@ class UnitBuffer:
             self.responses[i] = entry.responses
         self.status[i], self.response[i], self.error[i] = entry.status, entry.response, entry.error
         self.output_tokens[i], self.latency[i], self.attempts[i] = entry.output_tokens, entry.latency_s, entry.attempts
-        self.finish_reason[i], self.stop[i], self.prompt_tokens[i], self.reasoning[i] = entry.details
+        (self.finish_reason[i], self.stop[i], self.prompt_tokens[i], self.reasoning[i], self.token_logprobs[i],
+         self.top_logprobs[i]) = entry.details
         if entry.blamed and entry.status == "error":
             self.retryable += 1
             self.blamed.add(i)
@@ -109,8 +113,10 @@ class UnitBuffer:
         if any(self.finish_reason[i] is not None or self.prompt_tokens[i] is not None for i in rows):
             record.update(finish=[self.finish_reason[i] for i in rows], stop=[self.stop[i] for i in rows],
                           ptokens=[self.prompt_tokens[i] for i in rows])
-        if any(self.reasoning[i] is not None for i in rows):
-            record["reasoning"] = [self.reasoning[i] for i in rows]
+        for key, column in (("reasoning", self.reasoning), ("logprobs", self.token_logprobs),
+                            ("top", self.top_logprobs)):
+            if any(column[i] is not None for i in rows):
+                record[key] = [column[i] for i in rows]
         if any(status[i] != "ok" for i in rows):
             record.update(status=[status[i] for i in rows], error=[self.error[i] for i in rows],
                           blamed=[i for i in rows if i in self.blamed])
@@ -143,6 +149,9 @@ class UnitBuffer:
             "latency_s": pa.array(self.latency, pa.float64()),
             "attempts": pa.array(self.attempts, pa.int32()),
         }
+        for name in ("token_logprobs", "top_logprobs"):  # sampling.logprobs
+            if name in schema.names:
+                columns[name] = pa.array(getattr(self, name), schema.field(name).type)
         if "rollout" in schema.names:  # answer i is rollout i % N of its input row
             columns["rollout"] = pa.array([i % self.rollouts for i in range(len(self.ids))], pa.int32())
         for name in schema.names:
@@ -289,7 +298,8 @@ def settle_answers(batch: list[tuple], completions: list, latency: float, attemp
             if reasoning is None and think:
                 reasoning, text = split_reasoning(text, think)
             buf.succeed(i + k, text, comp.output_tokens, latency, attempt,
-                        details=Details(finish, stop, comp.prompt_tokens, reasoning))
+                        details=Details(finish, stop, comp.prompt_tokens, reasoning, comp.token_logprobs,
+                                        comp.top_logprobs))
             settled += 1
             tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
     return settled, tokens, failed

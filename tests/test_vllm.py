@@ -171,3 +171,18 @@ def test_finish_reason_stop_and_token_counts_are_vllms_own(vllm_server, tmp_path
                             f"+engine.extra_body.logit_bias.{turn_end}=100")
     assert (stopped["finish_reason"] == "stop").all() and (stopped["stop"] == "<extra_id_1>").all()
     assert (stopped["output_tokens"] == 1).all()
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_logprobs_three_alternatives_a_token_as_many_as_output_tokens(vllm_server, tmp_path, api):
+    df = endpoint_rows(vllm_server, tmp_path, f"lp-{api}", None, "sampling.logprobs=3", "sampling.tokens_to_generate=8",
+                       "sampling.temperature=0.8", "sampling.seed=11", f"engine.api={api}",
+                       *(["model.prompt.format=raw"] if api == "completions" else []))
+    assert (df["status"] == "ok").all() and (df["output_tokens"] > 0).all()
+    assert (df["token_logprobs"].map(len) == df["output_tokens"]).all()
+    assert (df["top_logprobs"].map(len) == df["output_tokens"]).all()
+    for tops, chosen in zip(df["top_logprobs"], df["token_logprobs"]):
+        for alternatives, logprob in zip(tops, chosen):
+            values = [a["logprob"] for a in alternatives]
+            assert len(alternatives) == 3 and values == sorted(values, reverse=True)
+            assert logprob <= values[0] + 1e-6  # the sampled token is at most as likely as the best

@@ -12,7 +12,18 @@ from itertools import accumulate
 from typing import Any
 
 from ..config import Config
-from .base import Completion, EngineInfo, Http, MalformedAnswer, RejectedError, _status, _text, engine_info
+from ..errors import ConfigError
+from .base import (
+    Completion,
+    EngineInfo,
+    Http,
+    MalformedAnswer,
+    RejectedError,
+    _status,
+    _text,
+    engine_info,
+    logprobs_refused,
+)
 
 NAME = "nemo"
 NEMO_MAX_SENTENCES = 128
@@ -52,6 +63,8 @@ class NemoCodec:
     takes_seed = True  # random_seed: one per request
 
     def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
+        if cfg.sampling.logprobs is not None:  # found only now where the protocol was detected (engine=endpoint)
+            raise ConfigError(logprobs_refused(cfg, cfg.engine.name, NAME))
         # one random_seed per request: with several rollouts every prompt has its own, so one prompt a request
         rollouts = cfg.sampling.rollouts
         self.batch_size = 1 if rollouts > 1 else min(cfg.client.batch_size, NEMO_MAX_SENTENCES)

@@ -72,6 +72,9 @@ class OpenAICodec:
             self.base["top_k"] = s.top_k
         if s.seed is not None:
             self.base["seed"] = s.seed
+        self.logprobs = s.logprobs
+        if s.logprobs is not None:  # the chat API's form, or the completions API's (K alternatives a token)
+            self.base.update({"logprobs": True, "top_logprobs": s.logprobs} if self.chat else {"logprobs": s.logprobs})
         self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
@@ -116,7 +119,7 @@ class OpenAICodec:
                                                                   "usage.completion_tokens"),
                            **_ending(choice, 0), prompt_tokens=_tokens(usage.get("prompt_tokens"),
                                                                       "usage.prompt_tokens"),
-                           reasoning=_reasoning(choice) if self.chat else None)]
+                           reasoning=_reasoning(choice) if self.chat else None, **self._logprobs(choice, 0))]
 
     def _parse_choices(self, body: Any, n: int) -> list[Completion]:
         """The n answers of one request, in the order of their index (choice i: seed + i); each one's token
@@ -146,7 +149,31 @@ class OpenAICodec:
             raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].token_ids is {type(ids).__name__}")
         return Completion(_text(text, f"choices[{i}].text"), len(ids) if ids is not None else None,
                           **_ending(choice, i), prompt_tokens=prompt_tokens,
-                          reasoning=_reasoning(choice) if self.chat else None)
+                          reasoning=_reasoning(choice) if self.chat else None, **self._logprobs(choice, i))
+
+    def _logprobs(self, choice: dict, i: int) -> dict:
+        """sampling.logprobs=K: choice i's token logprobs and each token's K best alternatives (best first),
+        from the chat API's logprobs.content or the completions API's token_logprobs and top_logprobs (whose
+        dicts may hold the sampled token beside the K: the K best are kept). Anything else is malformed."""
+        if self.logprobs is None:
+            return {}
+        found, k = choice.get("logprobs"), self.logprobs
+        bad = MalformedAnswer(f"malformed OpenAI response: choices[{i}].logprobs is not the "
+                              f"{'chat' if self.chat else 'completions'} API's logprobs (sampling.logprobs={k})")
+        try:
+            if self.chat:
+                content = found["content"]
+                chosen = [float(t["logprob"]) for t in content]
+                top = [[_alt(a["token"], a["logprob"]) for a in t.get("top_logprobs") or []][:k] for t in content]
+            else:
+                chosen = [float(x) for x in found["token_logprobs"]]
+                top = [sorted((_alt(tok, lp) for tok, lp in (d or {}).items()), key=lambda a: -a["logprob"])[:k]
+                       for d in found.get("top_logprobs") or [{}] * len(chosen)]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise bad from None
+        if len(top) != len(chosen):
+            raise bad
+        return {"token_logprobs": chosen, "top_logprobs": top}
 
 
 def _usage(body: dict) -> dict:
@@ -154,6 +181,13 @@ def _usage(body: dict) -> dict:
     if usage is not None and not isinstance(usage, dict):
         raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
     return usage or {}
+
+
+def _alt(token: Any, logprob: Any) -> dict:
+    """One alternative of a token: the top_logprobs column's struct."""
+    if not isinstance(token, str):
+        raise TypeError(token)
+    return {"token": token, "logprob": float(logprob)}
 
 
 def _reasoning(choice: dict) -> str | None:
