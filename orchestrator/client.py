@@ -208,7 +208,7 @@ class Client:
         # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
         # truncation (data.truncate_prompts) cuts by its exact count
         exact_tokens = self.info.can_tokenize
-        self.schema = result_schema(plan)
+        self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None)
         self.rollouts = plan.rollouts  # answers per input row: fixed with the plan (and checked by the fingerprint)
         if self.rollouts > 1 and not self.protocol.takes_seed:
             raise EngineError(f"sampling.rollouts={self.rollouts} sends each rollout with its own seed, but the "
@@ -393,7 +393,8 @@ class Client:
         if isinstance(outcome, Answered):
             strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
             ok, tokens, failed = settle_answers(batch, outcome.completions, outcome.latency, outcome.attempt,
-                                                self.cfg.end_strings, strip)
+                                                self.cfg.end_strings, strip, self.cfg.sampling.tokens_to_generate,
+                                                self.cfg.model.prompt.reasoning_tags)
             self.sender.answered(outcome, ok, tokens, failed)
         else:
             outcome.record["failed"] = settle_failures(batch, outcome.error, outcome.attempt, outcome.retryable)

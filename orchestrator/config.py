@@ -56,6 +56,7 @@ DUPLICATE_POLICIES = literal_choices(DuplicatePolicy)
 OUTPUT_FORMATS = literal_choices(OutputFormat)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}  # the keys are Dtype's choices (tests/test_config.py)
 MAX_ROLLOUTS = 1024  # a row's seeds are base .. base + rollouts - 1, all below 2**31
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs, and OpenAI's top_logprobs limit
 
 
 def choices(group: str) -> tuple[str, ...]:
@@ -125,9 +126,16 @@ class PromptConfig:
     system: str = ""  # system turn for chat formats
     steerlm_attributes: str = ""  # SteerLM attribute line, without the <extra_id_2> tag
     strip_echo: bool = True  # drop the echoed prompt from the engine's output (NeMo echoes it)
+    # [opening, closing] tags of a reasoning model's thinking (e.g. ['<think>', '</think>']): the text before the
+    # closing one goes to the `reasoning` column, the rest is the answer; null: no split (an engine that sends
+    # its reasoning apart, vLLM's `reasoning` field, fills that column anyway)
+    reasoning_tags: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         _check_literals(self, "model.prompt")
+        if self.reasoning_tags is not None and (len(self.reasoning_tags) != 2 or not all(self.reasoning_tags)):
+            raise ConfigError(f"model.prompt.reasoning_tags={list(self.reasoning_tags)}: give the opening and the "
+                              f"closing tag, e.g. model.prompt.reasoning_tags=['<think>','</think>']")
 
 
 @dataclass
@@ -180,9 +188,14 @@ class SamplingConfig:
     # the answers are those of separate requests); false: one request per rollout. None: the engine's own
     # (true for vllm and mock, false for others, whose n may not follow that rule)
     rollouts_in_one_request: Optional[bool] = None
+    # K: keep each answer's token logprobs and, per token, the K most likely alternatives (results get
+    # token_logprobs and top_logprobs); None: none. OpenAI engines only (vLLM serves up to 20 by default)
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_range("sampling.tokens_to_generate", self.tokens_to_generate, lo=1)
+        if self.logprobs is not None:
+            _check_range("sampling.logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         _check_range("sampling.rollouts", self.rollouts, lo=1, hi=MAX_ROLLOUTS)
         _check_range("sampling.temperature", self.temperature, lo=0, hi=100, lo_open=True)
         _check_range("sampling.top_p", self.top_p, lo=0, hi=1)

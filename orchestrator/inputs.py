@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from .config import DataConfig
 from .errors import ConfigError, InputError
 
-RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "output_tokens", "latency_s", "attempts")
+RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "finish_reason", "stop", "prompt_tokens",
+                  "reasoning", "output_tokens", "latency_s", "attempts", "token_logprobs", "top_logprobs")
 
 
 @dataclass

@@ -20,7 +20,9 @@ Format, JSON lines:
     {"i": [...], "id": [...], "response": [...], "tokens": [...], "latency": [...], "attempts": [...]}
         the rows answered since the last record, a list per column, one item per row; a record with a
         failed row also has "status", "error" and "blamed" (the failed rows the engine is to blame for),
-        and one of a multi-turn unit "responses" (every turn's answer)
+        one of a multi-turn unit "responses" (every turn's answer), and one where the engine said how its
+        answers ended "finish", "stop", "ptokens" and "reasoning" (finish_reason, the end string,
+        prompt_tokens, the reasoning text), and with sampling.logprobs "logprobs" and "top"
 
 A row is its index in the unit (`i`), checked against its id when replayed. Columns, not a list per
 row: the record of 128 answers is encoded in about half the time. The last line without its
@@ -43,7 +45,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import fsops
 from .rundir import RunPaths
@@ -52,6 +54,23 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 SUFFIX = ".jsonl"
+
+
+class Details(NamedTuple):
+    """What the engine said about an answer beyond its text: the result columns finish_reason, stop,
+    prompt_tokens and reasoning."""
+
+    finish_reason: str | None = None
+    stop: str | None = None
+    prompt_tokens: int | None = None
+    reasoning: str | None = None
+    token_logprobs: list | None = None  # sampling.logprobs: a logprob per output token
+    top_logprobs: list | None = None  # and per token its K best alternatives, [{token, logprob}, ...]
+
+
+DETAILS = Details._fields  # their result columns
+NO_DETAILS = Details()
+_DETAIL_KEYS = ("finish", "stop", "ptokens", "reasoning", "logprobs", "top")  # their journal keys
 
 
 @dataclass
@@ -68,6 +87,7 @@ class Entry:
     blamed: bool  # a failed row the engine is to blame for (retry_failed=true redoes it)
     responses: list | None  # every turn's answer (data.turns_column)
     attempt: str | None  # the attempt of the run that journaled it
+    details: Details = NO_DETAILS
 
 
 def folder(paths: RunPaths) -> Path:
@@ -132,8 +152,10 @@ def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]] | None
     names = ("id", "response", "tokens", "latency", "attempts")
     columns = [record.get(name) for name in names]
     status, error, responses = record.get("status"), record.get("error"), record.get("responses")
+    details = [record.get(key) for key in _DETAIL_KEYS]
     if any(not isinstance(c, list) or len(c) != n for c in columns) or \
-            any(c is not None and (not isinstance(c, list) or len(c) != n) for c in (status, error, responses)):
+            any(c is not None and (not isinstance(c, list) or len(c) != n)
+                for c in (status, error, responses, *details)):
         return None
     try:
         blamed = set(record.get("blamed") or ())
@@ -145,12 +167,16 @@ def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]] | None
         state = status[k] if status is not None else "ok"
         turns = responses[k] if responses is not None else None
         message = error[k] if error is not None else None
-        if not _int(i, 2 ** 63) or not _typed(response, message, tokens, latency, attempts, turns):
+        said = Details(*(c[k] if c is not None else None for c in details))
+        if not _int(i, 2 ** 63) or not _typed(response, message, tokens, latency, attempts, turns) or \
+                not (_text(said.finish_reason) and _text(said.stop) and _text(said.reasoning) and
+                     (said.prompt_tokens is None or _int(said.prompt_tokens, 2 ** 63)) and
+                     all(v is None or isinstance(v, list) for v in (said.token_logprobs, said.top_logprobs))):
             return None
         if i >= rows or state not in ("ok", "error"):
             continue
         found.append((i, Entry(ident, state, response, message, tokens, latency, attempts, i in blamed, turns,
-                               attempt)))
+                               attempt, said)))
     return found
 
 

@@ -253,9 +253,13 @@ def rollout_seed(seed: int | None, row_id) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % SEED_SPAN
 
 
-def result_schema(plan: Plan) -> pa.Schema:
+TOP_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
+
+
+def result_schema(plan: Plan, logprobs: bool = False) -> pa.Schema:
     """id, rollout (with sampling.rollouts > 1: (id, rollout) is the key), the kept input columns,
-    response (the last turn's answer), responses (every turn's, with data.turns_column), then the outcome."""
+    response (the last turn's answer), responses (every turn's, with data.turns_column), then the outcome;
+    with sampling.logprobs (logprobs=True), token_logprobs and top_logprobs."""
     return pa.schema([
         ("id", pa.type_for_alias(plan.id_type) if plan.id_type else pa.string()),
         *([("rollout", pa.int32())] if plan.rollouts > 1 else []),
@@ -264,7 +268,13 @@ def result_schema(plan: Plan) -> pa.Schema:
         *([("responses", pa.list_(pa.string()))] if plan.turns_column else []),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("finish_reason", pa.string()),  # stop, length, or the engine's own word
+        ("stop", pa.string()),  # the end string the answer stopped at
+        ("prompt_tokens", pa.int64()),
+        ("reasoning", pa.string()),  # a reasoning model's thinking (the engine's field, or model.prompt.reasoning_tags)
         ("output_tokens", pa.int64()),
         ("latency_s", pa.float64()),
         ("attempts", pa.int32()),
+        *([("token_logprobs", pa.list_(pa.float64())), ("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB)))]
+          if logprobs else []),
     ])

@@ -78,6 +78,7 @@ def _check_same_settings(paths: RunPaths, stored_print: Path, current: dict) -> 
     stored = json.loads(stored_print.read_text())
     if isinstance(stored.get("sampling"), dict):  # a run_dir started before sampling.rollouts existed: one answer a row
         stored["sampling"].setdefault("rollouts", 1)
+        stored["sampling"].setdefault("logprobs", None)  # ... or sampling.logprobs: none
     stored.setdefault("output.format", "parquet")  # a run_dir started before output.format existed
     if isinstance(stored.get("input_files"), list):  # a run_dir planned with a symlinked file twice
         stored["input_files"] = unique_file_entries(stored["input_files"])
@@ -102,7 +103,8 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "model": cfg.model.name,
         "model.path": cfg.model.path,
         "model.max_seq_len": cfg.model.architecture.max_seq_len,
-        "model.prompt": asdict(cfg.model.prompt),
+        # reasoning_tags unset is left out, as in a run_dir started before it existed
+        "model.prompt": {k: v for k, v in asdict(cfg.model.prompt).items() if v is not None or k != "reasoning_tags"},
         "end_strings": cfg.end_strings,
         # rollouts decides the answers and the units' layout; whether they go in one request does neither,
         # except on NeMo, where it sends them as copies under one seed (other answers): see _nemo_copies

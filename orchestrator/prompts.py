@@ -54,12 +54,54 @@ def render_messages(messages: list[dict], cfg: PromptConfig, attributes: str | N
 
 def postprocess(output: str, sent_prompt: str, end_strings: list[str], strip_echo: bool = True) -> str:
     """Strip the echoed prompt (NeMo returns prompt + generation), cut at the first end string, trim."""
+    return cut_answer(output, sent_prompt, end_strings, strip_echo)[0]
+
+
+def cut_answer(output: str, sent_prompt: str, end_strings: list[str],
+               strip_echo: bool = True) -> tuple[str, str | None]:
+    """postprocess's answer, and the end string it was cut at (None: none was in it)."""
     if strip_echo and output.startswith(sent_prompt):
         output = output[len(sent_prompt):]
-    cut = len(output)
+    cut, matched = len(output), None
     for end in end_strings:
         if end:
             at = output.find(end)
             if 0 <= at < cut:
-                cut = at
-    return output[:cut].strip()
+                cut, matched = at, end
+    return output[:cut].strip(), matched
+
+
+def split_reasoning(text: str, tags: list[str]) -> tuple[str | None, str]:
+    """(reasoning, answer) of a text whose thinking is between tags[0] and tags[1] (model.prompt.reasoning_tags,
+    e.g. <think> and </think>); the opening tag may be in the prompt (templates that open it for the model).
+    No closing tag: all of it is the answer, no reasoning."""
+    opening, closing = tags
+    at = text.find(closing)
+    if at < 0:
+        return None, text
+    thought = text[:at]
+    start = thought.find(opening)
+    thought = thought[start + len(opening):] if start >= 0 else thought
+    return thought.strip(), text[at + len(closing):].strip()
+
+
+# engines' words for the two endings (OpenAI servers say stop and length; TRT-LLM's runtime end_id, ...)
+FINISH_WORDS = {"stop": "stop", "eos": "stop", "end_id": "stop", "stop_word": "stop", "length": "length",
+                "max_tokens": "length", "max_length": "length"}
+
+
+def ending(engine_reason: str | None, engine_stop: str | None, matched: str | None, output_tokens: int | None,
+           budget: int) -> tuple[str | None, str | None]:
+    """(finish_reason, stop) of one answer. An end string in the text (the client cut there: NeMo and Triton
+    keep it) or the stop string the engine names is `stop` with that string; else the engine's own word,
+    normalised (stop, length; others lowercased as they are); else, from the token count where the engine
+    gives one (NeMo), `length` when it used the whole budget and `stop` (its end of sequence) before;
+    None where nothing tells (Triton without an end string)."""
+    if matched is not None or engine_stop is not None:
+        return "stop", matched if matched is not None else engine_stop
+    if engine_reason:
+        word = engine_reason.strip().lower()
+        return FINISH_WORDS.get(word, word), None
+    if output_tokens is not None:
+        return ("length" if output_tokens >= budget else "stop"), None
+    return None, None

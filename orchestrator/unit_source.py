@@ -16,9 +16,9 @@ from .commits import UnitStats
 from .config import Config
 from .context import ContextFit
 from .conversation import Conversation, Turns, conversation_rows
-from .journal import Entry, Journals, UnitJournal
+from .journal import DETAILS, NO_DETAILS, Details, Entry, Journals, UnitJournal
 from .plan import Plan, rollout_seed
-from .prompts import format_prompt, postprocess
+from .prompts import cut_answer, ending, format_prompt, split_reasoning
 from .reader import UnitReader
 
 
@@ -42,6 +42,12 @@ class UnitBuffer:
         self.status: list = [None] * rows
         self.error: list = [None] * rows
         self.output_tokens: list = [None] * rows
+        self.prompt_tokens: list = [None] * rows
+        self.finish_reason: list = [None] * rows  # stop, length, or the engine's own word (prompts.ending)
+        self.stop: list = [None] * rows  # the end string the answer stopped at
+        self.reasoning: list = [None] * rows  # a reasoning model's thinking, apart from its answer
+        self.token_logprobs: list = [None] * rows  # sampling.logprobs: each output token's
+        self.top_logprobs: list = [None] * rows  # and its K best alternatives
         self.latency: list = [None] * rows
         self.attempts: list = [0] * rows
         self.remaining = rows
@@ -65,7 +71,8 @@ class UnitBuffer:
         self.fresh.append(i)
 
     def succeed(self, i: int, text: str, tokens: int | None, latency: float, attempts: int,
-                responses: list | None = None) -> None:
+                responses: list | None = None, details: Details = NO_DETAILS) -> None:
+        """Row i's answer; `details`: what the engine said about it (the last turn's, for a conversation)."""
         conv = self.conversations.get(i)
         if conv is not None:
             conv.answered(text, tokens, latency, attempts)
@@ -77,6 +84,8 @@ class UnitBuffer:
         if self.responses is not None:
             self.responses[i] = responses
         self.response[i], self.status[i], self.output_tokens[i] = text, "ok", tokens
+        (self.finish_reason[i], self.stop[i], self.prompt_tokens[i], self.reasoning[i], self.token_logprobs[i],
+         self.top_logprobs[i]) = details
         self.latency[i], self.attempts[i] = latency, attempts
         self.remaining -= 1
         self.fresh.append(i)
@@ -88,6 +97,8 @@ class UnitBuffer:
             self.responses[i] = entry.responses
         self.status[i], self.response[i], self.error[i] = entry.status, entry.response, entry.error
         self.output_tokens[i], self.latency[i], self.attempts[i] = entry.output_tokens, entry.latency_s, entry.attempts
+        (self.finish_reason[i], self.stop[i], self.prompt_tokens[i], self.reasoning[i], self.token_logprobs[i],
+         self.top_logprobs[i]) = entry.details
         if entry.blamed and entry.status == "error":
             self.retryable += 1
             self.blamed.add(i)
@@ -99,6 +110,13 @@ class UnitBuffer:
         record = {"i": rows, "id": [ids[i] for i in rows], "response": [self.response[i] for i in rows],
                   "tokens": [self.output_tokens[i] for i in rows], "latency": [self.latency[i] for i in rows],
                   "attempts": [self.attempts[i] for i in rows]}
+        if any(self.finish_reason[i] is not None or self.prompt_tokens[i] is not None for i in rows):
+            record.update(finish=[self.finish_reason[i] for i in rows], stop=[self.stop[i] for i in rows],
+                          ptokens=[self.prompt_tokens[i] for i in rows])
+        for key, column in (("reasoning", self.reasoning), ("logprobs", self.token_logprobs),
+                            ("top", self.top_logprobs)):
+            if any(column[i] is not None for i in rows):
+                record[key] = [column[i] for i in rows]
         if any(status[i] != "ok" for i in rows):
             record.update(status=[status[i] for i in rows], error=[self.error[i] for i in rows],
                           blamed=[i for i in rows if i in self.blamed])
@@ -124,10 +142,16 @@ class UnitBuffer:
             "id": pa.array(self.ids, schema.field("id").type), "response": pa.array(self.response, pa.string()),
             "responses": pa.array(self.responses or [], pa.list_(pa.string())),
             "status": pa.array(self.status, pa.string()), "error": pa.array(self.error, pa.string()),
+            "finish_reason": pa.array(self.finish_reason, pa.string()), "stop": pa.array(self.stop, pa.string()),
+            "prompt_tokens": pa.array(self.prompt_tokens, pa.int64()),
+            "reasoning": pa.array(self.reasoning, pa.string()),
             "output_tokens": pa.array(self.output_tokens, pa.int64()),
             "latency_s": pa.array(self.latency, pa.float64()),
             "attempts": pa.array(self.attempts, pa.int32()),
         }
+        for name in ("token_logprobs", "top_logprobs"):  # sampling.logprobs
+            if name in schema.names:
+                columns[name] = pa.array(getattr(self, name), schema.field(name).type)
         if "rollout" in schema.names:  # answer i is rollout i % N of its input row
             columns["rollout"] = pa.array([i % self.rollouts for i in range(len(self.ids))], pa.int32())
         for name in schema.names:
@@ -189,7 +213,8 @@ class UnitSource:
                     if keep is not None and keep["status"][i] == "ok":
                         buf.restore(i, Entry(ids[offset], "ok", keep["response"][i], None, keep["output_tokens"][i],
                                              keep["latency_s"][i], keep["attempts"][i], False,
-                                             (keep.get("responses") or [None] * (i + 1))[i], None))
+                                             (keep.get("responses") or [None] * (i + 1))[i], None,
+                                             Details(*((keep.get(c) or [None] * (i + 1))[i] for c in DETAILS))))
                         continue
                     entry = replay.get(i) if replay else None
                     if entry is not None and entry.id == ids[offset] and \
@@ -252,11 +277,12 @@ class UnitSource:
 
 
 def settle_answers(batch: list[tuple], completions: list, latency: float, attempt: int, end_strings: list[str],
-                   strip: bool) -> tuple[int, int, int]:
+                   strip: bool, budget: int, think: list[str] | None = None) -> tuple[int, int, int]:
     """A request's completions into its rows (a NeMo copy whose answer the row already has is skipped): the
     answers taken, the tokens they generated, and the rows whose own answer was unusable (Completion.error:
     that row's error, the engine's fault, so retry_failed=true redoes it; the request's other rows are
-    answered)."""
+    answered). budget: the tokens a request may generate (an answer's finish_reason where the engine gives
+    only a count); think: model.prompt.reasoning_tags, the tags its reasoning is split off the answer at."""
     got, settled, tokens, failed = iter(completions), 0, 0, 0
     for buf, i, sent, _, count in batch:
         for k, comp in zip(range(count), got):
@@ -266,8 +292,14 @@ def settle_answers(batch: list[tuple], completions: list, latency: float, attemp
                 buf.fail(i + k, comp.error, attempt, retryable=True)
                 failed += 1
                 continue
-            buf.succeed(i + k, postprocess(comp.text, sent, end_strings, strip), comp.output_tokens,
-                        latency, attempt)
+            text, matched = cut_answer(comp.text, sent, end_strings, strip)
+            finish, stop = ending(comp.finish_reason, comp.stop, matched, comp.output_tokens, budget)
+            reasoning = comp.reasoning
+            if reasoning is None and think:
+                reasoning, text = split_reasoning(text, think)
+            buf.succeed(i + k, text, comp.output_tokens, latency, attempt,
+                        details=Details(finish, stop, comp.prompt_tokens, reasoning, comp.token_logprobs,
+                                        comp.top_logprobs))
             settled += 1
             tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
     return settled, tokens, failed

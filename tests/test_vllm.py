@@ -151,3 +151,38 @@ def test_multi_turn_chat_sends_turn_two_with_the_models_first_answer(vllm_server
                         "data.messages_column=messages"]), show_progress=False)
     again = results(tmp_path / "replay").sort_values("id").reset_index(drop=True)
     assert list(again["response"]) == [r[1] for r in df["responses"]]
+
+
+def test_finish_reason_stop_and_token_counts_are_vllms_own(vllm_server, tmp_path):
+    """vLLM's finish_reason and stop_reason (the stop string it matched), and usage.prompt_tokens, in each row:
+    length when the budget ran out, stop at <extra_id_1> when a logit bias makes it come first."""
+    import requests
+
+    prompts = ["What is 2 + 2?", "Name a colour.", "Tell me about the number 7."]
+    raw = ["model.prompt.format=raw", "sampling.greedy=true", "sampling.tokens_to_generate=6"]
+    budget = endpoint_rows(vllm_server, tmp_path, "budget", prompts, *raw, "sampling.end_strings=[]")
+    assert (budget["status"] == "ok").all() and (budget["output_tokens"] == 6).all()
+    assert (budget["finish_reason"] == "length").all() and budget["stop"].isna().all()
+    counts = [requests.post(vllm_server.url + "/tokenize", json={"model": vllm_server.model_name, "prompt": p},
+                            timeout=30).json()["count"] for p in prompts]
+    assert list(budget["prompt_tokens"]) == counts  # rows q0, q1, q2: the prompts in order
+    turn_end = _token_id(vllm_server, "<extra_id_1>")
+    stopped = endpoint_rows(vllm_server, tmp_path, "stopped", prompts, *raw, "sampling.end_strings=['<extra_id_1>']",
+                            f"+engine.extra_body.logit_bias.{turn_end}=100")
+    assert (stopped["finish_reason"] == "stop").all() and (stopped["stop"] == "<extra_id_1>").all()
+    assert (stopped["output_tokens"] == 1).all()
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_logprobs_three_alternatives_a_token_as_many_as_output_tokens(vllm_server, tmp_path, api):
+    df = endpoint_rows(vllm_server, tmp_path, f"lp-{api}", None, "sampling.logprobs=3", "sampling.tokens_to_generate=8",
+                       "sampling.temperature=0.8", "sampling.seed=11", f"engine.api={api}",
+                       *(["model.prompt.format=raw"] if api == "completions" else []))
+    assert (df["status"] == "ok").all() and (df["output_tokens"] > 0).all()
+    assert (df["token_logprobs"].map(len) == df["output_tokens"]).all()
+    assert (df["top_logprobs"].map(len) == df["output_tokens"]).all()
+    for tops, chosen in zip(df["top_logprobs"], df["token_logprobs"]):
+        for alternatives, logprob in zip(tops, chosen):
+            values = [a["logprob"] for a in alternatives]
+            assert len(alternatives) == 3 and values == sorted(values, reverse=True)
+            assert logprob <= values[0] + 1e-6  # the sampled token is at most as likely as the best

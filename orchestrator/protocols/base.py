@@ -48,6 +48,12 @@ class Completion:
     text: str  # the engine's output for one prompt, echo included where the engine echoes
     output_tokens: int | None
     error: str | None = None  # set: this answer is unusable (a MalformedAnswer's message), text and tokens unset
+    finish_reason: str | None = None  # the engine's own word for why the answer ended (OpenAI's finish_reason)
+    stop: str | None = None  # the stop string the engine says it matched (vLLM's stop_reason, when a string)
+    prompt_tokens: int | None = None  # the prompt's tokens, from the engine's usage
+    reasoning: str | None = None  # a reasoning model's thinking, sent apart from the answer (vLLM's reasoning)
+    token_logprobs: list | None = None  # sampling.logprobs: each output token's logprob
+    top_logprobs: list | None = None  # and per token its K most likely alternatives, [{token, logprob}, ...]
 
     @classmethod
     def checked(cls, make: Callable[[], Completion]) -> Completion:
@@ -71,6 +77,13 @@ class EngineInfo:
     inputs: dict[str, str] = field(default_factory=dict)  # triton: the model's input tensors, name -> datatype
     can_tokenize: bool = False  # POST /tokenize counts tokens (vLLM, SGLang)
     max_batch_size: int | None = None  # triton: rows one request may carry (the model config's max_batch_size)
+
+
+def logprobs_refused(cfg: Config, engine: str, protocol: str) -> str:
+    """Why sampling.logprobs cannot be served: the client reads logprobs from OpenAI servers' answers only."""
+    return (f"sampling.logprobs={cfg.sampling.logprobs}: engine={engine} speaks the {protocol} protocol, whose "
+            f"answers the client reads no logprobs from; use an engine with the OpenAI API (vllm, sglang, trtllm, "
+            f"or engine=endpoint on one), or unset sampling.logprobs")
 
 
 def _status(status: int, body: Any, message: Any = None) -> None:

@@ -12,7 +12,18 @@ from itertools import accumulate
 from typing import Any
 
 from ..config import Config
-from .base import Completion, EngineInfo, Http, MalformedAnswer, RejectedError, _status, _text, engine_info
+from ..errors import ConfigError
+from .base import (
+    Completion,
+    EngineInfo,
+    Http,
+    MalformedAnswer,
+    RejectedError,
+    _status,
+    _text,
+    engine_info,
+    logprobs_refused,
+)
 
 NAME = "nemo"
 NEMO_MAX_SENTENCES = 128
@@ -31,7 +42,10 @@ def _sentence(i: int, text: Any, tok: Any, prompt: str) -> Completion:
     """Sentence i of an answer with its tokens; raises MalformedAnswer when either is unusable."""
     if tok is not None and not (isinstance(tok, list) and all(isinstance(t, str) for t in tok)):
         raise MalformedAnswer(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
-    return Completion(_text(text, f"sentences[{i}]"), _count_output_tokens(tok, prompt) if tok else None)
+    if not tok:
+        return Completion(_text(text, f"sentences[{i}]"), None)
+    generated = _count_output_tokens(tok, prompt)  # the rest of its tokens are the prompt's
+    return Completion(_text(text, f"sentences[{i}]"), generated, prompt_tokens=len(tok) - generated)
 
 
 def nemo_copies(cfg: Config) -> bool:
@@ -49,6 +63,8 @@ class NemoCodec:
     takes_seed = True  # random_seed: one per request
 
     def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
+        if cfg.sampling.logprobs is not None:  # found only now where the protocol was detected (engine=endpoint)
+            raise ConfigError(logprobs_refused(cfg, cfg.engine.name, NAME))
         # one random_seed per request: with several rollouts every prompt has its own, so one prompt a request
         rollouts = cfg.sampling.rollouts
         self.batch_size = 1 if rollouts > 1 else min(cfg.client.batch_size, NEMO_MAX_SENTENCES)

@@ -72,6 +72,9 @@ class OpenAICodec:
             self.base["top_k"] = s.top_k
         if s.seed is not None:
             self.base["seed"] = s.seed
+        self.logprobs = s.logprobs
+        if s.logprobs is not None:  # the chat API's form, or the completions API's (K alternatives a token)
+            self.base.update({"logprobs": True, "top_logprobs": s.logprobs} if self.chat else {"logprobs": s.logprobs})
         self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
@@ -111,11 +114,12 @@ class OpenAICodec:
         except (KeyError, IndexError, TypeError):
             raise MalformedAnswer("malformed OpenAI response: "
                                   f"no choices[0].{'message.content' if self.chat else 'text'}") from None
-        usage = body.get("usage")
-        if usage is not None and not isinstance(usage, dict):
-            raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
-        return [Completion(_text(text, "choices[0].text"), _tokens((usage or {}).get("completion_tokens"),
-                                                                  "usage.completion_tokens"))]
+        usage = _usage(body)
+        return [Completion(_text(text, "choices[0].text"), _tokens(usage.get("completion_tokens"),
+                                                                  "usage.completion_tokens"),
+                           **_ending(choice, 0), prompt_tokens=_tokens(usage.get("prompt_tokens"),
+                                                                      "usage.prompt_tokens"),
+                           reasoning=_reasoning(choice) if self.chat else None, **self._logprobs(choice, 0))]
 
     def _parse_choices(self, body: Any, n: int) -> list[Completion]:
         """The n answers of one request, in the order of their index (choice i: seed + i); each one's token
@@ -127,11 +131,12 @@ class OpenAICodec:
         indexes = [c.get("index") for c in choices]
         if sorted(i for i in indexes if isinstance(i, int) and not isinstance(i, bool)) != list(range(n)):
             raise MalformedAnswer(f"malformed OpenAI response: choice indexes {indexes[:8]}, not 0..{n - 1}")
+        prompt_tokens = _tokens(_usage(body).get("prompt_tokens"), "usage.prompt_tokens")  # one prompt, n answers
         # each choice on its own: an unusable one is its answer's error, the others are answers
-        return [Completion.checked(lambda choice=choice: self._choice(choice))
+        return [Completion.checked(lambda choice=choice: self._choice(choice, prompt_tokens))
                 for choice in sorted(choices, key=lambda c: c["index"])]
 
-    def _choice(self, choice: dict) -> Completion:
+    def _choice(self, choice: dict, prompt_tokens: int | None) -> Completion:
         """One choice of an answer with n; raises MalformedAnswer when it is unusable."""
         i = choice["index"]
         try:
@@ -142,7 +147,65 @@ class OpenAICodec:
         ids = choice.get("token_ids")
         if ids is not None and not isinstance(ids, list):
             raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].token_ids is {type(ids).__name__}")
-        return Completion(_text(text, f"choices[{i}].text"), len(ids) if ids is not None else None)
+        return Completion(_text(text, f"choices[{i}].text"), len(ids) if ids is not None else None,
+                          **_ending(choice, i), prompt_tokens=prompt_tokens,
+                          reasoning=_reasoning(choice) if self.chat else None, **self._logprobs(choice, i))
+
+    def _logprobs(self, choice: dict, i: int) -> dict:
+        """sampling.logprobs=K: choice i's token logprobs and each token's K best alternatives (best first),
+        from the chat API's logprobs.content or the completions API's token_logprobs and top_logprobs (whose
+        dicts may hold the sampled token beside the K: the K best are kept). Anything else is malformed."""
+        if self.logprobs is None:
+            return {}
+        found, k = choice.get("logprobs"), self.logprobs
+        bad = MalformedAnswer(f"malformed OpenAI response: choices[{i}].logprobs is not the "
+                              f"{'chat' if self.chat else 'completions'} API's logprobs (sampling.logprobs={k})")
+        try:
+            if self.chat:
+                content = found["content"]
+                chosen = [float(t["logprob"]) for t in content]
+                top = [[_alt(a["token"], a["logprob"]) for a in t.get("top_logprobs") or []][:k] for t in content]
+            else:
+                chosen = [float(x) for x in found["token_logprobs"]]
+                top = [sorted((_alt(tok, lp) for tok, lp in (d or {}).items()), key=lambda a: -a["logprob"])[:k]
+                       for d in found.get("top_logprobs") or [{}] * len(chosen)]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise bad from None
+        if len(top) != len(chosen):
+            raise bad
+        return {"token_logprobs": chosen, "top_logprobs": top}
+
+
+def _usage(body: dict) -> dict:
+    usage = body.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
+    return usage or {}
+
+
+def _alt(token: Any, logprob: Any) -> dict:
+    """One alternative of a token: the top_logprobs column's struct."""
+    if not isinstance(token, str):
+        raise TypeError(token)
+    return {"token": token, "logprob": float(logprob)}
+
+
+def _reasoning(choice: dict) -> str | None:
+    """A reasoning model's thinking, which vLLM's reasoning parser sends beside the answer (`reasoning`;
+    `reasoning_content` before vLLM 0.10, and in SGLang)."""
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    found = message.get("reasoning", message.get("reasoning_content"))
+    return found if isinstance(found, str) else None
+
+
+def _ending(choice: dict, i: int) -> dict:
+    """Why choice i ended, in the engine's words: finish_reason, and vLLM's stop_reason when it is the stop
+    string that matched (a token id or null: not a string; SGLang's matched_stop likewise)."""
+    reason = choice.get("finish_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise MalformedAnswer(f"malformed OpenAI response: choices[{i}].finish_reason is {reason!r}")
+    stop = choice.get("stop_reason", choice.get("matched_stop"))
+    return {"finish_reason": reason, "stop": stop if isinstance(stop, str) else None}
 
 
 def openai_api(cfg: Config) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import requests
 
 from ..config import Config, default_capacity
+from ..errors import ConfigError
 from .base import (
     Completion,
     EngineInfo,
@@ -23,6 +24,7 @@ from .base import (
     _status,
     _text,
     engine_info,
+    logprobs_refused,
 )
 
 NAME = "triton"
@@ -40,6 +42,8 @@ class TritonCodec:
     echoes_prompt = False
 
     def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
+        if cfg.sampling.logprobs is not None:  # found only now where the protocol was detected (engine=endpoint)
+            raise ConfigError(logprobs_refused(cfg, cfg.engine.name, NAME))
         model = info.model_name if info else (cfg.engine.served_model_name or cfg.model.name)
         self.generate = bool(info and info.api == "generate")
         self.path = f"/v2/models/{model}/{'generate' if self.generate else 'infer'}"

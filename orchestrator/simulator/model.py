@@ -149,6 +149,7 @@ class _Generation:
     stop_reason: str | int | None  # the stop string or stop token id that fired (vLLM's stop_reason)
     generated: int          # tokens the model produced (for the latency model)
     token_ids: tuple = ()   # the ids of the completion_tokens tokens (vLLM's return_token_ids)
+    tokens: tuple = ()      # those tokens' text (for their logprobs)
 
 
 def generate_text(prompt: str, max_tokens: int, stop: list[str], seed: int, max_natural_tokens: int, *,
@@ -156,8 +157,17 @@ def generate_text(prompt: str, max_tokens: int, stop: list[str], seed: int, max_
     """See _generate_text; with the ids of the tokens it counts."""
     g, gen = _generate_text(prompt, max_tokens, stop, seed, max_natural_tokens, skip_special_tokens=skip_special_tokens,
                             stop_token_ids=stop_token_ids, include_stop_str=include_stop_str)
-    g.token_ids = tuple(map(token_id, gen[:g.completion_tokens]))
+    g.tokens = tuple(gen[:g.completion_tokens])
+    g.token_ids = tuple(map(token_id, g.tokens))
     return g
+
+
+def top_logprobs(token: str, k: int) -> list[tuple[str, float]]:
+    """The sampled token and k - 1 other vocabulary tokens, each less likely than the one before (the
+    sampled token is the most likely: the simulated model is sure of itself)."""
+    best = _logprob(token)
+    others = [t for t in _VOCAB_TOKENS[: k + 1] if t != token][: max(0, k - 1)]
+    return ([(token, best)] if k else []) + [(t, best - 0.5 * (j + 1)) for j, t in enumerate(others)]
 
 
 def _generate_text(prompt: str, max_tokens: int, stop: list[str], seed: int, max_natural_tokens: int, *,

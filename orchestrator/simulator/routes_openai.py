@@ -8,7 +8,7 @@ import uuid
 
 from aiohttp import web
 
-from .model import _TOKEN_RE, _Generation, generate_text, render_chat, token_id
+from .model import _TOKEN_RE, _Generation, _logprob, generate_text, render_chat, token_id, top_logprobs
 from .validation import (
     _CHAT_RULES,
     _OAI_DEFAULTS,
@@ -106,15 +106,24 @@ class _OpenAIRoutes:
         if isinstance(answered, web.Response):
             return answered
         prompts, gens, p = answered
-        return _json(body(prompts, gens, bool(p["return_token_ids"])))
+        return _json(body(prompts, gens, bool(p["return_token_ids"]), p))
 
     async def completions(self, request: web.Request) -> web.Response:
         return await self._oai_respond(request, self._check_completion, self._completion)
 
-    def _completion(self, prompts, gens: list[_Generation], ids: bool) -> dict:
+    def _completion(self, prompts, gens: list[_Generation], ids: bool, p: dict) -> dict:
         """The body of a ``/v1/completions`` answer."""
         n = len(gens) // len(prompts)
-        choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason,
+        k = p.get("logprobs")
+
+        def logprobs(g: _Generation) -> dict | None:  # vLLM's completions form: K alternatives a token
+            if k is None:
+                return None
+            offsets = [sum(len(t) for t in g.tokens[:j]) for j in range(len(g.tokens))]
+            return {"text_offset": offsets, "token_logprobs": [_logprob(t) for t in g.tokens],
+                    "tokens": list(g.tokens), "top_logprobs": [dict(top_logprobs(t, k)) for t in g.tokens]}
+
+        choices = [{"index": i, "text": g.text, "logprobs": logprobs(g), "finish_reason": g.finish_reason,
                     **({"prompt_token_ids": list(map(token_id, _TOKEN_RE.findall(prompts[i // n][0]))),
                         "token_ids": list(g.token_ids)} if ids else {})}
                    for i, g in enumerate(gens)]
@@ -148,8 +157,19 @@ class _OpenAIRoutes:
     async def chat_completions(self, request: web.Request) -> web.Response:
         return await self._oai_respond(request, self._check_chat, self._chat_completion)
 
-    def _chat_completion(self, prompts, gens: list[_Generation], ids: bool) -> dict:
+    def _chat_completion(self, prompts, gens: list[_Generation], ids: bool, p: dict) -> dict:
         """The body of a ``/v1/chat/completions`` answer."""
+
+        def logprobs(g: _Generation) -> dict | None:  # the chat form: logprobs=true, top_logprobs=K
+            if not p.get("logprobs"):
+                return None
+            k = p.get("top_logprobs") or 0
+
+            def entry(token: str, logprob: float) -> dict:
+                return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+            return {"content": [{**entry(t, _logprob(t)), "top_logprobs": [entry(*a) for a in top_logprobs(t, k)]}
+                                for t in g.tokens]}
 
         def message(g: _Generation) -> dict:
             return {"role": "assistant", "content": g.text, "refusal": None, "annotations": None, "audio": None,
@@ -158,7 +178,7 @@ class _OpenAIRoutes:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.s.model_name,
-            "choices": [{"index": i, "message": message(g), "logprobs": None, "finish_reason": g.finish_reason,
+            "choices": [{"index": i, "message": message(g), "logprobs": logprobs(g), "finish_reason": g.finish_reason,
                          "stop_reason": g.stop_reason, "token_ids": list(g.token_ids) if ids else None}
                         for i, g in enumerate(gens)],
             "service_tier": None, "system_fingerprint": None,
