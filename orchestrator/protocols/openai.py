@@ -11,7 +11,7 @@ from typing import Any
 
 import requests
 
-from ..config import Config, default_capacity
+from ..config import MAX_LOGPROBS, Config, default_capacity
 from .base import (
     PROBE_PROMPT,
     Completion,
@@ -74,7 +74,10 @@ class OpenAICodec:
             self.base["seed"] = s.seed
         self.logprobs = s.logprobs
         if s.logprobs is not None:  # the chat API's form, or the completions API's (K alternatives a token)
-            self.base.update({"logprobs": True, "top_logprobs": s.logprobs} if self.chat else {"logprobs": s.logprobs})
+            # vLLM's chat API lists the sampled token first and cuts at top_logprobs, so the sampled token may
+            # push the K-th best out: one more is asked for, and the K best kept (_best)
+            self.base.update({"logprobs": True, "top_logprobs": min(s.logprobs + 1, MAX_LOGPROBS)} if self.chat
+                             else {"logprobs": s.logprobs})
         self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
@@ -164,10 +167,10 @@ class OpenAICodec:
             if self.chat:
                 content = found["content"]
                 chosen = [float(t["logprob"]) for t in content]
-                top = [[_alt(a["token"], a["logprob"]) for a in t.get("top_logprobs") or []][:k] for t in content]
+                top = [_best([_alt(a["token"], a["logprob"]) for a in t.get("top_logprobs") or []], k) for t in content]
             else:
                 chosen = [float(x) for x in found["token_logprobs"]]
-                top = [sorted((_alt(tok, lp) for tok, lp in (d or {}).items()), key=lambda a: -a["logprob"])[:k]
+                top = [_best([_alt(tok, lp) for tok, lp in (d or {}).items()], k)
                        for d in found.get("top_logprobs") or [{}] * len(chosen)]
         except (KeyError, TypeError, ValueError, AttributeError):
             raise bad from None
@@ -181,6 +184,11 @@ def _usage(body: dict) -> dict:
     if usage is not None and not isinstance(usage, dict):
         raise MalformedAnswer(f"malformed OpenAI response: usage is {type(usage).__name__}")
     return usage or {}
+
+
+def _best(alternatives: list[dict], k: int) -> list[dict]:
+    """The k most likely, best first (vLLM lists the sampled token first, whatever its rank)."""
+    return sorted(alternatives, key=lambda a: -a["logprob"])[:k]
 
 
 def _alt(token: Any, logprob: Any) -> dict:
