@@ -14,7 +14,6 @@ from orchestrator.config import compose
 from orchestrator.errors import ConfigError, InputError
 from orchestrator.frontend import run
 from orchestrator.preflight import prepare
-from orchestrator.prompts import row_prompt
 from orchestrator.reader import read_unit
 from tests.test_client import results
 from tests.test_conversations import Recorder, run_against
@@ -107,6 +106,8 @@ def test_the_system_column_is_the_system_message_on_the_chat_api(recorder, tmp_p
 
 
 def test_a_row_system_prompt_in_each_format():
+    from orchestrator.prompts import row_prompt
+
     steer = compose(["model=llama2_70b_steerlm_chat"]).model.prompt
     assert row_prompt("Q", "S", steer) == ("<extra_id_0>System\nS\n<extra_id_1>User\nQ\n<extra_id_1>Assistant\n"
                                            f"<extra_id_2>{steer.steerlm_attributes}\n")
