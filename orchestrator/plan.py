@@ -199,9 +199,9 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
             read, missing = template_columns(data.prompt_template, names)
             if missing:
                 raise InputError(f"{path}: data.prompt_template uses {_names(missing)} that the input lacks; "
-                                 f"the columns are {names}; name only these columns in the template (e.g. "
-                                 f"{{{{ {names[0] if names else 'prompt'} }}}}), or add the missing ones to the "
-                                 f"input")
+                                 f"the columns are {names}; name only these in the template (by their names, "
+                                 f"e.g. {{{{ {names[0] if names else 'question'} }}}}), or add the missing "
+                                 f"{'column' if len(missing) == 1 else 'columns'} to the input")
             for name in read:
                 used.setdefault(name, None)
         elif data.prompt_column not in names:

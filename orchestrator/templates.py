@@ -72,8 +72,12 @@ def render_row(template, values: dict) -> tuple[str | None, str | None]:
         return template.render(values), None
     except Exception as exc:  # the template is the user's: anything it raises is this row's error
         message = str(exc).splitlines()[0][:300] if str(exc) else ""
-        kind = "" if isinstance(exc, NullValue) else f"{type(exc).__name__}: "
-        return None, f"data.prompt_template cannot be rendered for this row: {kind}{message}"
+        if isinstance(exc, NullValue):
+            nulls = [name for name, value in values.items() if value is None]
+            message += f" (null in this row: {', '.join(nulls)})" if nulls else ""
+        else:
+            message = f"{type(exc).__name__}: {message}"
+        return None, f"data.prompt_template cannot be rendered for this row: {message}"
 
 
 def row_prompts(part, plan) -> list[tuple]:

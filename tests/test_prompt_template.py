@@ -177,7 +177,9 @@ def test_printing_a_null_or_escaping_the_sandbox_is_a_row_error(tmp_path):
     src = judge_rows(tmp_path / "in.parquet", answer=["4", None, "x"])
     _, df = local_run(tmp_path, "null", src, template(JUDGE))
     assert list(df["status"]) == ["ok", "error", "ok"]
-    assert "the template prints a null value" in df.loc["j1", "error"]
+    assert df.loc["j1", "error"].startswith("data.prompt_template cannot be rendered for this row: the template "
+                                            "prints a null value")
+    assert df.loc["j1", "error"].endswith("(null in this row: answer)")
     _, df = local_run(tmp_path, "default", src, template("{{ question }} {{ answer | default('none given', true) }}"),
                       "model.prompt.format=raw", "model.prompt.strip_echo=false")
     assert (df["status"] == "ok").all() and df.loc["j1", "response"].startswith(f"{QUESTIONS[1]} none given")
@@ -200,3 +202,14 @@ def test_changing_the_template_or_system_column_on_a_run_dir_is_refused(tmp_path
         prepare(compose(base + [template(JUDGE), "data.system_column=sys"]))
     with pytest.raises(InputError, match=r"data.prompt_template was 'Question.*', now None"):
         prepare(compose(base))
+
+
+def test_a_template_with_rollouts_sends_the_rendered_text_for_every_answer(tmp_path):
+    src = judge_rows(tmp_path / "in.parquet")
+    _, df = local_run(tmp_path, "r", src, template(JUDGE), "model.prompt.format=raw", "model.prompt.strip_echo=false",
+                      "sampling.rollouts=2", "sampling.greedy=false", "sampling.top_k=0", "sampling.seed=1")
+    assert len(df) == 6 and (df["status"] == "ok").all()
+    for i in range(3):
+        answers = df.loc[f"j{i}"].sort_values("rollout")
+        assert list(answers["rollout"]) == [0, 1]
+        assert all(r.startswith(rendered(i) + "[simulated]") for r in answers["response"])
