@@ -358,12 +358,38 @@ class DataConfig:
     turns_column: Optional[str] = None  # a list of user turns per row: each is sent with the model's earlier answers
     attributes_column: Optional[str] = None  # SteerLM attribute line per row; None = model.prompt.steerlm_attributes
     keep_columns: List[str] = field(default_factory=list)  # input columns copied into the results
+    # each row's prompt from any input columns: a sandboxed Jinja2 template (docs/configuration.md "Prompt
+    # templates"), e.g. 'Question: {{ question }}'; replaces prompt_column
+    prompt_template: Optional[str] = None
+    system_column: Optional[str] = None  # each row's system prompt (text); None = model.prompt.system
 
     def __post_init__(self) -> None:
         _check_range("data.unit_rows", self.unit_rows, lo=1)
         _check_range("data.read_batch_rows", self.read_batch_rows, lo=1)
         _check_literals(self, "data")
         _check_range("data.bytes_per_token", self.bytes_per_token, lo=0, lo_open=True)
+        self._check_templates()
+
+    def _check_templates(self) -> None:
+        """data.prompt_template's syntax, and what it and data.system_column cannot be combined with."""
+        conversation = [f"data.{k}={getattr(self, k)!r}" for k in ("messages_column", "turns_column")
+                        if getattr(self, k)]
+        if self.prompt_template is not None:
+            if not self.prompt_template.strip():
+                raise ConfigError("data.prompt_template is empty; give a template (e.g. data.prompt_template="
+                                  "'Question: {{ question }}') or leave it unset to send data.prompt_column")
+            if conversation:
+                raise ConfigError(f"data.prompt_template cannot be combined with {' and '.join(conversation)}: a "
+                                  f"template builds one prompt per row, a conversation column is sent as its "
+                                  f"messages. Drop data.prompt_template, or the conversation column")
+            from .templates import compile_template
+
+            compile_template(self.prompt_template)
+        if self.system_column and conversation:
+            raise ConfigError(f"data.system_column={self.system_column!r} cannot be combined with "
+                              f"{' and '.join(conversation)}: a conversation's system prompt is its first message "
+                              f"(role system) in data.messages_column. Drop data.system_column, or put the system "
+                              f"message first in each row's messages")
 
 
 @dataclass

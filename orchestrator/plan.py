@@ -20,10 +20,12 @@ from .inputs import (
     _check_conversation_columns,
     _footers,
     _id_type,
+    _is_text,
     _kept_types,
     _list_value,
     discover_inputs,
 )
+from .templates import template_columns
 
 
 class Units(Sequence):
@@ -117,6 +119,9 @@ class Plan:
     keep_columns: list[str] = field(default_factory=list)
     keep_schema: str = ""  # the kept columns' arrow types (base64 IPC schema), the same in every file
     rollouts: int = 1  # answers per input row (sampling.rollouts): a unit's results are rows x rollouts
+    prompt_template: str | None = None  # data.prompt_template: each row's prompt from template_columns
+    template_columns: list[str] = field(default_factory=list)  # the input columns the template reads
+    system_column: str | None = None  # each row's system prompt (data.system_column)
 
     @property
     def total_rows(self) -> int:
@@ -140,8 +145,9 @@ class Plan:
     @property
     def input_columns(self) -> list[str]:
         """The columns a unit's rows are read from, each once."""
+        prompt = list(self.template_columns) if self.prompt_template is not None else [self.prompt_column]
         named = ([self.messages_column, self.turns_column, self.attributes_column] if self.conversational
-                 else [self.prompt_column]) + list(self.keep_columns) + [self.id_column]
+                 else prompt + [self.system_column]) + list(self.keep_columns) + [self.id_column]
         return list(dict.fromkeys(c for c in named if c))
 
     def to_json(self) -> str:
@@ -184,10 +190,20 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
     id_types: dict[str, str] = {}
     kept: dict[str, tuple[pa.DataType, Path]] = {}
     conversational = bool(data.messages_column or data.turns_column)
+    used: dict[str, None] = {}  # the input columns data.prompt_template reads, in order
     for path, (schema, num_rows, stat) in zip(paths, _footers(paths)):
         names = schema.names
         if conversational:
             _check_conversation_columns(path, schema, data)
+        elif data.prompt_template is not None:
+            read, missing = template_columns(data.prompt_template, names)
+            if missing:
+                raise InputError(f"{path}: data.prompt_template uses {_names(missing)} that the input lacks; "
+                                 f"the columns are {names}; name only these in the template (by their names, "
+                                 f"e.g. {{{{ {names[0] if names else 'question'} }}}}), or add the missing "
+                                 f"{'column' if len(missing) == 1 else 'columns'} to the input")
+            for name in read:
+                used.setdefault(name, None)
         elif data.prompt_column not in names:
             raise InputError(f"{path}: no prompt column {data.prompt_column!r}; the columns are "
                              f"{names}; set data.prompt_column=<one of them> (or data.messages_column, "
@@ -197,6 +213,15 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                              f"store one prompt string per row (a list of {{role, content}} per row is "
                              f"data.messages_column={data.prompt_column}; a list of user turns is "
                              f"data.turns_column={data.prompt_column})")
+        if data.system_column and not conversational:
+            if data.system_column not in names:
+                raise InputError(f"{path}: no system column {data.system_column!r} (data.system_column); the "
+                                 f"columns are {names}; set data.system_column=<one of them>, or leave it unset "
+                                 f"for model.prompt.system")
+            if not _is_text(stype := schema.field(data.system_column).type):
+                raise InputError(f"{path}: system column {data.system_column!r} (data.system_column) has type "
+                                 f"{stype}, not text; store one system prompt string (or null: "
+                                 f"model.prompt.system) per row")
         for name, kind in _kept_types(path, schema, data, rollouts).items():
             first = kept.setdefault(name, (kind, path))
             if first[0] != kind:
@@ -216,7 +241,13 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                 data.id_column if id_type else None,
                 id_type or "string", data.unit_rows, data.messages_column, data.turns_column,
                 data.attributes_column, list(kept),
-                base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "", rollouts)
+                base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "", rollouts,
+                None if conversational else data.prompt_template, list(used),
+                None if conversational else data.system_column or None)
+
+
+def _names(columns: list[str]) -> str:
+    return f"column {columns[0]!r}" if len(columns) == 1 else f"columns {', '.join(map(repr, columns))}"
 
 
 def apply_duplicate_policy(plan: Plan, data: DataConfig, spill_dir: Path | None = None) -> Plan:

@@ -118,9 +118,10 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
                                                                "extra_body")},
         "data": {**{k: getattr(cfg.data, k) for k in ("prompt_column", "id_column", "unit_rows", "duplicate_ids",
                                                       "truncate_prompts", "bytes_per_token")},
-                 # conversations; unset is None, as in a run_dir started before they existed
+                 # conversations and prompt templates; unset is None, as in a run_dir started before they existed
                  **{k: getattr(cfg.data, k) or None for k in ("messages_column", "turns_column",
-                                                             "attributes_column", "keep_columns")}},
+                                                             "attributes_column", "keep_columns",
+                                                             "prompt_template", "system_column")}},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
         "output.format": cfg.output.format,  # the result files' format (orchestrator.sinks)
     }

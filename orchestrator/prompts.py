@@ -30,6 +30,20 @@ def format_prompt(prompt: str, cfg: PromptConfig) -> str:
     return TEMPLATES[cfg.format].format(system=cfg.system, prompt=prompt, attributes=cfg.steerlm_attributes)
 
 
+def row_prompt(prompt: str, system: str | None, cfg: PromptConfig, chat: bool = False):
+    """What is sent for one row's prompt. system: the row's own system prompt (data.system_column), which
+    replaces model.prompt.system (None: the model's, as format_prompt sends it): on the chat API the messages
+    [system, user], else the text in the model's format (raw has no system turn: the system text, a newline,
+    then the prompt, as render_messages joins a conversation; an empty one adds nothing)."""
+    if system is None:
+        return format_prompt(prompt, cfg)
+    if chat:
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    if cfg.format not in HEADERS:
+        return f"{system}\n{prompt}" if system else prompt
+    return render_messages([{"role": "system", "content": system}, {"role": "user", "content": prompt}], cfg)
+
+
 def render_messages(messages: list[dict], cfg: PromptConfig, attributes: str | None = None) -> str:
     """A checked conversation (see conversation.check_messages) as the text a completion engine receives:
     the model's format with its turns alternating, ending where the assistant writes. A system message

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .plan import Plan
+from .templates import row_prompts
 
 
 class UnitReader:
@@ -37,9 +38,10 @@ class UnitReader:
         self._position = starts[first] if starts else 0
 
     def read(self, unit: int) -> Iterator[tuple[list, list]]:
-        """Yield (ids, prompts) for one unit's rows, in order; a file that cannot be decoded is named."""
+        """Yield (ids, prompts) for one unit's rows, in order; a file that cannot be decoded is named. With
+        data.prompt_template the prompts are the rendered ones (None where a row cannot be rendered)."""
         for ids, part in self.read_parts(unit):
-            yield ids, part.column(self.plan.prompt_column).to_pylist()
+            yield ids, [prompt for prompt, _, _ in row_prompts(part, self.plan)]
 
     def read_parts(self, unit: int) -> Iterator[tuple[list, pa.RecordBatch]]:
         """Yield (ids, record batch of plan.input_columns) for one unit's rows, in order."""

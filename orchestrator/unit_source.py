@@ -18,8 +18,9 @@ from .context import ContextFit
 from .conversation import Conversation, Turns, conversation_rows
 from .journal import DETAILS, NO_DETAILS, Details, Entry, Journals, UnitJournal
 from .plan import Plan, rollout_seed
-from .prompts import cut_answer, ending, format_prompt, split_reasoning
+from .prompts import cut_answer, ending, row_prompt, split_reasoning
 from .reader import UnitReader
+from .templates import row_prompts
 
 
 class UnitBuffer:
@@ -191,6 +192,7 @@ class UnitSource:
         from them, not sent; with keep (a retried unit's committed columns), its ok rows are kept as they
         are. Only the others are sent."""
         fmt, batch_size, plan, n = self.cfg.model.prompt, self.protocol.batch_size, self.plan, self.rollouts
+        chat = getattr(self.protocol, "chat", False)  # a row's own system prompt goes as a system message
         rows = plan.unit_answers(unit)  # result rows: input rows x rollouts
         buf = UnitBuffer(unit, rows, turns=bool(plan.turns_column), rollouts=n)
         self.active[unit] = buf
@@ -204,8 +206,8 @@ class UnitSource:
             base = len(buf.ids)
             buf.ids.extend(ids if n == 1 else [ident for ident in ids for _ in range(n)])
             buf.keep(part, plan.keep_columns)
-            prompts = conversation_rows(part, plan) if plan.conversational else \
-                part.column(plan.prompt_column).to_pylist()
+            # a prompt row: (prompt, its system prompt, why it cannot be sent) (templates.row_prompts)
+            prompts = conversation_rows(part, plan) if plan.conversational else row_prompts(part, plan)
             for offset, prompt in enumerate(prompts):
                 first = base + offset * n  # the row's first answer (rollout 0)
                 todo = []  # its rollouts to ask for: those neither kept nor journaled
@@ -234,12 +236,14 @@ class UnitSource:
                             await queue.put(batch)
                             batch = []
                     continue
-                prompt, problem = await self.fit.fit(prompt)
+                prompt, system, problem = prompt
+                if not problem:
+                    prompt, problem = await self.fit.fit(prompt)
                 if problem:
                     for k in todo:
                         buf.fail(first + k, problem)
                     continue
-                for item in self.requests(buf, first, format_prompt(prompt, fmt), ids[offset], todo):
+                for item in self.requests(buf, first, row_prompt(prompt, system, fmt, chat), ids[offset], todo):
                     batch.append(item)
                     if len(batch) >= batch_size:
                         await queue.put(batch)
