@@ -113,6 +113,8 @@ def fabricate(folder: str, units: str, out: str, grouped: str = "1") -> None:
                           "status": ["error" if bad else "ok"],
                           "error": [f"gave up after {1 + unit % 5} attempts: HTTP 500 from replica {unit % 3}" if bad
                                     else None],
+                          "finish_reason": [None if bad else "stop"], "stop": [None],
+                          "prompt_tokens": [None if bad else 2], "reasoning": [None],
                           "output_tokens": [None if bad else 3], "latency_s": [0.25],
                           "attempts": pa.array([1], pa.int32())}, schema=schema)
         stats = {"rows": 1, "ok": 0 if bad else 1, "failed": int(bad), "output_tokens": 0 if bad else 3, "units": 1,

@@ -223,7 +223,9 @@ def many_units(tmp_path_factory):
 def unit_table(plan, unit: int, bad: bool, error: str | None = None) -> pa.Table:
     return pa.table({"id": [f"q{unit}"], "response": [None if bad else "x"], "status": ["error" if bad else "ok"],
                      "error": [(error or f"gave up after {unit % 4 + 1} attempts: HTTP 503") if bad else None],
-                     "output_tokens": [0 if bad else 2], "latency_s": [0.5], "attempts": pa.array([1], pa.int32())},
+                     "finish_reason": [None if bad else "stop"], "stop": [None], "prompt_tokens": [None if bad else 9],
+                     "reasoning": [None], "output_tokens": [0 if bad else 2], "latency_s": [0.5],
+                     "attempts": pa.array([1], pa.int32())},
                     schema=result_schema(plan))
 
 
