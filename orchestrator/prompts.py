@@ -66,14 +66,10 @@ def render_messages(messages: list[dict], cfg: PromptConfig, attributes: str | N
     return "".join(parts) + ROLE_TAGS["assistant"] + attribute_line
 
 
-def postprocess(output: str, sent_prompt: str, end_strings: list[str], strip_echo: bool = True) -> str:
-    """Strip the echoed prompt (NeMo returns prompt + generation), cut at the first end string, trim."""
-    return cut_answer(output, sent_prompt, end_strings, strip_echo)[0]
-
-
 def cut_answer(output: str, sent_prompt: str, end_strings: list[str],
                strip_echo: bool = True) -> tuple[str, str | None]:
-    """postprocess's answer, and the end string it was cut at (None: none was in it)."""
+    """The answer in the engine's output: the echoed prompt stripped (NeMo returns prompt + generation), cut at
+    the first end string, trimmed; and that end string (None: none was in it)."""
     if strip_echo and output.startswith(sent_prompt):
         output = output[len(sent_prompt):]
     cut, matched = len(output), None

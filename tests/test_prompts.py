@@ -1,5 +1,5 @@
 from orchestrator.config import PromptConfig, compose
-from orchestrator.prompts import format_prompt, postprocess
+from orchestrator.prompts import cut_answer, format_prompt
 
 
 def test_nemotron4_340b_instruct_template_matches_the_card():
@@ -45,17 +45,21 @@ def test_system_prompt_is_placed():
     assert format_prompt("Q", cfg).startswith("<extra_id_0>System\nBe brief.\n<extra_id_1>User\nQ\n")
 
 
+def answer(output, sent, ends, strip_echo=True):
+    return cut_answer(output, sent, ends, strip_echo)[0]
+
+
 def test_postprocess_strips_echo_cuts_at_first_end_string_and_trims():
     prompt = "<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n"
     out = prompt + " Hello there.\n<extra_id_1>User\nmore"
     ends = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
-    assert postprocess(out, prompt, ends) == "Hello there."
+    assert cut_answer(out, prompt, ends) == ("Hello there.", "<extra_id_1>")  # and the end string it stopped at
 
 
 def test_postprocess_cuts_at_the_earliest_end_string_whatever_the_order():
-    assert postprocess("abc\x11def<|endoftext|>", "", ["<|endoftext|>", "\x11"]) == "abc"
+    assert answer("abc\x11def<|endoftext|>", "", ["<|endoftext|>", "\x11"]) == "abc"
 
 
 def test_postprocess_without_echo_keeps_text():
-    assert postprocess("  answer  ", "question", ["<extra_id_1>"]) == "answer"
-    assert postprocess("question answer", "question", [], strip_echo=False) == "question answer"
+    assert answer("  answer  ", "question", ["<extra_id_1>"]) == "answer"
+    assert answer("question answer", "question", [], strip_echo=False) == "question answer"

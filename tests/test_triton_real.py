@@ -118,7 +118,7 @@ def test_the_answers_are_the_models_for_each_row(server, tmp_path):
     prompts = [f"Tell me about the number {i}." for i in range(12)]
     df = endpoint_rows(server, tmp_path, "rows", prompts, "model.prompt.format=raw", "sampling.end_strings=[]")
     assert (df["status"] == "ok").all()
-    direct = [text.strip() for i in range(0, 12, 4)  # the client trims each answer (prompts.postprocess)
+    direct = [text.strip() for i in range(0, 12, 4)  # the client trims each answer (prompts.cut_answer)
               for text in infer(server.url, server.model_name, prompts[i:i + 4], 16)]
     assert list(df.sort_values("id", key=lambda s: s.str[1:].astype(int))["response"]) == direct
     assert len(set(direct)) > 1  # the model's text, not an echo or a constant

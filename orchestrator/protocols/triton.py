@@ -74,7 +74,7 @@ class TritonCodec:
         if self.end_strings and "stop_words_list" in self.inputs:
             # NeMo's infer function reads this input with str_ndarray2list, which squeezes the last axis: one
             # stop word a row (row i stops at word i), and [n, 2] is an error answer. The first end string
-            # stops generation; the client cuts the answer at every end string (prompts.postprocess).
+            # stops generation; the client cuts the answer at every end string (prompts.cut_answer).
             out.append({"name": "stop_words_list", "datatype": "BYTES", "shape": [n, 1],
                         "data": self.end_strings[:1] * n})
         return out
