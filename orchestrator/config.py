@@ -368,28 +368,9 @@ class DataConfig:
         _check_range("data.read_batch_rows", self.read_batch_rows, lo=1)
         _check_literals(self, "data")
         _check_range("data.bytes_per_token", self.bytes_per_token, lo=0, lo_open=True)
-        self._check_templates()
+        from .templates import check_keys  # data.prompt_template and data.system_column
 
-    def _check_templates(self) -> None:
-        """data.prompt_template's syntax, and what it and data.system_column cannot be combined with."""
-        conversation = [f"data.{k}={getattr(self, k)!r}" for k in ("messages_column", "turns_column")
-                        if getattr(self, k)]
-        if self.prompt_template is not None:
-            if not self.prompt_template.strip():
-                raise ConfigError("data.prompt_template is empty; give a template (e.g. data.prompt_template="
-                                  "'Question: {{ question }}') or leave it unset to send data.prompt_column")
-            if conversation:
-                raise ConfigError(f"data.prompt_template cannot be combined with {' and '.join(conversation)}: a "
-                                  f"template builds one prompt per row, a conversation column is sent as its "
-                                  f"messages. Drop data.prompt_template, or the conversation column")
-            from .templates import compile_template
-
-            compile_template(self.prompt_template)
-        if self.system_column and conversation:
-            raise ConfigError(f"data.system_column={self.system_column!r} cannot be combined with "
-                              f"{' and '.join(conversation)}: a conversation's system prompt is its first message "
-                              f"(role system) in data.messages_column. Drop data.system_column, or put the system "
-                              f"message first in each row's messages")
+        check_keys(self)
 
 
 @dataclass

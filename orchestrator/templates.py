@@ -48,6 +48,26 @@ def compile_template(source: str):
                           + "; fix the template (columns by name: 'Question: {{ question }}')") from None
 
 
+def check_keys(data) -> None:
+    """data.prompt_template's syntax, and what it and data.system_column cannot be combined with (DataConfig
+    checks them when the config is read)."""
+    conversation = [f"data.{k}={getattr(data, k)!r}" for k in ("messages_column", "turns_column") if getattr(data, k)]
+    if data.prompt_template is not None:
+        if not data.prompt_template.strip():
+            raise ConfigError("data.prompt_template is empty; give a template (e.g. data.prompt_template="
+                              "'Question: {{ question }}') or leave it unset to send data.prompt_column")
+        if conversation:
+            raise ConfigError(f"data.prompt_template cannot be combined with {' and '.join(conversation)}: a "
+                              f"template builds one prompt per row, a conversation column is sent as its "
+                              f"messages. Drop data.prompt_template, or the conversation column")
+        compile_template(data.prompt_template)
+    if data.system_column and conversation:
+        raise ConfigError(f"data.system_column={data.system_column!r} cannot be combined with "
+                          f"{' and '.join(conversation)}: a conversation's system prompt is its first message "
+                          f"(role system) in data.messages_column. Drop data.system_column, or put the system "
+                          f"message first in each row's messages")
+
+
 @lru_cache(maxsize=8)
 def template_names(source: str) -> tuple[str, ...]:
     """The names the template reads that it does not set itself, sorted: the input columns it needs (Jinja's
