@@ -44,7 +44,7 @@ from .errors import EngineError, RunError
 from .journal import Journals, UnitJournal, settings_digest
 from .plan import Plan, result_schema
 from .protocols import auth, make_codec
-from .protocols.base import EngineInfo
+from .protocols.base import EngineInfo, Request
 from .protocols.openai import openai_api
 from .rundir import RunPaths
 from .sender import Answered, EngineLost, Sender
@@ -377,17 +377,18 @@ class Client:
                     self.writes.flush()
                 await self._send(batch)
 
-    async def _send(self, batch: list[tuple]) -> None:
-        """One request for a batch of (buf, first answer, what is sent, seed, answers): several prompts of one
+    async def _send(self, batch: list[Request]) -> None:
+        """One request for a batch of Requests: several prompts of one
         answer each (NeMo, Triton), or one prompt with its seed, asking for `answers` answers (rollouts: with
         n, or as NeMo copies, of which only the answers the row lacks are taken)."""
-        batch = [item for item in batch if not item[0].abandoned]
+        batch = [item for item in batch if not item.buf.abandoned]
         if not batch:
             return
-        prompts = [item[2] for item in batch]
-        seed, n = batch[0][3], batch[0][4]  # a batch of several prompts has neither (one answer each)
-        payload = self.protocol.payload(prompts, seed=seed, n=n)
-        outcome = await self.sender.send(payload, prompts, n)
+        prompts = [item.sent for item in batch]
+        # a batch of several prompts has neither a seed nor n (one answer each), and its rows share one setting
+        first = batch[0]
+        payload = self.protocol.payload(prompts, seed=first.seed, n=first.answers, row=first.row)
+        outcome = await self.sender.send(payload, prompts, first.answers)
         if outcome is None:  # abandoned, or the engine is gone: recorded, and no row is blamed
             return
         if isinstance(outcome, Answered):
@@ -403,12 +404,12 @@ class Client:
 
     async def _commit_ready(self, batch) -> None:
         self.next_turns.extend(self.turns.next_turns(batch))
-        for buf in dict.fromkeys(item[0] for item in batch):
+        for buf in dict.fromkeys(item.buf for item in batch):
             if buf.fresh:
                 self.writes.soon(buf)
         seen = set()
         for item in batch:
-            buf = item[0]
+            buf = item.buf
             if buf.unit not in seen and buf.complete:
                 seen.add(buf.unit)
                 await self._commit(buf)

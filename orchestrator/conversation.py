@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .config import Config
 from .plan import Plan
 from .prompts import render_messages
+from .protocols.base import DEFAULT_ROW, Request, RowSampling
 
 ROLES = ("system", "user", "assistant")
 
@@ -65,6 +66,7 @@ class Conversation:
     tokens: int | None = None
     latency_s: float = 0.0
     attempts: int = 0
+    row: RowSampling = DEFAULT_ROW  # the row's own settings, sent with each of its turns
 
     @classmethod
     def start(cls, messages=None, turns=None, attributes=None, *, has_messages: bool = False,
@@ -127,7 +129,7 @@ def conversation_rows(part, plan: Plan) -> list[tuple]:
 
 class Turns:
     """The requests of conversation rows, turn by turn, for a unit's buffer (unit_source.UnitBuffer): a
-    request is (buf, row, what is sent, None, 1) as the client's workers send them. `exact_tokens`: the
+    request is a protocols.base.Request, as the client's workers send them. `exact_tokens`: the
     engine counts tokens itself, so a conversation too long for the `context` is its own refusal."""
 
     def __init__(self, cfg: Config, plan: Plan, protocol, context: int, exact_tokens: bool):
@@ -157,13 +159,13 @@ class Turns:
                 buf.fail(i, f"the conversation is about {estimate:.0f} tokens ({size} bytes), longer than the "
                             f"model's {self.context}-token context (data.truncate_prompts does not cut conversations)")
                 return None
-        return buf, i, sent, None, 1
+        return Request(buf, i, sent, row=conv.row)
 
     def next_turns(self, batch) -> list[list]:
         """The next turn of every conversation a batch just answered, in batches: the client queues them
         ahead of new rows."""
         follow: list = []
-        for buf in dict.fromkeys(item[0] for item in batch):
+        for buf in dict.fromkeys(item.buf for item in batch):
             rows, buf.next_turn = buf.next_turn, []
             for i in rows:
                 item = self.request(buf, i, buf.conversations[i])

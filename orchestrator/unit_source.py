@@ -19,6 +19,7 @@ from .conversation import Conversation, Turns, conversation_rows
 from .journal import DETAILS, NO_DETAILS, Details, Entry, Journals, UnitJournal
 from .plan import Plan, rollout_seed
 from .prompts import cut_answer, ending, row_prompt, split_reasoning
+from .protocols.base import DEFAULT_ROW, Request, RowSampling
 from .reader import UnitReader
 from .templates import row_prompts
 
@@ -167,8 +168,8 @@ class UnitBuffer:
 
 
 class UnitSource:
-    """Queues the rows of the units the client claims: a request is (buf, first answer, what is sent, seed,
-    answers), and the queue takes lists of them (a batch, one HTTP request). A unit being read is in
+    """Queues the rows of the units the client claims: the queue takes lists of Requests (a batch, one HTTP
+    request). A unit being read is in
     `active`; its rows with an outcome are journaled through `journal_soon`, and a unit complete once read
     is committed through `commit`."""
 
@@ -191,7 +192,7 @@ class UnitSource:
         """Queue a unit's rows. The rows its journals hold (an earlier run of it was interrupted) are taken
         from them, not sent; with keep (a retried unit's committed columns), its ok rows are kept as they
         are. Only the others are sent."""
-        fmt, batch_size, plan, n = self.cfg.model.prompt, self.protocol.batch_size, self.plan, self.rollouts
+        fmt, plan, n = self.cfg.model.prompt, self.plan, self.rollouts
         chat = getattr(self.protocol, "chat", False)  # a row's own system prompt goes as a system message
         rows = plan.unit_answers(unit)  # result rows: input rows x rollouts
         buf = UnitBuffer(unit, rows, turns=bool(plan.turns_column), rollouts=n)
@@ -231,10 +232,7 @@ class UnitSource:
                 if plan.conversational:  # one answer per row (sampling.rollouts > 1 refuses conversations)
                     item = self.turns.start(buf, i, prompt)
                     if item is not None:
-                        batch.append(item)
-                        if len(batch) >= batch_size:
-                            await queue.put(batch)
-                            batch = []
+                        batch = await self._add(batch, item, queue)
                     continue
                 prompt, system, problem = prompt
                 if not problem:
@@ -244,10 +242,7 @@ class UnitSource:
                         buf.fail(first + k, problem)
                     continue
                 for item in self.requests(buf, first, row_prompt(prompt, system, fmt, chat), ids[offset], todo):
-                    batch.append(item)
-                    if len(batch) >= batch_size:
-                        await queue.put(batch)
-                        batch = []
+                    batch = await self._add(batch, item, queue)
             if buf.fresh:
                 self.journal_soon(buf)
         buf.read_done = True
@@ -255,8 +250,21 @@ class UnitSource:
             await self.commit(buf)
         return batch
 
-    def requests(self, buf: UnitBuffer, first: int, sent: str, row_id, todo: list[int]) -> list[tuple]:
-        """The requests for a row's rollouts `todo`: (buf, first answer, what is sent, seed, answers). One
+    async def _add(self, batch: list[Request], item: Request, queue: asyncio.Queue) -> list[Request]:
+        """item joins the batch being filled; a full batch is queued (one HTTP request). A batch holds rows of
+        one setting (Request.row): a row of another one starts the next batch."""
+        if batch and batch[-1].row != item.row:
+            await queue.put(batch)
+            batch = []
+        batch.append(item)
+        if len(batch) >= self.protocol.batch_size:
+            await queue.put(batch)
+            batch = []
+        return batch
+
+    def requests(self, buf: UnitBuffer, first: int, sent: str, row_id, todo: list[int],
+                 row: RowSampling = DEFAULT_ROW) -> list[Request]:
+        """The Requests for a row's rollouts `todo`, with the row's own settings. One
         answer: the configured seed. Rollouts: rollout k is sampled with rollout_seed(...) + k; a run of
         consecutive rollouts goes in one request with n where the engine answers n as separate requests with
         seeds seed, seed + 1, ... (vLLM; sampling.rollouts_in_one_request), else one request each. NeMo's
@@ -264,23 +272,24 @@ class UnitSource:
         seeded base + b x 128; a block is always sent whole (a copy's answer depends on the batch), and only
         the answers of `todo` are taken (see Client._send)."""
         if self.rollouts == 1:
-            return [(buf, first, sent, None, 1)]
+            return [Request(buf, first, sent, row=row)]
         base = rollout_seed(self.cfg.sampling.seed, row_id)
         most = getattr(self.protocol, "max_n", 1)
         if getattr(self.protocol, "copies", False):
             blocks = sorted({k // most for k in todo})
-            return [(buf, first + b * most, sent, base + b * most, min(most, self.rollouts - b * most)) for b in blocks]
-        items: list[tuple] = []
+            return [Request(buf, first + b * most, sent, base + b * most, min(most, self.rollouts - b * most), row)
+                    for b in blocks]
+        items: list[Request] = []
         for k in todo:
             last = items[-1] if items else None
-            if last is not None and last[1] + last[4] == first + k and last[4] < most:  # extends the previous run
-                items[-1] = last[:4] + (last[4] + 1,)
+            if last is not None and last.first + last.answers == first + k and last.answers < most:
+                items[-1] = last._replace(answers=last.answers + 1)  # extends the previous run
             else:
-                items.append((buf, first + k, sent, base + k, 1))
+                items.append(Request(buf, first + k, sent, base + k, 1, row))
         return items
 
 
-def settle_answers(batch: list[tuple], completions: list, latency: float, attempt: int, end_strings: list[str],
+def settle_answers(batch: list[Request], completions: list, latency: float, attempt: int, end_strings: list[str],
                    strip: bool, budget: int, think: list[str] | None = None) -> tuple[int, int, int]:
     """A request's completions into its rows (a NeMo copy whose answer the row already has is skipped): the
     answers taken, the tokens they generated, and the rows whose own answer was unusable (Completion.error:
@@ -288,7 +297,7 @@ def settle_answers(batch: list[tuple], completions: list, latency: float, attemp
     answered). budget: the tokens a request may generate (an answer's finish_reason where the engine gives
     only a count); think: model.prompt.reasoning_tags, the tags its reasoning is split off the answer at."""
     got, settled, tokens, failed = iter(completions), 0, 0, 0
-    for buf, i, sent, _, count in batch:
+    for buf, i, sent, _, count, _ in batch:
         for k, comp in zip(range(count), got):
             if buf.status[i + k] is not None:  # a NeMo copy whose answer the row already has
                 continue
@@ -309,10 +318,10 @@ def settle_answers(batch: list[tuple], completions: list, latency: float, attemp
     return settled, tokens, failed
 
 
-def settle_failures(batch: list[tuple], error: str, attempt: int, retryable: bool) -> int:
+def settle_failures(batch: list[Request], error: str, attempt: int, retryable: bool) -> int:
     """A request that failed for good: its rows without an outcome are errors; how many."""
     settled = 0
-    for buf, i, _, _, count in batch:
+    for buf, i, _, _, count, _ in batch:
         for k in range(count):
             if buf.status[i + k] is None:
                 buf.fail(i + k, error, attempt, retryable)

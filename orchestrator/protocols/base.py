@@ -18,7 +18,7 @@ sends a row's copies together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import requests
 
@@ -63,6 +63,44 @@ class Completion:
             return make()
         except MalformedAnswer as exc:
             return cls("", None, error=str(exc))
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """One row's own request settings, where they differ from the config's (None: the config's): from
+    data.sampling_columns, an OpenAI batch line's body, or data.schema_column. Hashable, so that a batch of
+    several prompts (NeMo, Triton) holds rows of one setting only. Each codec's payload() maps the fields
+    into its own request."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    schema: str | None = None  # the row's JSON schema, as JSON text
+    body: str | None = None  # an OpenAI batch line's other body fields, as JSON text (OpenAI engines)
+
+
+DEFAULT_ROW = RowSampling()
+
+
+def row_fields(row: RowSampling, names: dict[str, str]) -> dict:
+    """A row's own values of the plain sampling fields, under the request field names a codec gives them
+    ({RowSampling field: request field})."""
+    return {wire: getattr(row, name) for name, wire in names.items() if getattr(row, name) is not None}
+
+
+class Request(NamedTuple):
+    """One prompt's request as the client's workers send it (a batch is a list of them, one HTTP request):
+    its unit's buffer (unit_source.UnitBuffer), the row of its first answer, what is sent (the prompt, or a
+    conversation's messages on the chat API), its seed (a rollout's; None: the config's), how many answers
+    it asks for, and the row's own settings."""
+
+    buf: Any
+    first: int
+    sent: Any
+    seed: int | None = None
+    answers: int = 1
+    row: RowSampling = DEFAULT_ROW
 
 
 @dataclass

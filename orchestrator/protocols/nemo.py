@@ -14,16 +14,23 @@ from typing import Any
 from ..config import Config
 from ..errors import ConfigError
 from .base import (
+    DEFAULT_ROW,
     Completion,
     EngineInfo,
     Http,
     MalformedAnswer,
     RejectedError,
+    RowSampling,
     _status,
     _text,
     engine_info,
     logprobs_refused,
+    row_fields,
 )
+
+# RowSampling's fields, as NeMo's /generate names them
+NEMO_FIELDS = {"max_tokens": "tokens_to_generate", "temperature": "temperature", "top_p": "top_p",
+               "seed": "random_seed"}
 
 NAME = "nemo"
 NEMO_MAX_SENTENCES = 128
@@ -91,9 +98,12 @@ class NemoCodec:
         self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
-                n: int = 1) -> dict:
-        """n > 1: each prompt n times (a row's rollouts as copies: NeMo has no n), all under one seed."""
+                n: int = 1, row: RowSampling = DEFAULT_ROW) -> dict:
+        """n > 1: each prompt n times (a row's rollouts as copies: NeMo has no n), all under one seed. row: the
+        batch's own settings (every prompt of a batch has the same)."""
         body = dict(self.base, sentences=prompts if n == 1 else [p for p in prompts for _ in range(n)])
+        if row != DEFAULT_ROW:
+            body.update(row_fields(row, NEMO_FIELDS))
         if seed is not None:
             body["random_seed"] = seed
         if tokens_to_generate is not None:

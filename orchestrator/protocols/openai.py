@@ -13,19 +13,25 @@ import requests
 
 from ..config import MAX_LOGPROBS, Config, default_capacity
 from .base import (
+    DEFAULT_ROW,
     PROBE_PROMPT,
     Completion,
     EngineInfo,
     Http,
     MalformedAnswer,
     RejectedError,
+    RowSampling,
     TransientError,
     _json,
     _status,
     _text,
     _tokens,
     engine_info,
+    row_fields,
 )
+
+# RowSampling's fields, as the OpenAI API names them
+OPENAI_FIELDS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 
 NAME = "openai"
 
@@ -81,7 +87,7 @@ class OpenAICodec:
         self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
-                n: int = 1) -> dict:
+                n: int = 1, row: RowSampling = DEFAULT_ROW) -> dict:
         """prompts: one prompt, or on the chat API one conversation (a list of {role, content}); the system
         prompt of the config opens it unless it has its own. seed: this request's (a rollout's); n > 1: that
         many answers (choice i sampled with seed + i), each with its token ids, which give its token count
@@ -93,6 +99,8 @@ class OpenAICodec:
             body = dict(self.base, messages=messages)
         else:
             body = dict(self.base, prompt=prompts[0])
+        if row != DEFAULT_ROW:
+            body.update(row_fields(row, OPENAI_FIELDS))
         if seed is not None:
             body["seed"] = seed
         if n > 1:

@@ -14,18 +14,26 @@ import requests
 from ..config import Config, default_capacity
 from ..errors import ConfigError
 from .base import (
+    DEFAULT_ROW,
     Completion,
     EngineInfo,
     Http,
     MalformedAnswer,
     RejectedError,
+    RowSampling,
     TransientError,
     _json,
     _status,
     _text,
     engine_info,
     logprobs_refused,
+    row_fields,
 )
+
+# RowSampling's fields (max_tokens aside: the token budget) as NeMo's Triton model's input tensors name them,
+# and as the generate extension's body does
+TRITON_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "random_seed"}
+GENERATE_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "random_seed"}
 
 NAME = "triton"
 TRITON_MAX_LEN_INPUTS = ("max_output_len", "max_output_token", "max_tokens")
@@ -63,10 +71,13 @@ class TritonCodec:
         TRT-LLM ensemble has one)."""
         return self.generate or "random_seed" in self.inputs
 
-    def _tensors(self, n: int, tokens: int, seed: int | None = None) -> list[dict]:
+    def _tensors(self, n: int, tokens: int, seed: int | None = None, row: RowSampling = DEFAULT_ROW) -> list[dict]:
         s = self.sampling
         values = {"top_k": 1 if s.greedy else s.top_k, "top_p": s.top_p, "temperature": s.temperature,
-                  "random_seed": s.seed if seed is None else seed, **{name: tokens for name in TRITON_MAX_LEN_INPUTS}}
+                  "random_seed": s.seed, **row_fields(row, TRITON_FIELDS),
+                  **{name: tokens for name in TRITON_MAX_LEN_INPUTS}}
+        if seed is not None:  # a rollout's own
+            values["random_seed"] = seed
         out = []
         for name, value in values.items():  # each with the datatype the model's metadata gives
             if name in self.inputs and value is not None:
@@ -80,21 +91,22 @@ class TritonCodec:
         return out
 
     def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
-                n: int = 1) -> dict:
+                n: int = 1, row: RowSampling = DEFAULT_ROW) -> dict:
+        """row: the batch's own settings (every prompt of a batch has the same)."""
         if n != 1:
             raise ValueError("Triton has no n: send one request per answer")
-        tokens = tokens_to_generate or self.sampling.tokens_to_generate
+        tokens = tokens_to_generate or row.max_tokens or self.sampling.tokens_to_generate
         if self.generate:
             s = self.sampling
             body = {"text_input": prompts[0], "max_tokens": tokens, "temperature": s.temperature, "top_p": s.top_p,
-                    "top_k": 1 if s.greedy else s.top_k}
+                    "top_k": 1 if s.greedy else s.top_k, **row_fields(row, GENERATE_FIELDS)}
             if self.end_strings:
                 body["stop_words"] = self.end_strings
             if seed is not None:  # a rollout's own seed (the ensemble's random_seed input)
                 body["random_seed"] = seed
             return dict(body, **self.extra_body)
         prompt = {"name": "prompts", "datatype": "BYTES", "shape": [len(prompts), 1], "data": list(prompts)}
-        return {"inputs": [prompt] + self._tensors(len(prompts), tokens, seed)}
+        return {"inputs": [prompt] + self._tensors(len(prompts), tokens, seed, row)}
 
     def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
         if status != 200:
