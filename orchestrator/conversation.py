@@ -135,17 +135,19 @@ class Turns:
     def __init__(self, cfg: Config, plan: Plan, protocol, context: int, exact_tokens: bool):
         self.cfg, self.plan, self.protocol, self.context, self.exact_tokens = cfg, plan, protocol, context, exact_tokens
 
-    def start(self, buf, i: int, row: tuple) -> tuple | None:
-        """The first request of a conversation row, or None when the row is recorded as an error."""
+    def start(self, buf, i: int, row: tuple, settings: RowSampling = DEFAULT_ROW) -> Request | None:
+        """The first request of a conversation row (settings: the row's own), or None when the row is
+        recorded as an error."""
         plan = self.plan
         conv = Conversation.start(*row, has_messages=bool(plan.messages_column), has_turns=bool(plan.turns_column))
         if isinstance(conv, str):
             buf.fail(i, conv)
             return None
+        conv.row = settings
         buf.conversations[i] = conv
         return self.request(buf, i, conv)
 
-    def request(self, buf, i: int, conv: Conversation) -> tuple | None:
+    def request(self, buf, i: int, conv: Conversation) -> Request | None:
         """(buf, row, what is sent) for the conversation's current turn: the messages on the chat API, else
         the text in the model's prompt format. Without the engine's own token count, a conversation that
         outgrows the context is a row error here (conversations are never truncated)."""

@@ -21,6 +21,7 @@ from .plan import Plan, rollout_seed
 from .prompts import cut_answer, ending, row_prompt, split_reasoning
 from .protocols.base import DEFAULT_ROW, Request, RowSampling
 from .reader import UnitReader
+from .row_settings import row_settings
 from .templates import row_prompts
 
 
@@ -209,6 +210,7 @@ class UnitSource:
             buf.keep(part, plan.keep_columns)
             # a prompt row: (prompt, its system prompt, why it cannot be sent) (templates.row_prompts)
             prompts = conversation_rows(part, plan) if plan.conversational else row_prompts(part, plan)
+            settings = row_settings(part, plan)  # each row's own request settings (RowSampling)
             for offset, prompt in enumerate(prompts):
                 first = base + offset * n  # the row's first answer (rollout 0)
                 todo = []  # its rollouts to ask for: those neither kept nor journaled
@@ -229,8 +231,13 @@ class UnitSource:
                 if not todo:
                     continue
                 i = first
+                row, unusable = settings[offset]
+                if unusable:
+                    for k in todo:
+                        buf.fail(first + k, unusable)
+                    continue
                 if plan.conversational:  # one answer per row (sampling.rollouts > 1 refuses conversations)
-                    item = self.turns.start(buf, i, prompt)
+                    item = self.turns.start(buf, i, prompt, row)
                     if item is not None:
                         batch = await self._add(batch, item, queue)
                     continue
@@ -241,7 +248,7 @@ class UnitSource:
                     for k in todo:
                         buf.fail(first + k, problem)
                     continue
-                for item in self.requests(buf, first, row_prompt(prompt, system, fmt, chat), ids[offset], todo):
+                for item in self.requests(buf, first, row_prompt(prompt, system, fmt, chat), ids[offset], todo, row):
                     batch = await self._add(batch, item, queue)
             if buf.fresh:
                 self.journal_soon(buf)
