@@ -65,10 +65,15 @@ def test_the_completions_apis_extra_sampled_token_is_left_out():
 def test_logprobs_on_an_engine_that_cannot_return_them_are_refused_before_submission(tmp_path):
     from orchestrator.engines.base import check_engine
 
-    for engine in (["engine=mock"], ["engine=triton", "engine.checkpoint=/m.nemo"],
-                   ["engine=nemo", "engine.checkpoint=/m.nemo"]):
-        with pytest.raises(ConfigError, match=r"sampling.logprobs=2: engine=\w+ speaks the (nemo|triton) protocol"):
+    for engine in (["engine=mock"], ["engine=nemo", "engine.checkpoint=/m.nemo"]):  # NeMo: the chosen tokens' only
+        with pytest.raises(ConfigError, match=r"sampling.logprobs=2: engine=\w+ \(nemo\) returns the chosen tokens' "
+                                              r"logprobs but not the 2 best alternatives .* set sampling.logprobs=0"):
             check_engine(compose([*engine, "sampling.logprobs=2"]))
+        check_engine(compose([*engine, "sampling.logprobs=0"]))
+    for k in (0, 2):  # NeMo's deploy_triton.py model has no logprob output at all
+        with pytest.raises(ConfigError, match=rf"sampling.logprobs={k}: engine=triton speaks the triton protocol "
+                                              r"\(NeMo deploy_triton.py model\), whose answers carry no logprobs"):
+            check_engine(compose(["engine=triton", "engine.checkpoint=/m.nemo", f"sampling.logprobs={k}"]))
     with pytest.raises(ConfigError, match="sampling.logprobs"):
         compose(["sampling.logprobs=21"])
 
@@ -78,9 +83,52 @@ def test_an_endpoint_found_to_speak_nemo_is_refused_at_readiness(tmp_path):
 
     with faithful_server(tmp_path, "nemo") as url:
         src = write_prompts(tmp_path / "in.parquet", 10)
-        with pytest.raises(OrchestratorError, match="sampling.logprobs=1: engine=endpoint speaks the nemo protocol"):
+        with pytest.raises(OrchestratorError, match=r"sampling.logprobs=1: engine=endpoint \(nemo\) returns the "
+                                                    r"chosen tokens' logprobs but not the 1 best"):
             run(compose(["engine=endpoint", f"engine.url={url}", f"data.input={src}", f"run_dir={tmp_path / 'r'}",
                          "sampling.logprobs=1", "engine.ready_timeout_s=30"]), show_progress=False)
+
+
+def test_nemo_logprobs_are_the_generated_tokens_of_compute_logprob(tmp_path):
+    """sampling.logprobs=0 on NeMo: compute_logprob=true, whose logprob list covers the echoed prompt's tokens
+    (after the first) and the generation; the generated tokens' are kept, no alternatives."""
+    from orchestrator.simulator.model import _logprob
+
+    df = run_rows(tmp_path, "engine.protocol=nemo", "sampling.logprobs=0", "sampling.greedy=true")
+    assert (df["status"] == "ok").all() and (df["output_tokens"] > 0).all()
+    assert (df["token_logprobs"].map(len) == df["output_tokens"]).all()
+    assert df["top_logprobs"].map(lambda tops: all(len(t) == 0 for t in tops)).all()
+    codec = make_codec(compose(["engine.protocol=nemo", "sampling.logprobs=0"]),
+                       EngineInfo(url="http://x", protocol="nemo", model_name="m"))
+    tokens = ["He", "llo", " wor", "ld"]  # the prompt "Hello" echoed, then two generated tokens
+    body = {"sentences": ["Hello world"], "tokens": [tokens], "logprob": [[-1.0, -2.0, -3.0]]}
+    (answer,) = codec.parse(200, body, ["Hello"])
+    assert answer.output_tokens == 2 and answer.token_logprobs == [-2.0, -3.0]
+    assert codec.payload(["Hello"])["compute_logprob"] is True
+    body["logprob"] = [[-1.0, -2.0]]  # not one per token after the first: that row's error
+    (bad,) = codec.parse(200, body, ["Hello"])
+    assert bad.error and "logprob[0]" in bad.error
+    assert _logprob(" wor") < 0  # the simulator's values are logprobs
+
+
+def test_a_tensorrt_llm_ensemble_on_the_generate_route_returns_its_output_log_probs(tmp_path):
+    """Triton's generate route on a TRT-LLM ensemble: return_log_probs=true, output_log_probs read (a lone
+    token's unwrapped to a number); NeMo's own Triton model has none, which readiness refuses."""
+    from tests.test_endpoint import endpoint_run, faithful_server
+
+    with faithful_server(tmp_path, "triton", "--triton-model", "trtllm") as url:
+        summary, df = endpoint_run(tmp_path, url, "engine.served_model_name=served-model", "sampling.logprobs=0")
+    assert summary["complete"] and (df["status"] == "ok").all()
+    assert df["token_logprobs"].map(len).gt(0).all() and df["token_logprobs"].map(lambda v: all(x < 0 for x in v)).all()
+    codec = make_codec(compose(["engine.protocol=triton", "sampling.logprobs=0"]),
+                       EngineInfo(url="http://x", protocol="triton", model_name="m", api="generate",
+                                  inputs={"text_input": "BYTES"}))
+    assert codec.payload(["p"])["return_log_probs"] is True
+    (one,) = codec.parse(200, {"text_output": " a", "output_log_probs": -0.25}, ["p"])
+    assert one.token_logprobs == [-0.25] and one.top_logprobs == [[]]
+    with pytest.raises(ConfigError, match="NeMo deploy_triton.py model"):
+        make_codec(compose(["engine.protocol=triton", "sampling.logprobs=0"]),
+                   EngineInfo(url="http://x", protocol="triton", model_name="m", api="infer"))
 
 
 def test_changing_logprobs_on_a_run_dir_is_refused_and_a_resume_keeps_them(tmp_path):

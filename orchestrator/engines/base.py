@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..config import Config, choices
 from ..errors import ConfigError
 from ..protocols import auth
-from ..protocols.base import logprobs_refused
+from ..protocols.base import logprobs_problem
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 
@@ -96,8 +96,9 @@ class EngineAdapter:
                          f"(as seen inside the container)")
         found += auth.problems(cfg)  # engine.api_key_env names a variable that is set; engine.ca_bundle exists
         protocol = self.protocol_for(cfg)
-        if cfg.sampling.logprobs is not None and protocol not in ("openai", None):
-            found.append(logprobs_refused(cfg, self.name, protocol))
+        refused = logprobs_problem(cfg, self.name, protocol)
+        if refused:
+            found.append(refused)
         if cfg.model.prompt.format == "chat_template" and protocol not in ("openai", None):
             found.append(f"model.prompt.format=chat_template needs an engine with a chat API; engine={self.name} "
                          f"speaks {protocol}: set model.prompt.format to the model's card format")

@@ -117,11 +117,29 @@ class EngineInfo:
     max_batch_size: int | None = None  # triton: rows one request may carry (the model config's max_batch_size)
 
 
-def logprobs_refused(cfg: Config, engine: str, protocol: str) -> str:
-    """Why sampling.logprobs cannot be served: the client reads logprobs from OpenAI servers' answers only."""
-    return (f"sampling.logprobs={cfg.sampling.logprobs}: engine={engine} speaks the {protocol} protocol, whose "
-            f"answers the client reads no logprobs from; use an engine with the OpenAI API (vllm, sglang, trtllm, "
-            f"or engine=endpoint on one), or unset sampling.logprobs")
+def logprobs_problem(cfg: Config, engine: str, protocol: str | None, api: str | None = None) -> str | None:
+    """Why sampling.logprobs cannot be served by an engine of this protocol (and api, where readiness found
+    it; None: not known yet), or None when it can. OpenAI servers give the chosen tokens' logprobs and the K
+    best alternatives; NeMo's /generate (compute_logprob) and the TRT-LLM ensemble's generate route
+    (return_log_probs) give the chosen tokens' only, so there K must be 0; NeMo's Triton model gives none."""
+    k = cfg.sampling.logprobs
+    if k is None or protocol in ("openai", None):
+        return None
+    fix = ("use an engine with the OpenAI API (vllm, sglang, trtllm, or engine=endpoint on one), or unset "
+           "sampling.logprobs")
+    if protocol == "nemo" or (protocol == "triton" and api == "generate"):
+        if k == 0:
+            return None
+        alternatives = "all_probs, the whole vocabulary's distribution at every token" if protocol == "nemo" \
+            else "no alternatives at all"
+        return (f"sampling.logprobs={k}: engine={engine} ({protocol}{'' if api is None else ' ' + api}) returns "
+                f"the chosen tokens' logprobs but not the {k} best alternatives (it has {alternatives}); set "
+                f"sampling.logprobs=0 for the chosen tokens' logprobs (token_logprobs), or {fix}")
+    if protocol == "triton" and api is None and engine != "triton" and k == 0:
+        return None  # found at readiness: a TRT-LLM ensemble's generate route can, NeMo's model cannot
+    return (f"sampling.logprobs={k}: engine={engine} speaks the {protocol} protocol"
+            f"{' (NeMo deploy_triton.py model)' if protocol == 'triton' else ''}, whose answers carry no logprobs; "
+            f"{fix}")
 
 
 def _status(status: int, body: Any, message: Any = None) -> None:

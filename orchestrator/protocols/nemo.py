@@ -24,7 +24,7 @@ from .base import (
     _status,
     _text,
     engine_info,
-    logprobs_refused,
+    logprobs_problem,
     row_fields,
 )
 
@@ -45,14 +45,28 @@ def _count_output_tokens(tokens: list[str], prompt: str) -> int:
     return len(tokens) - min(len(tokens), bisect_left(ends, len(prompt)) + 1)
 
 
-def _sentence(i: int, text: Any, tok: Any, prompt: str) -> Completion:
-    """Sentence i of an answer with its tokens; raises MalformedAnswer when either is unusable."""
+def _sentence(i: int, text: Any, tok: Any, prompt: str, logprob: Any = None, want: bool = False) -> Completion:
+    """Sentence i of an answer with its tokens (and, want: their logprobs); raises MalformedAnswer when one
+    is unusable."""
     if tok is not None and not (isinstance(tok, list) and all(isinstance(t, str) for t in tok)):
         raise MalformedAnswer(f"malformed NeMo response: tokens[{i}] is {str(tok)[:50]}, not a list of strings")
     if not tok:
+        if want:
+            raise MalformedAnswer(f"malformed NeMo response: no tokens[{i}] to place its logprobs "
+                                  f"(compute_logprob=true)")
         return Completion(_text(text, f"sentences[{i}]"), None)
     generated = _count_output_tokens(tok, prompt)  # the rest of its tokens are the prompt's
-    return Completion(_text(text, f"sentences[{i}]"), generated, prompt_tokens=len(tok) - generated)
+    found = {}
+    if want:
+        # logprob[j] is token j + 1's, given the tokens before it (the first token has none): the generated
+        # tokens' are the last `generated`. NeMo gives no alternatives without all_probs (top_logprobs: none)
+        if not isinstance(logprob, list) or len(logprob) != len(tok) - 1 or \
+                not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in logprob):
+            raise MalformedAnswer(f"malformed NeMo response: logprob[{i}] is not one number per token after the "
+                                  f"first ({len(tok) - 1})")
+        chosen = [float(x) for x in logprob[len(logprob) - generated:]] if generated else []
+        found = {"token_logprobs": chosen, "top_logprobs": [[] for _ in chosen]}
+    return Completion(_text(text, f"sentences[{i}]"), generated, prompt_tokens=len(tok) - generated, **found)
 
 
 def nemo_copies(cfg: Config) -> bool:
@@ -70,8 +84,10 @@ class NemoCodec:
     takes_seed = True  # random_seed: one per request
 
     def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
-        if cfg.sampling.logprobs is not None:  # found only now where the protocol was detected (engine=endpoint)
-            raise ConfigError(logprobs_refused(cfg, cfg.engine.name, NAME))
+        refused = logprobs_problem(cfg, cfg.engine.name, NAME)  # found only now where the protocol was detected
+        if refused:
+            raise ConfigError(refused)
+        self.logprobs = cfg.sampling.logprobs is not None  # sampling.logprobs=0: compute_logprob
         # one random_seed per request: with several rollouts every prompt has its own, so one prompt a request
         rollouts = cfg.sampling.rollouts
         self.batch_size = 1 if rollouts > 1 else min(cfg.client.batch_size, NEMO_MAX_SENTENCES)
@@ -95,6 +111,8 @@ class NemoCodec:
         }
         if s.seed is not None:
             self.base["random_seed"] = s.seed
+        if self.logprobs:
+            self.base["compute_logprob"] = True
         self.base.update(cfg.engine.extra_body)
 
     def payload(self, prompts: list[str], tokens_to_generate: int | None = None, seed: int | None = None,
@@ -123,9 +141,14 @@ class NemoCodec:
         tokens = body.get("tokens") or [None] * len(prompts)
         if not isinstance(tokens, list) or len(tokens) != len(prompts):
             raise MalformedAnswer(f"malformed NeMo response: expected {len(prompts)} token lists")
+        logprobs = body.get("logprob") if self.logprobs else [None] * len(prompts)
+        if not isinstance(logprobs, list) or len(logprobs) != len(prompts):
+            raise MalformedAnswer(f"malformed NeMo response: expected {len(prompts)} logprob lists "
+                                  f"(compute_logprob=true, sampling.logprobs=0)")
         # each sentence on its own: an unusable one is its row's error, the batch's others are answers
-        return [Completion.checked(lambda i=i, text=text, tok=tok, prompt=prompt: _sentence(i, text, tok, prompt))
-                for i, (text, tok, prompt) in enumerate(zip(sentences, tokens, prompts))]
+        return [Completion.checked(lambda i=i, text=text, tok=tok, prompt=prompt, lp=lp:
+                                   _sentence(i, text, tok, prompt, lp, self.logprobs))
+                for i, (text, tok, prompt, lp) in enumerate(zip(sentences, tokens, prompts, logprobs))]
 
 
 Codec = NemoCodec

@@ -26,7 +26,7 @@ from .base import (
     _status,
     _text,
     engine_info,
-    logprobs_refused,
+    logprobs_problem,
     row_fields,
 )
 
@@ -50,10 +50,14 @@ class TritonCodec:
     echoes_prompt = False
 
     def __init__(self, cfg: Config, info: EngineInfo | None = None, one_request: bool | None = None):
-        if cfg.sampling.logprobs is not None:  # found only now where the protocol was detected (engine=endpoint)
-            raise ConfigError(logprobs_refused(cfg, cfg.engine.name, NAME))
         model = info.model_name if info else (cfg.engine.served_model_name or cfg.model.name)
         self.generate = bool(info and info.api == "generate")
+        # found only now where the protocol and the route were learnt (engine=endpoint): the generate route's
+        # TRT-LLM ensemble returns the chosen tokens' logprobs (return_log_probs), NeMo's model none
+        refused = logprobs_problem(cfg, cfg.engine.name, NAME, "generate" if self.generate else "infer")
+        if refused:
+            raise ConfigError(refused)
+        self.logprobs = cfg.sampling.logprobs is not None
         self.path = f"/v2/models/{model}/{'generate' if self.generate else 'infer'}"
         self.inputs = dict(info.inputs) if info and info.inputs else {
             "prompts": "BYTES", "max_output_len": "INT64", "top_k": "INT64", "top_p": "FP32", "temperature": "FP32"}
@@ -104,6 +108,8 @@ class TritonCodec:
                 body["stop_words"] = self.end_strings
             if seed is not None:  # a rollout's own seed (the ensemble's random_seed input)
                 body["random_seed"] = seed
+            if self.logprobs:
+                body["return_log_probs"] = True
             return dict(body, **self.extra_body)
         prompt = {"name": "prompts", "datatype": "BYTES", "shape": [len(prompts), 1], "data": list(prompts)}
         return {"inputs": [prompt] + self._tensors(len(prompts), tokens, seed, row)}
@@ -115,7 +121,8 @@ class TritonCodec:
         if not isinstance(body, dict):
             raise MalformedAnswer(f"malformed Triton response: {str(body)[:200]}")
         if self.generate:
-            return [Completion(_text(body.get("text_output"), "text_output"), None)]
+            return [Completion(_text(body.get("text_output"), "text_output"), None,
+                               **(_log_probs(body.get("output_log_probs")) if self.logprobs else {}))]
         outputs = body.get("outputs")
         found = [o for o in outputs if isinstance(o, dict) and o.get("name") == "outputs"] \
             if isinstance(outputs, list) else []
@@ -124,6 +131,16 @@ class TritonCodec:
             raise MalformedAnswer(f"malformed Triton response: expected an 'outputs' tensor of {len(prompts)} rows")
         # each row on its own: an unusable one is its row's error, the others are answers
         return [Completion.checked(lambda i=i, text=text: _answer(text, i)) for i, text in enumerate(data)]
+
+
+def _log_probs(found: Any) -> dict:
+    """The ensemble's output_log_probs (return_log_probs): each generated token's logprob (a lone one is a
+    number: Triton's generate extension unwraps one-element outputs); no alternatives."""
+    found = [found] if isinstance(found, (int, float)) and not isinstance(found, bool) else found
+    if not isinstance(found, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in found):
+        raise MalformedAnswer(f"malformed Triton response: output_log_probs is {str(found)[:80]}, not the generated "
+                              f"tokens' logprobs (return_log_probs=true, sampling.logprobs=0)")
+    return {"token_logprobs": [float(x) for x in found], "top_logprobs": [[] for _ in found]}
 
 
 def _answer(text: Any, row: int) -> Completion:

@@ -48,8 +48,8 @@ class _NemoRoutes:
             out["tokens"].append(tokens)
             out["token_ids"].append(list(map(token_id, tokens)))
             out["offsets"].append(list(accumulate(map(len, tokens[:-1]), initial=0)) if tokens else [])
-            if logprob:
-                out["logprob"].append(list(map(_logprob, gen)))
+            if logprob:  # as NeMo's: one per token after the first, of prompt and generation alike
+                out["logprob"].append(list(map(_logprob, tokens[1:])))
             longest = max(longest, len(gen))
             self.counters["generated_tokens"] += len(gen)
         await self._serialised(longest)

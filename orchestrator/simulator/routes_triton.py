@@ -7,7 +7,7 @@ import math
 
 from aiohttp import web
 
-from .model import _dumps, generate_text
+from .model import _dumps, _logprob, generate_text
 from .triton_tensors import (
     _BATCH_NOTE,
     _BYTE_SIZES,
@@ -253,7 +253,7 @@ class _TritonRoutes(_TritonRequests):
                                            f"outputs: (1, 1). Expected batch size: {batch}. ")
         return [f"An error occurred: {squeeze}"]
 
-    async def _triton_run(self, tensors, batch: int) -> list[str]:
+    async def _triton_run(self, tensors, batch: int, logprobs: list | None = None) -> list[str]:
         """The model: one generation per row, no prompt echo, special tokens kept in the text, the stop
         word kept at the end (TensorRT-LLM stops after it), EOS dropped. NeMo's model reads its sampling
         inputs from the first row, a row's stop word from its own row (``_nemo_answer`` for its errors)."""
@@ -286,6 +286,8 @@ class _TritonRoutes(_TritonRequests):
             g = generate_text(prompt, max(0, int(max_tokens)), stop, int(seed), s.max_natural_tokens,
                               skip_special_tokens=False, include_stop_str=True)
             outputs.append(g.text)
+            if logprobs is not None:  # the ensemble's output_log_probs: each generated token's
+                logprobs.append([_logprob(t) for t in g.tokens])
             longest = max(longest, g.generated)
             self.counters["generated_tokens"] += g.generated
         await self._serialised(longest)
@@ -355,10 +357,17 @@ class _TritonRoutes(_TritonRequests):
         await self._maybe_stall()
         if self._fail():
             return _json({"error": "simulated engine failure"}, 500)
+        # tensorrtllm_backend's ensemble outputs cum_log_probs and output_log_probs beside text_output; with
+        # return_log_probs they hold the generated tokens' logprobs (a lone element unwrapped, as any output)
+        logprobs = [] if self.triton.platform == "ensemble" and fields_.get("return_log_probs") is True else None
         try:
-            texts = await self._triton_run(tensors, batch)
+            texts = await self._triton_run(tensors, batch, logprobs)
         except _TritonModelError as exc:  # generate answers the model's error 400
             self._count("bad_requests")
             return _json({"error": exc.message}, 400)
-        return _json({"model_name": name, "model_version": "1",
-                      self.triton.output.name: texts[0] if len(texts) == 1 else texts})
+        out = {"model_name": name, "model_version": "1",
+               self.triton.output.name: texts[0] if len(texts) == 1 else texts}
+        if logprobs:
+            chosen = logprobs[0]
+            out.update(cum_log_probs=sum(chosen), output_log_probs=chosen[0] if len(chosen) == 1 else chosen)
+        return _json(out)
