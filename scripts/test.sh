@@ -21,10 +21,11 @@ python3 -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 # Two phases: the tests that need neither Slurm nor a real engine on two workers (pytest-xdist; a file's tests
 # stay on one worker, so its module fixtures are built once), then the Slurm, vLLM and Triton tests one at a
 # time (they share the one local cluster and the CPU-heavy engines). Arguments go to both; a phase that selects no test
-# (exit status 5, e.g. `bash scripts/test.sh tests/test_client.py`) is not a failure.
+# (exit status 5, e.g. `bash scripts/test.sh tests/test_client.py`) is not a failure. Each phase ends with its 15
+# slowest tests, to keep the run within its time budget.
 phase() {
     local rc=0
-    python3 -m pytest "$@" || rc=$?
+    python3 -m pytest --durations=15 "$@" || rc=$?
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
 }
 phase -n 2 --dist loadfile -m "not slurm and not vllm and not triton" "$@"
