@@ -189,12 +189,13 @@ def check_input(path, schema: pa.Schema, data) -> None:
 
 
 def fingerprint(cfg) -> dict | None:
-    """What decides the structured answers beyond sampling.json_schema (in the sampling group): None when no
-    schema is set, as in a run_dir started before they existed."""
+    """What decides the structured answers and their columns beyond sampling.json_schema (in the sampling
+    group): None when no schema is set, as in a run_dir started before they existed. client.invalid_retries
+    is not in it (like client.max_retries): an ok row's answer is the same under any limit (re-ask k always
+    has the same seed), so a rerun with retry_failed=true may raise it to recover InvalidStructuredOutput rows."""
     if cfg.sampling.json_schema is None and not cfg.data.schema_column:
         return None
-    return {"schema_column": cfg.data.schema_column, "parse": cfg.output.parse,
-            "invalid_retries": cfg.client.invalid_retries}
+    return {"schema_column": cfg.data.schema_column, "parse": cfg.output.parse}
 
 
 # ------------------------------------------------------------------------------------------ typed columns

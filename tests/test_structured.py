@@ -320,8 +320,20 @@ def test_resume_with_a_changed_schema_is_refused(tmp_path, schema_file):
     changed.write_text(json.dumps({**SCHEMA, "required": ["name"]}))
     with pytest.raises(OrchestratorError, match="sampling.json_schema"):
         run_rows(tmp_path, f"sampling.json_schema={changed}", rows=10)
-    with pytest.raises(OrchestratorError, match="structured"):
-        run_rows(tmp_path, f"sampling.json_schema={schema_file}", "client.invalid_retries=5", rows=10)
+    with pytest.raises(OrchestratorError, match="structured.parse"):
+        run_rows(tmp_path, f"sampling.json_schema={schema_file}", "output.parse=columns", rows=10)
+
+
+def test_retry_failed_with_more_re_asks_recovers_invalid_rows_and_keeps_the_ok_ones(tmp_path):
+    args = ["sampling.json_schema={type: object}", "engine.simulator.invalid_json_rate=0.6",
+            "client.max_error_fraction=1.0"]
+    before = run_rows(tmp_path, *args, "client.invalid_retries=0", rows=20)
+    failed = before["status"] == "error"
+    assert failed.any() and (~failed).any()
+    after = run_rows(tmp_path, *args, "client.invalid_retries=6", "retry_failed=true", rows=20)
+    assert (after["status"] == "error").sum() < failed.sum()
+    assert list(after["response"][~failed]) == list(before["response"][~failed])
+    assert (after["schema_retries"][failed & (after["status"] == "ok")] > 0).all()
 
 
 def test_a_journal_keeps_re_asks_and_seeds_and_reads_old_records():
