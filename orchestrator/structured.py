@@ -130,14 +130,17 @@ def _message(error) -> str:
 
 def check_answer(text: str, schema: str) -> tuple[Any, str | None]:
     """An answer against a schema's JSON text: (the parsed value, None), or (None, why it is invalid:
-    jsonschema's best_match)."""
+    jsonschema's best_match); ValueError when the schema itself is unusable."""
     from jsonschema.exceptions import best_match
 
     try:
         value = json.loads(text.strip())
     except ValueError as exc:
         return None, f"the answer is not JSON ({exc})"
-    error = best_match(compiled(schema).iter_errors(value))
+    try:
+        error = best_match(compiled(schema).iter_errors(value))
+    except Exception as exc:  # noqa: BLE001 - e.g. a $ref that cannot be resolved: the schema's fault
+        raise ValueError(f"cannot be applied ({type(exc).__name__}: {exc})") from None
     return (value, None) if error is None else (None, _message(error))
 
 
@@ -152,13 +155,20 @@ def check_keys(cfg) -> None:
     """What needs several groups: output.parse=columns needs the run's schema with top-level properties that
     do not clash with result columns (per-row schemas give no columns to type)."""
     schema, column, parse = cfg.sampling.json_schema, cfg.data.schema_column, cfg.output.parse
+    if schema is None and not column:
+        if parse == "columns":
+            raise ConfigError("output.parse=columns needs a schema: set sampling.json_schema (a .json file or "
+                              "inline)")
+        return
+    added = {"parsed", *(name for name, _ in EXTRA_COLUMNS)} & set(cfg.data.keep_columns)
+    if added:
+        raise ConfigError(f"data.keep_columns names {sorted(added)}, which a JSON schema adds as result columns; "
+                          f"rename those input columns, or drop them from data.keep_columns")
     if parse != "columns":
         return
     if column:
         raise ConfigError(f"output.parse=columns with data.schema_column={column!r}: each row has its own schema, "
                           f"so there are no columns to type; use output.parse=struct (parsed is then the JSON text)")
-    if schema is None:
-        raise ConfigError("output.parse=columns needs a schema: set sampling.json_schema (a .json file or inline)")
     props = schema.get("properties")
     if not isinstance(props, dict) or not props:
         raise ConfigError("output.parse=columns: sampling.json_schema has no top-level properties to make "

@@ -371,7 +371,11 @@ class Reasks:
         asked = seed + k if seed is not None else None  # answer k of a request with n: seed + k
         if schema is None:
             return None
-        _, why = check_answer(text, schema)
+        try:
+            _, why = check_answer(text, schema)
+        except ValueError as exc:  # a row's own schema that is unusable (whatever set RowSampling.schema)
+            buf.fail(j, f"the row's JSON schema {exc}", attempt)
+            return "failed"
         if why is None:
             buf.seed[j] = asked
             return None

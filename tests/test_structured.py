@@ -16,6 +16,7 @@ import requests
 from orchestrator.config import compose
 from orchestrator.errors import ConfigError, InputError, OrchestratorError
 from orchestrator.frontend import run
+from orchestrator.html_report import write_report
 from orchestrator.journal import parse
 from orchestrator.plan import rollout_seed
 from orchestrator.protocols import make_codec
@@ -105,6 +106,8 @@ def test_parse_columns_needs_top_level_properties_that_do_not_clash():
         compose(["output.parse=columns"])
     with pytest.raises(ConfigError, match="output.parse=struct"):
         compose(["data.schema_column=schema", "output.parse=columns"])
+    with pytest.raises(ConfigError, match=r"data.keep_columns names \['seed'\]"):
+        compose(["sampling.json_schema={type: object}", "data.keep_columns=[seed]"])
     with pytest.raises(ConfigError, match="client.invalid_retries"):
         compose(["client.invalid_retries=-1"])
 
@@ -292,6 +295,8 @@ def test_invalid_answers_are_asked_again_with_new_seeds_then_are_invalid_structu
     status = collect(tmp_path / "run")
     assert status["rows"]["invalid_structured"] == len(failed)
     assert f"{int(df['schema_retries'].sum())} re-ask(s)" in format_status(status)
+    page = write_report(tmp_path / "run").read_text()
+    assert f"{int(df['schema_retries'].sum())} re-ask(s) of answers that did not match, {len(failed)} row(s)" in page
 
 
 def test_with_no_retries_every_invalid_answer_is_a_row_error_at_once(tmp_path):
@@ -376,3 +381,25 @@ def test_sigkill_then_resume_keeps_the_parsed_rows_and_their_re_asks(tmp_path, s
         assert nulls(got[column]) == nulls(expected[column]), column
     parsed = [pq.read_table(d / "results").sort_by("id").column("parsed").to_pylist() for d in (run_dir, whole)]
     assert parsed[0] == parsed[1]
+
+
+def test_a_rows_own_schema_is_checked_whatever_set_it_and_an_unusable_one_is_that_rows_error():
+    """RowSampling.schema may come from data.schema_column or from another reader (an OpenAI batch line's
+    response_format): the answers are checked against it, with or without a run schema, never a crash."""
+    from orchestrator.protocols.base import Completion, Request
+    from orchestrator.unit_source import Reasks, UnitBuffer, settle_answers
+
+    buf = UnitBuffer(0, 3)
+    buf.ids = ["a", "b", "c"]
+    rows = [RowSampling(schema='{"type": "array"}'), RowSampling(schema="{not json"),
+            RowSampling(schema='{"$ref": "https://example.invalid/x.json"}')]
+    reasks = Reasks(None, 1, None)
+    for i, row in enumerate(rows):
+        settle_answers([Request(buf, i, "p", None, 1, row)], [Completion("{}", 1)], 0.1, 1, [], False, 8,
+                       schemas=reasks)
+    again = reasks.take()
+    assert [[(item.first, item.seed) for item in batch] for batch in again] == [[(0, RESEED)]]  # re-asked
+    assert buf.status == [None, "error", "error"]
+    assert "is not JSON" in buf.error[1] and "cannot be applied" in buf.error[2]
+    settle_answers(again[0], [Completion("[1]", 1)], 0.1, 1, [], False, 8, schemas=reasks)
+    assert (buf.status[0], buf.schema_retries[0], buf.seed[0]) == ("ok", 1, RESEED)

@@ -108,9 +108,9 @@ class OpenAICodec:
             body = dict(self.base, prompt=prompts[0])
         if row != DEFAULT_ROW:
             body.update(row_fields(row, OPENAI_FIELDS))
-        schema = row.schema or self.schema
+        schema = _loaded(row.schema or self.schema)  # None: none (or a row's that is not JSON: its row's error)
         if schema is not None:
-            body.update(self.guide(_loaded(schema)))
+            body.update(self.guide(schema))
         if seed is not None:
             body["seed"] = seed
         if n > 1:
@@ -221,9 +221,13 @@ def guided_decoding(engine: str, chat: bool):
 
 
 @lru_cache(maxsize=256)
-def _loaded(text: str) -> Any:
-    """A schema's JSON text, loaded once (rows share schemas; the body only serialises it)."""
-    return json.loads(text)
+def _loaded(text: str | None) -> Any:
+    """A schema's JSON text, loaded once (rows share schemas; the body only serialises it); None for none,
+    or for text that is not JSON (the answer's check makes that the row's error)."""
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        return None
 
 
 def _usage(body: dict) -> dict:
