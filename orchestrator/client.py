@@ -48,7 +48,8 @@ from .protocols.base import EngineInfo, Request
 from .protocols.openai import openai_api
 from .rundir import RunPaths
 from .sender import Answered, EngineLost, Sender
-from .unit_source import UnitBuffer, UnitSource, settle_answers, settle_failures
+from .structured import columns_for, schema_text
+from .unit_source import Reasks, UnitBuffer, UnitSource, settle_answers, settle_failures
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,10 @@ class Client:
         # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
         # truncation (data.truncate_prompts) cuts by its exact count
         exact_tokens = self.info.can_tokenize
-        self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None)
+        self.structured = columns_for(cfg, plan)  # a JSON schema's result columns (None: no schema)
+        self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None, structured=self.structured)
+        # answers checked against their row's JSON schema or the run's, re-asked when they do not match
+        self.reasks = Reasks(schema_text(cfg.sampling.json_schema), cfg.client.invalid_retries, cfg.sampling.seed)
         self.rollouts = plan.rollouts  # answers per input row: fixed with the plan (and checked by the fingerprint)
         if self.rollouts > 1 and not self.protocol.takes_seed:
             raise EngineError(f"sampling.rollouts={self.rollouts} sends each rollout with its own seed, but the "
@@ -395,7 +399,8 @@ class Client:
             strip = self.cfg.model.prompt.strip_echo and self.protocol.echoes_prompt
             ok, tokens, failed = settle_answers(batch, outcome.completions, outcome.latency, outcome.attempt,
                                                 self.cfg.end_strings, strip, self.cfg.sampling.tokens_to_generate,
-                                                self.cfg.model.prompt.reasoning_tags)
+                                                self.cfg.model.prompt.reasoning_tags, self.reasks)
+            self.next_turns.extend(self.reasks.take())  # answers that did not match their schema: asked again first
             self.sender.answered(outcome, ok, tokens, failed)
         else:
             outcome.record["failed"] = settle_failures(batch, outcome.error, outcome.attempt, outcome.retryable)
@@ -428,7 +433,7 @@ class Client:
         if buf.abandoned:
             await asyncio.to_thread(Journals.remove, *journals)
             return
-        table, stats = buf.table(self.schema)
+        table, stats = buf.table(self.schema, self.structured)
         record = dict(stats.__dict__)
         if stats.failed:  # grouped by reason once here, so `orchestrator status` reads no result file for them
             record["errors"] = error_summary(e for s, e in zip(buf.status, buf.error) if s != "ok")

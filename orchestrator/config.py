@@ -38,6 +38,7 @@ DuplicatePolicy = Annotated[str, Literal["error", "positional", "keep"]]
 Dtype = Annotated[str, Literal["bf16", "fp16", "fp8", "fp32"]]
 OnInterrupt = Annotated[str, Literal["cancel", "leave"]]
 OutputFormat = Annotated[str, Literal["parquet", "jsonl"]]  # orchestrator.sinks.SINKS: one result file per unit
+ParseMode = Annotated[str, Literal["struct", "columns"]]  # a structured answer: one `parsed` column, or its properties
 
 
 def literal_choices(kind: Any) -> tuple[str, ...]:
@@ -191,9 +192,15 @@ class SamplingConfig:
     # K: keep each answer's token logprobs and, per token, the K most likely alternatives (results get
     # token_logprobs and top_logprobs); None: none. OpenAI engines only (vLLM serves up to 20 by default)
     logprobs: Optional[int] = None
+    # a JSON schema every answer must match (docs/output.md "Structured answers"): the path of a .json file, or
+    # inline (a mapping, or JSON text); read and checked here, so config.yaml and the fingerprint hold the schema
+    json_schema: Optional[Any] = None
 
     def __post_init__(self) -> None:
         _check_range("sampling.tokens_to_generate", self.tokens_to_generate, lo=1)
+        from .structured import load_schema
+
+        self.json_schema = load_schema(self.json_schema, "sampling.json_schema")
         if self.logprobs is not None:
             _check_range("sampling.logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         _check_range("sampling.rollouts", self.rollouts, lo=1, hi=MAX_ROLLOUTS)
@@ -221,10 +228,13 @@ class SimulatorConfig:
     slow_replicas: List[int] = field(default_factory=list)  # these replicas' engines are slow_factor times slower
     slow_factor: float = 3.0
     require_key_env: Optional[str] = None  # the embedded engine requires Authorization: Bearer <this variable's value>
+    # fraction of structured answers (sampling.json_schema) that break their schema (tests of client.invalid_retries)
+    invalid_json_rate: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("engine.simulator.capacity", self.capacity, lo=1)
         _check_range("engine.simulator.error_rate", self.error_rate, lo=0, hi=1)
+        _check_range("engine.simulator.invalid_json_rate", self.invalid_json_rate, lo=0, hi=1)
         _check_range("engine.simulator.request_latency_s", self.request_latency_s, lo=0)
         _check_range("engine.simulator.token_latency_s", self.token_latency_s, lo=0)
 
@@ -362,6 +372,7 @@ class DataConfig:
     # templates"), e.g. 'Question: {{ question }}'; replaces prompt_column
     prompt_template: Optional[str] = None
     system_column: Optional[str] = None  # each row's system prompt (text); None = model.prompt.system
+    schema_column: Optional[str] = None  # each row's JSON schema (JSON text; null: sampling.json_schema's)
 
     def __post_init__(self) -> None:
         _check_range("data.unit_rows", self.unit_rows, lo=1)
@@ -393,9 +404,12 @@ class ClientConfig:
     backups: int = 1
     # fsync each unit's journal this often: what a node crash may lose of its answered rows (0: never)
     journal_sync_s: float = 5.0
+    # a structured answer that does not match its schema is asked again (a new seed each time) this many times
+    invalid_retries: int = 2
 
     def __post_init__(self) -> None:
         _check_range("client.batch_size", self.batch_size, lo=1, hi=128)
+        _check_range("client.invalid_retries", self.invalid_retries, lo=0)
         _check_range("client.max_retries", self.max_retries, lo=0)
         _check_range("client.max_error_fraction", self.max_error_fraction, lo=0, hi=1)
         _check_range("client.lease_s", self.lease_s, lo=0, lo_open=True)
@@ -416,6 +430,8 @@ class ClientConfig:
 @dataclass
 class OutputConfig:
     format: OutputFormat = "parquet"  # results/part-<unit>.parquet; jsonl: one JSON object per row (docs/output.md)
+    # structured answers: struct = one column `parsed` typed from the schema; columns = its top-level properties
+    parse: ParseMode = "struct"
 
     def __post_init__(self) -> None:
         _check_literals(self, "output")
@@ -439,6 +455,9 @@ class Config:
     def __post_init__(self) -> None:
         _check_range("replicas", self.replicas, lo=1)
         self._check_rollouts()
+        from .structured import check_keys  # output.parse against the schema
+
+        check_keys(self)
         if self.data.attributes_column and self.model.prompt.format != "steerlm":
             raise ConfigError(f"data.attributes_column={self.data.attributes_column!r} needs a SteerLM model, but "
                               f"model.prompt.format={self.model.prompt.format!r}; drop data.attributes_column or "

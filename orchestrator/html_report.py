@@ -204,6 +204,14 @@ def _cell(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
+def _schema_counts(rows: dict) -> str:
+    """Structured answers (sampling.json_schema): the re-asks and the rows that never matched, when any."""
+    if not (rows.get("invalid_structured") or rows.get("schema_retries")):
+        return ""
+    return (f"<p id=\"schema-counts\">JSON schema: {rows['schema_retries']} re-ask(s) of answers that did not match, "
+            f"{rows['invalid_structured']} row(s) InvalidStructuredOutput.</p>")
+
+
 def _page(paths: RunPaths, status: dict, plots: dict) -> str:
     rows = status["rows"]
     overall = status["rates"]["overall"]
@@ -233,6 +241,7 @@ def _page(paths: RunPaths, status: dict, plots: dict) -> str:
 <p>{html.escape(str(paths.root))}: <b>{html.escape(status['state'])}</b>, {rows['committed']}/{rows['total']} {counted}
 committed, {rows['ok']} ok, {rows['failed']} failed; overall {overall['prompts_per_s']:.1f} prompts/s and
 {overall['output_tokens_per_s']:.1f} output tokens/s over {overall['window_s']:.0f} s of generation.</p>
+{_schema_counts(rows)}
 <h2>Plots</h2>
 {figures}
 <h2>Errors by reason</h2>

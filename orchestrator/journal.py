@@ -22,7 +22,8 @@ Format, JSON lines:
         failed row also has "status", "error" and "blamed" (the failed rows the engine is to blame for),
         one of a multi-turn unit "responses" (every turn's answer), and one where the engine said how its
         answers ended "finish", "stop", "ptokens" and "reasoning" (finish_reason, the end string,
-        prompt_tokens, the reasoning text), and with sampling.logprobs "logprobs" and "top"
+        prompt_tokens, the reasoning text), and with sampling.logprobs "logprobs" and "top"; with a JSON
+        schema, "sretries" (the re-asks each row took) and "seed" (the kept answer's seed) when any is set
 
 A row is its index in the unit (`i`), checked against its id when replayed. Columns, not a list per
 row: the record of 128 answers is encoded in about half the time. The last line without its
@@ -88,6 +89,8 @@ class Entry:
     responses: list | None  # every turn's answer (data.turns_column)
     attempt: str | None  # the attempt of the run that journaled it
     details: Details = NO_DETAILS
+    schema_retries: int = 0  # structured answers: re-asks of an answer that did not match its schema
+    seed: int | None = None  # the seed the kept answer was asked with (None: the config's)
 
 
 def folder(paths: RunPaths) -> Path:
@@ -153,9 +156,10 @@ def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]] | None
     columns = [record.get(name) for name in names]
     status, error, responses = record.get("status"), record.get("error"), record.get("responses")
     details = [record.get(key) for key in _DETAIL_KEYS]
+    retries, seeds = record.get("sretries"), record.get("seed")  # structured answers (absent: 0 and None)
     if any(not isinstance(c, list) or len(c) != n for c in columns) or \
             any(c is not None and (not isinstance(c, list) or len(c) != n)
-                for c in (status, error, responses, *details)):
+                for c in (status, error, responses, retries, seeds, *details)):
         return None
     try:
         blamed = set(record.get("blamed") or ())
@@ -168,15 +172,18 @@ def _entries(record: dict, rows: int, attempt) -> list[tuple[int, Entry]] | None
         turns = responses[k] if responses is not None else None
         message = error[k] if error is not None else None
         said = Details(*(c[k] if c is not None else None for c in details))
+        retried = retries[k] if retries is not None else 0
+        seed = seeds[k] if seeds is not None else None
         if not _int(i, 2 ** 63) or not _typed(response, message, tokens, latency, attempts, turns) or \
                 not (_text(said.finish_reason) and _text(said.stop) and _text(said.reasoning) and
                      (said.prompt_tokens is None or _int(said.prompt_tokens, 2 ** 63)) and
-                     all(v is None or isinstance(v, list) for v in (said.token_logprobs, said.top_logprobs))):
+                     all(v is None or isinstance(v, list) for v in (said.token_logprobs, said.top_logprobs))) or \
+                not _int(retried, 2 ** 31) or not (seed is None or _int(seed, 2 ** 63)):
             return None
         if i >= rows or state not in ("ok", "error"):
             continue
         found.append((i, Entry(ident, state, response, message, tokens, latency, attempts, i in blamed, turns,
-                               attempt, said)))
+                               attempt, said, retried, seed)))
     return found
 
 

@@ -25,6 +25,8 @@ from .inputs import (
     _list_value,
     discover_inputs,
 )
+from .structured import Columns
+from .structured import check_input as check_schema_column
 from .templates import template_columns
 
 
@@ -122,6 +124,7 @@ class Plan:
     prompt_template: str | None = None  # data.prompt_template: each row's prompt from template_columns
     template_columns: list[str] = field(default_factory=list)  # the input columns the template reads
     system_column: str | None = None  # each row's system prompt (data.system_column)
+    schema_column: str | None = None  # each row's JSON schema (data.schema_column, orchestrator.structured)
 
     @property
     def total_rows(self) -> int:
@@ -147,7 +150,8 @@ class Plan:
         """The columns a unit's rows are read from, each once."""
         prompt = list(self.template_columns) if self.prompt_template is not None else [self.prompt_column]
         named = ([self.messages_column, self.turns_column, self.attributes_column] if self.conversational
-                 else prompt + [self.system_column]) + list(self.keep_columns) + [self.id_column]
+                 else prompt + [self.system_column]) + [self.schema_column] + list(self.keep_columns) + \
+            [self.id_column]
         return list(dict.fromkeys(c for c in named if c))
 
     def to_json(self) -> str:
@@ -222,6 +226,7 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                 raise InputError(f"{path}: system column {data.system_column!r} (data.system_column) has type "
                                  f"{stype}, not text; store one system prompt string (or null: "
                                  f"model.prompt.system) per row")
+        check_schema_column(path, schema, data)
         for name, kind in _kept_types(path, schema, data, rollouts).items():
             first = kept.setdefault(name, (kind, path))
             if first[0] != kind:
@@ -243,7 +248,7 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                 data.attributes_column, list(kept),
                 base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "", rollouts,
                 None if conversational else data.prompt_template, list(used),
-                None if conversational else data.system_column or None)
+                None if conversational else data.system_column or None, data.schema_column or None)
 
 
 def _names(columns: list[str]) -> str:
@@ -287,10 +292,11 @@ def rollout_seed(seed: int | None, row_id) -> int:
 TOP_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
 
 
-def result_schema(plan: Plan, logprobs: bool = False) -> pa.Schema:
+def result_schema(plan: Plan, logprobs: bool = False, structured: Columns | None = None) -> pa.Schema:
     """id, rollout (with sampling.rollouts > 1: (id, rollout) is the key), the kept input columns,
     response (the last turn's answer), responses (every turn's, with data.turns_column), then the outcome;
-    with sampling.logprobs (logprobs=True), token_logprobs and top_logprobs."""
+    with sampling.logprobs (logprobs=True), token_logprobs and top_logprobs; with a JSON schema
+    (structured: structured.columns_for), the parsed columns, schema_retries and seed."""
     return pa.schema([
         ("id", pa.type_for_alias(plan.id_type) if plan.id_type else pa.string()),
         *([("rollout", pa.int32())] if plan.rollouts > 1 else []),
@@ -308,4 +314,5 @@ def result_schema(plan: Plan, logprobs: bool = False) -> pa.Schema:
         ("attempts", pa.int32()),
         *([("token_logprobs", pa.list_(pa.float64())), ("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB)))]
           if logprobs else []),
+        *(structured.schema_fields() if structured is not None else []),
     ])

@@ -15,6 +15,7 @@ from .inputs import check_run_dir_outside_input, unique_file_entries
 from .layout import build_layout
 from .plan import Plan, apply_duplicate_policy, build_plan
 from .rundir import RunPaths, atomic_write_text, publish_once
+from .structured import fingerprint as structured_fingerprint
 
 
 def check_writable(root: Path) -> None:
@@ -121,9 +122,12 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
                  # conversations and prompt templates; unset is None, as in a run_dir started before they existed
                  **{k: getattr(cfg.data, k) or None for k in ("messages_column", "turns_column",
                                                              "attributes_column", "keep_columns",
-                                                             "prompt_template", "system_column")}},
+                                                             "prompt_template", "system_column",
+                                                             "schema_column")}},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
         "output.format": cfg.output.format,  # the result files' format (orchestrator.sinks)
+        # structured answers (the schema itself is sampling.json_schema); None without a schema, as before
+        "structured": structured_fingerprint(cfg),
     }
 
 

@@ -58,6 +58,9 @@ def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, 
         "ok": total.ok,
         "failed": total.failed,
         "retryable": total.retryable,
+        # structured answers: rows whose answer never matched its schema, and the re-asks taken
+        "invalid_structured": total.invalid_structured,
+        "schema_retries": total.schema_retries,
         "committed": total.rows,
         "complete": total.rows == plan.total_answers,
         "prompts": committed_rows(plan, committed.units),  # input rows whose answers are all committed

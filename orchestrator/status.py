@@ -348,6 +348,7 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
         # total, committed, ok, failed: result rows (answers); prompts: input rows (each has `rollouts` answers)
         "rows": {"total": plan.total_answers, "committed": done_rows * n, "ok": total.ok, "failed": total.failed,
                  "retryable": total.retryable, "output_tokens": total.output_tokens,
+                 "invalid_structured": total.invalid_structured, "schema_retries": total.schema_retries,
                  "units": len(plan.units), "units_done": len(committed.units),
                  "prompts": done_rows, "prompts_total": plan.total_rows, "answers": done_rows * n,
                  "answers_total": plan.total_answers, "rollouts": n},
@@ -442,6 +443,9 @@ def format_status(s: dict) -> str:
                      f"{rows['failed']} failed; {rows['units_done']}/{rows['units']} units")
         lines.append(f"prompts:    {rows['prompts']}/{rows['prompts_total']} committed, "
                      f"{rows['rollouts']} answers each (sampling.rollouts)")
+    if rows.get("invalid_structured") or rows.get("schema_retries"):  # structured answers (sampling.json_schema)
+        lines.append(f"schema:     {rows['schema_retries']} re-ask(s) of answers that did not match their schema, "
+                     f"{rows['invalid_structured']} row(s) InvalidStructuredOutput")
     if s["errors"]:
         lines.append(f"errors:     {rows['failed']} row(s) in {len(s['errors'])} group(s):")
         width = max(len(str(e["rows"])) for e in s["errors"])

@@ -22,6 +22,7 @@ from .prompts import cut_answer, ending, row_prompt, split_reasoning
 from .protocols.base import DEFAULT_ROW, Request, RowSampling
 from .reader import UnitReader
 from .row_settings import row_settings
+from .structured import REASON, Columns, check_answer, reseed
 from .templates import row_prompts
 
 
@@ -53,6 +54,8 @@ class UnitBuffer:
         self.top_logprobs: list = [None] * rows  # and its K best alternatives
         self.latency: list = [None] * rows
         self.attempts: list = [0] * rows
+        self.schema_retries: list = [0] * rows  # structured answers: re-asks of answers that did not match
+        self.seed: list = [None] * rows  # and the seed of the kept answer (None: the config's)
         self.remaining = rows
         self.read_done = False
         self.abandoned = False  # another copy of the unit committed first: its rows are not sent any more
@@ -100,6 +103,7 @@ class UnitBuffer:
             self.responses[i] = entry.responses
         self.status[i], self.response[i], self.error[i] = entry.status, entry.response, entry.error
         self.output_tokens[i], self.latency[i], self.attempts[i] = entry.output_tokens, entry.latency_s, entry.attempts
+        self.schema_retries[i], self.seed[i] = entry.schema_retries, entry.seed
         (self.finish_reason[i], self.stop[i], self.prompt_tokens[i], self.reasoning[i], self.token_logprobs[i],
          self.top_logprobs[i]) = entry.details
         if entry.blamed and entry.status == "error":
@@ -120,6 +124,8 @@ class UnitBuffer:
                             ("top", self.top_logprobs)):
             if any(column[i] is not None for i in rows):
                 record[key] = [column[i] for i in rows]
+        if any(self.schema_retries[i] or self.seed[i] is not None for i in rows):  # structured answers
+            record.update(sretries=[self.schema_retries[i] for i in rows], seed=[self.seed[i] for i in rows])
         if any(status[i] != "ok" for i in rows):
             record.update(status=[status[i] for i in rows], error=[self.error[i] for i in rows],
                           blamed=[i for i in rows if i in self.blamed])
@@ -140,7 +146,9 @@ class UnitBuffer:
     def complete(self) -> bool:
         return self.read_done and self.remaining == 0
 
-    def table(self, schema: pa.Schema) -> tuple[pa.Table, UnitStats]:
+    def table(self, schema: pa.Schema, structured: Columns | None = None) -> tuple[pa.Table, UnitStats]:
+        """The unit's result table and stats; structured (structured.columns_for): the parsed columns of its
+        answers, schema_retries and seed."""
         columns = {
             "id": pa.array(self.ids, schema.field("id").type), "response": pa.array(self.response, pa.string()),
             "responses": pa.array(self.responses or [], pa.list_(pa.string())),
@@ -155,6 +163,10 @@ class UnitBuffer:
         for name in ("token_logprobs", "top_logprobs"):  # sampling.logprobs
             if name in schema.names:
                 columns[name] = pa.array(getattr(self, name), schema.field(name).type)
+        if structured is not None:
+            columns.update(structured.arrays(self.response, self.status),
+                           schema_retries=pa.array(self.schema_retries, pa.int32()),
+                           seed=pa.array(self.seed, pa.int64()))
         if "rollout" in schema.names:  # answer i is rollout i % N of its input row
             columns["rollout"] = pa.array([i % self.rollouts for i in range(len(self.ids))], pa.int32())
         for name in schema.names:
@@ -164,7 +176,9 @@ class UnitBuffer:
         table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
         ok = sum(1 for s in self.status if s == "ok")
         tokens = sum(t for t in self.output_tokens if t)
-        return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1, self.retryable)
+        invalid = sum(1 for s, e in zip(self.status, self.error) if s == "error" and is_invalid(e))
+        return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1, self.retryable,
+                                invalid_structured=invalid, schema_retries=sum(self.schema_retries))
 
 
 
@@ -219,7 +233,9 @@ class UnitSource:
                         buf.restore(i, Entry(ids[offset], "ok", keep["response"][i], None, keep["output_tokens"][i],
                                              keep["latency_s"][i], keep["attempts"][i], False,
                                              (keep.get("responses") or [None] * (i + 1))[i], None,
-                                             Details(*((keep.get(c) or [None] * (i + 1))[i] for c in DETAILS))))
+                                             Details(*((keep.get(c) or [None] * (i + 1))[i] for c in DETAILS)),
+                                             (keep.get("schema_retries") or [0] * (i + 1))[i] or 0,
+                                             (keep.get("seed") or [None] * (i + 1))[i]))
                         continue
                     entry = replay.get(i) if replay else None
                     if entry is not None and entry.id == ids[offset] and \
@@ -297,14 +313,16 @@ class UnitSource:
 
 
 def settle_answers(batch: list[Request], completions: list, latency: float, attempt: int, end_strings: list[str],
-                   strip: bool, budget: int, think: list[str] | None = None) -> tuple[int, int, int]:
+                   strip: bool, budget: int, think: list[str] | None = None,
+                   schemas: Reasks | None = None) -> tuple[int, int, int]:
     """A request's completions into its rows (a NeMo copy whose answer the row already has is skipped): the
     answers taken, the tokens they generated, and the rows whose own answer was unusable (Completion.error:
     that row's error, the engine's fault, so retry_failed=true redoes it; the request's other rows are
     answered). budget: the tokens a request may generate (an answer's finish_reason where the engine gives
-    only a count); think: model.prompt.reasoning_tags, the tags its reasoning is split off the answer at."""
+    only a count); think: model.prompt.reasoning_tags, the tags its reasoning is split off the answer at;
+    schemas: structured answers (an answer that does not match its row's schema is asked again, see Reasks)."""
     got, settled, tokens, failed = iter(completions), 0, 0, 0
-    for buf, i, sent, _, count, _ in batch:
+    for buf, i, sent, seed, count, row in batch:
         for k, comp in zip(range(count), got):
             if buf.status[i + k] is not None:  # a NeMo copy whose answer the row already has
                 continue
@@ -317,12 +335,63 @@ def settle_answers(batch: list[Request], completions: list, latency: float, atte
             reasoning = comp.reasoning
             if reasoning is None and think:
                 reasoning, text = split_reasoning(text, think)
+            tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
+            if schemas is not None and (verdict := schemas.check(buf, i + k, text, sent, seed, k, row, attempt)):
+                if verdict == "failed":
+                    failed += 1
+                continue  # asked again, or failed
             buf.succeed(i + k, text, comp.output_tokens, latency, attempt,
                         details=Details(finish, stop, comp.prompt_tokens, reasoning, comp.token_logprobs,
                                         comp.top_logprobs))
             settled += 1
-            tokens += comp.output_tokens if isinstance(comp.output_tokens, int) else 0
     return settled, tokens, failed
+
+
+def is_invalid(error: str | None) -> bool:
+    """A row error of an answer that never matched its schema."""
+    return bool(error) and error.startswith(REASON + ":")
+
+
+class Reasks:
+    """Structured answers (orchestrator.structured): each answer is parsed and checked against its row's
+    schema (RowSampling.schema, whoever set it) or the run's; one that does not match is asked again alone,
+    with a new seed (structured.reseed: its seed + RESEED, recorded in the seed column), up to
+    client.invalid_retries times, then is the row's error `InvalidStructuredOutput: <why>` (the engine's
+    fault: retry_failed=true redoes it). The re-asks wait in `again` for the client to send first."""
+
+    def __init__(self, schema: str | None, retries: int, seed: int | None):
+        self.schema, self.retries, self.seed = schema, retries, seed
+        self.again: list[Request] = []
+
+    def check(self, buf: UnitBuffer, j: int, text: str, sent, seed: int | None, k: int,
+              row: RowSampling, attempt: int = 0) -> str | None:
+        """None: answer j matches (or has no schema) and is to be taken, with the seed it was asked with;
+        'again': asked again; 'failed': the row's error."""
+        schema = row.schema or self.schema
+        asked = seed + k if seed is not None else None  # answer k of a request with n: seed + k
+        if schema is None:
+            return None
+        try:
+            _, why = check_answer(text, schema)
+        except ValueError as exc:  # a row's own schema that is unusable (whatever set RowSampling.schema)
+            buf.fail(j, f"the row's JSON schema {exc}", attempt)
+            return "failed"
+        if why is None:
+            buf.seed[j] = asked
+            return None
+        taken = buf.schema_retries[j]
+        if taken < self.retries:
+            buf.schema_retries[j] = taken + 1
+            first = asked if asked is not None else row.seed if row.seed is not None else self.seed
+            self.again.append(Request(buf, j, sent, reseed(first, 1), 1, row))
+            return "again"
+        buf.fail(j, f"{REASON}: {why}", attempt, retryable=True)
+        return "failed"
+
+    def take(self) -> list[list[Request]]:
+        """The re-asks waiting, one request each."""
+        again, self.again = self.again, []
+        return [[item] for item in again]
 
 
 def settle_failures(batch: list[Request], error: str, attempt: int, retryable: bool) -> int:

@@ -186,3 +186,35 @@ def test_logprobs_three_alternatives_a_token_as_many_as_output_tokens(vllm_serve
             values = [a["logprob"] for a in alternatives]
             assert len(alternatives) == 3 and values == sorted(values, reverse=True)
             assert logprob <= values[0] + 1e-6  # the sampled token is at most as likely as the best
+
+
+def test_a_json_schema_run_gives_valid_answers_parsed_into_typed_columns(vllm_server, tmp_path):
+    """sampling.json_schema on the real vLLM: its guided decoding (structured_outputs on completions,
+    response_format on chat) makes every answer valid JSON for the schema, parsed into typed columns."""
+    import jsonschema
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                               "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    for api, parse in (("completions", "columns"), ("chat", "struct")):
+        name = f"json-{api}"
+        df = endpoint_rows(vllm_server, tmp_path, name, None, f"sampling.json_schema={path}", f"output.parse={parse}",
+                           f"engine.api={api}", "sampling.tokens_to_generate=96", "sampling.temperature=0.8",
+                           "sampling.seed=3", *(["model.prompt.format=raw"] if api == "completions" else []))
+        assert (df["status"] == "ok").all(), df["error"].dropna().tolist()[:3]
+        values = [json.loads(text) for text in df["response"]]
+        for value in values:
+            jsonschema.validate(value, schema)
+        types = pq.read_schema(next((tmp_path / name / "results").glob("*.parquet")))
+        if parse == "columns":
+            assert types.field("answer").type == pa.string() and types.field("sure").type == pa.bool_()
+            assert list(df["answer"]) == [v["answer"] for v in values]
+            assert list(df["sure"]) == [v["sure"] for v in values]
+        else:
+            assert types.field("parsed").type == pa.struct([("answer", pa.string()), ("sure", pa.bool_())])
+            assert [p["answer"] for p in df["parsed"]] == [v["answer"] for v in values]
+        assert types.field("schema_retries").type == pa.int32()

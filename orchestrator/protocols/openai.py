@@ -6,7 +6,9 @@ Detection: GET /v1/models answers 200. Discovery: the served model's name and ma
 """
 from __future__ import annotations
 
+import json
 import math
+from functools import lru_cache
 from typing import Any
 
 import requests
@@ -85,6 +87,11 @@ class OpenAICodec:
             self.base.update({"logprobs": True, "top_logprobs": min(s.logprobs + 1, MAX_LOGPROBS)} if self.chat
                              else {"logprobs": s.logprobs})
         self.base.update(cfg.engine.extra_body)
+        # structured answers: the run's schema (a row's own, RowSampling.schema, wins), in the engine's dialect
+        from ..structured import schema_text
+
+        self.schema = schema_text(s.json_schema)
+        self.guide = guided_decoding(cfg.engine.name, self.chat)
 
     def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
                 n: int = 1, row: RowSampling = DEFAULT_ROW) -> dict:
@@ -101,6 +108,9 @@ class OpenAICodec:
             body = dict(self.base, prompt=prompts[0])
         if row != DEFAULT_ROW:
             body.update(row_fields(row, OPENAI_FIELDS))
+        schema = _loaded(row.schema or self.schema)  # None: none (or a row's that is not JSON: its row's error)
+        if schema is not None:
+            body.update(self.guide(schema))
         if seed is not None:
             body["seed"] = seed
         if n > 1:
@@ -185,6 +195,39 @@ class OpenAICodec:
         if len(top) != len(chosen):
             raise bad
         return {"token_logprobs": chosen, "top_logprobs": top}
+
+
+def guided_decoding(engine: str, chat: bool):
+    """The request fields that ask engine `engine` for an answer matching a JSON schema (schema -> fields):
+    - vLLM (vllm, mock, and endpoint, which defaults to it; shared/reference/VLLM_CPU.md "Structured output"):
+      completions `structured_outputs: {json: schema}`; chat `response_format: {type: json_schema,
+      json_schema: {name, schema}}`.
+    - SGLang (docs.sglang.io/advanced_features/structured_outputs.html; its CompletionRequest's extra field
+      `json_schema: Optional[str]`): completions `json_schema: <the schema as JSON text>`; chat the OpenAI
+      `response_format` as above.
+    - TRT-LLM's trtllm-serve (nvidia.github.io/TensorRT-LLM/features/guided-decoding.html and
+      examples/serve/openai_completion_client_json_schema.py; its openai_protocol.ResponseFormat maps
+      type "json" with `schema` to GuidedDecodingParams(json=schema)), completions and chat alike:
+      `response_format: {type: json, schema: schema}` (the server needs guided_decoding_backend in its
+      --config YAML)."""
+    def openai_form(schema: dict) -> dict:
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
+
+    if engine == "trtllm":
+        return lambda schema: {"response_format": {"type": "json", "schema": schema}}
+    if engine == "sglang":
+        return openai_form if chat else (lambda schema: {"json_schema": json.dumps(schema)})
+    return openai_form if chat else (lambda schema: {"structured_outputs": {"json": schema}})
+
+
+@lru_cache(maxsize=256)
+def _loaded(text: str | None) -> Any:
+    """A schema's JSON text, loaded once (rows share schemas; the body only serialises it); None for none,
+    or for text that is not JSON (the answer's check makes that the row's error)."""
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        return None
 
 
 def _usage(body: dict) -> dict:

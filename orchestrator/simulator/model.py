@@ -52,6 +52,7 @@ class EngineSettings:
     max_model_len: int = 4096
     stall_rate: float = 0.0          # fraction of requests that hang for stall_s before being served (timeouts)
     stall_s: float = 30.0
+    invalid_json_rate: float = 0.0   # fraction of guided (JSON-schema) answers that break their schema (tests)
     routes: str = "nemo,openai,triton"          # protocol families served (comma-separated)
     triton_model: str = "nemo"                  # "nemo" (deploy_triton.py, PyTriton) or "trtllm" (TRT-LLM ensemble)
     triton_max_len_input: str = "max_output_len"  # NeMo's name for the length input ("max_output_token" in 2023)

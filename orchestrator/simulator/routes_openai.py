@@ -9,6 +9,7 @@ import uuid
 from aiohttp import web
 
 from .model import _TOKEN_RE, _Generation, _logprob, generate_text, render_chat, token_id, top_logprobs
+from .structured import guided_generation, read_guide
 from .validation import (
     _CHAT_RULES,
     _OAI_DEFAULTS,
@@ -65,8 +66,10 @@ class _OpenAIRoutes:
         skip = _OAI_DEFAULTS["skip_special_tokens"] if p["skip_special_tokens"] is None else p["skip_special_tokens"]
         include = bool(p["include_stop_str_in_output"])
         stop_ids = frozenset(p["stop_token_ids"] or ())
+        guide = p.get("guide")  # structured outputs: an instance of the schema instead (simulator.structured)
         gens = [generate_text(prompt, budget, stop, seed + i, s.max_natural_tokens, skip_special_tokens=skip,
-                              stop_token_ids=stop_ids, include_stop_str=include)
+                              stop_token_ids=stop_ids, include_stop_str=include) if guide is None else
+                guided_generation(guide, prompt, seed + i, budget, s.invalid_json_rate)
                 for prompt, _, budget in prompts for i in range(n)]
         for g in gens:
             self.counters["generated_tokens"] += g.generated
@@ -149,6 +152,9 @@ class _OpenAIRoutes:
         if not prompt or not _is_str_list(prompt):
             return _oai_error("prompt must be a string or a non-empty list of strings", param="prompt")
         message, param, p = _check(body, _OAI_RULES)
+        if message is None:
+            p["guide"], refused = read_guide(body)
+            message, param = refused or (None, None)
         if message is not None:
             return _oai_error(message, param=param)
         rows = self._rows(prompt, p["max_tokens"])
@@ -193,6 +199,9 @@ class _OpenAIRoutes:
         if (message := _check_messages(messages)) is not None:
             return _oai_error(message, param="messages")
         message, param, p = _check(body, _CHAT_RULES)
+        if message is None:
+            p["guide"], refused = read_guide(body)
+            message, param = refused or (None, None)
         if message is not None:
             return _oai_error(message, param=param)
         rows = self._rows([render_chat(messages)], p["max_completion_tokens"] or p["max_tokens"])
