@@ -12,6 +12,16 @@ from .rundir import write_error
 
 
 def _id_batches(plan: Plan, batch_rows: int):  # noqa: F821 (a plan.Plan; plan imports this module)
+    if plan.input_format != "parquet":  # JSONL: unit by unit (orchestrator.jsonl_input)
+        from .reader import UnitReader
+
+        reader = UnitReader(plan, batch_rows)
+        for unit, (f, start, _) in enumerate(plan.units):
+            row = start
+            for _, part in reader.read_parts(unit):
+                yield plan.files[f], row, part.column(plan.id_column)
+                row += part.num_rows
+        return
     for source in plan.files:
         pf = pq.ParquetFile(source.path)
         row = 0
