@@ -17,6 +17,7 @@ from orchestrator.preflight import prepare
 from orchestrator.protocols import make_codec
 from orchestrator.reader import UnitReader
 from orchestrator.row_settings import row_settings
+from orchestrator.sinks import sink_for
 from tests.conftest import kill_jobs_when, orchestrator_cmd
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -105,7 +106,8 @@ def test_a_sampling_column_of_the_wrong_type_is_refused_before_submission(tmp_pa
     pq.write_table(pa.table({"prompt": ["a"], "budget": [2.5], "temp": ["hot"]}), src)
     with pytest.raises(InputError, match=r"column 'budget' \(data.sampling_columns.max_tokens\) has type double; "
                                          r"it must hold integers"):
-        prepare(compose([f"data.input={src}", f"run_dir={tmp_path / 'a'}", "data.sampling_columns={max_tokens:budget}"]))
+        prepare(compose([f"data.input={src}", f"run_dir={tmp_path / 'a'}",
+                         "data.sampling_columns={max_tokens:budget}"]))
     with pytest.raises(InputError, match=r"column 'temp' \(data.sampling_columns.temperature\) has type string"):
         prepare(compose([f"data.input={src}", f"run_dir={tmp_path / 'b'}", "data.sampling_columns={temperature:temp}"]))
     with pytest.raises(InputError, match=r"no column 'nope' \(data.sampling_columns.seed\)"):
@@ -225,9 +227,6 @@ def test_an_openai_batch_file_round_trip(tmp_path):
     assert out["req-0"]["response"]["body"]["usage"]["completion_tokens"] > 3
     assert isinstance(out["req-0"]["response"]["body"]["choices"][0]["message"]["content"], str)
     # status and report read the units back as a table
-    df = results(run_dir) if False else None  # noqa: F841 (the files are not Parquet)
-    from orchestrator.sinks import sink_for
-
     table = sink_for(run_dir).read(0)
     assert table.column("id").to_pylist() == ["req-0", "req-1"] and "latency_s" in table.schema.names
     # a rerun finds every unit done
