@@ -200,7 +200,7 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
     import base64
 
     fmt = data.format
-    paths, root = discover_inputs(input_spec, fmt)
+    paths, root = discover_inputs(input_spec, fmt) if fmt != "auto" else discover_inputs(input_spec)
     fmt = input_format(input_spec, paths, fmt)
     if fmt == "openai_batch":
         data = _batch_data(data)
