@@ -220,8 +220,8 @@ def batch_messages(value) -> tuple[list[dict] | None, str | None]:
     return out, None
 
 
-def read_unit_lines(path: str, offset: int, count: int) -> tuple[list[bytes], list[int]]:
-    """A unit's lines: `count` non-blank lines from byte `offset` on, with their line numbers (relative)."""
+def read_unit_lines(path: str, offset: int, count: int) -> list[bytes]:
+    """A unit's lines: `count` non-blank lines from byte `offset` on."""
     out: list[bytes] = []
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -233,7 +233,7 @@ def read_unit_lines(path: str, offset: int, count: int) -> tuple[list[bytes], li
     if len(out) < count:
         raise InputError(f"{path}: {count} rows expected from byte {offset} on, {len(out)} found; the file changed "
                          f"since the run was planned. Restore it, or start a new run_dir=")
-    return out, list(range(len(out)))
+    return out
 
 
 def jsonl_table(path: str, lines: list[bytes], schema: pa.Schema) -> pa.Table:

@@ -68,7 +68,7 @@ class UnitReader:
         file_index, start, count = plan.units[unit]
         source = plan.files[file_index]
         try:
-            lines, _ = jsonl_input.read_unit_lines(source.path, plan.offsets[file_index][start // plan.unit_rows],
+            lines = jsonl_input.read_unit_lines(source.path, plan.offsets[file_index][start // plan.unit_rows],
                                                    count)
         except OSError as exc:
             raise InputError(f"{source.path}: rows {start}-{start + count - 1} cannot be read ({exc}); restore the "
