@@ -285,6 +285,16 @@ def test_body_fields_a_nemo_engine_cannot_honour_are_refused_naming_them(tmp_pat
     assert df["output_tokens"][0] <= 5
 
 
+def test_body_fields_on_an_endpoint_found_to_speak_nemo_are_refused_at_readiness(tmp_path):
+    from tests.test_endpoint import faithful_server
+
+    src = write_jsonl(tmp_path / "batch.jsonl", [batch_line(0, {"logit_bias": {"5": 10}})])
+    with faithful_server(tmp_path, "nemo") as url:
+        with pytest.raises(OrchestratorError, match="logit_bias, which engine=endpoint \\(the nemo protocol\\)"):
+            run(compose(["engine=endpoint", f"engine.url={url}", f"data.input={src}", f"run_dir={tmp_path / 'r'}",
+                         "engine.ready_timeout_s=30"]), show_progress=False)
+
+
 def test_the_example_batch_file_stays_valid(tmp_path):
     src = EXAMPLES / "mt_bench_batch.jsonl"
     plan = build_plan(compose([f"data.input={src}"]).data, str(src))
