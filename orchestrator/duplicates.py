@@ -13,14 +13,10 @@ from .rundir import write_error
 
 def _id_batches(plan: Plan, batch_rows: int):  # noqa: F821 (a plan.Plan; plan imports this module)
     if plan.input_format != "parquet":  # JSONL: unit by unit (orchestrator.jsonl_input)
-        from .reader import UnitReader
+        from .jsonl_input import unit_table
 
-        reader = UnitReader(plan, batch_rows)
         for unit, (f, start, _) in enumerate(plan.units):
-            row = start
-            for _, part in reader.read_parts(unit):
-                yield plan.files[f], row, part.column(plan.id_column)
-                row += part.num_rows
+            yield plan.files[f], start, unit_table(plan, unit).column(plan.id_column).combine_chunks()
         return
     for source in plan.files:
         pf = pq.ParquetFile(source.path)

@@ -241,6 +241,24 @@ def jsonl_table(path: str, lines: list[bytes], schema: pa.Schema) -> pa.Table:
     return _parse_block(lines, Path(path), list(range(1, len(lines) + 1)), schema)
 
 
+def unit_table(plan, unit: int) -> pa.Table:
+    """A JSONL or Batch API unit of a plan (orchestrator.plan.Plan) as a table: its lines read from the offset
+    the plan recorded, parsed once."""
+    import base64
+
+    file_index, start, count = plan.units[unit]
+    path = plan.files[file_index].path
+    try:
+        lines = read_unit_lines(path, plan.offsets[file_index][start // plan.unit_rows], count)
+    except OSError as exc:
+        raise InputError(f"{path}: rows {start}-{start + count - 1} cannot be read ({exc}); restore the file, or "
+                         f"start a new run_dir=") from None
+    if plan.input_format == "openai_batch":
+        return batch_table(path, lines, plan.batch_url)
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.jsonl_schema)))
+    return jsonl_table(path, lines, schema)
+
+
 def batch_table(path: str, lines: list[bytes], url: str) -> pa.Table:
     """A Batch API unit's lines as the columns custom_id, messages or prompt, and body (see the module)."""
     ids, prompts, bodies = [], [], []

@@ -67,16 +67,7 @@ class UnitReader:
         plan = self.plan
         file_index, start, count = plan.units[unit]
         source = plan.files[file_index]
-        try:
-            lines = jsonl_input.read_unit_lines(source.path, plan.offsets[file_index][start // plan.unit_rows],
-                                                   count)
-        except OSError as exc:
-            raise InputError(f"{source.path}: rows {start}-{start + count - 1} cannot be read ({exc}); restore the "
-                             f"file, or start a new run_dir=") from None
-        if plan.input_format == "openai_batch":
-            table = jsonl_input.batch_table(source.path, lines, plan.batch_url)
-        else:
-            table = jsonl_input.jsonl_table(source.path, lines, _jsonl_schema(plan))
+        table = jsonl_input.unit_table(plan, unit)
         columns = [c for c in plan.input_columns if c in table.schema.names]
         table = table.select(columns).combine_chunks()
         for lo in range(0, count, self.batch_rows):
@@ -109,12 +100,6 @@ class UnitReader:
                 self._pending = batch  # the next unit starts inside this batch
                 return
             self._position += batch.num_rows
-
-
-def _jsonl_schema(plan: Plan) -> pa.Schema:
-    import base64
-
-    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.jsonl_schema)))
 
 
 def read_unit(plan: Plan, unit: int, batch_rows: int) -> Iterator[tuple[list, list]]:

@@ -153,6 +153,12 @@ def test_a_bad_jsonl_line_is_named_with_its_line_number(tmp_path, line, why):
     assert not (tmp_path / "run" / "plan.json").exists()
 
 
+def test_repeated_ids_of_a_jsonl_input_are_refused(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i % 5}", "prompt": f"p{i}"} for i in range(8)])
+    with pytest.raises(InputError, match="rows repeat an id of column 'id'"):
+        prepare(compose([f"data.input={src}", f"run_dir={tmp_path / 'run'}", "data.unit_rows=3"]))
+
+
 def test_parquet_and_jsonl_in_one_input_are_refused(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
