@@ -89,6 +89,18 @@ def test_sampling_columns_reach_the_request_and_are_kept_in_the_results(tmp_path
     assert df["response"][1] != df["response"][3]
 
 
+def test_a_rows_own_max_tokens_is_the_budget_of_its_finish_reason():
+    """Where the engine gives only a token count (NeMo), finish_reason is judged by the row's own budget."""
+    from orchestrator.protocols.base import Completion, Request, RowSampling
+    from orchestrator.unit_source import UnitBuffer, settle_answers
+
+    buf = UnitBuffer(0, 2)
+    buf.ids = ["a", "b"]
+    batch = [Request(buf, 0, "p", row=RowSampling(max_tokens=3)), Request(buf, 1, "p")]
+    settle_answers(batch, [Completion("x y z", 3), Completion("x y z", 3)], 0.1, 1, [], False, budget=100)
+    assert buf.finish_reason == ["length", "stop"]  # 3 of the row's 3 tokens; 3 of the config's 100
+
+
 def test_a_row_seed_is_the_base_of_its_rollout_seeds(tmp_path):
     src = sampled_input(tmp_path)
     rollouts = ["sampling.rollouts=2", "sampling.greedy=false"]
@@ -227,6 +239,7 @@ def test_an_openai_batch_file_round_trip(tmp_path):
     assert one["response"]["status_code"] == 200 and one["response"]["request_id"]
     answer = one["response"]["body"]
     assert answer["object"] == "chat.completion" and answer["choices"][0]["finish_reason"] == "length"
+    assert answer["model"] == json.loads((run_dir / "engine.json").read_text())["served model"]
     assert answer["usage"]["completion_tokens"] == 3 and answer["usage"]["total_tokens"] == \
         answer["usage"]["prompt_tokens"] + 3
     assert out["req-3"]["response"]["body"]["usage"]["completion_tokens"] == 2

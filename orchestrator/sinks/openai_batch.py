@@ -53,7 +53,7 @@ class OpenAIBatchSink(JsonlDirSink):
         return self.sidecar(unit, digest).with_suffix(".parquet")
 
     def _settings(self) -> tuple[str, bool]:
-        """(model name, chat?) of the run: its config.yaml and plan.json, read once."""
+        """(model name, chat?) of the run: its engine.json, config.yaml and plan.json, read once."""
         if self._kind is None:
             import yaml
 
@@ -66,7 +66,11 @@ class OpenAIBatchSink(JsonlDirSink):
             except (OSError, ValueError):
                 plan = {}
             engine, model = cfg.get("engine") or {}, cfg.get("model") or {}
-            name = engine.get("served_model_name") or model.get("name") or ""
+            try:  # the name the running engine answered to (preflight.check_engine_identity), else the config's
+                served = json.loads((self.root / "engine.json").read_text()).get("served model")
+            except (OSError, ValueError, AttributeError):
+                served = None
+            name = served or engine.get("served_model_name") or model.get("name") or ""
             url = plan.get("batch_url")
             if url:
                 chat = url.endswith("/chat/completions")
