@@ -37,8 +37,9 @@ OpenAIApi = Annotated[str, Literal["completions", "chat"]]
 DuplicatePolicy = Annotated[str, Literal["error", "positional", "keep"]]
 Dtype = Annotated[str, Literal["bf16", "fp16", "fp8", "fp32"]]
 OnInterrupt = Annotated[str, Literal["cancel", "leave"]]
-OutputFormat = Annotated[str, Literal["parquet", "jsonl"]]  # orchestrator.sinks.SINKS: one result file per unit
+OutputFormat = Annotated[str, Literal["parquet", "jsonl", "openai_batch"]]  # orchestrator.sinks.SINKS: a file per unit
 ParseMode = Annotated[str, Literal["struct", "columns"]]  # a structured answer: one `parsed` column, or its properties
+InputFormat = Annotated[str, Literal["auto", "parquet", "jsonl", "openai_batch"]]  # data.format (orchestrator.inputs)
 
 
 def literal_choices(kind: Any) -> tuple[str, ...]:
@@ -353,8 +354,28 @@ class ClusterConfig:
 
 
 @dataclass
+class SamplingColumns:
+    """data.sampling_columns: the input column of each per-row sampling field (None: the config's for all rows).
+    Iterating gives the (field, column) pairs that are set; unknown fields are refused as unknown keys."""
+
+    max_tokens: Optional[str] = None
+    temperature: Optional[str] = None
+    top_p: Optional[str] = None
+    seed: Optional[str] = None
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)]
+
+    def __bool__(self) -> bool:
+        return bool(self.items())
+
+
+@dataclass
 class DataConfig:
-    input: Optional[str] = None  # Parquet file, directory or glob; None = the bundled MT-Bench prompts
+    input: Optional[str] = None  # Parquet or JSONL file, directory or glob; None = the bundled MT-Bench prompts
+    # auto: by the files' suffix (.parquet, .jsonl), a JSONL file whose first line has custom_id and body being an
+    # OpenAI Batch API file; or say which (docs/input.md)
+    format: InputFormat = "auto"
     prompt_column: str = "prompt"
     id_column: str = "id"  # when absent from the input, ids are "<file>:<row>"
     unit_rows: int = 2048  # rows per unit of work (one result file each)
@@ -373,6 +394,9 @@ class DataConfig:
     prompt_template: Optional[str] = None
     system_column: Optional[str] = None  # each row's system prompt (text); None = model.prompt.system
     schema_column: Optional[str] = None  # each row's JSON schema (JSON text; null: sampling.json_schema's)
+    # each row's own sampling from its columns: {max_tokens: COL, temperature: COL, top_p: COL, seed: COL} (any of
+    # them); a null value is the config's. The columns are kept in the results
+    sampling_columns: SamplingColumns = field(default_factory=lambda: SamplingColumns())
 
     def __post_init__(self) -> None:
         _check_range("data.unit_rows", self.unit_rows, lo=1)
@@ -429,7 +453,9 @@ class ClientConfig:
 
 @dataclass
 class OutputConfig:
-    format: OutputFormat = "parquet"  # results/part-<unit>.parquet; jsonl: one JSON object per row (docs/output.md)
+    # results/part-<unit>.parquet; jsonl: one JSON object per row; openai_batch: the OpenAI Batch API's output lines
+    # (results/part-<unit>.batch.jsonl, and output.jsonl + errors.jsonl when the run completes; docs/output.md)
+    format: OutputFormat = "parquet"
     # structured answers: struct = one column `parsed` typed from the schema; columns = its top-level properties
     parse: ParseMode = "struct"
 

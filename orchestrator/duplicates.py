@@ -12,6 +12,12 @@ from .rundir import write_error
 
 
 def _id_batches(plan: Plan, batch_rows: int):  # noqa: F821 (a plan.Plan; plan imports this module)
+    if plan.input_format != "parquet":  # JSONL: unit by unit (orchestrator.jsonl_input)
+        from .jsonl_input import unit_table
+
+        for unit, (f, start, _) in enumerate(plan.units):
+            yield plan.files[f], start, unit_table(plan, unit).column(plan.id_column).combine_chunks()
+        return
     for source in plan.files:
         pf = pq.ParquetFile(source.path)
         row = 0

@@ -12,11 +12,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .columns import RESULT_COLUMNS
 from .config import DataConfig
 from .errors import ConfigError, InputError
-
-RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "finish_reason", "stop", "prompt_tokens",
-                  "reasoning", "output_tokens", "latency_s", "attempts", "token_logprobs", "top_logprobs")
 
 
 @dataclass
@@ -28,8 +26,12 @@ class InputFile:
     mtime_ns: int
 
 
-def discover_inputs(spec: str) -> tuple[list[Path], Path]:
-    """Files named by a Parquet file, a directory of Parquet files, or a glob; and the root for names."""
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def discover_inputs(spec: str, fmt: str = "auto") -> tuple[list[Path], Path]:
+    """Files named by a Parquet or JSONL file, a directory of them, or a glob; and the root for names.
+    fmt: data.format (a directory is searched for its files: *.parquet, *.jsonl, or either in auto)."""
     path = Path(spec).expanduser()
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
@@ -37,17 +39,39 @@ def discover_inputs(spec: str) -> tuple[list[Path], Path]:
             raise InputError(f"data.input={spec!r}: the glob matches no file; check the pattern")
         root = Path(os.path.commonpath([str(f.parent.resolve()) for f in files]))
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        suffixes = (".parquet",) if fmt == "parquet" else JSONL_SUFFIXES if fmt in ("jsonl", "openai_batch") \
+            else (".parquet",) + JSONL_SUFFIXES
+        files = sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
         if not files:
-            raise InputError(f"data.input={spec!r}: the directory holds no *.parquet file")
+            raise InputError(f"data.input={spec!r}: the directory holds no {' or '.join('*' + s for s in suffixes)} "
+                             f"file")
         root = path.resolve()
     elif path.is_file():
         files, root = [path], path.resolve().parent
     else:
-        raise InputError(f"data.input={spec!r} does not exist; give a Parquet file, a directory or a glob")
+        raise InputError(f"data.input={spec!r} does not exist; give a Parquet or JSONL file, a directory or a glob")
     # one entry a file: a symlink to a file (or directory) already found names that file again, and its rows
     # would be planned twice under one positional id. The first name in sorted order is kept.
     return list(dict.fromkeys(f.resolve() for f in files)), root
+
+
+def input_format(spec: str, paths: list[Path], fmt: str = "auto") -> str:
+    """The input's format: data.format, or in auto each file's by its suffix (a JSONL file whose first line
+    has custom_id and body is an OpenAI Batch API file). Parquet and JSONL files may not mix in one input."""
+    from .jsonl_input import looks_like_batch
+
+    if fmt != "auto":
+        return fmt
+    kinds = {p: "jsonl" if p.suffix in JSONL_SUFFIXES else "parquet" for p in paths}
+    if len(set(kinds.values())) > 1:
+        example = {k: next(p for p, v in kinds.items() if v == k).name for k in ("parquet", "jsonl")}
+        raise InputError(f"data.input={spec!r} mixes Parquet ({example['parquet']}) and JSONL ({example['jsonl']}) "
+                         f"files; one run reads one format: point data.input at one kind (e.g. a glob "
+                         f"'*.jsonl'), or convert the others")
+    found = next(iter(kinds.values()), "parquet")
+    if found == "jsonl" and paths and looks_like_batch(paths[0]):
+        return "openai_batch"
+    return found
 
 
 def unique_file_entries(entries: list) -> list:
@@ -57,7 +81,8 @@ def unique_file_entries(entries: list) -> list:
 
 
 # what a run_dir holds that a pattern over the input could match: its results, spills and records
-_RUN_DIR_FILES = ("results/part-00000.parquet", "results/part-00000.jsonl", "work/spill.parquet", "plan.json")
+_RUN_DIR_FILES = ("results/part-00000.parquet", "results/part-00000.jsonl", "work/spill.parquet", "plan.json",
+                  "output.jsonl", "errors.jsonl")
 
 
 def check_run_dir_outside_input(spec: str, run_dir: str) -> None:
@@ -212,3 +237,42 @@ def _footers(paths: list[Path], chunk: int = 64) -> Iterator[tuple[pa.Schema, in
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="footers") as pool:
         for part in pool.map(run, [paths[i:i + chunk] for i in range(0, len(paths), chunk)]):
             yield from part
+
+
+CONFIG_KEY = {"max_tokens": "sampling.tokens_to_generate", "temperature": "sampling.temperature",
+              "top_p": "sampling.top_p", "seed": "sampling.seed"}  # what a null value of a sampling column is
+
+
+def _sampling_types(path: Path, schema: pa.Schema, data: DataConfig) -> dict[str, pa.DataType]:
+    """data.sampling_columns in one file: each column must exist and hold integers (max_tokens, seed) or
+    numbers (temperature, top_p); its values are kept in the results, under its name."""
+    out = {}
+    for key, name in (data.sampling_columns or {}).items():
+        kind = _column(path, schema, f"data.sampling_columns.{key}", name)
+        value = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if name in RESULT_COLUMNS:
+            raise InputError(f"data.sampling_columns.{key}={name!r} is a result column's name "
+                             f"({', '.join(RESULT_COLUMNS)}); rename that input column")
+        integers = key in ("max_tokens", "seed")
+        if not (pa.types.is_integer(value) or pa.types.is_null(value) or
+                (not integers and pa.types.is_floating(value))):
+            want = "integers" if integers else "numbers"
+            raise InputError(f"{path}: column {name!r} (data.sampling_columns.{key}) has type {kind}; it must hold "
+                             f"{want} (one {key} per row, null for the config's {CONFIG_KEY[key]}). Cast it (e.g. "
+                             f"df[{name!r}].astype({'Int64' if integers else 'float'!r})), or point "
+                             f"data.sampling_columns.{key} at another column")
+        out[name] = value
+    return out
+
+
+def check_schema_column(path: Path, schema: pa.Schema, data: DataConfig) -> None:
+    """data.schema_column is a text column of every input file (from its footer)."""
+    column = data.schema_column
+    if not column:
+        return
+    if column not in schema.names:
+        raise InputError(f"{path}: no schema column {column!r} (data.schema_column); the columns are "
+                         f"{schema.names}; set data.schema_column=<one of them>, or leave it unset")
+    if not _is_text(kind := schema.field(column).type):
+        raise InputError(f"{path}: schema column {column!r} (data.schema_column) has type {kind}, not text; store "
+                         f"each row's JSON schema as JSON text (or null: sampling.json_schema)")

@@ -21,6 +21,7 @@ from .errors import OrchestratorError
 from .plan import Plan
 from .preflight import check_engine_identity
 from .report import _failed_summary, _final_summary
+from .row_settings import check_row_engine
 from .rundir import RunPaths, log_event
 
 
@@ -107,6 +108,7 @@ class NodeJob:
                     print(f"engine ready at {info.url} ({what}, model {info.model_name})", flush=True)
                     log_event(paths, f"{where}: engine ready at {info.url} ({what}, model {info.model_name})")
                     check_engine_identity(paths, info)
+                    check_row_engine(plan, cfg.engine.name, info.protocol)  # a detected protocol (engine=endpoint)
                     self._client = Client(cfg, plan, paths, info.url, attempt, owner, engine_alive=server.alive,
                                           info=info, replica=replica)
                     if self._stop_reason:

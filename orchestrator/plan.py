@@ -23,10 +23,12 @@ from .inputs import (
     _is_text,
     _kept_types,
     _list_value,
+    _sampling_types,
+    check_schema_column,
     discover_inputs,
+    input_format,
 )
 from .structured import Columns
-from .structured import check_input as check_schema_column
 from .templates import template_columns
 
 
@@ -124,6 +126,13 @@ class Plan:
     prompt_template: str | None = None  # data.prompt_template: each row's prompt from template_columns
     template_columns: list[str] = field(default_factory=list)  # the input columns the template reads
     system_column: str | None = None  # each row's system prompt (data.system_column)
+    # data.sampling_columns: {RowSampling field: input column}; the columns are among keep_columns too
+    sampling_columns: dict = field(default_factory=dict)
+    input_format: str = "parquet"  # parquet, jsonl or openai_batch (orchestrator.jsonl_input)
+    offsets: list = field(default_factory=list)  # JSONL: per file, the byte offset of each of its units' first row
+    jsonl_schema: str = ""  # plain JSONL: the columns' arrow types (base64 IPC schema), the same in every file
+    batch_url: str | None = None  # openai_batch: the one url of its lines (/v1/chat/completions or /v1/completions)
+    body_fields: list = field(default_factory=list)  # openai_batch: body fields beyond the sampling ones
     schema_column: str | None = None  # each row's JSON schema (data.schema_column, orchestrator.structured)
 
     @property
@@ -152,6 +161,11 @@ class Plan:
         named = ([self.messages_column, self.turns_column, self.attributes_column] if self.conversational
                  else prompt + [self.system_column]) + [self.schema_column] + list(self.keep_columns) + \
             [self.id_column]
+        named += list(self.sampling_columns.values())
+        if self.input_format == "openai_batch":
+            from .jsonl_input import BODY_COLUMN
+
+            named.append(BODY_COLUMN)
         return list(dict.fromkeys(c for c in named if c))
 
     def to_json(self) -> str:
@@ -189,13 +203,24 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
     (rollouts: answers per row, sampling.rollouts)."""
     import base64
 
-    paths, root = discover_inputs(input_spec)
+    fmt = data.format
+    paths, root = discover_inputs(input_spec, fmt) if fmt != "auto" else discover_inputs(input_spec)
+    fmt = input_format(input_spec, paths, fmt)
+    if fmt == "openai_batch":
+        data = _batch_data(data)
+    scanned, extra = _scan(paths, data, fmt)
+    if fmt == "openai_batch":
+        import dataclasses
+
+        from .jsonl_input import CHAT_URL
+
+        data = dataclasses.replace(data, messages_column="messages" if extra["batch_url"] == CHAT_URL else None)
     files: list[InputFile] = []
     id_types: dict[str, str] = {}
     kept: dict[str, tuple[pa.DataType, Path]] = {}
     conversational = bool(data.messages_column or data.turns_column)
     used: dict[str, None] = {}  # the input columns data.prompt_template reads, in order
-    for path, (schema, num_rows, stat) in zip(paths, _footers(paths)):
+    for path, (schema, num_rows, stat) in zip(paths, scanned):
         names = schema.names
         if conversational:
             _check_conversation_columns(path, schema, data)
@@ -227,7 +252,7 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                                  f"{stype}, not text; store one system prompt string (or null: "
                                  f"model.prompt.system) per row")
         check_schema_column(path, schema, data)
-        for name, kind in _kept_types(path, schema, data, rollouts).items():
+        for name, kind in {**_kept_types(path, schema, data, rollouts), **_sampling_types(path, schema, data)}.items():
             first = kept.setdefault(name, (kind, path))
             if first[0] != kind:
                 raise InputError(f"input files disagree on the type of kept column {name!r} ({first[1].name}: "
@@ -248,7 +273,59 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                 data.attributes_column, list(kept),
                 base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "", rollouts,
                 None if conversational else data.prompt_template, list(used),
-                None if conversational else data.system_column or None, data.schema_column or None)
+                None if conversational else data.system_column or None, dict(data.sampling_columns.items()),
+                fmt, schema_column=data.schema_column or None, **extra)
+
+
+def _scan(paths: list[Path], data: DataConfig, fmt: str) -> tuple[list, dict]:
+    """(schema, rows, stat) of every input file, and the plan's fields that follow from a JSONL input:
+    Parquet files from their footers, JSONL files from one streaming pass each (orchestrator.jsonl_input)."""
+    import base64
+
+    from . import jsonl_input
+
+    if fmt == "parquet":
+        return list(_footers(paths)), {}
+    out, offsets = [], []
+    if fmt == "openai_batch":
+        scan = jsonl_input.BatchScan()
+        counts = []
+        for path in paths:
+            rows, starts = scan.scan(path, data.unit_rows)
+            counts.append(rows)
+            offsets.append(starts)
+        schema = jsonl_input.batch_schema(scan.url)
+        out = [(schema, rows, path.stat()) for path, rows in zip(paths, counts)]
+        return out, {"offsets": offsets, "batch_url": scan.url or jsonl_input.CHAT_URL,
+                     "body_fields": sorted(scan.body_fields)}
+    common: pa.Schema | None = None
+    for path in paths:
+        schema, rows, starts = jsonl_input.scan_jsonl(path, data.unit_rows)
+        out.append((schema, rows, path.stat()))
+        offsets.append(starts)
+        try:
+            common = schema if common is None else pa.unify_schemas([common, schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"{path}: its keys' types differ from the other input files' "
+                             f"({str(exc).splitlines()[0][:200]}); give each key one type in every file") from None
+    common = common if common is not None else pa.schema([])
+    return out, {"offsets": offsets, "jsonl_schema": base64.b64encode(common.serialize().to_pybytes()).decode()}
+
+
+def _batch_data(data: DataConfig) -> DataConfig:
+    """An OpenAI Batch API input's rows: custom_id is the id, body.messages the conversation (or body.prompt
+    the prompt), the body's sampling fields the row's own. Keys that would read other columns are refused."""
+    import dataclasses
+
+    from .jsonl_input import BATCH_ID
+
+    for key in ("messages_column", "turns_column", "attributes_column", "prompt_template", "system_column",
+                "sampling_columns"):
+        if getattr(data, key):
+            raise InputError(f"data.{key} does not apply to an OpenAI Batch API input (data.format=openai_batch): "
+                             f"its lines give the prompts and their settings (body); drop data.{key}, or set "
+                             f"data.format=jsonl to read the lines as plain columns")
+    return dataclasses.replace(data, id_column=BATCH_ID, prompt_column="prompt")
 
 
 def _names(columns: list[str]) -> str:

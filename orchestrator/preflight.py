@@ -14,6 +14,7 @@ from .errors import ConfigError, EngineError, InputError, RunError
 from .inputs import check_run_dir_outside_input, unique_file_entries
 from .layout import build_layout
 from .plan import Plan, apply_duplicate_policy, build_plan
+from .row_settings import check_row_engine
 from .rundir import RunPaths, atomic_write_text, publish_once
 from .structured import fingerprint as structured_fingerprint
 
@@ -38,6 +39,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     check_launch(cfg)
     check_run_dir_outside_input(cfg.input_path, cfg.run_dir)
     plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts)
+    check_row_engine(plan, cfg.engine.name, adapter_for(cfg).protocol_for(cfg))  # an OpenAI batch file's bodies
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)
     current = fingerprint(cfg, plan)
@@ -123,7 +125,10 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
                  **{k: getattr(cfg.data, k) or None for k in ("messages_column", "turns_column",
                                                              "attributes_column", "keep_columns",
                                                              "prompt_template", "system_column",
-                                                             "schema_column")}},
+                                                             "schema_column")},
+                 # per-row sampling and the input's format; unset (Parquet) is None, as before they existed
+                 "sampling_columns": dict(plan.sampling_columns) or None,
+                 "format": plan.input_format if plan.input_format != "parquet" else None},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
         "output.format": cfg.output.format,  # the result files' format (orchestrator.sinks)
         # structured answers (the schema itself is sampling.json_schema); None without a schema, as before

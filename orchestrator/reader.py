@@ -1,4 +1,5 @@
-"""Reading a unit's rows from its input file, as record batches, in order."""
+"""Reading a unit's rows from its input file, as record batches, in order: Parquet files by row group,
+JSONL and OpenAI Batch API files from the byte offset the plan recorded for the unit (orchestrator.jsonl_input)."""
 from __future__ import annotations
 
 import bisect
@@ -46,6 +47,9 @@ class UnitReader:
     def read_parts(self, unit: int) -> Iterator[tuple[list, pa.RecordBatch]]:
         """Yield (ids, record batch of plan.input_columns) for one unit's rows, in order."""
         file_index, start, count = self.plan.units[unit]
+        if self.plan.input_format != "parquet":
+            yield from self._read_jsonl(unit)
+            return
         try:
             yield from self._read(unit)
         except (pa.ArrowException, OSError) as exc:
@@ -55,6 +59,23 @@ class UnitReader:
                              f"({str(exc).splitlines()[0][:200]}); "
                              f"the file is damaged. Rewrite it from its source (the run's plan fixed its size, so "
                              f"start a new run_dir=), or drop it from data.input") from None
+
+    def _read_jsonl(self, unit: int) -> Iterator[tuple[list, pa.RecordBatch]]:
+        """A JSONL unit: its lines from the offset the plan recorded, parsed once, in batches of batch_rows."""
+        from . import jsonl_input
+
+        plan = self.plan
+        file_index, start, count = plan.units[unit]
+        source = plan.files[file_index]
+        table = jsonl_input.unit_table(plan, unit)
+        columns = [c for c in plan.input_columns if c in table.schema.names]
+        table = table.select(columns).combine_chunks()
+        for lo in range(0, count, self.batch_rows):
+            part = table.slice(lo, self.batch_rows).to_batches()
+            part = part[0] if part else pa.RecordBatch.from_pylist([], schema=table.schema)
+            ids = part.column(plan.id_column).to_pylist() if plan.id_column else \
+                [f"{source.name}:{row}" for row in range(start + lo, start + lo + part.num_rows)]
+            yield ids, part
 
     def _read(self, unit: int) -> Iterator[tuple[list, list]]:
         file_index, start, count = self.plan.units[unit]

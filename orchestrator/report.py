@@ -13,6 +13,7 @@ from .errors import OrchestratorError, RunError
 from .journal import remove_leftovers
 from .plan import Plan
 from .rundir import RunPaths, atomic_write_text, log_event
+from .sinks import sink_for
 
 
 def attempt_progress(paths: RunPaths, attempt: str | None) -> list[dict]:
@@ -115,6 +116,7 @@ def _final_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, start
             fsops.create_exclusive(paths.root / "work" / f"summary-{attempt}.by", owner):
         summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
         write_summary(paths, summary)
+        sink_for(paths).finish()  # output.format=openai_batch: output.jsonl and errors.jsonl
         removed = remove_leftovers(paths)
         left = f"; removed {removed} journal(s) left by stopped copies" if removed else ""
         log_event(paths, f"{owner}: run complete, {summary['committed']}/{summary['total']} rows committed; "

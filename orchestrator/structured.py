@@ -18,7 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import ConfigError, InputError
+from .columns import RESULT_COLUMNS
+from .errors import ConfigError
 
 REASON = "InvalidStructuredOutput"  # the row error's reason: its text starts with "InvalidStructuredOutput: "
 RESEED = 1000003  # re-ask k of an answer is sampled with (its seed, else the config's, else 0) + RESEED * k
@@ -173,29 +174,12 @@ def check_keys(cfg) -> None:
     if not isinstance(props, dict) or not props:
         raise ConfigError("output.parse=columns: sampling.json_schema has no top-level properties to make "
                           "columns of; give it \"properties\": {...}, or use output.parse=struct")
-    from .inputs import RESULT_COLUMNS
-
     reserved = set(RESULT_COLUMNS) | {"rollout", "parsed"} | {name for name, _ in EXTRA_COLUMNS} | \
         set(cfg.data.keep_columns)
     clash = sorted(set(props) & reserved)
     if clash:
         raise ConfigError(f"output.parse=columns: the schema's properties {clash} clash with result columns (or "
                           f"data.keep_columns); rename them in the schema, or use output.parse=struct")
-
-
-def check_input(path, schema: pa.Schema, data) -> None:
-    """data.schema_column is a text column of every input file (from its footer)."""
-    column = data.schema_column
-    if not column:
-        return
-    from .inputs import _is_text
-
-    if column not in schema.names:
-        raise InputError(f"{path}: no schema column {column!r} (data.schema_column); the columns are "
-                         f"{schema.names}; set data.schema_column=<one of them>, or leave it unset")
-    if not _is_text(kind := schema.field(column).type):
-        raise InputError(f"{path}: schema column {column!r} (data.schema_column) has type {kind}, not text; store "
-                         f"each row's JSON schema as JSON text (or null: sampling.json_schema)")
 
 
 def fingerprint(cfg) -> dict | None:

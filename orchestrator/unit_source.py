@@ -296,7 +296,7 @@ class UnitSource:
         the answers of `todo` are taken (see Client._send)."""
         if self.rollouts == 1:
             return [Request(buf, first, sent, row=row)]
-        base = rollout_seed(self.cfg.sampling.seed, row_id)
+        base = rollout_seed(row.seed if row.seed is not None else self.cfg.sampling.seed, row_id)  # a row's own seed
         most = getattr(self.protocol, "max_n", 1)
         if getattr(self.protocol, "copies", False):
             blocks = sorted({k // most for k in todo})
@@ -323,6 +323,7 @@ def settle_answers(batch: list[Request], completions: list, latency: float, atte
     schemas: structured answers (an answer that does not match its row's schema is asked again, see Reasks)."""
     got, settled, tokens, failed = iter(completions), 0, 0, 0
     for buf, i, sent, seed, count, row in batch:
+        row_budget = row.max_tokens or budget  # a row's own max_tokens (data.sampling_columns, a batch body)
         for k, comp in zip(range(count), got):
             if buf.status[i + k] is not None:  # a NeMo copy whose answer the row already has
                 continue
@@ -331,7 +332,7 @@ def settle_answers(batch: list[Request], completions: list, latency: float, atte
                 failed += 1
                 continue
             text, matched = cut_answer(comp.text, sent, end_strings, strip)
-            finish, stop = ending(comp.finish_reason, comp.stop, matched, comp.output_tokens, budget)
+            finish, stop = ending(comp.finish_reason, comp.stop, matched, comp.output_tokens, row_budget)
             reasoning = comp.reasoning
             if reasoning is None and think:
                 reasoning, text = split_reasoning(text, think)

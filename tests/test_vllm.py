@@ -218,3 +218,33 @@ def test_a_json_schema_run_gives_valid_answers_parsed_into_typed_columns(vllm_se
             assert types.field("parsed").type == pa.struct([("answer", pa.string()), ("sure", pa.bool_())])
             assert [p["answer"] for p in df["parsed"]] == [v["answer"] for v in values]
         assert types.field("schema_retries").type == pa.int32()
+
+
+def test_an_openai_batch_file_round_trip_with_custom_ids(vllm_server, tmp_path):
+    """An OpenAI Batch API file (chat url) run as is on vLLM, written back as the Batch API's output and error
+    files: every custom_id once, the bodies' own max_tokens honoured (vLLM's own usage), a bad body an error."""
+    from orchestrator.config import compose
+    from orchestrator.frontend import run
+
+    questions = ["What is 2 + 2?", "Name a colour.", "Tell me about the number 7.", "Say hello."]
+    lines = [{"custom_id": f"task-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": q}], "max_tokens": 3 + i,
+                       "temperature": 0}} for i, q in enumerate(questions)]
+    lines.append({"custom_id": "task-bad", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": "Hi"}], "top_p": 2}})
+    src = tmp_path / "batch.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run(compose(["model=hf", f"model.path={TINY}", "engine=endpoint", f"engine.url={vllm_server.url}/v1",
+                 "engine.api=chat", "sampling.end_strings=[]", f"data.input={src}", f"run_dir={tmp_path / 'run'}",
+                 "data.unit_rows=2", "output.format=openai_batch"]), show_progress=False)
+    out = {x["custom_id"]: x for x in map(json.loads, (tmp_path / "run" / "output.jsonl").read_text().splitlines())}
+    errors = [json.loads(x) for x in (tmp_path / "run" / "errors.jsonl").read_text().splitlines()]
+    assert sorted(out) == [f"task-{i}" for i in range(4)]
+    assert [e["custom_id"] for e in errors] == ["task-bad"] and "body.top_p is 2" in errors[0]["error"]["message"]
+    for i in range(4):
+        body = out[f"task-{i}"]["response"]["body"]
+        assert out[f"task-{i}"]["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+        assert 0 < body["usage"]["completion_tokens"] <= 3 + i  # the body's own budget, as vLLM counted it
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        assert (body["choices"][0]["finish_reason"] == "length") == (body["usage"]["completion_tokens"] == 3 + i)
+        assert isinstance(body["choices"][0]["message"]["content"], str)

@@ -119,6 +119,8 @@ class OpenAICodec:
         if tokens_to_generate is not None:
             body["max_tokens"] = tokens_to_generate
             body["min_tokens"] = 0
+        if row.body is not None:  # an OpenAI batch line's own body fields, last (model and prompt aside)
+            body.update(json.loads(row.body))
         return body
 
     def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .base import RESULT_PREFIX, STATS_KEY, ResultSink
 from .jsonl_dir import JsonlDirSink
+from .openai_batch import OpenAIBatchSink
 from .parquet_dir import ParquetDirSink
 
-SINKS: dict[str, type[ResultSink]] = {"parquet": ParquetDirSink, "jsonl": JsonlDirSink}
+SINKS: dict[str, type[ResultSink]] = {"parquet": ParquetDirSink, "jsonl": JsonlDirSink, "openai_batch": OpenAIBatchSink}
 FORMATS = tuple(SINKS)
 DEFAULT_FORMAT = "parquet"
 
@@ -26,6 +27,7 @@ __all__ = [
     "SINKS",
     "STATS_KEY",
     "JsonlDirSink",
+    "OpenAIBatchSink",
     "ParquetDirSink",
     "ResultSink",
     "format_of",
@@ -95,6 +97,7 @@ def sink_of_file(path: Path) -> ResultSink:
     """The sink that wrote a result file (by its name), for a run directory's results/<file>."""
     path = Path(path)
     for cls in SINKS.values():
-        if path.name.endswith(cls.suffix):
-            return cls(path.parent.parent)
+        sink = cls(path.parent.parent)
+        if sink.unit_of(path.name) is not None:  # part-<unit><suffix>: .batch.jsonl is not a JSONL unit's
+            return sink
     return ParquetDirSink(path.parent.parent)

@@ -145,6 +145,11 @@ class ResultSink(ABC):
         for it."""
         return self.check_file(self.file(unit), rows, valid)
 
+    def finish(self) -> list[Path]:
+        """What the format assembles once the run is complete (after summary.json): the files written
+        (none for one file per unit; openai_batch: output.jsonl and errors.jsonl)."""
+        return []
+
     def stats(self, unit: int) -> dict | None:
         """The stats published with a committed unit; None when it has none that can be read."""
         found = self.check(unit)
