@@ -352,6 +352,8 @@ def follow(sub: Submission, show_progress: bool = True) -> dict:
         print(f"warning: {failure}", file=sys.stderr)
     write_summary(paths, summary)
     print(f"results: {paths.results}")
+    if cfg.output.format == "openai_batch" and summary["complete"]:  # the Batch API's own two files
+        print(f"batch output: {paths.root / 'output.jsonl'}; errors: {paths.root / 'errors.jsonl'}")
     print(f"summary: {one_line(summary)}")
     if not summary["complete"]:
         raise incomplete_error(paths, plan, summary)
