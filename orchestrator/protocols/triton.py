@@ -30,10 +30,9 @@ from .base import (
     row_fields,
 )
 
-# RowSampling's fields (max_tokens aside: the token budget) as NeMo's Triton model's input tensors name them,
-# and as the generate extension's body does
+# RowSampling's fields (max_tokens aside: the token budget) as NeMo's Triton model's input tensors name them;
+# the generate extension's body takes the same names (each names an input of the TRT-LLM ensemble)
 TRITON_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "random_seed"}
-GENERATE_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "random_seed"}
 
 NAME = "triton"
 TRITON_MAX_LEN_INPUTS = ("max_output_len", "max_output_token", "max_tokens")
@@ -103,7 +102,7 @@ class TritonCodec:
         if self.generate:
             s = self.sampling
             body = {"text_input": prompts[0], "max_tokens": tokens, "temperature": s.temperature, "top_p": s.top_p,
-                    "top_k": 1 if s.greedy else s.top_k, **row_fields(row, GENERATE_FIELDS)}
+                    "top_k": 1 if s.greedy else s.top_k, **row_fields(row, TRITON_FIELDS)}
             if self.end_strings:
                 body["stop_words"] = self.end_strings
             if seed is not None:  # a rollout's own seed (the ensemble's random_seed input)
