@@ -34,6 +34,8 @@ EXAMPLE_INPUT = bundled("examples") / "mt_bench_prompts.parquet"
 PromptFormat = Annotated[str, Literal["nemotron4_chat", "steerlm", "nemotron_mini", "raw", "chat_template"]]
 ProtocolName = Annotated[str, Literal["nemo", "openai", "triton"]]  # orchestrator.protocols: one module each
 OpenAIApi = Annotated[str, Literal["completions", "chat"]]
+# whose OpenAI-compatible server (protocols.openai.openai_dialect): their request and answer fields differ
+OpenAIDialect = Annotated[str, Literal["vllm", "sglang", "trtllm"]]
 DuplicatePolicy = Annotated[str, Literal["error", "positional", "keep"]]
 Dtype = Annotated[str, Literal["bf16", "fp16", "fp8", "fp32"]]
 OnInterrupt = Annotated[str, Literal["cancel", "leave"]]
@@ -274,6 +276,8 @@ class EngineConfig:
     protocol: Optional[ProtocolName] = None
     # OpenAI route: completions or chat; None = chat for model.prompt.format=chat_template
     api: Optional[OpenAIApi] = None
+    # whose OpenAI server (engine=endpoint, engine=mock): vllm, sglang or trtllm; None = vllm, or the engine's own
+    dialect: Optional[OpenAIDialect] = None
     host: str = "127.0.0.1"  # the address the engine's HTTP server binds
     url: Optional[str] = None  # engine=endpoint: the running server (http://host:port, a /v1 suffix is fine)
     port: int = 0  # 0 = a free port chosen on the node

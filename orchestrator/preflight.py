@@ -115,6 +115,7 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         **({"sampling.rollouts_in_one_request": True} if _nemo_copies(cfg) else {}),
         "engine": cfg.engine.name,
         "engine.answers": adapter_for(cfg).answer_settings(cfg),
+        **({"engine.dialect": cfg.engine.dialect} if cfg.engine.dialect else {}),  # unset: as before it existed
         "engine.settings": {k: getattr(cfg.engine, k) for k in ("checkpoint", "url", "protocol", "api", "precision",
                                                                "command", "script", "extra_args", "options",
                                                                "served_model_name", "skip_special_tokens",

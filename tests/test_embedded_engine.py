@@ -259,7 +259,9 @@ def test_openai_completion_fields(engine):
     assert out["model"] == "mock" and isinstance(out["created"], int)
     (choice,) = out["choices"]
     _, gen = simulate(PROMPTS[0], 5, [EOS], 0, 512)
-    assert choice == {"index": 0, "text": "".join(gen), "logprobs": None, "finish_reason": "length"}
+    # vLLM's CompletionResponseChoice: stop_reason is the stop string or token id that fired, else null
+    assert choice == {"index": 0, "text": "".join(gen), "logprobs": None, "finish_reason": "length",
+                      "stop_reason": None}
     assert choice["text"].startswith(MARKER)
     n_prompt = len(tokenize(PROMPTS[0]))
     assert out["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 5, "total_tokens": n_prompt + 5}

@@ -15,6 +15,7 @@ from ..config import Config, choices
 from ..errors import ConfigError
 from ..protocols import auth
 from ..protocols.base import logprobs_problem
+from ..protocols.openai import OPENAI_SERVERS
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 
@@ -94,6 +95,9 @@ class EngineAdapter:
         if self.needs_nemo_checkpoint and not cfg.engine.checkpoint:
             found.append(f"engine={self.name} needs engine.checkpoint=/path/to/model.nemo "
                          f"(as seen inside the container)")
+        if cfg.engine.dialect and self.name in OPENAI_SERVERS and cfg.engine.dialect != self.name:
+            found.append(f"engine.dialect={cfg.engine.dialect}: engine={self.name} is {self.name}'s own server; drop "
+                         f"engine.dialect (it names the server behind engine=endpoint, or the embedded engine's)")
         found += auth.problems(cfg)  # engine.api_key_env names a variable that is set; engine.ca_bundle exists
         protocol = self.protocol_for(cfg)
         refused = logprobs_problem(cfg, self.name, protocol)

@@ -38,6 +38,8 @@ class MockAdapter(EngineAdapter):
             "--max-natural-tokens", str(sim.max_natural_tokens), "--model-name", self.served_name(cfg),
             "--max-model-len", str(cfg.model.architecture.max_seq_len),
             "--stall-rate", str(sim.stall_rate), "--stall-s", str(sim.stall_s)]
+        if e.dialect:  # whose OpenAI server its OpenAI routes imitate (simulator.dialects)
+            cmd += ["--openai-dialect", e.dialect]
         if sim.invalid_json_rate:  # structured answers that break their schema (tests of the re-asks)
             cmd += ["--invalid-json-rate", str(sim.invalid_json_rate)]
         if rv.port_file is not None:

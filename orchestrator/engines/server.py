@@ -19,6 +19,7 @@ from ..config import Config
 from ..errors import EngineError
 from ..protocols import auth, ready
 from ..protocols.base import EngineInfo, RejectedError, TransientError, normalise_url
+from ..protocols.openai import refusal_hint
 from .base import Rendezvous, adapter_for
 
 __all__ = ["EngineServer", "free_port"]
@@ -173,7 +174,8 @@ class EngineServer:
                 except (requests.RequestException, TransientError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
                 except RejectedError as exc:
-                    raise EngineError(f"the engine at {self.url} refused the readiness generation: {exc}") from None
+                    raise EngineError(f"the engine at {self.url} refused the readiness generation: {exc}"
+                                      f"{refusal_hint(self.cfg, str(exc))}") from None
             time.sleep(poll_s)
             poll_s = min(max_poll_s, poll_s * 1.5)
         where = f"log {self.log_path}:\n{self.log_tail()}" if self.adapter.starts_process else f"engine.url={self.url}"

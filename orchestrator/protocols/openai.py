@@ -36,6 +36,7 @@ from .base import (
 OPENAI_FIELDS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 
 NAME = "openai"
+OPENAI_SERVERS = ("vllm", "sglang", "trtllm")  # engines that are their own OpenAI server (openai_dialect)
 
 
 class OpenAICodec:
@@ -91,7 +92,8 @@ class OpenAICodec:
         from ..structured import schema_text
 
         self.schema = schema_text(s.json_schema)
-        self.guide = guided_decoding(cfg.engine.name, self.chat)
+        self.dialect = openai_dialect(cfg)
+        self.guide = guided_decoding(self.dialect, self.chat)
 
     def payload(self, prompts: list, tokens_to_generate: int | None = None, seed: int | None = None,
                 n: int = 1, row: RowSampling = DEFAULT_ROW) -> dict:
@@ -115,7 +117,8 @@ class OpenAICodec:
             body["seed"] = seed
         if n > 1:
             body["n"] = n
-            body["return_token_ids"] = True
+            if self.dialect != "trtllm":  # trtllm-serve refuses fields it does not know (its token_ids come or not)
+                body["return_token_ids"] = True
         if tokens_to_generate is not None:
             body["max_tokens"] = tokens_to_generate
             body["min_tokens"] = 0
@@ -125,10 +128,7 @@ class OpenAICodec:
 
     def parse(self, status: int, body: Any, prompts: list[str], n: int = 1) -> list[Completion]:
         if status != 200:
-            error = body.get("error") if isinstance(body, dict) else None
-            message = error.get("message") if isinstance(error, dict) else \
-                (body.get("detail") if isinstance(body, dict) else body)
-            _status(status, body, message)
+            _status(status, body, _error_message(body))
         if n > 1:
             return self._parse_choices(body, n)
         try:
@@ -199,8 +199,40 @@ class OpenAICodec:
         return {"token_logprobs": chosen, "top_logprobs": top}
 
 
-def guided_decoding(engine: str, chat: bool):
-    """The request fields that ask engine `engine` for an answer matching a JSON schema (schema -> fields):
+def openai_dialect(cfg: Config) -> str:
+    """Whose OpenAI server the engine is (vllm, sglang or trtllm): engine=vllm, sglang and trtllm their own;
+    engine=endpoint and the embedded engine engine.dialect, vLLM's by default. The servers differ in how they
+    take a JSON schema (guided_decoding), whether they take fields they do not know (trtllm-serve refuses
+    them), and how they answer errors (_error_message)."""
+    return cfg.engine.name if cfg.engine.name in OPENAI_SERVERS else (cfg.engine.dialect or "vllm")
+
+
+def refusal_hint(cfg: Config, message: str) -> str:
+    """The fix for a server refusing our request's fields: trtllm-serve refuses every field it does not know
+    (pydantic's extra_forbidden), so a vLLM-dialect request to it fails; '' when that is not the case."""
+    if "extra_forbidden" in message and openai_dialect(cfg) != "trtllm":
+        return ("\nThe server refuses request fields it does not know, as trtllm-serve does: if it is trtllm-serve, "
+                "set engine.dialect=trtllm (for SGLang, engine.dialect=sglang)")
+    return ""
+
+
+def _error_message(body: Any) -> Any:
+    """The message of an OpenAI server's error answer: vLLM's {"error": {"message"}}, SGLang's and trtllm-serve's
+    ErrorResponse {"object": "error", "message"}, trtllm-serve's {"error": "<validation errors>"}, FastAPI's
+    {"detail"}; else the body itself."""
+    if not isinstance(body, dict):
+        return body
+    error = body.get("error")
+    if isinstance(error, dict):
+        return error.get("message")
+    if isinstance(error, str):
+        return error
+    return body.get("message", body.get("detail"))
+
+
+def guided_decoding(dialect: str, chat: bool):
+    """The request fields that ask an OpenAI server of dialect `dialect` (openai_dialect) for an answer
+    matching a JSON schema (schema -> fields):
     - vLLM (vllm, mock, and endpoint, which defaults to it; shared/reference/VLLM_CPU.md "Structured output"):
       completions `structured_outputs: {json: schema}`; chat `response_format: {type: json_schema,
       json_schema: {name, schema}}`.
@@ -215,9 +247,9 @@ def guided_decoding(engine: str, chat: bool):
     def openai_form(schema: dict) -> dict:
         return {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
 
-    if engine == "trtllm":
+    if dialect == "trtllm":
         return lambda schema: {"response_format": {"type": "json", "schema": schema}}
-    if engine == "sglang":
+    if dialect == "sglang":
         return openai_form if chat else (lambda schema: {"json_schema": json.dumps(schema)})
     return openai_form if chat else (lambda schema: {"structured_outputs": {"json": schema}})
 

@@ -101,7 +101,8 @@ def build_app(settings: EngineSettings) -> web.Application:
     if "openai" in families:
         add("POST", "/v1/completions", engine.completions)
         add("POST", "/v1/chat/completions", engine.chat_completions)
-        add("POST", "/tokenize", engine.tokenize)
+        if engine.dialect.serves_tokenize:
+            add("POST", "/tokenize", engine.tokenize)
         add("GET", "/v1/models", engine.models)
         add("GET", "/health", engine.health)
     if "triton" in families:

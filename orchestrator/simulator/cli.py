@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .app import parse_routes, required_key, serve, tls_context
+from .dialects import dialect
 from .model import EngineSettings
 from .triton_tensors import _triton_model
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_routes(settings.routes)
         _triton_model(settings)
+        dialect(settings.openai_dialect)
         required_key(settings)
         tls_context(settings)
     except (ValueError, OSError) as exc:

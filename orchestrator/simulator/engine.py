@@ -8,6 +8,7 @@ import time
 
 from aiohttp import web
 
+from .dialects import dialect
 from .faults import _Faults
 from .model import EngineSettings
 from .routes_nemo import _NemoRoutes
@@ -29,6 +30,7 @@ class _Engine(_NemoRoutes, _OpenAIRoutes, _TritonRoutes, _Faults):
                                        "unauthorized"), 0)
         self.busy_s = 0.0
         self.triton = _triton_model(settings)
+        self.dialect = dialect(settings.openai_dialect)  # whose OpenAI server the OpenAI routes imitate
 
     def _count(self, key: str, n: int = 1) -> None:
         c = self.counters

@@ -54,6 +54,7 @@ class EngineSettings:
     stall_s: float = 30.0
     invalid_json_rate: float = 0.0   # fraction of guided (JSON-schema) answers that break their schema (tests)
     routes: str = "nemo,openai,triton"          # protocol families served (comma-separated)
+    openai_dialect: str = "vllm"                # whose OpenAI server: vllm, sglang or trtllm (simulator.dialects)
     triton_model: str = "nemo"                  # "nemo" (deploy_triton.py, PyTriton) or "trtllm" (TRT-LLM ensemble)
     triton_max_len_input: str = "max_output_len"  # NeMo's name for the length input ("max_output_token" in 2023)
     triton_max_batch_size: int = 8              # deploy_triton.py --max_batch_size (its default is 8)

@@ -1,5 +1,6 @@
-"""The simulator's OpenAI (vLLM) routes: ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize``,
-``/v1/models`` and ``/health``."""
+"""The simulator's OpenAI routes: ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize``, ``/v1/models``
+and ``/health``, as vLLM serves them; what SGLang's and trtllm-serve's servers do otherwise is their dialect's
+(simulator.dialects: ``self.dialect``)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +10,7 @@ import uuid
 from aiohttp import web
 
 from .model import _TOKEN_RE, _Generation, _logprob, generate_text, render_chat, token_id, top_logprobs
-from .structured import guided_generation, read_guide
+from .structured import guided_generation
 from .validation import (
     _CHAT_RULES,
     _OAI_DEFAULTS,
@@ -19,7 +20,6 @@ from .validation import (
     _is_bool,
     _is_str_list,
     _json,
-    _oai_error,
     _read_object,
 )
 
@@ -31,7 +31,7 @@ class _OpenAIRoutes:
     def _check_model(self, body: dict):
         model = body.get("model")
         if model is not None and model != self.s.model_name:
-            return _oai_error(f"The model `{model}` does not exist. Valid aliases: {self.s.model_name}.",
+            return self.dialect.error(f"The model `{model}` does not exist. Valid aliases: {self.s.model_name}.",
                               404, "model", "NotFoundError")
         return None
 
@@ -42,7 +42,7 @@ class _OpenAIRoutes:
             # vLLM tokenizes at most max_model_len + 1 tokens, so it only knows "at least" that many.
             n = min(n_prompt, limit + 1)
             qualifier = "at least " if n == limit + 1 else ""
-            return _oai_error(
+            return self.dialect.error(
                 f"This model's maximum context length is {limit} tokens. However, your prompt contains "
                 f"{qualifier}{n} input tokens, which exceeds this limit even without any output tokens. "
                 f"Please reduce the length of the input prompt. (parameter=input_tokens, value={n})",
@@ -50,8 +50,9 @@ class _OpenAIRoutes:
         room = limit - n_prompt
         budget = room if max_tokens is None else min(max_tokens, room)  # vLLM shortens, silently
         if budget < 1:
-            return _oai_error(f"max_tokens must be at least 1, got {budget}. (parameter=max_tokens, value={budget})",
-                              param="max_tokens")
+            return self.dialect.error(
+                f"max_tokens must be at least 1, got {budget}. (parameter=max_tokens, value={budget})",
+                param="max_tokens")
         return budget
 
     async def _oai_generate(self, prompts: list[tuple[str, int, int]], p: dict) -> list[_Generation]:
@@ -90,7 +91,7 @@ class _OpenAIRoutes:
         self._count("requests")
         body = await _read_object(request)
         if body is None:
-            checked = _oai_error("request body must be a JSON object")
+            checked = self.dialect.error("request body must be a JSON object")
         else:
             checked = self._check_model(body) or check(body)
         if isinstance(checked, web.Response):
@@ -99,7 +100,7 @@ class _OpenAIRoutes:
         prompts, p = checked
         await self._maybe_stall()
         if self._fail():
-            return _oai_error("simulated engine failure", 500, kind="server_error")
+            return self.dialect.error("simulated engine failure", 500, kind="server_error")
         return prompts, await self._oai_generate(prompts, p), p
 
     async def _oai_respond(self, request: web.Request, check, body) -> web.Response:
@@ -127,6 +128,7 @@ class _OpenAIRoutes:
                     "tokens": list(g.tokens), "top_logprobs": [dict(top_logprobs(t, k)) for t in g.tokens]}
 
         choices = [{"index": i, "text": g.text, "logprobs": logprobs(g), "finish_reason": g.finish_reason,
+                    self.dialect.stop_field: g.stop_reason,
                     **({"prompt_token_ids": list(map(token_id, _TOKEN_RE.findall(prompts[i // n][0]))),
                         "token_ids": list(g.token_ids)} if ids else {})}
                    for i, g in enumerate(gens)]
@@ -150,15 +152,12 @@ class _OpenAIRoutes:
         prompt = body.get("prompt")
         prompt = [prompt] if isinstance(prompt, str) else prompt
         if not prompt or not _is_str_list(prompt):
-            return _oai_error("prompt must be a string or a non-empty list of strings", param="prompt")
-        message, param, p = _check(body, _OAI_RULES)
-        if message is None:
-            p["guide"], refused = read_guide(body)
-            message, param = refused or (None, None)
-        if message is not None:
-            return _oai_error(message, param=param)
-        rows = self._rows(prompt, p["max_tokens"])
-        return rows if isinstance(rows, web.Response) else (rows, p)
+            return self.dialect.error("prompt must be a string or a non-empty list of strings", param="prompt")
+        checked = self._check_fields(body, _OAI_RULES, chat=False)
+        if isinstance(checked, web.Response):
+            return checked
+        rows = self._rows(prompt, checked["max_tokens"])
+        return rows if isinstance(rows, web.Response) else (rows, checked)
 
     async def chat_completions(self, request: web.Request) -> web.Response:
         return await self._oai_respond(request, self._check_chat, self._chat_completion)
@@ -178,14 +177,13 @@ class _OpenAIRoutes:
                                 for t in g.tokens]}
 
         def message(g: _Generation) -> dict:
-            return {"role": "assistant", "content": g.text, "refusal": None, "annotations": None, "audio": None,
-                    "function_call": None, "reasoning": None}
+            return {"role": "assistant", "content": g.text, **self.dialect.message_fields}
 
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.s.model_name,
             "choices": [{"index": i, "message": message(g), "logprobs": logprobs(g), "finish_reason": g.finish_reason,
-                         "stop_reason": g.stop_reason, "token_ids": list(g.token_ids) if ids else None}
+                         self.dialect.stop_field: g.stop_reason, "token_ids": list(g.token_ids) if ids else None}
                         for i, g in enumerate(gens)],
             "service_tier": None, "system_fingerprint": None,
             "usage": {**self._usage(prompts, gens), "prompt_tokens_details": None},
@@ -197,39 +195,48 @@ class _OpenAIRoutes:
     def _check_chat(self, body: dict):
         messages = body.get("messages")
         if (message := _check_messages(messages)) is not None:
-            return _oai_error(message, param="messages")
-        message, param, p = _check(body, _CHAT_RULES)
-        if message is None:
-            p["guide"], refused = read_guide(body)
-            message, param = refused or (None, None)
-        if message is not None:
-            return _oai_error(message, param=param)
+            return self.dialect.error(message, param="messages")
+        p = self._check_fields(body, _CHAT_RULES, chat=True)
+        if isinstance(p, web.Response):
+            return p
         rows = self._rows([render_chat(messages)], p["max_completion_tokens"] or p["max_tokens"])
         return rows if isinstance(rows, web.Response) else (rows, p)
+
+    def _check_fields(self, body: dict, rules, chat: bool):
+        """The request's sampling fields and guided-decoding constraint (p["guide"]), or the dialect's 400:
+        for a field its server refuses, a value out of range, or a malformed constraint."""
+        refused = self.dialect.refused_fields(body, chat)
+        if refused is not None:
+            return refused
+        message, param, p = _check(body, rules)
+        if message is None:
+            p["guide"], bad = self.dialect.guide(body, chat)
+            message, param = bad or (None, None)
+        return p if message is None else self.dialect.error(message, param=param)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's ``POST /tokenize``: ``{"prompt": str}`` or ``{"messages": [...]}`` (rendered with
         the chat template) -> ``{"count", "max_model_len", "tokens", "token_strs"}``."""
         body = await _read_object(request)
         if body is None:
-            return _oai_error("request body must be a JSON object")
+            return self.dialect.error("request body must be a JSON object")
         if (error := self._check_model(body)) is not None:
             return error
         if "messages" in body:
             messages = body["messages"]
             if (message := _check_messages(messages)) is not None:
-                return _oai_error(message, param="messages")
+                return self.dialect.error(message, param="messages")
             add = body.get("add_generation_prompt", True)
             if not _is_bool(add):
-                return _oai_error("add_generation_prompt must be a boolean", param="add_generation_prompt")
+                return self.dialect.error("add_generation_prompt must be a boolean", param="add_generation_prompt")
             text = render_chat(messages, add)
         elif isinstance(body.get("prompt"), str):
             text = body["prompt"]
         else:
-            return _oai_error("prompt must be a string (or give messages)", param="prompt")
+            return self.dialect.error("prompt must be a string (or give messages)", param="prompt")
         want_strs = body.get("return_token_strs") or False
         if not _is_bool(want_strs):
-            return _oai_error("return_token_strs must be a boolean", param="return_token_strs")
+            return self.dialect.error("return_token_strs must be a boolean", param="return_token_strs")
         tokens = _TOKEN_RE.findall(text)
         return _json({"count": len(tokens), "max_model_len": self.s.max_model_len,
                       "tokens": list(map(token_id, tokens)), "token_strs": tokens if want_strs else None})
@@ -237,7 +244,8 @@ class _OpenAIRoutes:
     async def models(self, request: web.Request) -> web.Response:
         return _json({"object": "list", "data": [{
             "id": self.s.model_name, "object": "model", "created": self.created,
-            "owned_by": "orchestrator", "max_model_len": self.s.max_model_len}]})
+            "owned_by": "orchestrator",
+            **({"max_model_len": self.s.max_model_len} if self.dialect.lists_max_model_len else {})}]})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response()
