@@ -228,3 +228,12 @@ def test_check_columns_before_submission():
     flt = parse_selection("filter", "quality > 1 or output_tokens < 3")
     with pytest.raises(ConfigError, match="column 'quality'"):
         flt.check_columns(["id", "output_tokens"])
+
+
+def test_a_unit_read_in_several_chunks_gives_the_same_answers():
+    t = unit(ROWS)
+    chunked = pa.concat_tables([t.slice(0, 3), t.slice(3, 6), t.slice(9)])
+    assert chunked["id"].num_chunks == 3
+    assert make_pairs(chunked, "helpfulness")[0].equals(make_pairs(t, "helpfulness")[0])
+    assert keep_best(chunked, "helpfulness", k=2)[0].to_pylist() == keep_best(t, "helpfulness", k=2)[0].to_pylist()
+    assert apply_filter(chunked, "rollout > 1")[1] == apply_filter(t, "rollout > 1")[1]
