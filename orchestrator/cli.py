@@ -1,5 +1,6 @@
-"""Thin entry points: `orchestrator run|plan|render|serve-engine [key=value ...]` (Hydra overrides), and
-`orchestrator status|report|cancel RUN_DIR`."""
+"""Thin entry points: `orchestrator run|plan|render|serve-engine [key=value ...]` (Hydra overrides),
+`orchestrator status|report|cancel RUN_DIR` (a run's or a pipeline's directory) and
+`orchestrator pipeline FILE [key=value ...]`."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +16,8 @@ commands:
   status RUN_DIR [--json]   where a run stands: rows, errors by reason, rates, ETA, jobs, log tail
   report RUN_DIR            write RUN_DIR/report/report.html (plots, config, summary)
   cancel RUN_DIR            cancel the run's jobs; what is committed is kept (rerun to resume)
+  pipeline FILE [key=value ...]   run a pipeline's stages (docs/pipelines.md); key=value applies to every
+                 run stage, run_dir=DIR is the pipeline's directory (status, report and cancel take it)
 
 examples:
   orchestrator run
@@ -99,9 +102,13 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "render": cmd_render, "serve-engin
 
 
 def cmd_status(args) -> None:
+    from .pipeline import is_pipeline_dir, status_lines
     from .status import collect, format_status
     from .sweep import is_sweep_dir, rows, table
 
+    if is_pipeline_dir(args.run_dir) and not args.json:  # a pipeline's directory: one line per stage
+        print(status_lines(args.run_dir))
+        return
     if is_sweep_dir(args.run_dir):  # a sweep's directory: one line per member
         if args.json:
             import json
@@ -119,16 +126,45 @@ def cmd_status(args) -> None:
         print(format_status(found))
 
 
+def _run_stages(run_dir) -> list[Path]:
+    """A pipeline directory's run stages that have started (a run directory: itself)."""
+    from .pipeline import is_pipeline_dir, stages_of
+
+    if not is_pipeline_dir(run_dir):
+        return [Path(run_dir)]
+    return [Path(s["run_dir"]) for s in stages_of(run_dir)
+            if s["kind"] == "run" and (Path(s["run_dir"]) / "plan.json").exists()]
+
+
 def cmd_report(args) -> None:
     from .html_report import write_report
 
-    print(write_report(args.run_dir))
+    for root in _run_stages(args.run_dir):
+        print(write_report(root))
 
 
 def cmd_cancel(args) -> None:
     from .cancel import cancel
 
-    print(cancel(args.run_dir))
+    for root in _run_stages(args.run_dir):
+        print(cancel(root))
+
+
+def cmd_pipeline(argv: list[str]) -> None:
+    from .errors import OrchestratorError
+
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        _fail("usage: orchestrator pipeline FILE [key=value ...] (FILE: a pipeline YAML, e.g. "
+              "examples/pipeline_local.yaml)")
+    from .config import register_configs
+    from .pipeline import run_pipeline
+    from .pipeline_config import load_pipeline
+
+    register_configs()
+    try:
+        run_pipeline(load_pipeline(argv[0], argv[1:]))
+    except OrchestratorError as exc:
+        _fail(str(exc), 1)
 
 
 # these take a run directory, not Hydra overrides: they read what a run wrote, from any machine
@@ -160,11 +196,15 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command = argv[0]
+    if command == "pipeline":
+        cmd_pipeline(argv[1:])
+        return
     if command in RUN_DIR_COMMANDS:
         _run_dir_main(command, argv[1:])
         return
     if command not in COMMANDS:
-        _fail(f"unknown command {command!r}; choose one of: {', '.join([*COMMANDS, *RUN_DIR_COMMANDS])}\n\n{USAGE}")
+        _fail(f"unknown command {command!r}; choose one of: {', '.join([*COMMANDS, *RUN_DIR_COMMANDS, 'pipeline'])}"
+              f"\n\n{USAGE}")
     _hydra_main(command, argv[1:])
 
 

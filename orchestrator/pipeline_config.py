@@ -52,6 +52,7 @@ class Pipeline:
     path: str
     run_dir: str  # the pipeline's directory: stage S lives in run_dir/S
     stages: tuple[Stage, ...]
+    overrides: tuple[str, ...] = ()  # the command line's, for every run stage after its own (run_dir aside)
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -203,7 +204,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             stages.append(Stage(name, kind, own, raw.get("from"), stage_dir, cfg))
         else:
             stages.append(Stage(name, kind, spec, raw["from"], stage_dir))
-    pipeline = Pipeline(str(path), run_dir, tuple(stages))
+    pipeline = Pipeline(str(path), run_dir, tuple(stages), tuple(global_overrides))
     stage_columns(pipeline)
     return pipeline
 

@@ -167,7 +167,7 @@ class UnitBuffer:
             columns.update(structured.arrays(self.response, self.status),
                            schema_retries=pa.array(self.schema_retries, pa.int32()),
                            seed=pa.array(self.seed, pa.int64()))
-        if "rollout" in schema.names:  # answer i is rollout i % N of its input row
+        if self.rollouts > 1:  # answer i is rollout i % N of its input row (else `rollout` may be a kept column)
             columns["rollout"] = pa.array([i % self.rollouts for i in range(len(self.ids))], pa.int32())
         for name in schema.names:
             if name not in columns:  # a kept input column
