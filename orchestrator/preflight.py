@@ -38,7 +38,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     build_layout(cfg)
     check_launch(cfg)
     check_run_dir_outside_input(cfg.input_path, cfg.run_dir)
-    plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts)
+    plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts, score=bool(cfg.model.attributes))
     check_row_engine(plan, cfg.engine.name, adapter_for(cfg).protocol_for(cfg))  # an OpenAI batch file's bodies
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)

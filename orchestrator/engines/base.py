@@ -96,6 +96,7 @@ class EngineAdapter:
                          f"(as seen inside the container)")
         found += auth.problems(cfg)  # engine.api_key_env names a variable that is set; engine.ca_bundle exists
         protocol = self.protocol_for(cfg)
+        found += scoring_problems(cfg, self.name, protocol)
         refused = logprobs_problem(cfg, self.name, protocol)
         if refused:
             found.append(refused)
@@ -120,6 +121,25 @@ class EngineAdapter:
 
     def served_name(self, cfg: Config) -> str:
         return cfg.engine.served_model_name or cfg.model.name
+
+
+def scoring_problems(cfg: Config, engine: str, protocol: str | None) -> list[str]:
+    """A scoring model (model.attributes) needs a reward server (protocol reward), and a reward server a scoring
+    model; a reward model gives one score vector per answer."""
+    attributes = list(cfg.model.attributes)
+    if attributes and protocol not in ("reward", None):
+        return [f"model={cfg.model.name} is a reward model (model.attributes={attributes}): it scores answers, but "
+                f"engine={engine} ({protocol}) only generates; use engine=nemo_reward (NeMo-Aligner's "
+                f"serve_reward_model.py), or engine=endpoint engine.protocol=reward engine.url=http://HOST:PORT for "
+                f"a reward server that is running"]
+    if not attributes and protocol == "reward":
+        return [f"engine={engine} (protocol reward) scores answers with a reward model, but model={cfg.model.name} "
+                f"lists no model.attributes (it generates); use model=nemotron4_340b_reward (or set "
+                f"model.attributes=[...] to the reward model's outputs, in order), or a generation engine"]
+    if attributes and cfg.sampling.rollouts > 1:
+        return [f"sampling.rollouts={cfg.sampling.rollouts}: a reward model gives one score per answer; set "
+                f"sampling.rollouts=1 (score the rollouts of a generation run as rows of their own)"]
+    return []
 
 
 def adapter_for(cfg: Config) -> EngineAdapter:
