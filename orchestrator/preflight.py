@@ -133,6 +133,9 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "output.format": cfg.output.format,  # the result files' format (orchestrator.sinks)
         # structured answers (the schema itself is sampling.json_schema); None without a schema, as before
         "structured": structured_fingerprint(cfg),
+        # a scoring run: the outputs it names and the answers it scores; absent for a generation run, as before
+        **({"scoring": {"attributes": list(cfg.model.attributes), "response_column": plan.response_column}}
+           if cfg.model.attributes else {}),
     }
 
 

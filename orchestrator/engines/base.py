@@ -131,7 +131,7 @@ def scoring_problems(cfg: Config, engine: str, protocol: str | None) -> list[str
         return [f"model={cfg.model.name} is a reward model (model.attributes={attributes}): it scores answers, but "
                 f"engine={engine} ({protocol}) only generates; use engine=nemo_reward (NeMo-Aligner's "
                 f"serve_reward_model.py), or engine=endpoint engine.protocol=reward engine.url=http://HOST:PORT for "
-                f"a reward server that is running"]
+                f"a reward server that is running (the embedded engine scores with engine=mock engine.protocol=reward)"]
     if not attributes and protocol == "reward":
         return [f"engine={engine} (protocol reward) scores answers with a reward model, but model={cfg.model.name} "
                 f"lists no model.attributes (it generates); use model=nemotron4_340b_reward (or set "
