@@ -137,7 +137,8 @@ def test_retry_failed_keeps_the_scores_of_the_ok_rows(reward_server, tmp_path):
 
 def test_the_embedded_engine_scores_too(tmp_path):
     src = write_scored(tmp_path / "in.parquet", ["short", "a somewhat longer answer"])
-    cfg = compose([*REWARD, "engine=mock", "engine.protocol=reward", "layout.nodes=1", "layout.gpus_per_node=4", "layout.tensor_parallel=4",
+    cfg = compose([*REWARD, "engine=mock", "engine.protocol=reward", "layout.nodes=1", "layout.gpus_per_node=4",
+                   "layout.tensor_parallel=4",
                    "layout.pipeline_parallel=1", "layout.gpu=h200_141gb",
                    "model.dtype=fp8", f"data.input={src}", f"run_dir={tmp_path / 'run'}"])
     summary = run(cfg, show_progress=False)
