@@ -7,7 +7,7 @@ import requests
 from omegaconf import OmegaConf
 
 from orchestrator.config import compose
-from orchestrator.engines.base import check_engine
+from orchestrator.engines.base import adapter_for, check_engine
 from orchestrator.errors import ConfigError, InputError, OrchestratorError
 from orchestrator.frontend import run
 from orchestrator.protocols import make_codec, ready
@@ -75,7 +75,8 @@ def test_readiness_refuses_a_reward_vector_of_another_length(reward_server):
         cfg = compose(endpoint(engine.url))
         with pytest.raises(RejectedError, match=r"5 value\(s\).*model.attributes names 9"):
             ready(cfg, engine.url, "reward")
-    info = ready(compose(endpoint(reward_server.url)), reward_server.url, None)  # detected from the routes
+    cfg = compose([*REWARD, "engine=endpoint", f"engine.url={reward_server.url}"])  # no engine.protocol
+    info = ready(cfg, reward_server.url, adapter_for(cfg).protocol_for(cfg))  # a scoring model: reward
     assert info.protocol == "reward" and info.max_batch_size == 4 and "sentences" in info.inputs
 
 

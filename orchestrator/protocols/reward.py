@@ -3,7 +3,7 @@
 sentence, `rewards` (FP32, one value per attribute: [B, A]) and `exceeded` (the sentence is longer than the
 model's context) out. Optional inputs (`tokens`, `sequence_lengths`, `add_EOS`) are never sent.
 
-Detection: GET /v2/models/reward_model answers metadata with a `sentences` input. Discovery: the inputs the
+Detection: none; a scoring model (model.attributes) speaks this protocol. Discovery: the inputs the
 model's metadata lists, its max_batch_size (GET .../config: rows one request may carry) and the width of
 `rewards`; readiness scores one sentence, whose reward vector must have one value per model.attributes.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 from typing import Any
-
-import requests
 
 from ..config import Config
 from .base import (
@@ -107,14 +105,9 @@ Codec = RewardCodec
 
 
 def detect(http: Http) -> bool:
-    """The server has a `reward_model` whose metadata lists a `sentences` input."""
-    try:
-        resp = http("GET", f"/v2/models/{MODEL}")
-    except requests.RequestException:
-        return False
-    meta = _json(resp)
-    return resp.status_code == 200 and isinstance(meta, dict) and \
-        any(isinstance(i, dict) and i.get("name") == SENTENCES for i in meta.get("inputs") or [])
+    """Never guessed from the routes (a reward server is a Triton server): a model that scores (model.attributes)
+    speaks this protocol, which engine=endpoint chooses from the model config (EndpointAdapter.protocol_for)."""
+    return False
 
 
 def discover(cfg: Config, url: str, http: Http) -> EngineInfo:
