@@ -113,7 +113,7 @@ def detect(http: Http) -> bool:
 def discover(cfg: Config, url: str, http: Http) -> EngineInfo:
     """The reward model's inputs and max_batch_size; refuses a model without `sentences` in or `rewards` out."""
     info = engine_info(cfg, url, NAME)
-    info.model_name = model_name(cfg)
+    info.model_name, info.api = model_name(cfg), "infer"
     name = info.model_name
     resp = http("GET", "/v2/health/ready")
     if resp.status_code != 200:
