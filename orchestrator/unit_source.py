@@ -340,7 +340,7 @@ def settle_answers(batch: list[Request], completions: list, latency: float, atte
             if buf.status[i + k] is not None:  # a NeMo copy whose answer the row already has
                 continue
             if comp.error is not None:
-                buf.fail(i + k, comp.error, attempt, retryable=True)
+                buf.fail(i + k, comp.error, attempt, retryable=comp.engine_fault)
                 failed += 1
                 continue
             if comp.scores is not None:  # a reward model's answer (orchestrator.scoring): its scores are its text

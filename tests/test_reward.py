@@ -63,6 +63,7 @@ def test_codec_sends_only_the_sentences_and_reads_rewards_and_exceeded():
     first, second = codec.parse(200, answer, ["a", "b"])
     assert first.scores == [float(v) for v in range(9)] and first.error is None
     assert second.scores is None and "longer than the reward model's context" in second.error
+    assert not second.engine_fault and first.engine_fault  # the row's fault: retry_failed does not redo it
     assert "max_seq_len=4096" in second.error
     with pytest.raises(MalformedAnswer, match=r"returns 5 value\(s\) per sentence, but model.attributes names 9"):
         codec.parse(200, {"outputs": [{"name": "rewards", "shape": [1, 5], "data": [0.0] * 5}]}, ["a"])
@@ -97,6 +98,7 @@ def test_a_scoring_run_keeps_its_columns_and_adds_one_float_per_attribute(reward
     summary = run(cfg, show_progress=False)
     df = pd.read_parquet(tmp_path / "run" / "results").sort_values("id").reset_index(drop=True)
     assert summary["complete"] and summary["ok"] == 4 and summary["failed"] == 2
+    assert summary["retryable"] == 0  # a null answer and a sentence too long are the rows' own faults
     assert list(df.columns[:4]) == ["id", "prompt", "response", "rollout"]
     assert all(df[name].dtype == "float64" for name in ATTRIBUTES)
     assert df["response"].tolist()[:3] == responses[:3]  # the input's answers, not the scores

@@ -55,6 +55,7 @@ class Completion:
     token_logprobs: list | None = None  # sampling.logprobs: each output token's logprob
     top_logprobs: list | None = None  # and per token its K most likely alternatives, [{token, logprob}, ...]
     scores: list[float] | None = None  # a reward model's answer: one value per model.attributes (no text)
+    engine_fault: bool = True  # with error: the engine is to blame (retry_failed=true redoes the row); False: the row
 
     @classmethod
     def checked(cls, make: Callable[[], Completion]) -> Completion:

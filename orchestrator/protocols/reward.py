@@ -88,14 +88,16 @@ class RewardCodec:
             raise MalformedAnswer(f"malformed reward answer: {REWARDS!r} has {len(data)} values, not {rows} x {width}")
         exceeded = found.get(EXCEEDED, {}).get("data") if isinstance(found.get(EXCEEDED), dict) else None
         flags = exceeded if isinstance(exceeded, list) and len(exceeded) == rows else [False] * rows
-        return [Completion.checked(lambda i=i: self._answer(data[i * width:(i + 1) * width], flags[i], i))
-                for i in range(rows)]
+        return [self._too_long() if flags[i] is True or flags[i] == 1 else
+                Completion.checked(lambda i=i: self._answer(data[i * width:(i + 1) * width], i)) for i in range(rows)]
 
-    def _answer(self, values: list, exceeded: Any, row: int) -> Completion:
-        if exceeded is True or exceeded == 1:
-            raise MalformedAnswer(f"the sentence is longer than the reward model's context "
-                                  f"(model.architecture.max_seq_len={self.context} tokens): the server marked it "
-                                  f"exceeded; shorten the prompt or the response")
+    def _too_long(self) -> Completion:
+        """`exceeded`: the row's own fault (asking again cannot help), not the engine's."""
+        return Completion("", None, error=f"the sentence is longer than the reward model's context "
+                                          f"(model.architecture.max_seq_len={self.context} tokens): the server marked "
+                                          f"it exceeded; shorten the prompt or the response", engine_fault=False)
+
+    def _answer(self, values: list, row: int) -> Completion:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise MalformedAnswer(f"malformed reward answer: rewards[{row}] is {str(values)[:120]}, not numbers")
         return Completion("", None, scores=[float(v) for v in values])
