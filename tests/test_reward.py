@@ -156,6 +156,15 @@ def test_a_reward_model_on_a_generation_engine_is_refused(engine):
         check_engine(cfg)
 
 
+@pytest.mark.parametrize("extra, named", [(["sampling.rollouts=2"], "sampling.rollouts=2"),
+                                          (["output.format=openai_batch"], "output.format=openai_batch"),
+                                          (["+sampling.json_schema={type:object}"], "sampling.json_schema")])
+def test_what_a_scoring_run_cannot_do_is_refused(extra, named):
+    cfg = compose([*REWARD, "engine=nemo_reward", "engine.checkpoint=/m.nemo", *extra])
+    with pytest.raises(ConfigError, match=named):
+        check_engine(cfg)
+
+
 def test_a_generation_model_on_the_reward_engine_is_refused(tmp_path):
     cfg = compose(["model=nemotron4_340b_instruct", "engine=nemo_reward", "engine.checkpoint=/m.nemo"])
     with pytest.raises(ConfigError, match="lists no model.attributes .*use model=nemotron4_340b_reward"):

@@ -136,10 +136,19 @@ def scoring_problems(cfg: Config, engine: str, protocol: str | None) -> list[str
         return [f"engine={engine} (protocol reward) scores answers with a reward model, but model={cfg.model.name} "
                 f"lists no model.attributes (it generates); use model=nemotron4_340b_reward (or set "
                 f"model.attributes=[...] to the reward model's outputs, in order), or a generation engine"]
-    if attributes and cfg.sampling.rollouts > 1:
-        return [f"sampling.rollouts={cfg.sampling.rollouts}: a reward model gives one score per answer; set "
-                f"sampling.rollouts=1 (score the rollouts of a generation run as rows of their own)"]
-    return []
+    if not attributes:
+        return []
+    found = []
+    if cfg.sampling.rollouts > 1:
+        found.append(f"sampling.rollouts={cfg.sampling.rollouts}: a reward model gives one score per answer; set "
+                     f"sampling.rollouts=1 (score the rollouts of a generation run as rows of their own)")
+    if cfg.sampling.json_schema is not None or cfg.data.schema_column:
+        found.append("a reward model's answers are its scores, not text under a JSON schema: unset "
+                     "sampling.json_schema and data.schema_column for a scoring run")
+    if cfg.output.format == "openai_batch":
+        found.append("output.format=openai_batch writes generated answers; a scoring run's results are score columns: "
+                     "use output.format=parquet or output.format=jsonl")
+    return found
 
 
 def adapter_for(cfg: Config) -> EngineAdapter:
