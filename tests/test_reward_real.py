@@ -44,15 +44,19 @@ def reward_python() -> Path:
     return python
 
 
+def nemo_reward(python: Path, *extra: str) -> list[str]:
+    """engine=nemo_reward launching the stand-in (the adapter's argv; only the program differs)."""
+    return [*SMALL, "engine=nemo_reward", f"engine.command=[{python}]", f"engine.script={SERVER}",
+            "engine.checkpoint=/models/Nemotron-4-340B-Reward.nemo", "engine.ready_timeout_s=120",
+            f"+engine.env.REWARD_TEST_CONTEXT={CONTEXT}", *extra]
+
+
 @pytest.fixture(scope="module")
 def server(reward_python, tmp_path_factory):
-    """serve_reward_model.py's stand-in, started by engine=nemo_reward's adapter (its argv; only the program
-    differs); its model records every call."""
+    """serve_reward_model.py's stand-in, started by engine=nemo_reward's adapter; its model records every call."""
     tmp = tmp_path_factory.mktemp("reward")
     record = tmp / "calls.jsonl"
-    cfg = compose([*SMALL, "engine=nemo_reward", f"engine.command=[{reward_python}]", f"engine.script={SERVER}",
-                   "engine.checkpoint=/models/Nemotron-4-340B-Reward.nemo", "engine.ready_timeout_s=120",
-                   f"+engine.env.REWARD_TEST_RECORD={record}", f"+engine.env.REWARD_TEST_CONTEXT={CONTEXT}"])
+    cfg = compose(nemo_reward(reward_python, f"+engine.env.REWARD_TEST_RECORD={record}"))
     with EngineServer(cfg, tmp / "engine.log", tmp / "engine.port") as engine:
         info = engine.wait_ready()
         engine.record, engine.log = record, tmp / "engine.log"
@@ -108,3 +112,15 @@ def test_a_model_config_with_other_attribute_names_is_refused_at_readiness(serve
                    f"run_dir={tmp_path / 'run'}", "engine.ready_timeout_s=20"])
     with pytest.raises(OrchestratorError, match=r"returns 9 value\(s\) per sentence, but model.attributes names 3"):
         run(cfg, show_progress=False)
+
+
+def test_a_run_on_engine_nemo_reward_starts_scores_and_stops_its_server(reward_python, tmp_path):
+    src = tmp_path / "in.parquet"
+    pd.DataFrame({"id": ["a", "b", "c"], "prompt": ["q"] * 3, "response": ["one", "one two three", "w " * 80]}
+                 ).to_parquet(src)
+    summary = run(compose(nemo_reward(reward_python, f"data.input={src}", f"run_dir={tmp_path / 'run'}")),
+                  show_progress=False)
+    df = pd.read_parquet(tmp_path / "run" / "results").sort_values("id").reset_index(drop=True)
+    assert summary["complete"] and df["status"].tolist() == ["ok", "ok", "error"]
+    assert df["verbosity"][0] < df["verbosity"][1] and "exceeded" in df["error"][2]
+    assert "protocol reward" in (tmp_path / "run" / "run.log").read_text()
