@@ -47,6 +47,7 @@ from .protocols import auth, make_codec
 from .protocols.base import EngineInfo, Request
 from .protocols.openai import openai_api
 from .rundir import RunPaths
+from .scoring import columns_for as scoring_columns
 from .sender import Answered, EngineLost, Sender
 from .structured import columns_for, schema_text
 from .unit_source import Reasks, UnitBuffer, UnitSource, settle_answers, settle_failures
@@ -209,7 +210,8 @@ class Client:
         # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
         # truncation (data.truncate_prompts) cuts by its exact count
         exact_tokens = self.info.can_tokenize
-        self.structured = columns_for(cfg, plan)  # a JSON schema's result columns (None: no schema)
+        # a JSON schema's result columns, or a scoring run's (None: neither)
+        self.structured = scoring_columns(cfg) or columns_for(cfg, plan)
         self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None, structured=self.structured)
         # answers checked against their row's JSON schema or the run's, re-asked when they do not match
         self.reasks = Reasks(schema_text(cfg.sampling.json_schema), cfg.client.invalid_retries, cfg.sampling.seed)
@@ -360,6 +362,8 @@ class Client:
                 keep = await asyncio.to_thread(kept_rows, self.paths, unit)
                 if keep is not None and len(keep["status"]) != self.plan.unit_answers(unit):
                     keep = None  # not this unit's rows: redo it whole
+                if keep is not None and hasattr(self.structured, "texts"):  # a scoring run: its scores are its answers
+                    keep["response"] = self.structured.texts(keep)
             # a claim made once no unit is free (a backup copy, a takeover) may be of a unit that another
             # replica of this attempt journaled since this one listed the journals: look again
             relist = bool(got.copy) or self.scheduler.in_tail

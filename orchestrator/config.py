@@ -32,7 +32,7 @@ EXAMPLE_INPUT = bundled("examples") / "mt_bench_prompts.parquet"
 
 # chat_template: the prompt goes to the engine's chat API, which applies the tokenizer's own template
 PromptFormat = Annotated[str, Literal["nemotron4_chat", "steerlm", "nemotron_mini", "raw", "chat_template"]]
-ProtocolName = Annotated[str, Literal["nemo", "openai", "triton"]]  # orchestrator.protocols: one module each
+ProtocolName = Annotated[str, Literal["nemo", "openai", "triton", "reward"]]  # orchestrator.protocols: one module each
 OpenAIApi = Annotated[str, Literal["completions", "chat"]]
 # whose OpenAI-compatible server (protocols.openai.openai_dialect): their request and answer fields differ
 OpenAIDialect = Annotated[str, Literal["vllm", "sglang", "trtllm"]]
@@ -151,9 +151,15 @@ class ModelConfig:
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     end_strings: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    # a reward model's outputs, in order (one float result column each); non-empty: this model scores
+    # answers (engine=nemo_reward, or engine.protocol=reward) instead of generating
+    attributes: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_literals(self, "model")
+        if len(set(self.attributes)) != len(self.attributes) or not all(self.attributes):
+            raise ConfigError(f"model.attributes={list(self.attributes)}: name each of the reward model's outputs "
+                              f"once, in order, e.g. model.attributes=[helpfulness,correctness]")
 
 
 @dataclass
@@ -393,6 +399,8 @@ class DataConfig:
     turns_column: Optional[str] = None  # a list of user turns per row: each is sent with the model's earlier answers
     attributes_column: Optional[str] = None  # SteerLM attribute line per row; None = model.prompt.steerlm_attributes
     keep_columns: List[str] = field(default_factory=list)  # input columns copied into the results
+    # a scoring run (model.attributes): the answer each row's prompt is scored with (text, one per row)
+    response_column: str = "response"
     # each row's prompt from any input columns: a sandboxed Jinja2 template (docs/configuration.md "Prompt
     # templates"), e.g. 'Question: {{ question }}'; replaces prompt_column
     prompt_template: Optional[str] = None

@@ -199,10 +199,13 @@ def _check_conversation_columns(path: Path, schema: pa.Schema, data: DataConfig)
                              f"'quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4'")
 
 
-def _kept_types(path: Path, schema: pa.Schema, data: DataConfig, rollouts: int = 1) -> dict[str, pa.DataType]:
-    """data.keep_columns in one file: they must exist, and not clash with a result column."""
+def _kept_types(path: Path, schema: pa.Schema, data: DataConfig, rollouts: int = 1,
+                score: bool = False) -> dict[str, pa.DataType]:
+    """data.keep_columns in one file: they must exist, and not clash with a result column (a scoring run has no
+    response column of its own: it may keep its input's)."""
     out = {}
-    reserved = RESULT_COLUMNS + (("rollout",) if rollouts > 1 else ())
+    reserved = tuple(c for c in RESULT_COLUMNS if not (score and c == "response")) + \
+        (("rollout",) if rollouts > 1 else ())
     for name in dict.fromkeys(data.keep_columns):
         if name in reserved:
             raise InputError(f"data.keep_columns names {name!r}, which is a result column ({', '.join(reserved)}); "

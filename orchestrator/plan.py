@@ -134,6 +134,7 @@ class Plan:
     batch_url: str | None = None  # openai_batch: the one url of its lines (/v1/chat/completions or /v1/completions)
     body_fields: list = field(default_factory=list)  # openai_batch: body fields beyond the sampling ones
     schema_column: str | None = None  # each row's JSON schema (data.schema_column, orchestrator.structured)
+    response_column: str | None = None  # a scoring run's answers to score (data.response_column, orchestrator.scoring)
 
     @property
     def total_rows(self) -> int:
@@ -161,7 +162,7 @@ class Plan:
         named = ([self.messages_column, self.turns_column, self.attributes_column] if self.conversational
                  else prompt + [self.system_column]) + [self.schema_column] + list(self.keep_columns) + \
             [self.id_column]
-        named += list(self.sampling_columns.values())
+        named += list(self.sampling_columns.values()) + [self.response_column]
         if self.input_format == "openai_batch":
             from .jsonl_input import BODY_COLUMN
 
@@ -198,9 +199,9 @@ def keep_schema(plan: Plan) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.keep_schema)))
 
 
-def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
+def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1, score: bool = False) -> Plan:
     """Check every input file's schema (from its footer only, read once) and cut the rows into units
-    (rollouts: answers per row, sampling.rollouts)."""
+    (rollouts: answers per row, sampling.rollouts; score: a scoring run, which reads data.response_column)."""
     import base64
 
     fmt = data.format
@@ -252,7 +253,10 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                                  f"{stype}, not text; store one system prompt string (or null: "
                                  f"model.prompt.system) per row")
         check_schema_column(path, schema, data)
-        for name, kind in {**_kept_types(path, schema, data, rollouts), **_sampling_types(path, schema, data)}.items():
+        if score:
+            _check_response_column(path, schema, data)
+        kept_here = {**_kept_types(path, schema, data, rollouts, score), **_sampling_types(path, schema, data)}
+        for name, kind in kept_here.items():
             first = kept.setdefault(name, (kind, path))
             if first[0] != kind:
                 raise InputError(f"input files disagree on the type of kept column {name!r} ({first[1].name}: "
@@ -274,7 +278,24 @@ def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1) -> Plan:
                 base64.b64encode(kept_fields.serialize().to_pybytes()).decode() if kept else "", rollouts,
                 None if conversational else data.prompt_template, list(used),
                 None if conversational else data.system_column or None, dict(data.sampling_columns.items()),
-                fmt, schema_column=data.schema_column or None, **extra)
+                fmt, schema_column=data.schema_column or None, response_column=data.response_column if score else None,
+                **extra)
+
+
+def _check_response_column(path: Path, schema: pa.Schema, data: DataConfig) -> None:
+    """A scoring run's data.response_column: there, and text; and its prompts not a conversation still to answer."""
+    if data.turns_column:
+        raise InputError(f"data.turns_column={data.turns_column!r}: a reward model scores a finished conversation, "
+                         f"not turns still to answer; give the conversation as data.messages_column (or the prompt "
+                         f"as data.prompt_column) and its answer as data.response_column")
+    if data.response_column not in schema.names:
+        raise InputError(f"{path}: no response column {data.response_column!r} to score (data.response_column); "
+                         f"the columns are {schema.names}; set data.response_column=<the column holding each "
+                         f"row's answer>")
+    kind = schema.field(data.response_column).type
+    if not _is_text(kind):
+        raise InputError(f"{path}: response column {data.response_column!r} (data.response_column) has type {kind}, "
+                         f"not text; store one answer string per row")
 
 
 def _scan(paths: list[Path], data: DataConfig, fmt: str) -> tuple[list, dict]:
@@ -378,7 +399,7 @@ def result_schema(plan: Plan, logprobs: bool = False, structured: Columns | None
         ("id", pa.type_for_alias(plan.id_type) if plan.id_type else pa.string()),
         *([("rollout", pa.int32())] if plan.rollouts > 1 else []),
         *keep_schema(plan),
-        ("response", pa.string()),
+        *([] if getattr(structured, "replaces_response", False) else [("response", pa.string())]),
         *([("responses", pa.list_(pa.string()))] if plan.turns_column else []),
         ("status", pa.string()),
         ("error", pa.string()),

@@ -38,7 +38,7 @@ def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
     build_layout(cfg)
     check_launch(cfg)
     check_run_dir_outside_input(cfg.input_path, cfg.run_dir)
-    plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts)
+    plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts, score=bool(cfg.model.attributes))
     check_row_engine(plan, cfg.engine.name, adapter_for(cfg).protocol_for(cfg))  # an OpenAI batch file's bodies
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)
@@ -134,6 +134,9 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
         "output.format": cfg.output.format,  # the result files' format (orchestrator.sinks)
         # structured answers (the schema itself is sampling.json_schema); None without a schema, as before
         "structured": structured_fingerprint(cfg),
+        # a scoring run: the outputs it names and the answers it scores; absent for a generation run, as before
+        **({"scoring": {"attributes": list(cfg.model.attributes), "response_column": plan.response_column}}
+           if cfg.model.attributes else {}),
     }
 
 

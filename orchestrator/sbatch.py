@@ -118,7 +118,8 @@ def _sbatch_option_lines(cfg: Config, tasks_per_node: int) -> list[str]:
 # Where the plain template polls until the server answers (the client then proves a real generation)
 READY_ROUTES = {"nemo": ("/generate", "-X PUT -H 'Content-Type: application/json' -d '{\"sentences\": [\"Hello\"], "
                                        "\"tokens_to_generate\": 1}'"),
-                "openai": ("/v1/models", "-f"), "triton": ("/v2/health/ready", "-f")}
+                "openai": ("/v1/models", "-f"), "triton": ("/v2/health/ready", "-f"),
+                "reward": ("/v2/models/reward_model/ready", "-f")}
 
 
 def render_template(name: str, cfg: Config, tasks_per_node: int, engine_cmd: list[str], client_config: Path,

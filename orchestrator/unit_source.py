@@ -22,6 +22,7 @@ from .prompts import cut_answer, ending, row_prompt, split_reasoning
 from .protocols.base import DEFAULT_ROW, Request, RowSampling
 from .reader import UnitReader
 from .row_settings import row_settings
+from .scoring import score_rows, scores_text
 from .structured import REASON, Columns, check_answer, reseed
 from .templates import row_prompts
 
@@ -163,6 +164,8 @@ class UnitBuffer:
         for name in ("token_logprobs", "top_logprobs"):  # sampling.logprobs
             if name in schema.names:
                 columns[name] = pa.array(getattr(self, name), schema.field(name).type)
+        if getattr(structured, "replaces_response", False):  # scores (orchestrator.scoring): the kept response stays
+            del columns["response"]
         if structured is not None:
             columns.update(structured.arrays(self.response, self.status),
                            schema_retries=pa.array(self.schema_retries, pa.int32()),
@@ -224,6 +227,8 @@ class UnitSource:
             buf.keep(part, plan.keep_columns)
             # a prompt row: (prompt, its system prompt, why it cannot be sent) (templates.row_prompts)
             prompts = conversation_rows(part, plan) if plan.conversational else row_prompts(part, plan)
+            # a scoring run: (the conversation and its answer as one sentence, why it cannot be scored)
+            scored = score_rows(part, plan, prompts, fmt.system) if plan.response_column else None
             settings = row_settings(part, plan)  # each row's own request settings (RowSampling)
             for offset, prompt in enumerate(prompts):
                 first = base + offset * n  # the row's first answer (rollout 0)
@@ -251,6 +256,13 @@ class UnitSource:
                 if unusable:
                     for k in todo:
                         buf.fail(first + k, unusable)
+                    continue
+                if scored is not None:  # the server says whether the sentence fits its context (exceeded)
+                    sentence, problem = scored[offset]
+                    if problem:
+                        buf.fail(first, problem)
+                    else:
+                        batch = await self._add(batch, Request(buf, first, sentence, row=row), queue)
                     continue
                 if plan.conversational:  # one answer per row (sampling.rollouts > 1 refuses conversations)
                     item = self.turns.start(buf, i, prompt, row)
@@ -328,8 +340,12 @@ def settle_answers(batch: list[Request], completions: list, latency: float, atte
             if buf.status[i + k] is not None:  # a NeMo copy whose answer the row already has
                 continue
             if comp.error is not None:
-                buf.fail(i + k, comp.error, attempt, retryable=True)
+                buf.fail(i + k, comp.error, attempt, retryable=comp.engine_fault)
                 failed += 1
+                continue
+            if comp.scores is not None:  # a reward model's answer (orchestrator.scoring): its scores are its text
+                buf.succeed(i + k, scores_text(comp.scores), None, latency, attempt)
+                settled += 1
                 continue
             text, matched = cut_answer(comp.text, sent, end_strings, strip)
             finish, stop = ending(comp.finish_reason, comp.stop, matched, comp.output_tokens, row_budget)

@@ -25,6 +25,8 @@ def required(engine: str, **values) -> list[str]:
            f"engine.checkpoint={q(values.get('checkpoint', '/models/m.nemo'))}"]
     if not adapter.starts_process:
         out.append("engine.url=http://127.0.0.1:9")
+    if adapter.protocol == "reward":  # a scoring engine (nemo_reward) serves a model that lists its outputs
+        out.append("model.attributes=[helpfulness,verbosity]")
     return out
 
 

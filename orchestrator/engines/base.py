@@ -100,6 +100,7 @@ class EngineAdapter:
                          f"engine.dialect (it names the server behind engine=endpoint, or the embedded engine's)")
         found += auth.problems(cfg)  # engine.api_key_env names a variable that is set; engine.ca_bundle exists
         protocol = self.protocol_for(cfg)
+        found += scoring_problems(cfg, self.name, protocol)
         refused = logprobs_problem(cfg, self.name, protocol)
         if refused:
             found.append(refused)
@@ -124,6 +125,34 @@ class EngineAdapter:
 
     def served_name(self, cfg: Config) -> str:
         return cfg.engine.served_model_name or cfg.model.name
+
+
+def scoring_problems(cfg: Config, engine: str, protocol: str | None) -> list[str]:
+    """A scoring model (model.attributes) needs a reward server (protocol reward), and a reward server a scoring
+    model; a reward model gives one score vector per answer."""
+    attributes = list(cfg.model.attributes)
+    if attributes and protocol not in ("reward", None):
+        return [f"model={cfg.model.name} is a reward model (model.attributes={attributes}): it scores answers, but "
+                f"engine={engine} ({protocol}) only generates; use engine=nemo_reward (NeMo-Aligner's "
+                f"serve_reward_model.py), or engine=endpoint engine.protocol=reward engine.url=http://HOST:PORT for "
+                f"a reward server that is running (the embedded engine scores with engine=mock engine.protocol=reward)"]
+    if not attributes and protocol == "reward":
+        return [f"engine={engine} (protocol reward) scores answers with a reward model, but model={cfg.model.name} "
+                f"lists no model.attributes (it generates); use model=nemotron4_340b_reward (or set "
+                f"model.attributes=[...] to the reward model's outputs, in order), or a generation engine"]
+    if not attributes:
+        return []
+    found = []
+    if cfg.sampling.rollouts > 1:
+        found.append(f"sampling.rollouts={cfg.sampling.rollouts}: a reward model gives one score per answer; set "
+                     f"sampling.rollouts=1 (score the rollouts of a generation run as rows of their own)")
+    if cfg.sampling.json_schema is not None or cfg.data.schema_column:
+        found.append("a reward model's answers are its scores, not text under a JSON schema: unset "
+                     "sampling.json_schema and data.schema_column for a scoring run")
+    if cfg.output.format == "openai_batch":
+        found.append("output.format=openai_batch writes generated answers; a scoring run's results are score columns: "
+                     "use output.format=parquet or output.format=jsonl")
+    return found
 
 
 def adapter_for(cfg: Config) -> EngineAdapter:

@@ -11,7 +11,7 @@ class EndpointAdapter(EngineAdapter):
     starts_process = False
 
     def protocol_for(self, cfg: Config) -> str | None:
-        return cfg.engine.protocol
+        return cfg.engine.protocol or ("reward" if cfg.model.attributes else None)  # a reward model: its server
 
     def tasks_per_node(self, cfg: Config) -> int:
         return 0

@@ -17,7 +17,7 @@ class MockAdapter(EngineAdapter):
     honours_n = True
 
     def protocol_for(self, cfg: Config) -> str:
-        return cfg.engine.protocol or self.protocol
+        return cfg.engine.protocol or ("reward" if cfg.model.attributes else self.protocol)  # it serves both
 
     def answer_settings(self, cfg: Config) -> dict:
         # the simulated text is a function of prompt and seed; "engine.seed", its key before it moved to

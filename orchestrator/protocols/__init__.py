@@ -1,8 +1,8 @@
 """One module per wire protocol, each with its codec (how it wants prompts sent and answers read) and its
 readiness (whether a server speaks it, and what the server tells about its model): nemo.py, openai.py,
-triton.py, on the shared types of base.py. This registry picks a module by name (make_codec, discover),
-detects a server's protocol by trying the modules in order, and proves an engine ready with one real
-one-token generation.
+triton.py, reward.py (a reward model's scores), on the shared types of base.py. This registry picks a module
+by name (make_codec, discover), detects a server's protocol by trying the modules in order, and proves an
+engine ready with one real one-token generation (for a reward model: one scored sentence).
 
 A new protocol is one module implementing base.WireProtocol (NAME, Codec, detect, discover) and its entry in
 MODULES (plus engine.protocol's choices, config.PROTOCOLS, which config.py keeps itself: config sits below
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import EngineError
-from . import nemo, openai, triton
+from . import nemo, openai, reward, triton
 from .base import PROBE_PROMPT, EngineInfo, Http, MalformedAnswer, WireProtocol, _json
 
 # in the order detect_protocol tries them; NeMo, taken by elimination (its detect is always true), last
-MODULES: tuple[WireProtocol, ...] = (openai, triton, nemo)
+MODULES: tuple[WireProtocol, ...] = (openai, reward, triton, nemo)
 BY_NAME: dict[str, WireProtocol] = {module.NAME: module for module in MODULES}
 CODECS = {module.NAME: module.Codec for module in MODULES}
 

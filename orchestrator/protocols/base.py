@@ -54,6 +54,8 @@ class Completion:
     reasoning: str | None = None  # a reasoning model's thinking, sent apart from the answer (vLLM's reasoning)
     token_logprobs: list | None = None  # sampling.logprobs: each output token's logprob
     top_logprobs: list | None = None  # and per token its K most likely alternatives, [{token, logprob}, ...]
+    scores: list[float] | None = None  # a reward model's answer: one value per model.attributes (no text)
+    engine_fault: bool = True  # with error: the engine is to blame (retry_failed=true redoes the row); False: the row
 
     @classmethod
     def checked(cls, make: Callable[[], Completion]) -> Completion:
@@ -108,7 +110,7 @@ class EngineInfo:
     """What readiness learnt about a running engine; codecs are built from it."""
 
     url: str
-    protocol: str  # nemo, openai or triton
+    protocol: str  # nemo, openai, triton or reward
     model_name: str
     api: str = "completions"  # openai: completions or chat; triton: infer or generate
     max_model_len: int | None = None

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .engine import _Engine
 from .model import ROUTE_FAMILIES, EngineSettings
+from .routes_reward import add_reward_routes
 from .validation import _json
 
 ENGINE_KEY = web.AppKey("engine", _Engine)
@@ -38,7 +39,8 @@ def _not_found_middleware(families: frozenset[str]):
             return await handler(request)
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
             reason = "Not Found" if exc.status == 404 else "Method Not Allowed"
-            triton = "triton" in families and (request.path.startswith("/v2") or "openai" not in families)
+            kserve = bool({"triton", "reward"} & families)
+            triton = kserve and (request.path.startswith("/v2") or "openai" not in families)
             if triton:
                 return _json({"error": reason}, exc.status)
             if "openai" in families:
@@ -105,10 +107,13 @@ def build_app(settings: EngineSettings) -> web.Application:
             add("POST", "/tokenize", engine.tokenize)
         add("GET", "/v1/models", engine.models)
         add("GET", "/health", engine.health)
-    if "triton" in families:
+    if "reward" in families:  # NeMo-Aligner's reward_model (routes_reward), ahead of Triton's /v2/models/{name}
+        add_reward_routes(app, engine)
+    if "triton" in families or "reward" in families:
         add("GET", "/v2", engine.triton_server_metadata)
         add("GET", "/v2/health/live", engine.triton_health)
         add("GET", "/v2/health/ready", engine.triton_health)
+    if "triton" in families:
         for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version:[0-9]+}"):
             add("GET", base, engine.triton_metadata)
             add("GET", base + "/ready", engine.triton_model_ready)

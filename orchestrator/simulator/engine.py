@@ -13,12 +13,13 @@ from .faults import _Faults
 from .model import EngineSettings
 from .routes_nemo import _NemoRoutes
 from .routes_openai import _OpenAIRoutes
+from .routes_reward import _RewardRoutes
 from .routes_triton import _TritonRoutes
 from .triton_tensors import _triton_model
 from .validation import _json
 
 
-class _Engine(_NemoRoutes, _OpenAIRoutes, _TritonRoutes, _Faults):
+class _Engine(_NemoRoutes, _OpenAIRoutes, _TritonRoutes, _RewardRoutes, _Faults):
     def __init__(self, settings: EngineSettings):
         self.s = settings
         self.lock = asyncio.Lock()

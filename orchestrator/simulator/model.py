@@ -16,7 +16,7 @@ EOS = "<|endoftext|>"
 TURN_END = "<extra_id_1>"         # a Nemotron chat model's end of turn (a special token)
 MAX_SENTENCES = 128
 VOCAB_SIZE = 256000
-ROUTE_FAMILIES = ("nemo", "openai", "triton")
+ROUTE_FAMILIES = ("nemo", "openai", "triton", "reward")
 VOCABULARY = tuple(
     "the a an and or but of to in on at for with from by about into over after before under is are "
     "was were be been has have had do does did can could will would should may might time year people "
@@ -53,8 +53,9 @@ class EngineSettings:
     stall_rate: float = 0.0          # fraction of requests that hang for stall_s before being served (timeouts)
     stall_s: float = 30.0
     invalid_json_rate: float = 0.0   # fraction of guided (JSON-schema) answers that break their schema (tests)
-    routes: str = "nemo,openai,triton"          # protocol families served (comma-separated)
+    routes: str = "nemo,openai,triton,reward"   # protocol families served (comma-separated)
     openai_dialect: str = "vllm"                # whose OpenAI server: vllm, sglang or trtllm (simulator.dialects)
+    reward_attributes: int = 9                  # the reward model's values per sentence (Nemotron-4-340B-Reward's 9)
     triton_model: str = "nemo"                  # "nemo" (deploy_triton.py, PyTriton) or "trtllm" (TRT-LLM ensemble)
     triton_max_len_input: str = "max_output_len"  # NeMo's name for the length input ("max_output_token" in 2023)
     triton_max_batch_size: int = 8              # deploy_triton.py --max_batch_size (its default is 8)
