@@ -16,8 +16,9 @@ commands:
   status RUN_DIR [--json]   where a run stands: rows, errors by reason, rates, ETA, jobs, log tail
   report RUN_DIR            write RUN_DIR/report/report.html (plots, config, summary)
   cancel RUN_DIR            cancel the run's jobs; what is committed is kept (rerun to resume)
-  pipeline FILE [key=value ...]   run a pipeline's stages (docs/pipelines.md); key=value applies to every
-                 run stage, run_dir=DIR is the pipeline's directory (status, report and cancel take it)
+  pipeline FILE [--render] [key=value ...]   run a pipeline's stages (docs/pipelines.md); key=value applies
+                 to every run stage, run_dir=DIR is the pipeline's directory (status, report and cancel take it);
+                 --render writes every run stage's scripts instead
 
 examples:
   orchestrator run
@@ -153,16 +154,23 @@ def cmd_cancel(args) -> None:
 def cmd_pipeline(argv: list[str]) -> None:
     from .errors import OrchestratorError
 
+    render_only = "--render" in argv
+    argv = [a for a in argv if a != "--render"]
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
-        _fail("usage: orchestrator pipeline FILE [key=value ...] (FILE: a pipeline YAML, e.g. "
-              "examples/pipeline_local.yaml)")
+        _fail("usage: orchestrator pipeline FILE [--render] [key=value ...] (FILE: a pipeline YAML, e.g. "
+              "examples/pipeline_local.yaml; --render writes each run stage's scripts and submits nothing)")
     from .config import register_configs
-    from .pipeline import run_pipeline
+    from .pipeline import render_pipeline, run_pipeline
     from .pipeline_config import load_pipeline
 
     register_configs()
     try:
-        run_pipeline(load_pipeline(argv[0], argv[1:]))
+        pipeline = load_pipeline(argv[0], argv[1:])
+        if render_only:
+            for path in render_pipeline(pipeline):
+                print(path)
+        else:
+            run_pipeline(pipeline)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
 

@@ -189,6 +189,18 @@ def status_lines(pipeline_dir) -> str:
     return "\n".join(lines)
 
 
+def render_pipeline(pipeline: Pipeline) -> list[Path]:
+    """`orchestrator pipeline FILE --render`: every run stage's `orchestrator render`, in DIR/<stage>/render;
+    nothing submitted."""
+    from .render import render
+
+    written = []
+    for stage in pipeline.stages:
+        if stage.kind == "run":
+            written += render(_run_config(pipeline, stage))
+    return written
+
+
 def run_pipeline(pipeline: Pipeline, show_progress: bool = True) -> dict:
     """Run every stage (see the module doc); the funnel, also written to DIR/pipeline.json."""
     from .frontend import run

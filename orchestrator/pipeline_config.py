@@ -211,14 +211,16 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 def run_columns(cfg: Config) -> list[str]:
     """The columns a run with this config writes (orchestrator.plan.result_schema), from the config alone."""
+    from .scoring import columns_for as scoring_columns
     from .structured import columns_for
 
     data = cfg.data
     plan = Plan(files=[], units=[], prompt_column=data.prompt_column, id_column=data.id_column, id_type="string",
                 unit_rows=data.unit_rows, messages_column=data.messages_column, turns_column=data.turns_column,
                 rollouts=cfg.sampling.rollouts, schema_column=data.schema_column or None)
+    # a scoring run's score columns replace its own response (the input's may be kept), as the client writes them
     names = result_schema(plan, logprobs=cfg.sampling.logprobs is not None,
-                          structured=columns_for(cfg, plan)).names
+                          structured=scoring_columns(cfg) or columns_for(cfg, plan)).names
     kept = [c for c in dict.fromkeys([*data.keep_columns, *(c for _, c in data.sampling_columns.items())])
             if c not in names]
     at = 2 if "rollout" in names else 1  # result_schema: id, rollout, the kept columns, response, ...
@@ -238,14 +240,14 @@ def _run_reads(cfg: Config) -> list[str]:
     else:
         reads = [data.prompt_column]
     reads += [data.system_column, data.schema_column, *data.keep_columns,
-              *(c for _, c in data.sampling_columns.items())]
+              *(c for _, c in data.sampling_columns.items()), data.response_column if _attributes(cfg) else None]
     return list(dict.fromkeys(c for c in reads if c))
 
 
 def stage_columns(pipeline: Pipeline) -> dict[str, list[str]]:
-    """Each stage's output columns, in order: a generation run's result columns (with `rollout` when
-    sampling.rollouts > 1, and its data.keep_columns); a scoring run (its model has `attributes`) keeps its
-    input's columns and adds one per attribute; filter and best keep their input's; pairs writes its six.
+    """Each stage's output columns, in order: a run's result columns (with `rollout` when sampling.rollouts > 1,
+    and its data.keep_columns; a scoring run, whose model has `attributes`, one per attribute instead of its own
+    `response`); filter and best keep their input's; pairs writes its six.
     A stage reading a column its `from` stage does not produce is refused here, before anything runs."""
     produced: dict[str, list[str]] = {}
     for stage in pipeline.stages:
@@ -255,10 +257,6 @@ def stage_columns(pipeline: Pipeline) -> dict[str, list[str]]:
             stage.spec.check_columns(upstream, where=f"{where} (from: {stage.source})")
             produced[stage.name] = stage.spec.columns(upstream)
             continue
-        scores = list(stage.scores)
-        if upstream is not None and scores:
-            produced[stage.name] = list(dict.fromkeys([*upstream, *scores]))
-            continue
         if upstream is not None:
             missing = [c for c in _run_reads(stage.config) if c not in upstream]
             if missing:
@@ -266,6 +264,6 @@ def stage_columns(pipeline: Pipeline) -> dict[str, list[str]]:
                                   f"stage {stage.source!r} does not produce; its columns are {', '.join(upstream)}; "
                                   f"read those (data.prompt_template, data.prompt_column, data.keep_columns), or "
                                   f"keep the column upstream (data.keep_columns there)")
-        produced[stage.name] = list(dict.fromkeys([*run_columns(stage.config), *scores]))
+        produced[stage.name] = run_columns(stage.config)
     return produced
 

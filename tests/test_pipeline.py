@@ -148,3 +148,47 @@ def test_the_cli_refuses_a_bad_pipeline_before_anything_runs(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "stage 'keep'" in done.stderr and "nothing before it" in done.stderr
     assert not (tmp_path / "p").exists()
+
+
+SDG = Path(__file__).resolve().parent.parent / "examples" / "pipeline_sdg_340b.yaml"
+SDG_REFERENCE = Path(__file__).parent / "reference" / "pipeline_sdg_340b"
+CLUSTER = ["data.input=/lustre/prompts", "cluster=slurm", "cluster.partition=batch", "cluster.account=llm",
+           "cluster.container_image=nvcr.io/nvidia/nemo:24.05", "cluster.container_mounts=[/lustre/models:/models]"]
+
+
+@pytest.mark.parametrize("stage", ["generate", "score"])
+@pytest.mark.parametrize("name", ["job.sbatch", "engine_ranks.sh", "engine_job.sbatch"])
+def test_the_340b_sdg_pipeline_renders_as_the_saved_reference(tmp_path, stage, name):
+    """340B-Instruct on NeMo's server, then 340B-Reward on NeMo-Aligner's, each on 2 x 8 GPUs (TP8 PP2)."""
+    from orchestrator.pipeline import render_pipeline
+    from tests.test_render import assert_matches_reference, normalise
+
+    root = tmp_path / "sdg"
+    written = {(p.parent.parent.name, p.name): p for p in render_pipeline(load_pipeline(SDG, [f"run_dir={root}",
+                                                                                           *CLUSTER]))}
+    assert_matches_reference(normalise(written[(stage, name)].read_text(), root), SDG_REFERENCE / stage / name)
+
+
+def test_the_sdg_recipe_generates_scores_and_pairs_on_the_embedded_engine(tmp_path):
+    """The 340B recipe's shape on the embedded engine (its reward routes): every (id, rollout) scored once with
+    the 9 attributes, the pairs right for the scores stored."""
+    src = write_prompts(tmp_path / "in.parquet", 12)
+    file = tmp_path / "sdg.yaml"
+    file.write_text(json.dumps({"stages": [
+        {"name": "generate", "overrides": [f"data.input={src}", "engine=mock", "sampling.rollouts=3",
+                                           "sampling.greedy=false", "data.keep_columns=[prompt]", "data.unit_rows=4"]},
+        {"name": "score", "from": "generate", "overrides": ["model=nemotron4_340b_reward", "engine=mock",
+                                                            "engine.protocol=reward",
+                                                            "data.keep_columns=[rollout,prompt,response]"]},
+        {"name": "pairs", "from": "score", "pairs": {"by": "helpfulness", "min_margin": 0.1}}]}))
+    run_pipeline(load_pipeline(file, [f"run_dir={tmp_path / 'p'}"]), show_progress=False)
+    gen, score = read(tmp_path / "p" / "generate"), read(tmp_path / "p" / "score")
+    assert sorted(zip(score.id, score.rollout)) == sorted(zip(gen.id, gen.rollout))
+    assert {"quality", "helpfulness", "verbosity"} <= set(score.columns) and score.helpfulness.notna().all()
+    answers = gen.set_index(["id", "rollout"]).response
+    assert all(answers[(r.id, r.rollout)] == r.response for r in score.itertuples())
+    for pair in read(tmp_path / "p" / "pairs").itertuples():
+        mine = score[score.id == pair.id]
+        best, worst = mine.loc[mine.helpfulness.idxmax()], mine.loc[mine.helpfulness.idxmin()]
+        assert (pair.chosen, pair.rejected) == (best.response, worst.response)
+        assert pair.chosen_score - pair.rejected_score >= 0.1

@@ -2,12 +2,10 @@
 stage produces."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ModelConfig
 from orchestrator.errors import ConfigError
 from orchestrator.pipeline_config import load_pipeline, run_columns, stage_columns
 from orchestrator.selection import PAIRS_COLUMNS
@@ -140,23 +138,20 @@ def test_a_generation_stage_reading_a_column_upstream_lacks(write):
     assert "rollout" not in stage_columns(pipeline)["judge"]  # the judge's own run: one answer per row
 
 
-def test_a_scoring_stage_adds_its_models_attributes(write, monkeypatch):
-    """model.attributes (added to ModelConfig elsewhere) is read when present: a scoring stage keeps its
-    input's columns and adds one per attribute, and a pairs stage can read them."""
-    if not any(f.name == "attributes" for f in dataclasses.fields(ModelConfig)):
-        from orchestrator import pipeline_config
-
-        monkeypatch.setattr(pipeline_config, "_attributes",
-                            lambda cfg: ("helpfulness", "toxicity") if cfg.engine.name == "endpoint" else ())
-        score = "  - name: score\n    from: generate\n    overrides: [engine=endpoint, engine.url='http://h:1']\n"
-    else:  # pragma: no cover - once ModelConfig has the key
-        score = ("  - name: score\n    from: generate\n    overrides: [engine=endpoint, engine.url='http://h:1', "
-                 "'model.attributes=[helpfulness,toxicity]']\n")
+def test_a_scoring_stage_writes_its_models_attributes_and_the_columns_it_keeps(write):
+    """A scoring run (model.attributes) writes one column per attribute in place of its own response, and keeps
+    what data.keep_columns names of its input: a pairs stage reading it needs the response kept."""
+    score = ("  - name: score\n    from: generate\n    overrides: [model=nemotron4_340b_reward, engine=mock, "
+             "engine.protocol=reward, 'data.keep_columns=[rollout,prompt,response]']\n")
     pairs = "  - name: pairs\n    from: score\n    pairs: {by: helpfulness, min_margin: 0.5}\n"
     pipeline = load_pipeline(write("stages:\n" + GENERATE + score + pairs))
     columns = stage_columns(pipeline)
-    assert columns["score"] == columns["generate"] + ["helpfulness", "toxicity"]
-    assert pipeline.stage("score").scores == ("helpfulness", "toxicity")
-    bad = pairs.replace("from: score", "from: generate")
+    assert columns["score"][:4] == ["id", "rollout", "prompt", "response"]
+    assert columns["score"][-9:] == ["quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
+                                     "coherence", "complexity", "verbosity"]
+    assert pipeline.stage("score").scores[4] == "helpfulness"
+    unkept = score.replace("rollout,prompt,response", "rollout,prompt")
+    with pytest.raises(ConfigError, match="reads column 'response', which its input does not produce"):
+        load_pipeline(write("stages:\n" + GENERATE + unkept + pairs))
     with pytest.raises(ConfigError, match="'helpfulness'"):
-        load_pipeline(write("stages:\n" + GENERATE + score + bad))
+        load_pipeline(write("stages:\n" + GENERATE + score + pairs.replace("from: score", "from: generate")))
