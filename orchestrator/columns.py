@@ -4,3 +4,6 @@ from __future__ import annotations
 
 RESULT_COLUMNS = ("id", "response", "responses", "status", "error", "finish_reason", "stop", "prompt_tokens",
                   "reasoning", "output_tokens", "latency_s", "attempts", "token_logprobs", "top_logprobs")
+# the result columns a scoring run does not write (it generates nothing): its input's may be kept in their place,
+# e.g. the response it scored and the generation's finish_reason (orchestrator.scoring)
+NOT_SCORED = ("response", "finish_reason", "stop", "prompt_tokens", "reasoning", "output_tokens")

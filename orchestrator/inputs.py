@@ -12,7 +12,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .columns import RESULT_COLUMNS
+from .columns import NOT_SCORED, RESULT_COLUMNS
 from .config import DataConfig
 from .errors import ConfigError, InputError
 
@@ -201,10 +201,10 @@ def _check_conversation_columns(path: Path, schema: pa.Schema, data: DataConfig)
 
 def _kept_types(path: Path, schema: pa.Schema, data: DataConfig, rollouts: int = 1,
                 score: bool = False) -> dict[str, pa.DataType]:
-    """data.keep_columns in one file: they must exist, and not clash with a result column (a scoring run has no
-    response column of its own: it may keep its input's)."""
+    """data.keep_columns in one file: they must exist, and not clash with a result column (a scoring run writes no
+    response or generation columns of its own, columns.NOT_SCORED: it may keep its input's)."""
     out = {}
-    reserved = tuple(c for c in RESULT_COLUMNS if not (score and c == "response")) + \
+    reserved = tuple(c for c in RESULT_COLUMNS if not (score and c in NOT_SCORED)) + \
         (("rollout",) if rollouts > 1 else ())
     for name in dict.fromkeys(data.keep_columns):
         if name in reserved:

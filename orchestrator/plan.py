@@ -395,19 +395,21 @@ def result_schema(plan: Plan, logprobs: bool = False, structured: Columns | None
     response (the last turn's answer), responses (every turn's, with data.turns_column), then the outcome;
     with sampling.logprobs (logprobs=True), token_logprobs and top_logprobs; with a JSON schema
     (structured: structured.columns_for), the parsed columns, schema_retries and seed."""
+    left_out = getattr(structured, "replaces", ())  # a scoring run's (columns.NOT_SCORED): kept from the input
     return pa.schema([
         ("id", pa.type_for_alias(plan.id_type) if plan.id_type else pa.string()),
         *([("rollout", pa.int32())] if plan.rollouts > 1 else []),
         *keep_schema(plan),
-        *([] if getattr(structured, "replaces_response", False) else [("response", pa.string())]),
-        *([("responses", pa.list_(pa.string()))] if plan.turns_column else []),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("finish_reason", pa.string()),  # stop, length, or the engine's own word
-        ("stop", pa.string()),  # the end string the answer stopped at
-        ("prompt_tokens", pa.int64()),
-        ("reasoning", pa.string()),  # a reasoning model's thinking (the engine's field, or model.prompt.reasoning_tags)
-        ("output_tokens", pa.int64()),
+        *[field for field in [
+            ("response", pa.string()),
+            *([("responses", pa.list_(pa.string()))] if plan.turns_column else []),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("finish_reason", pa.string()),  # stop, length, or the engine's own word
+            ("stop", pa.string()),  # the end string the answer stopped at
+            ("prompt_tokens", pa.int64()),
+            ("reasoning", pa.string()),  # a reasoning model's thinking (engine field or reasoning_tags)
+            ("output_tokens", pa.int64())] if field[0] not in left_out],
         ("latency_s", pa.float64()),
         ("attempts", pa.int32()),
         *([("token_logprobs", pa.list_(pa.float64())), ("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB)))]

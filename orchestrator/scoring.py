@@ -14,6 +14,7 @@ import json
 
 import pyarrow as pa
 
+from .columns import NOT_SCORED
 from .conversation import check_messages
 
 LABEL_PREFIX = "<extra_id_2>"
@@ -63,9 +64,9 @@ def scores_text(scores: list[float]) -> str:
 
 class ScoreColumns:
     """The result columns of a scoring run: one float64 per attribute, from each ok row's scores; they replace
-    the run's own `response` column (plan.result_schema drops it: the input's may be kept)."""
+    the run's own `response` and generation columns (columns.NOT_SCORED: the input's may be kept)."""
 
-    replaces_response = True
+    replaces = NOT_SCORED  # plan.result_schema leaves these out: the input's may be kept
 
     def __init__(self, attributes: list[str]):
         self.attributes = list(attributes)

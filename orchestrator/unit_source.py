@@ -164,8 +164,8 @@ class UnitBuffer:
         for name in ("token_logprobs", "top_logprobs"):  # sampling.logprobs
             if name in schema.names:
                 columns[name] = pa.array(getattr(self, name), schema.field(name).type)
-        if getattr(structured, "replaces_response", False):  # scores (orchestrator.scoring): the kept response stays
-            del columns["response"]
+        for name in getattr(structured, "replaces", ()):  # scores (orchestrator.scoring): the kept columns stay
+            del columns[name]
         if structured is not None:
             columns.update(structured.arrays(self.response, self.status),
                            schema_retries=pa.array(self.schema_retries, pa.int32()),

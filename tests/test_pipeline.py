@@ -176,17 +176,25 @@ def test_the_sdg_recipe_generates_scores_and_pairs_on_the_embedded_engine(tmp_pa
     file = tmp_path / "sdg.yaml"
     file.write_text(json.dumps({"stages": [
         {"name": "generate", "overrides": [f"data.input={src}", "engine=mock", "sampling.rollouts=3",
-                                           "sampling.greedy=false", "data.keep_columns=[prompt]", "data.unit_rows=4"]},
+                                           "sampling.greedy=false", "data.keep_columns=[prompt]", "data.unit_rows=4",
+                                           "sampling.tokens_to_generate=200"]},
         {"name": "score", "from": "generate", "overrides": ["model=nemotron4_340b_reward", "engine=mock",
                                                             "engine.protocol=reward",
-                                                            "data.keep_columns=[rollout,prompt,response]"]},
+                                                            "data.keep_columns=[rollout,prompt,response,"
+                                                            "finish_reason]"]},
+        {"name": "keep", "from": "score", "filter": "helpfulness >= 2 and finish_reason == 'stop'"},
         {"name": "pairs", "from": "score", "pairs": {"by": "helpfulness", "min_margin": 0.1}}]}))
     run_pipeline(load_pipeline(file, [f"run_dir={tmp_path / 'p'}"]), show_progress=False)
     gen, score = read(tmp_path / "p" / "generate"), read(tmp_path / "p" / "score")
     assert sorted(zip(score.id, score.rollout)) == sorted(zip(gen.id, gen.rollout))
     assert {"quality", "helpfulness", "verbosity"} <= set(score.columns) and score.helpfulness.notna().all()
-    answers = gen.set_index(["id", "rollout"]).response
-    assert all(answers[(r.id, r.rollout)] == r.response for r in score.itertuples())
+    answers = gen.set_index(["id", "rollout"])  # the scored answer and how it ended are the generation's
+    assert all(answers.loc[(r.id, r.rollout), "response"] == r.response and
+               answers.loc[(r.id, r.rollout), "finish_reason"] == r.finish_reason for r in score.itertuples())
+    assert set(score.finish_reason) == {"stop", "length"}  # tokens_to_generate cuts some: both kinds to filter
+    keep = read(tmp_path / "p" / "keep")
+    expected = score[(score.helpfulness >= 2) & (score.finish_reason == "stop")]
+    assert len(keep) > 0 and sorted(zip(keep.id, keep.rollout)) == sorted(zip(expected.id, expected.rollout))
     for pair in read(tmp_path / "p" / "pairs").itertuples():
         mine = score[score.id == pair.id]
         best, worst = mine.loc[mine.helpfulness.idxmax()], mine.loc[mine.helpfulness.idxmin()]
