@@ -107,8 +107,15 @@ def cmd_status(args) -> None:
     from .status import collect, format_status
     from .sweep import is_sweep_dir, rows, table
 
-    if is_pipeline_dir(args.run_dir) and not args.json:  # a pipeline's directory: one line per stage
-        print(status_lines(args.run_dir))
+    if is_pipeline_dir(args.run_dir):  # a pipeline's directory: one line (or one object) per stage
+        if args.json:
+            import json
+
+            from .pipeline import pipeline_status
+
+            print(json.dumps(pipeline_status(args.run_dir), indent=1))
+        else:
+            print(status_lines(args.run_dir))
         return
     if is_sweep_dir(args.run_dir):  # a sweep's directory: one line per member
         if args.json:

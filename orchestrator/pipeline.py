@@ -42,6 +42,16 @@ def _parts(results: Path) -> dict[int, Path]:
     return found
 
 
+def _selected(results: Path) -> tuple[int, Counts]:
+    """A selection's units written so far and their counts summed (from the files' footers)."""
+    parts = _parts(results)
+    total = Counts()
+    for path in parts.values():
+        found = pq.read_schema(path).metadata or {}
+        total += Counts(**json.loads(found[COUNTS_KEY])) if COUNTS_KEY in found else Counts()
+    return len(parts), total
+
+
 class Selector:
     """One selection stage over its source's results: every committed unit selected once."""
 
@@ -79,11 +89,7 @@ class Selector:
         return len(new)
 
     def counts(self) -> Counts:
-        total = Counts()
-        for path in _parts(self.results).values():
-            found = pq.read_schema(path).metadata or {}
-            total += Counts(**json.loads(found[COUNTS_KEY])) if COUNTS_KEY in found else Counts()
-        return total
+        return _selected(self.results)[1]
 
 
 def _spec_json(stage: Stage) -> dict:
@@ -163,29 +169,43 @@ def stages_of(pipeline_dir) -> list[dict]:
     return json.loads((Path(pipeline_dir) / RECORD).read_text())["stages"]
 
 
+def pipeline_status(pipeline_dir) -> dict:
+    """Where each stage of a pipeline stands (`orchestrator status DIR --json`): a run stage's `status` (its
+    rows, errors, jobs, ...; `started: false` before it plans), a selection's units selected and counts."""
+    from .status import collect
+
+    stages = []
+    for stage in stages_of(pipeline_dir):
+        root = Path(stage["run_dir"])
+        if stage["kind"] == "run":
+            started = (root / "plan.json").exists()
+            stages.append({**stage, "started": started, **({"status": collect(root)} if started else {})})
+        else:
+            units, counts = _selected(root / "results")
+            stages.append({**stage, "started": root.exists(), "units_selected": units, **asdict(counts)})
+    return {"pipeline": str(pipeline_dir), "stages": stages}
+
+
 def status_lines(pipeline_dir) -> str:
     """`orchestrator status DIR` of a pipeline: one line per stage, in order, with the funnel so far."""
     from .report import one_line
-    from .status import collect
 
     lines = [f"pipeline {pipeline_dir}"]
-    for stage in stages_of(pipeline_dir):
-        root = Path(stage["run_dir"])
+    for stage in pipeline_status(pipeline_dir)["stages"]:
         head = f"  {stage['name']} ({stage['kind']}{', from ' + stage['from'] if stage['from'] else ''}): "
         if stage["kind"] == "run":
-            if not (root / "plan.json").exists():
+            found = stage.get("status")
+            if found is None:
                 lines.append(head + "not started")
                 continue
-            found = collect(root)
             rows = found["rows"]
             lines.append(head + (one_line(found["summary"]) if found.get("summary") else
                                  f"{rows['committed']}/{rows['total']} rows committed, {rows['ok']} ok, "
                                  f"{rows['failed']} failed"))
         else:
-            counts = sum((Counts(**json.loads((pq.read_schema(p).metadata or {}).get(COUNTS_KEY, b"{}")))
-                          for p in _parts(root / "results").values()), Counts())
-            lines.append(head + f"{len(_parts(root / 'results'))} unit(s) selected, {counts.kept} kept of "
-                         f"{counts.rows_in} ({counts.dropped_failed} failed upstream, {counts.dropped_null} null)")
+            lines.append(head + f"{stage['units_selected']} unit(s) selected, {stage['kept']} kept of "
+                         f"{stage['rows_in']} ({stage['dropped_failed']} failed upstream, "
+                         f"{stage['dropped_null']} null)")
     return "\n".join(lines)
 
 

@@ -115,6 +115,12 @@ def test_kill_9_mid_pipeline_then_rerun_gives_every_stage_exactly_once(tmp_path)
     status = subprocess.run([*orchestrator_cmd(), "status", str(root)], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "judge (run, from generate): 40/40 ok" in status.stdout
     assert "pairs (pairs, from judge):" in status.stdout
+    found = json.loads(subprocess.run([*orchestrator_cmd(), "status", str(root), "--json"], capture_output=True,
+                                      text=True, timeout=60).stdout)
+    by_name = {s["name"]: s for s in found["stages"]}
+    assert by_name["judge"]["status"]["rows"]["ok"] == 40 and by_name["generate"]["status"]["rows"]["total"] == 40
+    judged = len(list((root / "judge" / "results").glob("part-*.parquet")))
+    assert by_name["best"]["units_selected"] == judged and by_name["best"]["kept"] == len(read(root / "best"))
 
 
 def test_a_rerun_with_other_selection_settings_is_refused(tmp_path):
