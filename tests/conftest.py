@@ -150,12 +150,11 @@ def tiny_model() -> Path:
 TRITON_VENV = Path(os.environ.get("ORCHESTRATOR_TRITON_VENV", Path.home() / ".cache" / "orchestrator-triton-venv"))
 
 
-@pytest.fixture(scope="session")
-def triton_python(tiny_model) -> Path:
-    """The PyTriton venv's python (scripts/install_triton.sh), with the tiny model built; a missing venv fails
-    the test under CI=true instead of skipping it."""
+def triton_venv_python(imports: str = "pytriton") -> Path:
+    """The PyTriton venv's python (scripts/install_triton.sh), once `import <imports>` works in it; a missing
+    venv fails the test under CI=true instead of skipping it."""
     python = TRITON_VENV / "bin" / "python"
-    check = subprocess.run([str(python), "-c", "import pytriton, transformers"], capture_output=True, text=True) \
+    check = subprocess.run([str(python), "-c", f"import {imports}"], capture_output=True, text=True) \
         if python.exists() else None
     if check is None or check.returncode != 0:
         why = f"no PyTriton venv at {TRITON_VENV}: run `bash scripts/install_triton.sh`"
@@ -163,6 +162,12 @@ def triton_python(tiny_model) -> Path:
             pytest.fail(f"CI=true and Triton is not installed: {why}")
         pytest.skip(why)
     return python
+
+
+@pytest.fixture(scope="session")
+def triton_python(tiny_model) -> Path:
+    """The PyTriton venv's python, with transformers and the tiny model built (triton_venv_python)."""
+    return triton_venv_python("pytriton, transformers")
 
 
 def process_tree(pid: int) -> set[int]:

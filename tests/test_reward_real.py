@@ -6,8 +6,6 @@ One server for the module. Under CI=true a missing PyTriton venv fails these tes
 """
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +16,7 @@ from orchestrator.engines.server import EngineServer
 from orchestrator.errors import OrchestratorError
 from orchestrator.frontend import run
 from orchestrator.scoring import sentence
-from tests.conftest import TRITON_VENV
+from tests.conftest import triton_venv_python
 
 pytestmark = pytest.mark.triton
 
@@ -34,14 +32,7 @@ ATTRIBUTES = compose(["model=nemotron4_340b_reward"]).model.attributes
 
 @pytest.fixture(scope="module")
 def reward_python() -> Path:
-    python = TRITON_VENV / "bin" / "python"
-    check = subprocess.run([str(python), "-c", "import pytriton"], capture_output=True) if python.exists() else None
-    if check is None or check.returncode != 0:
-        why = f"no PyTriton venv at {TRITON_VENV}: run `bash scripts/install_triton.sh`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and Triton is not installed: {why}")
-        pytest.skip(why)
-    return python
+    return triton_venv_python()  # the stand-in needs PyTriton only
 
 
 def nemo_reward(python: Path, *extra: str) -> list[str]:
