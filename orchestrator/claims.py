@@ -103,7 +103,7 @@ class Scheduler:
 
     def __init__(self, paths: RunPaths, attempt: str, owner: str, todo: Iterable[int], index: int = 0,
                  lease_s: float = 60.0, backups: int = 1, clock: Callable[[], float] = time.time,
-                 retry: Iterable[int] = (), retried: Callable[[int], bool] | None = None, seed=None):
+                 retry: Iterable[int] = (), retried: Callable[[int], bool] | None = None, seed=None, gate=None):
         self.paths, self.attempt, self.owner = paths, attempt, owner
         self.sink = sink_for(paths)  # which units are committed: the run's output.format knows their files
         self.folder = paths.claims / attempt
@@ -139,13 +139,35 @@ class Scheduler:
         self.first_claim_at: float | None = None
         self.last_done_at, self.units_done = 0.0, 0
         self.seen: dict[str, tuple[float | None, float | None, float | None]] = {}  # holder -> pace, as read this look
+        # data.follow (orchestrator.follow.Gate): a unit is claimed once the run followed has committed it; the
+        # units not yet committed there are `blocked` (and marked taken, so no claim goes to them)
+        self.gate = gate
+        self.blocked = np.zeros(len(self.todo), dtype=bool)
+        self.upstream_wait = False  # the last look found only units the run followed has still to commit
+        if gate is not None:
+            self.blocked = ~np.isin(self.todo, np.asarray(sorted(gate.ready()), dtype=np.int64))
+            self.taken |= self.blocked
         self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def poll_s(self) -> float:
         """How long an idle replica waits before it looks for work again (two listings): 1 s after the first
         look that found nothing, doubling up to a quarter lease (at most 10 s)."""
-        return min(2.0 ** max(0, self.idle_looks - 1), self.lease_s / 4, 10.0)
+        wait = min(2.0 ** max(0, self.idle_looks - 1), self.lease_s / 4, 10.0)
+        return min(wait, self.UPSTREAM_POLL_S) if self.upstream_wait else wait
+
+    UPSTREAM_POLL_S = 1.0  # how often a replica waiting on the run it follows looks for its next commits
+
+    def _open_gate(self) -> np.ndarray:
+        """Units the run followed committed since the last look are claimable (one listing there); returns the
+        units still blocked among those left."""
+        if self.gate is None or not self.blocked.any():
+            return np.zeros(0, dtype=np.int64)
+        ready = np.asarray(sorted(self.gate.ready()), dtype=np.int64)
+        opened = self.blocked & np.isin(self.todo, ready)
+        self.blocked &= ~opened
+        self.taken[opened] = False  # claimed ones are marked again by the listing that follows
+        return self.todo[self.blocked]
 
     @property
     def beat_s(self) -> float:
@@ -275,6 +297,7 @@ class Scheduler:
         self.next_look = now + self.poll_s
         self.in_tail = True
         self.seen = {}
+        blocked = self._open_gate()
         claimed = self._learn(fsops.listdir(self.folder) if listed is None else listed)
         committed = np.asarray(sorted(self.sink.done_units()), dtype=np.int64)
         left = self.todo if self.left is None else self.left
@@ -283,9 +306,18 @@ class Scheduler:
             if int(left[i]) in self.retry and not self.retried(int(left[i])):
                 done[i] = False
         left = self.left = left[~done]
+        waiting = left[np.isin(left, blocked)]  # units the run followed has still to commit
+        self.upstream_wait = False
+        if waiting.size:
+            if self.gate.live():
+                self.upstream_wait = True
+                self.next_look = now + self.poll_s
+            else:  # it has ended: what it did not commit never comes; this replica does what it can, then ends
+                left = self.left = left[~np.isin(left, blocked)]
+                waiting = waiting[:0]
         if not left.size:
             return None
-        unclaimed = left[~np.isin(left, claimed)]
+        unclaimed = left[~np.isin(left, claimed) & ~np.isin(left, waiting)]
         if unclaimed.size:  # claimed and given up, or missed: take it like any free unit
             self.taken[self._slots(unclaimed)] = False
             self.next_look = float("-inf")
@@ -293,7 +325,11 @@ class Scheduler:
         started = self._watched(now)
         if started is not None:
             return started
-        others = [int(u) for u in left if int(u) not in self.held and int(u) not in self.finished]
+        held_up = set(waiting.tolist())
+        others = [int(u) for u in left if int(u) not in self.held and int(u) not in self.finished
+                  and int(u) not in held_up]
+        if not others and held_up:  # the run followed has more to commit: look again soon
+            return WAIT
         if not others:  # all that is left is this replica's own: look again when it commits one, not before
             self.next_look = self._watch_until()
             self.watch_look = bool(self.watching)
@@ -314,8 +350,8 @@ class Scheduler:
                         return Claim(unit, copy)
                     if copy == 0:  # its holder is alive and commits it: its copies' claims need no look
                         break
-        if self.backups and not self.held and all(len(self._copies(u)) > self.backups or u in self.watch_claims
-                                                  for u in others):
+        if self.backups and not self.held and not held_up and \
+                all(len(self._copies(u)) > self.backups or u in self.watch_claims for u in others):
             return None  # every unit left runs with all its copies, or is watched: nothing here for this replica
         if self.watching:
             self.next_look = min(self.next_look, self._watch_until())

@@ -41,6 +41,7 @@ from .context import ContextFit
 from .conversation import Turns
 from .engines.base import rollouts_in_one_request
 from .errors import EngineError, RunError
+from .follow import gate_for
 from .journal import Journals, UnitJournal, settings_digest
 from .plan import Plan, result_schema
 from .protocols import auth, make_codec
@@ -228,7 +229,7 @@ class Client:
         self.scheduler = Scheduler(paths, attempt, owner,
                                    [u for u in range(len(plan.units)) if u not in done or u in retry],
                                    index=replica, lease_s=cfg.client.lease_s, backups=cfg.client.backups, retry=retry,
-                                   retried=lambda unit: retried(paths, attempt, unit))
+                                   retried=lambda unit: retried(paths, attempt, unit), gate=gate_for(plan))
         self.ledger = Ledger(paths, owner)
         # rows answered in units not committed yet survive a kill (journal.py); this replica's journals, and
         # which units have one (one listing; those of units committed since are removed)

@@ -409,9 +409,18 @@ class DataConfig:
     # each row's own sampling from its columns: {max_tokens: COL, temperature: COL, top_p: COL, seed: COL} (any of
     # them); a null value is the config's. The columns are kept in the results
     sampling_columns: SamplingColumns = field(default_factory=lambda: SamplingColumns())
+    # another run's directory: read its results as they commit (docs/pipelines.md "Streaming"), one unit of
+    # this run per unit of that one; replaces data.input
+    follow: Optional[str] = None
+    # the share of that run's units committed before this run submits its jobs (0: its first unit)
+    follow_after: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("data.unit_rows", self.unit_rows, lo=1)
+        _check_range("data.follow_after", self.follow_after, lo=0, hi=1)
+        if self.follow is not None and self.input is not None:
+            raise ConfigError(f"data.follow={self.follow!r} reads that run's results as they commit, and "
+                              f"data.input={self.input!r} names other input: set one of them")
         _check_range("data.read_batch_rows", self.read_batch_rows, lo=1)
         _check_literals(self, "data")
         _check_range("data.bytes_per_token", self.bytes_per_token, lo=0, lo_open=True)
@@ -532,6 +541,8 @@ class Config:
 
     @property
     def input_path(self) -> str:
+        if self.data.follow is not None:  # the run followed: its results
+            return str(Path(self.data.follow).expanduser() / "results")
         return self.data.input or str(EXAMPLE_INPUT)
 
 

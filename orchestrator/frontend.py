@@ -139,9 +139,10 @@ class Submission:
         self.lock.release(keep_for_jobs=bool(outcome and "jobs" in outcome))
 
 
-def run(cfg: Config, show_progress: bool = True) -> dict:
-    """Plan, submit one job per replica through submitit, follow progress until they end (wait=true)."""
-    sub = submit(cfg)
+def run(cfg: Config, show_progress: bool = True, stop: threading.Event | None = None) -> dict:
+    """Plan, submit one job per replica through submitit, follow progress until they end (wait=true). stop: set
+    from another thread (a pipeline's front-end) to stop the run as Ctrl-C does."""
+    sub = submit(cfg, stop=stop)
     outcome = None
     try:
         if sub.summary is not None:
@@ -149,17 +150,17 @@ def run(cfg: Config, show_progress: bool = True) -> dict:
         elif not cfg.wait:
             outcome = report_submitted(sub)
         else:
-            outcome = follow(sub, show_progress)
+            outcome = follow(sub, show_progress, stop=stop)
         return outcome
     finally:
         sub.release(outcome)
 
 
-def submit(cfg: Config, defer: bool = False) -> Submission:
+def submit(cfg: Config, defer: bool = False, stop: threading.Event | None = None) -> Submission:
     """Everything up to the submitted jobs: checks, plan, the run_dir's lock, one job per replica
-    (defer: all but the jobs, which submit_jobs() submits with other runs')."""
+    (defer: all but the jobs, which submit_jobs() submits with other runs'; stop: ends a data.follow wait)."""
     started_at = time.time()
-    plan, paths = prepare(cfg)
+    plan, paths = prepare(cfg, stop=stop)
     lock = RunLock(cfg, paths)
     lock.acquire()
     try:
@@ -267,7 +268,7 @@ def _submit_group(group: list[Submission], folder: RunPaths) -> None:
         sub.lock.jobs([str(job.job_id) for job in sub.jobs])
 
 
-def follow(sub: Submission, show_progress: bool = True) -> dict:
+def follow(sub: Submission, show_progress: bool = True, stop: threading.Event | None = None) -> dict:
     """Wait for a submission's jobs with progress, then report: the summary, or the failure."""
     cfg, plan, paths, lock, attempt = sub.cfg, sub.plan, sub.paths, sub.lock, sub.attempt
     started_at, already, retry, jobs, replicas = sub.started_at, sub.already, sub.retry, sub.jobs, sub.replicas
@@ -300,7 +301,12 @@ def follow(sub: Submission, show_progress: bool = True) -> dict:
     failures: list[RunError] = []
     stop_signals = _raise_on_stop_signals()
     try:
-        left = wait_for_jobs(jobs, cfg, tick, lambda: remaining_units(paths, plan, attempt) == 0)
+        def tick_or_stop() -> None:
+            tick()
+            if stop is not None and stop.is_set():
+                raise FrontEndStopped("the pipeline stopping")
+
+        left = wait_for_jobs(jobs, cfg, tick_or_stop, lambda: remaining_units(paths, plan, attempt) == 0)
         if left:
             print(f"every unit is committed; cancelled job(s) {' '.join(str(j.job_id) for j in left)}, which had "
                   f"nothing left to do", flush=True)

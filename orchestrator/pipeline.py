@@ -1,22 +1,29 @@
 """`orchestrator pipeline FILE [key=value ...]`: a pipeline's stages, in order, each in its own directory
 DIR/<stage> (orchestrator.pipeline_config loads and checks the file before anything runs).
 
-- A run stage is an `orchestrator run` of its config; one that reads another stage (`from: S`) reads S's
-  committed result files (`data.input=DIR/S/results`, `data.duplicate_ids=keep`: S's rollouts share an id),
-  once S is complete. Each run resumes on its own, checked like any run (fingerprint, duplicates, journal).
+- A run stage is an `orchestrator run` of its config, its front-end in a thread of the pipeline's (StageRun).
+  One that reads a run stage (`from: S`) follows it (`data.follow=DIR/S`, orchestrator.follow): it starts with
+  S, submits its jobs once S has committed its first unit (data.follow_after: a share), and each of its units
+  is one of S's, claimed once S has committed it, so it scores or judges while S generates. One that reads a
+  selection reads the selection's files once it is complete. Each run resumes on its own, checked like any
+  run (fingerprint, duplicates, journal); `data.duplicate_ids=keep`: S's rollouts share an id.
 - A selection stage (filter, best, pairs) streams: while the stages before it run, each unit its source
   commits is selected at once, in the front-end (no GPU is held for it), and written as the same unit of its
   own results, `DIR/<stage>/results/part-<unit>.parquet`, atomically, so a unit is selected exactly once
   whatever is killed when; its counts (rows in, kept, dropped as failed or null) are in the file's footer.
   Its settings are kept in `DIR/<stage>/stage.json`: a rerun with others is refused.
-- A stage that fails stops the pipeline once the selections have consumed what was committed before it; the
-  message names the stage. `DIR/pipeline.json` holds the funnel: each stage's rows in and rows out.
+- A stage that fails ends the stages reading it once they have consumed what it committed (a follower's
+  replicas end when S's front-end has ended and no unit of S is left to come); the message names the stage
+  that failed first and what became of the others. `DIR/pipeline.json` holds the funnel: each stage's rows in
+  and rows out.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -101,53 +108,39 @@ def _spec_json(stage: Stage) -> dict:
                               {"min_margin": spec.min_margin})}
 
 
-class Streamer:
-    """Runs the selection stages in the background while a run stage goes on (one look every POLL_S)."""
-
-    def __init__(self, selectors: list[Selector]):
-        self.selectors = selectors
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def drain(self) -> None:
-        """Select everything committed so far, stage after stage (a selection may read a selection)."""
-        for selector in self.selectors:
-            selector.step()
-
-    def _loop(self) -> None:
-        try:
-            while not self._stop.wait(POLL_S):
-                self.drain()
-        except BaseException as exc:  # noqa: BLE001 - raised again by stop(), in the front-end's thread
-            self._error = exc
-
-    def __enter__(self) -> "Streamer":
-        self._stop.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._loop, name="pipeline-selections", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self._error is not None and exc[0] is None:
-            raise self._error
-
-
 def _run_config(pipeline: Pipeline, stage: Stage):
-    """A run stage's config; one reading another stage reads that stage's committed result files."""
+    """A run stage's config. One reading a run stage follows it (data.follow: unit by unit, as that one commits);
+    one reading a selection reads the selection's files once it is complete."""
     if stage.source is None:
         return stage.config
     source = pipeline.stage(stage.source)
-    results = Path(source.run_dir) / "results"
     if source.kind == "run" and source.config.output.format != "parquet":
         raise ConfigError(f"stage {stage.name!r} reads stage {source.name!r}, whose results are "
                           f"output.format={source.config.output.format}; a stage reads Parquet results: drop "
                           f"output.format there")
-    return compose([*stage.spec, *pipeline.overrides, f"data.input={results / 'part-*.parquet'}",
-                    "data.duplicate_ids=keep", f"run_dir={stage.run_dir}"])
+    reads = [f"data.follow={source.run_dir}", "data.input=null"] if source.kind == "run" else \
+        [f"data.input={Path(source.run_dir) / 'results' / 'part-*.parquet'}"]
+    return compose([*stage.spec, *pipeline.overrides, *reads, "data.duplicate_ids=keep", f"run_dir={stage.run_dir}"])
+
+
+class StageRun(threading.Thread):
+    """One run stage's front-end (frontend.run), in a thread of the pipeline's front-end: it owns its jobs and
+    cancels them when `stop` is set (Ctrl-C or a stop signal reaching the pipeline)."""
+
+    def __init__(self, stage: Stage, cfg, show_progress: bool):
+        super().__init__(name=f"stage-{stage.name}", daemon=True)
+        self.stage, self.cfg, self.show_progress = stage, cfg, show_progress
+        self.stop = threading.Event()
+        self.summary: dict | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from .frontend import run
+
+        try:
+            self.summary = run(self.cfg, show_progress=self.show_progress, stop=self.stop)
+        except BaseException as exc:  # noqa: BLE001 - the pipeline's front-end reports it, naming the stage
+            self.error = exc
 
 
 RECORD = "pipeline.json"  # DIR/pipeline.json: the file, its stages (kind, from, directory) and, at the end, the funnel
@@ -221,37 +214,107 @@ def render_pipeline(pipeline: Pipeline) -> list[Path]:
     return written
 
 
+def _failed(runs: dict[str, StageRun], pipeline: Pipeline) -> RunError:
+    """The pipeline's failure: the first stage that failed and why, and what became of the stages after it."""
+    failed = [(name, r) for name, r in runs.items() if r.error is not None]
+    first, run = failed[0]
+    lines = [f"stage {first!r} failed: {run.error}"]
+    for name, other in failed[1:]:
+        source = pipeline.stage(name).source
+        why = str(other.error).splitlines()[0]
+        lines.append(f"stage {name!r} (reading {source!r}) stopped too, once it had consumed what was committed: "
+                     f"{why}")
+    never = [s.name for s in pipeline.stages if s.kind == "run" and s.name not in runs]
+    if never:
+        lines.append(f"not started: {', '.join(never)}")
+    lines.append("the stages' committed results are kept; rerun the pipeline to resume every stage")
+    return RunError("\n".join(lines))
+
+
 def run_pipeline(pipeline: Pipeline, show_progress: bool = True) -> dict:
-    """Run every stage (see the module doc); the funnel, also written to DIR/pipeline.json."""
-    from .frontend import run
+    """Run every stage (see the module doc); the funnel, also written to DIR/pipeline.json.
+
+    Each run stage's front-end runs in a thread of its own (StageRun); this one starts them (a stage reading a
+    run at once: it follows it; a stage reading a selection once the selection is complete), selects the units
+    committed meanwhile every POLL_S, and on Ctrl-C or a stop signal stops every stage (each cancels its jobs)."""
+    from .frontend import FrontEndStopped, Interrupted, _raise_on_stop_signals
 
     root = Path(pipeline.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _record(pipeline)
     selectors: dict[str, Selector] = {}
-    funnel: dict[str, dict] = {}
     for stage in pipeline.stages:
         if stage.kind != "run":
             selectors[stage.name] = Selector(stage, Path(pipeline.stage(stage.source).run_dir) / "results")
-    streamer = Streamer(list(selectors.values()))
+    runs: dict[str, StageRun] = {}
+    final: set[str] = set()  # stages whose output is complete: a run that ended well, a selection of a final one
+    ended: set[str] = set()  # run stages whose front-end ended, well or not
+
+    def start_ready() -> None:
+        for stage in pipeline.stages:
+            if stage.kind != "run" or stage.name in runs:
+                continue
+            source = pipeline.stage(stage.source) if stage.source else None
+            if source is not None and (source.name not in runs if source.kind == "run" else source.name not in final):
+                continue
+            cfg = _run_config(pipeline, stage)
+            print(f"stage {stage.name}: " + ("starts" if source is None else f"follows {source.name}, unit by unit"
+                                             if source.kind == "run" else f"reads {source.name}"), flush=True)
+            runs[stage.name] = StageRun(stage, cfg, show_progress and not runs)
+            runs[stage.name].start()
+
+    def look() -> None:
+        for name, run in runs.items():
+            if name not in ended and not run.is_alive():
+                ended.add(name)
+                if run.error is None:
+                    final.add(name)
+                else:  # a stage following it and still waiting for its first unit: there is none to come
+                    for other in runs.values():
+                        if other.stage.source == name and not (Path(other.stage.run_dir) / "plan.json").exists():
+                            other.stop.set()
+        for name, selector in selectors.items():  # in order: a selection may read a selection
+            complete = selector.stage.source in final
+            selector.step()
+            if complete:
+                final.add(name)
+
+    stop_signals = _raise_on_stop_signals()
+    try:
+        while True:
+            look()
+            start_ready()  # a stage reading a selection starts once the selection is complete
+            if all(name in ended for name in runs):
+                break
+            time.sleep(POLL_S)
+    except (KeyboardInterrupt, FrontEndStopped) as exc:
+        why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(f"interrupted by {why}: stopping the pipeline's stages", flush=True)
+        for run in runs.values():
+            run.stop.set()
+        for run in runs.values():
+            run.join()
+        for selector in selectors.values():
+            selector.step()
+        raise Interrupted(f"interrupted by {why}: every stage's jobs are cancelled and what they committed is kept; "
+                          f"rerun the pipeline to resume") from None
+    finally:
+        for signum, handler in stop_signals.items():
+            signal.signal(signum, handler)
+    if any(run.error is not None for run in runs.values()):
+        errors = [run.error for run in runs.values() if run.error is not None]
+        if not all(isinstance(e, OrchestratorError) for e in errors):
+            raise next(e for e in errors if not isinstance(e, OrchestratorError))
+        raise _failed(runs, pipeline) from None
+    funnel: dict[str, dict] = {}
     for stage in pipeline.stages:
-        if stage.kind != "run":
-            continue
-        streamer.drain()  # a stage reading a selection reads all of it
-        cfg = _run_config(pipeline, stage)
-        print(f"stage {stage.name}: {'run' if stage.source is None else 'reads ' + stage.source}", flush=True)
-        try:
-            with streamer:
-                summary = run(cfg, show_progress=show_progress)
-        except OrchestratorError as exc:
-            streamer.drain()
-            raise RunError(f"stage {stage.name!r} failed: {exc}\nthe stages before it are kept; the "
-                           f"selections have consumed what it committed; rerun the pipeline to resume") from None
-        funnel[stage.name] = {"kind": "run", "rows": summary.get("total"), "ok": summary.get("ok"),
-                              "failed": summary.get("failed")}
-    streamer.drain()
-    for name, selector in selectors.items():
-        funnel[name] = {"kind": selector.stage.kind, "from": selector.stage.source, **asdict(selector.counts())}
+        if stage.kind == "run":
+            summary = runs[stage.name].summary or {}
+            funnel[stage.name] = {"kind": "run", "rows": summary.get("total"), "ok": summary.get("ok"),
+                                  "failed": summary.get("failed")}
+        else:
+            selector = selectors[stage.name]
+            funnel[stage.name] = {"kind": stage.kind, "from": stage.source, **asdict(selector.counts())}
     _record(pipeline, funnel)
     for name, step in funnel.items():
         print(f"{name}: " + (f"{step['ok']}/{step['rows']} ok, {step['failed']} failed" if step["kind"] == "run" else

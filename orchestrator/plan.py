@@ -135,6 +135,7 @@ class Plan:
     body_fields: list = field(default_factory=list)  # openai_batch: body fields beyond the sampling ones
     schema_column: str | None = None  # each row's JSON schema (data.schema_column, orchestrator.structured)
     response_column: str | None = None  # a scoring run's answers to score (data.response_column, orchestrator.scoring)
+    follow: str | None = None  # data.follow: the run whose results are the input, unit for unit (orchestrator.follow)
 
     @property
     def total_rows(self) -> int:
@@ -202,14 +203,21 @@ def keep_schema(plan: Plan) -> pa.Schema:
 def build_plan(data: DataConfig, input_spec: str, rollouts: int = 1, score: bool = False) -> Plan:
     """Check every input file's schema (from its footer only, read once) and cut the rows into units
     (rollouts: answers per row, sampling.rollouts; score: a scoring run, which reads data.response_column)."""
-    import base64
-
     fmt = data.format
     paths, root = discover_inputs(input_spec, fmt) if fmt != "auto" else discover_inputs(input_spec)
     fmt = input_format(input_spec, paths, fmt)
     if fmt == "openai_batch":
         data = _batch_data(data)
     scanned, extra = _scan(paths, data, fmt)
+    return plan_of(data, fmt, paths, root, scanned, extra, rollouts, score)
+
+
+def plan_of(data: DataConfig, fmt: str, paths: list[Path], root: Path, scanned: list, extra: dict,
+            rollouts: int = 1, score: bool = False) -> Plan:
+    """build_plan once the files are scanned: (schema, rows, stat) per file (orchestrator.follow gives those of
+    files still to come)."""
+    import base64
+
     if fmt == "openai_batch":
         import dataclasses
 

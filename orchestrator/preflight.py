@@ -11,6 +11,8 @@ from .clusters.base import cluster_for
 from .config import Config, config_yaml
 from .engines.base import adapter_for, check_engine
 from .errors import ConfigError, EngineError, InputError, RunError
+from .follow import fingerprint as follow_fingerprint
+from .follow import follow_plan
 from .inputs import check_run_dir_outside_input, unique_file_entries
 from .layout import build_layout
 from .plan import Plan, apply_duplicate_policy, build_plan
@@ -32,13 +34,17 @@ def check_writable(root: Path) -> None:
         raise RunError(f"run_dir={str(root)!r} is not writable ({exc.strerror}); choose another run_dir=") from None
 
 
-def prepare(cfg: Config) -> tuple[Plan, RunPaths]:
+def prepare(cfg: Config, stop=None) -> tuple[Plan, RunPaths]:
     """Everything checked before a job is submitted: layout, engine, cluster, input, run directory.
-    Writes plan and config."""
+    Writes plan and config. With data.follow, waits for the run followed to commit (stop: a threading.Event that
+    ends the wait)."""
     build_layout(cfg)
     check_launch(cfg)
     check_run_dir_outside_input(cfg.input_path, cfg.run_dir)
-    plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts, score=bool(cfg.model.attributes))
+    if cfg.data.follow is not None:
+        plan = follow_plan(cfg, stop)
+    else:
+        plan = build_plan(cfg.data, cfg.input_path, cfg.sampling.rollouts, score=bool(cfg.model.attributes))
     check_row_engine(plan, cfg.engine.name, adapter_for(cfg).protocol_for(cfg))  # an OpenAI batch file's bodies
     paths = RunPaths(Path(cfg.run_dir).expanduser().resolve())
     check_writable(paths.root)
@@ -131,6 +137,7 @@ def fingerprint(cfg: Config, plan: Plan) -> dict:
                  "sampling_columns": dict(plan.sampling_columns) or None,
                  "format": plan.input_format if plan.input_format != "parquet" else None},
         "input_files": [[f.path, f.rows, f.size, f.mtime_ns] for f in plan.files],
+        **follow_fingerprint(cfg),  # data.follow: the run whose results are the input (absent when unset)
         "output.format": cfg.output.format,  # the result files' format (orchestrator.sinks)
         # structured answers (the schema itself is sampling.json_schema); None without a schema, as before
         "structured": structured_fingerprint(cfg),

@@ -158,6 +158,16 @@ def incomplete_error(paths: RunPaths, plan: Plan, summary: dict) -> RunError:
     rows = sum(plan.unit_answers(u) for u in missing)
     shown = ", ".join(str(u) for u in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
     units = f"; unit(s) {shown} ({rows} rows) have no committed result" if missing else ""
+    if plan.follow:  # data.follow: units the run followed has not committed cannot be done here
+        from .follow import Upstream
+
+        upstream = Upstream(plan.follow)
+        absent = [u for u in missing if u not in upstream.committed()]
+        if absent:
+            return RunError(f"run_dir {paths.root} is incomplete: {summary['committed']}/{summary['total']} rows "
+                            f"committed{units}, {len(absent)} of them because the run it follows, {plan.follow}, "
+                            f"ended without committing them. Rerun that run to resume it, with this one (or after "
+                            f"it): the missing units are done as they come")
     return RunError(f"run_dir {paths.root} is incomplete: {summary['committed']}/{summary['total']} rows committed"
                     f"{units}. Rerun the same command to resume: the missing units are redone")
 

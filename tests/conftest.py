@@ -76,9 +76,10 @@ def job_pids(run_dir: Path) -> list[int]:
 
 
 def kill_jobs_when(first: subprocess.Popen, run_dir: Path, ready, sig: int = signal.SIGKILL,
-                   front_end: bool = False, timeout_s: float = 120.0) -> None:
+                   front_end: bool = False, timeout_s: float = 120.0, also: tuple = ()) -> None:
     """Once ready() holds (polled, with a deadline; the run `first` must not end before), send sig to
-    run_dir's job processes, SIGKILL the front-end too when front_end, and wait for the front-end to end."""
+    run_dir's job processes (and those of the run_dirs in `also`: a pipeline's other stages), SIGKILL the
+    front-end too when front_end, and wait for the front-end to end."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         assert first.poll() is None, "the run ended before it could be stopped: " + first.communicate()[1][-2000:]
@@ -86,6 +87,10 @@ def kill_jobs_when(first: subprocess.Popen, run_dir: Path, ready, sig: int = sig
         time.sleep(0.01)
     pids = job_pids(run_dir)
     assert pids, "the job process running the client was not found"
+    for other in also:
+        found = job_pids(other)
+        assert found, f"no job process of {other} was found"
+        pids += found
     for pid in pids:
         os.kill(pid, sig)
     if front_end:

@@ -106,9 +106,11 @@ def test_kill_9_mid_pipeline_then_rerun_gives_every_stage_exactly_once(tmp_path)
     root = tmp_path / "p"
     cmd = [*orchestrator_cmd(), "pipeline", str(file), f"run_dir={root}"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    kill_jobs_when(first, root / "generate", lambda: len(list((root / "short" / "results").glob("part-*"))) >= 1,
-                   sig=signal.SIGKILL, front_end=True)
-    assert not (root / "judge" / "plan.json").exists()  # killed while generating
+    generate, judge = root / "generate" / "results", root / "judge" / "results"
+    # the judge follows generate: killed once it has judged a unit, while generate still has units to commit
+    kill_jobs_when(first, root / "generate", lambda: len(list(judge.glob("part-*"))) >= 1, sig=signal.SIGKILL,
+                   front_end=True, also=[root / "judge"])
+    assert len(list(generate.glob("part-*"))) < 4, "generate ended before the kill: nothing was streamed"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     check_stages(root)
