@@ -59,3 +59,12 @@ def test_readme_keeps_the_two_commands_at_the_top():
     readme = (ROOT / "README.md").read_text()
     first_blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)[:2]
     assert first_blocks == ["pip install -e . && orchestrator run\n", "bash scripts/test.sh\n"]
+
+
+def test_the_readmes_pipeline_example_is_the_340b_sdg_file():
+    """The README's Pipelines section shows examples/pipeline_sdg_340b.yaml's stages as they are."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Pipelines"):]
+    start = section.index("```yaml") + len("```yaml")
+    shown = yaml.safe_load(section[start:section.index("```", start)])
+    assert shown == yaml.safe_load((ROOT / "examples" / "pipeline_sdg_340b.yaml").read_text())

@@ -178,21 +178,12 @@ def test_the_340b_sdg_pipeline_renders_as_the_saved_reference(tmp_path, stage, n
 
 
 def test_the_sdg_recipe_generates_scores_and_pairs_on_the_embedded_engine(tmp_path):
-    """The 340B recipe's shape on the embedded engine (its reward routes): every (id, rollout) scored once with
-    the 9 attributes, the pairs right for the scores stored."""
+    """The 340B recipe's shape on the embedded engine (examples/pipeline_sdg_local.yaml, its reward routes): every
+    (id, rollout) scored once with the 9 attributes, the pairs right for the scores stored."""
     src = write_prompts(tmp_path / "in.parquet", 12)
-    file = tmp_path / "sdg.yaml"
-    file.write_text(json.dumps({"stages": [
-        {"name": "generate", "overrides": [f"data.input={src}", "engine=mock", "sampling.rollouts=3",
-                                           "sampling.greedy=false", "data.keep_columns=[prompt]", "data.unit_rows=4",
-                                           "sampling.tokens_to_generate=200"]},
-        {"name": "score", "from": "generate", "overrides": ["model=nemotron4_340b_reward", "engine=mock",
-                                                            "engine.protocol=reward",
-                                                            "data.keep_columns=[rollout,prompt,response,"
-                                                            "finish_reason]"]},
-        {"name": "keep", "from": "score", "filter": "helpfulness >= 2 and finish_reason == 'stop'"},
-        {"name": "pairs", "from": "score", "pairs": {"by": "helpfulness", "min_margin": 0.1}}]}))
-    run_pipeline(load_pipeline(file, [f"run_dir={tmp_path / 'p'}"]), show_progress=False)
+    file = EXAMPLE.parent / "pipeline_sdg_local.yaml"
+    run_pipeline(load_pipeline(file, [f"run_dir={tmp_path / 'p'}", f"data.input={src}", "data.unit_rows=4"]),
+                 show_progress=False)
     gen, score = read(tmp_path / "p" / "generate"), read(tmp_path / "p" / "score")
     assert sorted(zip(score.id, score.rollout)) == sorted(zip(gen.id, gen.rollout))
     assert {"quality", "helpfulness", "verbosity"} <= set(score.columns) and score.helpfulness.notna().all()
@@ -207,4 +198,4 @@ def test_the_sdg_recipe_generates_scores_and_pairs_on_the_embedded_engine(tmp_pa
         mine = score[score.id == pair.id]
         best, worst = mine.loc[mine.helpfulness.idxmax()], mine.loc[mine.helpfulness.idxmin()]
         assert (pair.chosen, pair.rejected) == (best.response, worst.response)
-        assert pair.chosen_score - pair.rejected_score >= 0.1
+        assert pair.chosen_score - pair.rejected_score >= 0.5
