@@ -280,8 +280,9 @@ def run_pipeline(pipeline: Pipeline, show_progress: bool = True) -> dict:
     from .clusters.environment import job_environment
     from .frontend import FrontEndStopped, Interrupted, _raise_on_stop_signals
 
-    in_job = len(allocation_stages(pipeline)) > 1
-    slices = split_allocation(pipeline, job_environment().job_id, allocation_nodes() if in_job else [])
+    shared = len(allocation_stages(pipeline)) > 1  # run stages at once in one allocation: each on its own nodes
+    slices = split_allocation(pipeline, job_environment().job_id,
+                              allocation_nodes() if shared and job_environment().job_id else [])
     for name, nodes in slices.items():
         print(f"stage {name}: on node(s) {', '.join(nodes)} of job {job_environment().job_id}", flush=True)
     root = Path(pipeline.run_dir)

@@ -202,3 +202,12 @@ def test_run_pipeline_refuses_before_anything_runs(job, tmp_path):
         run_pipeline(pipeline, show_progress=False)
     assert not (tmp_path / "p").exists()  # no stage directory, no job step
     assert not any(json.loads(line)[0] == "srun" for line in job.read_text().splitlines())
+
+
+def test_run_pipeline_outside_a_job_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    pipeline = load(tmp_path, ["cluster.nodes=1"], ["cluster.nodes=1"])
+    with pytest.raises(ConfigError, match=r"run stages generate \(cluster.nodes=1\), score \(cluster.nodes=1\) run "
+                                          r"with cluster=allocation, which runs inside a Slurm job"):
+        run_pipeline(pipeline, show_progress=False)
+    assert not (tmp_path / "p").exists()
