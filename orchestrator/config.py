@@ -345,6 +345,9 @@ class ClusterConfig:
     signal_delay_s: int = 90  # Slurm's warning signal (USR2) comes this long before the time limit
     poll_interval_s: float = 2.0  # how often job states are read while waiting
     unknown_state_timeout_s: float = 300.0  # give up waiting on a job whose state cannot be read for this long
+    # cluster=allocation: the share of the user's own job this run uses (a pipeline splits its nodes this way)
+    nodes: Optional[int] = None  # how many of the allocation's nodes; None = all (or as many as nodelist names)
+    nodelist: List[str] = field(default_factory=list)  # exactly these of its hostnames; []: its first `nodes`
 
     def __post_init__(self) -> None:
         _check_choice("cluster.name", self.name, choices("cluster"))
@@ -352,10 +355,23 @@ class ClusterConfig:
         _check_range("cluster.timeout_min", self.timeout_min, lo=1)
         if self.cpus_per_task is not None:
             _check_range("cluster.cpus_per_task", self.cpus_per_task, lo=1)
+        if self.nodes is not None:
+            _check_range("cluster.nodes", self.nodes, lo=1)
+        if (self.nodes is not None or self.nodelist) and self.name != "allocation":
+            key = "cluster.nodes" if self.nodes is not None else "cluster.nodelist"
+            raise ConfigError(f"{key} is the share of your own Slurm job that cluster=allocation uses; with "
+                              f"cluster={self.name} it means nothing: drop it (a replica's nodes are layout.nodes, "
+                              f"their number replicas=N), or run inside an sbatch job with cluster=allocation")
+        if self.nodelist:
+            if len(set(self.nodelist)) != len(self.nodelist):
+                raise ConfigError(f"cluster.nodelist={list(self.nodelist)} names a node twice; name each node once")
+            if self.nodes is not None and self.nodes != len(self.nodelist):
+                raise ConfigError(f"cluster.nodes={self.nodes} but cluster.nodelist names {len(self.nodelist)} "
+                                  f"node(s) ({', '.join(self.nodelist)}); drop one of them, or make them agree")
         for name in ("partition", "account", "qos", "constraint", "mem", "job_name", "container_image",
                      "container_workdir"):
             _check_one_line(f"cluster.{name}", getattr(self, name))
-        for name in ("container_mounts", "srun_args"):
+        for name in ("container_mounts", "srun_args", "nodelist"):
             for i, value in enumerate(getattr(self, name) or []):
                 _check_one_line(f"cluster.{name}[{i}]", value)
         for name, value in (self.sbatch_args or {}).items():

@@ -12,6 +12,9 @@ DIR/<stage> (orchestrator.pipeline_config loads and checks the file before anyth
   own results, `DIR/<stage>/results/part-<unit>.parquet`, atomically, so a unit is selected exactly once
   whatever is killed when; its counts (rows in, kept, dropped as failed or null) are in the file's footer.
   Its settings are kept in `DIR/<stage>/stage.json`: a rerun with others is refused.
+- Inside one Slurm allocation (cluster=allocation), run stages run at the same time on nodes of their own:
+  each stage's `cluster.nodes`, a slice of the allocation's nodes in stage order (split_allocation, which
+  sets each stage's cluster.nodelist). A single such stage uses the allocation as a run does.
 - A stage that fails ends the stages reading it once they have consumed what it committed (a follower's
   replicas end when S's front-end has ended and no unit of S is left to come); the message names the stage
   that failed first and what became of the others. `DIR/pipeline.json` holds the funnel: each stage's rows in
@@ -24,14 +27,14 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from .config import compose
 from .errors import ConfigError, OrchestratorError, RunError
-from .pipeline_config import Pipeline, Stage
+from .pipeline_config import Pipeline, Stage, allocation_stages
 from .rundir import atomic_write_text
 from .selection import Counts
 
@@ -108,11 +111,46 @@ def _spec_json(stage: Stage) -> dict:
                               {"min_margin": spec.min_margin})}
 
 
-def _run_config(pipeline: Pipeline, stage: Stage):
-    """A run stage's config. One reading a run stage follows it (data.follow: unit by unit, as that one commits);
-    one reading a selection reads the selection's files once it is complete."""
+def split_allocation(pipeline: Pipeline, job: str | None, nodes: list[str]) -> dict[str, list[str]]:
+    """Each run stage's own nodes of the allocation (job: its id, nodes: its hostnames, in Slurm's order) when
+    two or more run stages share it: consecutive slices of nodes, in stage order, of each stage's cluster.nodes
+    (load_pipeline checked that each says it). {} when at most one run stage runs in an allocation: that one
+    uses it as a run does. Refused, naming the stages and the counts, when they do not fit."""
+    stages = allocation_stages(pipeline)
+    if len(stages) < 2:
+        return {}
+    asked = ", ".join(f"{s.name} (cluster.nodes={s.config.cluster.nodes})" for s in stages)
+    if not job:
+        raise ConfigError(f"{pipeline.path}: run stages {asked} run with cluster=allocation, which runs inside a "
+                          f"Slurm job (SLURM_JOB_ID is not set): put `orchestrator pipeline` in a script you submit "
+                          f"with sbatch -N {sum(s.config.cluster.nodes for s in stages)}, or use cluster=slurm")
+    total = sum(s.config.cluster.nodes for s in stages)
+    if total > len(nodes):
+        raise ConfigError(f"{pipeline.path}: run stages {asked} run at the same time inside job {job} and need "
+                          f"{total} node(s) together; the job holds {len(nodes)} ({', '.join(nodes) or 'none'}). "
+                          f"Lower their cluster.nodes to sum to at most {len(nodes)}, or submit with sbatch -N {total}")
+    slices, at = {}, 0
+    for stage in stages:
+        slices[stage.name] = nodes[at:at + stage.config.cluster.nodes]
+        at += stage.config.cluster.nodes
+    return slices
+
+
+def _with_nodes(cfg, stage: Stage, nodes: list[str] | None):
+    """cfg on exactly these nodes of the allocation (cluster.nodelist), its steps named after the stage (two
+    stages' replica steps in one job must not share a name: a stage stops its own steps by name), or as it is."""
+    if not nodes:
+        return cfg
+    return replace(cfg, cluster=replace(cfg.cluster, nodelist=list(nodes),
+                                        job_name=f"{cfg.cluster.job_name}-{stage.name}"))
+
+
+def _run_config(pipeline: Pipeline, stage: Stage, nodes: list[str] | None = None):
+    """A run stage's config (on these nodes of the allocation, when given). One reading a run stage follows it
+    (data.follow: unit by unit, as that one commits); one reading a selection reads the selection's files once
+    it is complete."""
     if stage.source is None:
-        return stage.config
+        return _with_nodes(stage.config, stage, nodes)
     source = pipeline.stage(stage.source)
     if source.kind == "run" and source.config.output.format != "parquet":
         raise ConfigError(f"stage {stage.name!r} reads stage {source.name!r}, whose results are "
@@ -120,7 +158,8 @@ def _run_config(pipeline: Pipeline, stage: Stage):
                           f"output.format there")
     reads = [f"data.follow={source.run_dir}", "data.input=null"] if source.kind == "run" else \
         [f"data.input={Path(source.run_dir) / 'results' / 'part-*.parquet'}"]
-    return compose([*stage.spec, *pipeline.overrides, *reads, "data.duplicate_ids=keep", f"run_dir={stage.run_dir}"])
+    return _with_nodes(compose([*stage.spec, *pipeline.overrides, *reads, "data.duplicate_ids=keep",
+                                f"run_dir={stage.run_dir}"]), stage, nodes)
 
 
 class StageRun(threading.Thread):
@@ -237,8 +276,15 @@ def run_pipeline(pipeline: Pipeline, show_progress: bool = True) -> dict:
     Each run stage's front-end runs in a thread of its own (StageRun); this one starts them (a stage reading a
     run at once: it follows it; a stage reading a selection once the selection is complete), selects the units
     committed meanwhile every POLL_S, and on Ctrl-C or a stop signal stops every stage (each cancels its jobs)."""
+    from .clusters.allocation import allocation_nodes
+    from .clusters.environment import job_environment
     from .frontend import FrontEndStopped, Interrupted, _raise_on_stop_signals
 
+    shared = len(allocation_stages(pipeline)) > 1  # run stages at once in one allocation: each on its own nodes
+    slices = split_allocation(pipeline, job_environment().job_id,
+                              allocation_nodes() if shared and job_environment().job_id else [])
+    for name, nodes in slices.items():
+        print(f"stage {name}: on node(s) {', '.join(nodes)} of job {job_environment().job_id}", flush=True)
     root = Path(pipeline.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _record(pipeline)
@@ -257,7 +303,7 @@ def run_pipeline(pipeline: Pipeline, show_progress: bool = True) -> dict:
             source = pipeline.stage(stage.source) if stage.source else None
             if source is not None and (source.name not in runs if source.kind == "run" else source.name not in final):
                 continue
-            cfg = _run_config(pipeline, stage)
+            cfg = _run_config(pipeline, stage, slices.get(stage.name))
             print(f"stage {stage.name}: " + ("starts" if source is None else f"follows {source.name}, unit by unit"
                                              if source.kind == "run" else f"reads {source.name}"), flush=True)
             runs[stage.name] = StageRun(stage, cfg, show_progress and not runs)

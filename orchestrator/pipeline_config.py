@@ -206,7 +206,35 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             stages.append(Stage(name, kind, spec, raw["from"], stage_dir))
     pipeline = Pipeline(str(path), run_dir, tuple(stages), tuple(global_overrides))
     stage_columns(pipeline)
+    check_allocation_shares(pipeline)
     return pipeline
+
+
+def allocation_stages(pipeline: Pipeline) -> list[Stage]:
+    """The run stages that run inside the user's own Slurm job (cluster=allocation), in stage order."""
+    return [s for s in pipeline.stages if s.kind == "run" and s.config.cluster.name == "allocation"]
+
+
+def check_allocation_shares(pipeline: Pipeline) -> None:
+    """Two or more run stages inside one allocation run at the same time, so each needs its own nodes: every
+    one of them says how many (cluster.nodes), and the pipeline gives each its own (cluster.nodelist, set when
+    it runs: orchestrator.pipeline.split_allocation). One such stage uses the allocation as a run does."""
+    stages = allocation_stages(pipeline)
+    if len(stages) < 2:
+        return
+    names = ", ".join(s.name for s in stages)
+    chosen = [s.name for s in stages if s.config.cluster.nodelist]
+    if chosen:
+        raise ConfigError(f"{pipeline.path}: stage(s) {', '.join(chosen)} set cluster.nodelist; in a pipeline whose "
+                          f"run stages {names} share one allocation, the pipeline gives each stage its nodes from "
+                          f"its cluster.nodes: drop cluster.nodelist and say cluster.nodes=N")
+    missing = [s.name for s in stages if s.config.cluster.nodes is None]
+    if missing:
+        raise ConfigError(f"{pipeline.path}: run stages {names} run at the same time inside one allocation "
+                          f"(cluster=allocation), and {', '.join(missing)} "
+                          f"{'says' if len(missing) == 1 else 'say'} no cluster.nodes: they would compete for the "
+                          f"same nodes. Give each of {names} its share (cluster.nodes=N in its overrides; together "
+                          f"at most the job's nodes)")
 
 
 def run_columns(cfg: Config) -> list[str]:

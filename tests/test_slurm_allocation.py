@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slurm
 EXE = shutil.which("orchestrator") or "orchestrator"
 
 
-def submit(tmp_path: Path, partition: str, nodes: int, *overrides: str) -> tuple[str, Path]:
-    """The recipe of docs/slurm.md "Inside your own allocation": #SBATCH lines plus one `orchestrator run` line."""
+def submit(tmp_path: Path, partition: str, nodes: int, *overrides: str, command: str = "run") -> tuple[str, Path]:
+    """The recipe of docs/slurm.md "Inside your own allocation": #SBATCH lines plus one `orchestrator run` line
+    (or another command: `pipeline FILE`)."""
     out = tmp_path / "job.out"
     script = tmp_path / "job.sh"
     script.write_text("\n".join([
@@ -30,7 +31,7 @@ def submit(tmp_path: Path, partition: str, nodes: int, *overrides: str) -> tuple
         f"#SBATCH --partition={partition}",
         f"#SBATCH --output={out}",
         "#SBATCH --open-mode=append",
-        f"exec {EXE} run " + " ".join(overrides),
+        f"exec {EXE} {command} " + " ".join(overrides),
     ]) + "\n")
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True)
     return job.stdout.strip().split(";")[0], out
@@ -136,3 +137,32 @@ def test_sigterm_to_the_batch_step_stops_the_replica_steps_with_grace_and_logs_i
     wait_for(lambda: "RUNNING" not in states(), 60, f"every step of job {job} ended (accounting lags)")
     assert len(states().splitlines()) >= 5  # the job, its batch step, two replica steps and their engine steps
     assert subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout.strip() == b""
+
+
+def test_a_pipeline_in_one_allocation_runs_its_stages_at_once_each_on_its_own_node(slurm_cluster, tmp_path):
+    """`sbatch -N 2` of `orchestrator pipeline`: generate and a run stage scoring it (`from: generate`) run at
+    the same time, each on the node its cluster.nodes=1 gives it (docs/pipelines.md, "Inside one allocation")."""
+    src = write_prompts(tmp_path / "in.parquet", 60)
+    every = ["engine.simulator.request_latency_s=0.05", "client.batch_size=10", "data.unit_rows=10",
+             "sampling.tokens_to_generate=4", "cluster.nodes=1"]
+    stages = [{"name": "generate", "overrides": [f"data.input={src}", "sampling.rollouts=2", "sampling.greedy=false",
+                                                 *every]},
+              {"name": "score", "from": "generate", "overrides": ["data.prompt_column=response",
+                                                                  "data.keep_columns=[rollout]", *every]}]
+    file = tmp_path / "pipeline.yaml"
+    file.write_text(json.dumps({"stages": stages}))
+    root = tmp_path / "p"
+    job, out = submit(tmp_path, slurm_cluster, 2, "cluster=allocation", *SLOW_SLURM[4:], "engine=mock",
+                      f"run_dir={root}", command=f"pipeline {file}")
+    assert sacct_state(job, deadline_s=120) == "COMPLETED", out.read_text()
+    text = out.read_text()
+    assert "stage generate: on node(s) n1 of job" in text and "stage score: on node(s) n2 of job" in text, text
+    placed = {stage: {r["node"] for r in ranks(root / stage)} for stage in ("generate", "score")}
+    assert placed == {"generate": {"n1"}, "score": {"n2"}}  # each stage's engine ran on its own node only
+    names = {line.split("|")[1] for line in steps(job)}
+    assert {"orchestrator-generate-r0", "orchestrator-score-r0"} <= names  # each stage's replica, a step of this job
+    expected = sorted((f"q{i}", r) for i in range(60) for r in range(2))
+    for stage in ("generate", "score"):
+        df = pd.read_parquet(root / stage / "results")
+        assert sorted(zip(df["id"], df["rollout"])) == expected and (df["status"] == "ok").all(), stage
+    assert not (root / "generate" / "logs" / "submitit").exists(), "a job was submitted from inside the allocation"

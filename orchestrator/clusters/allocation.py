@@ -5,6 +5,9 @@ many as fit; each replica is one `srun` step on its own nodes running the same j
 replica runs (`NodeJob`, one task per node), and the front-end in the batch step drives them all. A
 replica's step starts its engine as a step of its own on exactly its nodes, so one replica's engine
 dying loses only that replica. Chosen automatically by `orchestrator run` inside a Slurm job.
+
+A run may use a share of the allocation (`cluster.nodes`: its first N nodes; `cluster.nodelist`: exactly
+these hostnames): a pipeline gives each of its run stages, which run at the same time, its own nodes so.
 """
 from __future__ import annotations
 
@@ -38,6 +41,36 @@ def allocation_nodes() -> list[str]:
     return out.split()
 
 
+def run_nodes(cfg: Config) -> list[str]:
+    """The allocation's nodes this run uses: cluster.nodelist, else the first cluster.nodes, else all of them
+    (problems() has checked that they are the allocation's)."""
+    if cfg.cluster.nodelist:
+        return list(cfg.cluster.nodelist)
+    nodes = allocation_nodes()
+    return nodes if cfg.cluster.nodes is None else nodes[:cfg.cluster.nodes]
+
+
+def _share(cfg: Config) -> str:
+    """The setting that chose this run's share of the allocation, for messages ("" when it uses all of it)."""
+    if cfg.cluster.nodelist:
+        return f"cluster.nodelist={','.join(cfg.cluster.nodelist)}"
+    return "" if cfg.cluster.nodes is None else f"cluster.nodes={cfg.cluster.nodes}"
+
+
+def _share_problem(cfg: Config, job: str, nodes: list[str]) -> str:
+    """Why this run's share is not part of job's allocation of nodes ("" when it is)."""
+    if cfg.cluster.nodelist:
+        foreign = [n for n in cfg.cluster.nodelist if n not in nodes]
+        if foreign:
+            return (f"cluster.nodelist names {', '.join(foreign)}, not node(s) of job {job} (it holds "
+                    f"{', '.join(nodes) or 'none'}): name only the job's nodes, or drop cluster.nodelist to use all "
+                    f"of them")
+    elif cfg.cluster.nodes is not None and cfg.cluster.nodes > len(nodes):
+        return (f"cluster.nodes={cfg.cluster.nodes} but job {job} holds {len(nodes)} node(s): submit with sbatch -N "
+                f"{cfg.cluster.nodes}, or lower cluster.nodes (null: all of the job's nodes)")
+    return ""
+
+
 def _gpus_per_node() -> int | None:
     """GPUs each node of the allocation holds, when the job says (`--gpus-per-node`, `--gres=gpu:N`)."""
     return job_environment().gpus_on_node
@@ -60,16 +93,25 @@ class AllocationCluster(ClusterAdapter):
         if not cfg.wait:
             return [f"wait=false inside job {job} would end the job, and its replicas with it: leave wait=true "
                     f"(the batch step drives the replicas until the run ends)"]
-        nodes, per = allocation_nodes(), nodes_per_replica(cfg, engine)
+        share = _share_problem(cfg, job, allocation_nodes())
+        if share:
+            return [share]
+        nodes, per, chosen = run_nodes(cfg), nodes_per_replica(cfg, engine), _share(cfg)
+        # the nodes counted: the job's, or this run's share of them (cluster.nodes / cluster.nodelist)
+        holds = f"this run's share of job {job} ({chosen}) is" if chosen else f"job {job} holds"
         if len(nodes) < per:
-            return [f"job {job} holds {len(nodes)} node(s), and one replica of {cfg.model.name} needs "
-                    f"layout.nodes={per}: {len(nodes)} // {per} = 0 replicas fit. Submit with sbatch -N {per} (or a "
-                    f"multiple of it), or choose a layout on fewer nodes (orchestrator plan lists them)"]
+            grow = (f"Give it cluster.nodes={per} (or a multiple of it)" if chosen else
+                    f"Submit with sbatch -N {per} (or a multiple of it)")
+            return [f"{holds} {len(nodes)} node(s), and one replica of {cfg.model.name} needs "
+                    f"layout.nodes={per}: {len(nodes)} // {per} = 0 replicas fit. {grow}, or choose a layout on "
+                    f"fewer nodes (orchestrator plan lists them)"]
         fit = len(nodes) // per
         if cfg.replicas > 1 and cfg.replicas > fit:
-            return [f"replicas={cfg.replicas} does not fit job {job}: {len(nodes)} node(s) // layout.nodes={per} = "
-                    f"{fit} replica(s). Submit with sbatch -N {cfg.replicas * per}, or leave replicas unset to use "
-                    f"what fits"]
+            where = f"this run's share of job {job} ({chosen})" if chosen else f"job {job}"
+            grow = (f"Give it cluster.nodes={cfg.replicas * per}" if chosen else
+                    f"Submit with sbatch -N {cfg.replicas * per}")
+            return [f"replicas={cfg.replicas} does not fit {where}: {len(nodes)} node(s) // layout.nodes={per} = "
+                    f"{fit} replica(s). {grow}, or leave replicas unset to use what fits"]
         cpus = job_environment().get("cpus_on_node", "")
         tasks = engine.tasks_per_node(cfg) if engine.starts_process else 1
         if cpus.isdigit() and int(cpus) < tasks:
@@ -84,7 +126,7 @@ class AllocationCluster(ClusterAdapter):
 
     def replicas(self, cfg: Config, engine) -> int:
         per = nodes_per_replica(cfg, engine)
-        fit = len(allocation_nodes()) // per
+        fit = len(run_nodes(cfg)) // per
         return cfg.replicas if cfg.replicas > 1 else fit
 
     def executor(self, cfg: Config, paths: RunPaths):
@@ -143,7 +185,7 @@ class StepExecutor:
 
     def __init__(self, cfg: Config, paths: RunPaths):
         self.cfg, self.paths = cfg, paths
-        self.nodes = allocation_nodes()
+        self.nodes = run_nodes(cfg)  # this run's nodes of the allocation (all of them, or its share)
         self.folder = paths.logs / "allocation"
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -155,7 +197,8 @@ class StepExecutor:
         per = nodes_per_replica(cfg, adapter_for(cfg))
         mine = self.nodes[replica * per:(replica + 1) * per]
         if len(mine) < per:
-            raise RunError(f"replica {replica} needs {per} node(s); the allocation has {len(self.nodes)}")
+            raise RunError(f"replica {replica} needs {per} node(s); this run has {len(self.nodes)} of the allocation "
+                           f"({', '.join(self.nodes)})")
         stem = self.folder / f"{attempt}-r{replica}"
         with open(f"{stem}.pkl", "wb") as fh:
             pickle.dump(node_job, fh)
