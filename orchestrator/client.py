@@ -43,6 +43,8 @@ from .engines.base import rollouts_in_one_request
 from .errors import EngineError, RunError
 from .follow import gate_for
 from .journal import Journals, UnitJournal, settings_digest
+from .judge import columns_for as judge_columns
+from .judge import judge_for
 from .plan import Plan, result_schema
 from .protocols import auth, make_codec
 from .protocols.base import EngineInfo, Request
@@ -212,10 +214,12 @@ class Client:
         # truncation (data.truncate_prompts) cuts by its exact count
         exact_tokens = self.info.can_tokenize
         # a JSON schema's result columns, or a scoring run's (None: neither)
-        self.structured = scoring_columns(cfg) or columns_for(cfg, plan)
+        self.structured = scoring_columns(cfg) or judge_columns(cfg, columns_for(cfg, plan))  # judge: + its score
         self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None, structured=self.structured)
         # answers checked against their row's JSON schema or the run's, re-asked when they do not match
-        self.reasks = Reasks(schema_text(cfg.sampling.json_schema), cfg.client.invalid_retries, cfg.sampling.seed)
+        # (and a judge's answers whose score cannot be parsed, output.score_column: orchestrator.judge)
+        self.reasks = Reasks(schema_text(cfg.sampling.json_schema), cfg.client.invalid_retries, cfg.sampling.seed,
+                             judge_for(cfg))
         self.rollouts = plan.rollouts  # answers per input row: fixed with the plan (and checked by the fingerprint)
         if self.rollouts > 1 and not self.protocol.takes_seed:
             raise EngineError(f"sampling.rollouts={self.rollouts} sends each rollout with its own seed, but the "

@@ -479,9 +479,18 @@ class OutputConfig:
     format: OutputFormat = "parquet"
     # structured answers: struct = one column `parsed` typed from the schema; columns = its top-level properties
     parse: ParseMode = "struct"
+    # LLM-as-judge (orchestrator.judge): each answer's score as this float column (null: none), read with
+    # score_pattern's one group (MT-Bench's "Rating: [[5]]"), or, with a JSON schema, from the answer's property of
+    # this name; a score outside score_range ([lo, hi]) or none at all: asked again, then UnparsedScore
+    score_column: Optional[str] = None
+    score_pattern: str = r"\[\[(\d+\.?\d*)\]\]"
+    score_range: Optional[List[float]] = None
 
     def __post_init__(self) -> None:
         _check_literals(self, "output")
+        from .judge import check_output
+
+        check_output(self)
 
 
 @dataclass
@@ -504,7 +513,7 @@ class Config:
         self._check_rollouts()
         from .structured import check_keys  # output.parse against the schema
 
-        check_keys(self)
+        check_keys(self)  # and output.score_column against the run (judge.check_keys)
         if self.data.attributes_column and self.model.prompt.format != "steerlm":
             raise ConfigError(f"data.attributes_column={self.data.attributes_column!r} needs a SteerLM model, but "
                               f"model.prompt.format={self.model.prompt.format!r}; drop data.attributes_column or "
