@@ -43,7 +43,6 @@ from .engines.base import rollouts_in_one_request
 from .errors import EngineError, RunError
 from .follow import gate_for
 from .journal import Journals, UnitJournal, settings_digest
-from .judge import columns_for as judge_columns
 from .judge import judge_for
 from .plan import Plan, result_schema
 from .protocols import auth, make_codec
@@ -213,8 +212,8 @@ class Client:
         # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
         # truncation (data.truncate_prompts) cuts by its exact count
         exact_tokens = self.info.can_tokenize
-        # a JSON schema's result columns, or a scoring run's (None: neither)
-        self.structured = scoring_columns(cfg) or judge_columns(cfg, columns_for(cfg, plan))  # judge: + its score
+        # a JSON schema's result columns (and a judge's score, output.score_column), or a scoring run's (None: neither)
+        self.structured = scoring_columns(cfg) or columns_for(cfg, plan)
         self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None, structured=self.structured)
         # answers checked against their row's JSON schema or the run's, re-asked when they do not match
         # (and a judge's answers whose score cannot be parsed, output.score_column: orchestrator.judge)

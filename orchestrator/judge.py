@@ -57,11 +57,11 @@ def check_output(out) -> None:
                           f"(e.g. rating) to parse judgements into scores, or drop output.score_range")
 
 
-def check_keys(cfg) -> None:
-    """What needs several groups: the score column clashes with no other result column, a scoring run (whose
-    model writes its own score columns) has none, and a run schema names the column as a numeric property."""
+def check_keys(cfg, taken=()) -> None:
+    """What needs several groups: the score column clashes with no other result column (`taken`: those a
+    JSON schema adds, structured.check_keys), a scoring run (whose model writes its own score columns) has
+    none, and a run schema names the column as a numeric property."""
     from .columns import RESULT_COLUMNS
-    from .structured import EXTRA_COLUMNS
 
     column = cfg.output.score_column
     if column is None:
@@ -70,7 +70,7 @@ def check_keys(cfg) -> None:
         raise ConfigError(f"output.score_column={column!r} with model.attributes={list(cfg.model.attributes)}: a "
                           f"reward model writes its own score columns; drop output.score_column (it is for a "
                           f"generation run whose answers are judgements)")
-    taken = {*RESULT_COLUMNS, "rollout", "parsed", *(n for n, _ in EXTRA_COLUMNS), *cfg.data.keep_columns}
+    taken = {*RESULT_COLUMNS, "rollout", *taken, *cfg.data.keep_columns}
     if column in taken:
         raise ConfigError(f"output.score_column={column!r} is a result column already (or in data.keep_columns); "
                           f"name the score column otherwise, e.g. output.score_column=rating")
@@ -152,14 +152,11 @@ def judge_for(cfg) -> Judge | None:
 
 class ScoreColumn:
     """The result columns of a judge run: its structured columns (if it has a schema; with output.parse=columns
-    the score column takes the place of the property it is read from), the float score column, then
-    schema_retries (re-asks, of either kind) and seed (the kept answer's)."""
+    the score column takes the place of the property it is read from), the float score column, then `extra`
+    (structured.EXTRA_COLUMNS: schema_retries, the re-asks of either kind, and seed, the kept answer's)."""
 
-    def __init__(self, judge: Judge, structured=None):
-        from .structured import EXTRA_COLUMNS
-
-        self.judge, self.structured = judge, structured
-        self.extra = list(EXTRA_COLUMNS)
+    def __init__(self, judge: Judge, structured=None, extra=()):
+        self.judge, self.structured, self.extra = judge, structured, list(extra)
         own = [f for f in structured.schema_fields() if f not in self.extra] if structured is not None else []
         self.own = [f for f in own if f[0] != judge.column]
 
@@ -177,9 +174,3 @@ class ScoreColumn:
         scores = [self.judge.parse(text)[0] if state == "ok" else None for text, state in zip(texts, status)]
         columns[self.judge.column] = pa.array(scores, pa.float64())
         return columns
-
-
-def columns_for(cfg, structured=None):
-    """A judge run's result columns around its structured ones (structured.columns_for), else those."""
-    judge = judge_for(cfg)
-    return ScoreColumn(judge, structured) if judge is not None else structured

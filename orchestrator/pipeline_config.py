@@ -211,7 +211,6 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 def run_columns(cfg: Config) -> list[str]:
     """The columns a run with this config writes (orchestrator.plan.result_schema), from the config alone."""
-    from .judge import columns_for as judge_columns
     from .scoring import columns_for as scoring_columns
     from .structured import columns_for
 
@@ -220,9 +219,9 @@ def run_columns(cfg: Config) -> list[str]:
                 unit_rows=data.unit_rows, messages_column=data.messages_column, turns_column=data.turns_column,
                 rollouts=cfg.sampling.rollouts, schema_column=data.schema_column or None)
     # a scoring run's score columns replace its own response (the input's may be kept), as the client writes them;
-    # a judge's score column (output.score_column) follows its other result columns
+    # a judge's score column (output.score_column) is among structured.columns_for's
     names = result_schema(plan, logprobs=cfg.sampling.logprobs is not None,
-                          structured=scoring_columns(cfg) or judge_columns(cfg, columns_for(cfg, plan))).names
+                          structured=scoring_columns(cfg) or columns_for(cfg, plan)).names
     kept = [c for c in dict.fromkeys([*data.keep_columns, *(c for _, c in data.sampling_columns.items())])
             if c not in names]
     at = 2 if "rollout" in names else 1  # result_schema: id, rollout, the kept columns, response, ...

@@ -158,7 +158,7 @@ def check_keys(cfg) -> None:
     against the run (judge.check_keys)."""
     from .judge import check_keys as check_judge
 
-    check_judge(cfg)
+    check_judge(cfg, taken={"parsed", *(name for name, _ in EXTRA_COLUMNS)})
     schema, column, parse = cfg.sampling.json_schema, cfg.data.schema_column, cfg.output.parse
     if schema is None and not column:
         if parse == "columns":
@@ -302,9 +302,14 @@ class Columns:
                 for name, kind in self.fields}
 
 
-def columns_for(cfg, plan) -> Columns | None:
-    """The run's structured columns, or None when it has no schema (sampling.json_schema, data.schema_column)."""
+def columns_for(cfg, plan):
+    """The run's structured columns, or None when it has no schema (sampling.json_schema, data.schema_column);
+    a judge's (output.score_column): its score column with them (judge.ScoreColumn), schema or not."""
+    from .judge import ScoreColumn, judge_for
+
     per_row = bool(getattr(plan, "schema_column", None))
-    if cfg.sampling.json_schema is None and not per_row:
-        return None
-    return Columns(cfg.sampling.json_schema, cfg.output.parse, per_row)
+    columns = None
+    if cfg.sampling.json_schema is not None or per_row:
+        columns = Columns(cfg.sampling.json_schema, cfg.output.parse, per_row)
+    judge = judge_for(cfg)
+    return ScoreColumn(judge, columns, EXTRA_COLUMNS) if judge is not None else columns
