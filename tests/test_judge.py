@@ -3,6 +3,7 @@ are parsed into a float score column (output.score_column), by output.score_patt
 "Rating: [[N]]") or from a JSON answer's property; out of output.score_range or no score: asked again with a new
 seed, then the row's error UnparsedScore; bad keys refused before submission; the score keys in the
 fingerprint; a pipeline ranking by the score (examples/pipeline_judge.yaml)."""
+import json
 import re
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def test_an_answer_without_a_rating_is_re_asked_then_the_rows_error(tmp_path, en
     df = judge_run(tmp_path, engine_url, "sampling.tokens_to_generate=3", rows=10)
     assert (df.status == "error").all() and (df.schema_retries == 2).all()
     assert df.error.str.startswith("UnparsedScore: no match of output.score_pattern=").all()
+
+
+def test_a_json_judge_takes_the_score_from_the_answers_property(tmp_path, engine_url):
+    schema = "sampling.json_schema={type: object, properties: {rating: {type: integer, minimum: 1, maximum: 10}, " \
+             "reason: {type: string}}, required: [rating, reason]}"
+    df = judge_run(tmp_path, engine_url, "engine.protocol=openai", schema, "output.parse=columns",
+                   "output.score_range=[1,5]", "client.invalid_retries=6", rows=20)
+    assert str(df.rating.dtype) == "float64" and "reason" in df.columns
+    ok = df[df.status == "ok"]
+    assert len(ok) and (ok.schema_retries > 0).any()  # ratings above 5 were asked again
+    assert list(ok.rating) == [float(json.loads(text)["rating"]) for text in ok.response]
+    assert ok.rating.between(1, 5).all()
 
 
 def test_a_rerun_with_other_score_settings_is_refused(tmp_path, engine_url):
