@@ -15,6 +15,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, get_args, get_
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .judge import DEFAULT_PATTERN as SCORE_PATTERN
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -483,12 +484,12 @@ class OutputConfig:
     # score_pattern's one group (MT-Bench's "Rating: [[5]]"), or, with a JSON schema, from the answer's property of
     # this name; a score outside score_range ([lo, hi]) or none at all: asked again, then UnparsedScore
     score_column: Optional[str] = None
-    score_pattern: str = r"\[\[(\d+\.?\d*)\]\]"
+    score_pattern: str = SCORE_PATTERN
     score_range: Optional[List[float]] = None
 
     def __post_init__(self) -> None:
         _check_literals(self, "output")
-        from .judge import check_output
+        from .judge import check_output  # output.score_* (a pattern with one group, [lo, hi])
 
         check_output(self)
 

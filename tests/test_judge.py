@@ -35,7 +35,7 @@ RATING = re.compile(r"Rating: \[\[(\d+)\]\]")  # what the embedded engine's judg
     ("Rating: [[9.]]", 9.0),
 ])
 def test_the_default_pattern_is_mt_benchs_and_reads_the_first_rating(text, expected):
-    assert DEFAULT_PATTERN == r"\[\[(\d+\.?\d*)\]\]"  # FastChat's one_score_pattern
+    assert DEFAULT_PATTERN == compose([]).output.score_pattern == r"\[\[(\d+\.?\d*)\]\]"  # FastChat's
     assert Judge("rating").parse(text) == (expected, None)
 
 
@@ -91,7 +91,8 @@ def test_the_score_column_is_a_run_column_so_a_later_stage_may_rank_by_it(tmp_pa
     stages = tmp_path / "p.yaml"
     stages.write_text("stages:\n  - {name: g, overrides: [engine=mock]}\n"
                       "  - {name: j, from: g, overrides: [engine=mock, \"data.prompt_template='{{ response }}'\"]}\n"
-                      "  - {name: b, from: j, best: {by: rating, k: 1}}\n")
+                      "  - {name: b, from: j, best: {by: rating, k: 1}}\n"
+                      "  - {name: f, from: j, filter: 'rating >= 7'}\n  - {name: p, from: j, pairs: {by: rating}}\n")
     with pytest.raises(ConfigError, match="rating"):  # no output.score_column: refused before anything runs
         load_pipeline(stages)
     stages.write_text(stages.read_text().replace("engine=mock, \"data", "engine=mock, output.score_column=rating, "
