@@ -43,6 +43,7 @@ from .engines.base import rollouts_in_one_request
 from .errors import EngineError, RunError
 from .follow import gate_for
 from .journal import Journals, UnitJournal, settings_digest
+from .judge import judge_for
 from .plan import Plan, result_schema
 from .protocols import auth, make_codec
 from .protocols.base import EngineInfo, Request
@@ -211,11 +212,13 @@ class Client:
         # the engine counts tokens itself: it refuses a too-long prompt with its own message, and
         # truncation (data.truncate_prompts) cuts by its exact count
         exact_tokens = self.info.can_tokenize
-        # a JSON schema's result columns, or a scoring run's (None: neither)
+        # a JSON schema's result columns (and a judge's score, output.score_column), or a scoring run's (None: neither)
         self.structured = scoring_columns(cfg) or columns_for(cfg, plan)
         self.schema = result_schema(plan, logprobs=cfg.sampling.logprobs is not None, structured=self.structured)
         # answers checked against their row's JSON schema or the run's, re-asked when they do not match
-        self.reasks = Reasks(schema_text(cfg.sampling.json_schema), cfg.client.invalid_retries, cfg.sampling.seed)
+        # (and a judge's answers whose score cannot be parsed, output.score_column: orchestrator.judge)
+        self.reasks = Reasks(schema_text(cfg.sampling.json_schema), cfg.client.invalid_retries, cfg.sampling.seed,
+                             judge_for(cfg))
         self.rollouts = plan.rollouts  # answers per input row: fixed with the plan (and checked by the fingerprint)
         if self.rollouts > 1 and not self.protocol.takes_seed:
             raise EngineError(f"sampling.rollouts={self.rollouts} sends each rollout with its own seed, but the "

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, get_args, get_
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .judge import DEFAULT_PATTERN as SCORE_PATTERN
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -495,9 +496,18 @@ class OutputConfig:
     format: OutputFormat = "parquet"
     # structured answers: struct = one column `parsed` typed from the schema; columns = its top-level properties
     parse: ParseMode = "struct"
+    # LLM-as-judge (orchestrator.judge): each answer's score as this float column (null: none), read with
+    # score_pattern's one group (MT-Bench's "Rating: [[5]]"), or, with a JSON schema, from the answer's property of
+    # this name; a score outside score_range ([lo, hi]) or none at all: asked again, then UnparsedScore
+    score_column: Optional[str] = None
+    score_pattern: str = SCORE_PATTERN
+    score_range: Optional[List[float]] = None
 
     def __post_init__(self) -> None:
         _check_literals(self, "output")
+        from .judge import check_output  # output.score_* (a pattern with one group, [lo, hi])
+
+        check_output(self)
 
 
 @dataclass
@@ -520,7 +530,7 @@ class Config:
         self._check_rollouts()
         from .structured import check_keys  # output.parse against the schema
 
-        check_keys(self)
+        check_keys(self)  # and output.score_column against the run (judge.check_keys)
         if self.data.attributes_column and self.model.prompt.format != "steerlm":
             raise ConfigError(f"data.attributes_column={self.data.attributes_column!r} needs a SteerLM model, but "
                               f"model.prompt.format={self.model.prompt.format!r}; drop data.attributes_column or "

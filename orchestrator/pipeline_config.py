@@ -246,7 +246,8 @@ def run_columns(cfg: Config) -> list[str]:
     plan = Plan(files=[], units=[], prompt_column=data.prompt_column, id_column=data.id_column, id_type="string",
                 unit_rows=data.unit_rows, messages_column=data.messages_column, turns_column=data.turns_column,
                 rollouts=cfg.sampling.rollouts, schema_column=data.schema_column or None)
-    # a scoring run's score columns replace its own response (the input's may be kept), as the client writes them
+    # a scoring run's score columns replace its own response (the input's may be kept), as the client writes them;
+    # a judge's score column (output.score_column) is among structured.columns_for's
     names = result_schema(plan, logprobs=cfg.sampling.logprobs is not None,
                           structured=scoring_columns(cfg) or columns_for(cfg, plan)).names
     kept = [c for c in dict.fromkeys([*data.keep_columns, *(c for _, c in data.sampling_columns.items())])

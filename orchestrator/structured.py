@@ -154,7 +154,11 @@ def reseed(seed: int | None, k: int) -> int:
 
 def check_keys(cfg) -> None:
     """What needs several groups: output.parse=columns needs the run's schema with top-level properties that
-    do not clash with result columns (per-row schemas give no columns to type)."""
+    do not clash with result columns (per-row schemas give no columns to type); and output.score_column
+    against the run (judge.check_keys)."""
+    from .judge import check_keys as check_judge
+
+    check_judge(cfg, taken={"parsed", *(name for name, _ in EXTRA_COLUMNS)})
     schema, column, parse = cfg.sampling.json_schema, cfg.data.schema_column, cfg.output.parse
     if schema is None and not column:
         if parse == "columns":
@@ -186,10 +190,15 @@ def fingerprint(cfg) -> dict | None:
     """What decides the structured answers and their columns beyond sampling.json_schema (in the sampling
     group): None when no schema is set, as in a run_dir started before they existed. client.invalid_retries
     is not in it (like client.max_retries): an ok row's answer is the same under any limit (re-ask k always
-    has the same seed), so a rerun with retry_failed=true may raise it to recover InvalidStructuredOutput rows."""
+    has the same seed), so a rerun with retry_failed=true may raise it to recover InvalidStructuredOutput rows.
+    A judge's score keys (judge.fingerprint) join it when output.score_column is set, with or without a schema."""
+    from .judge import fingerprint as judge_fingerprint
+
+    judged = judge_fingerprint(cfg)
     if cfg.sampling.json_schema is None and not cfg.data.schema_column:
-        return None
-    return {"schema_column": cfg.data.schema_column, "parse": cfg.output.parse}
+        return {"judge": judged} if judged else None
+    found = {"schema_column": cfg.data.schema_column, "parse": cfg.output.parse}
+    return {**found, "judge": judged} if judged else found
 
 
 # ------------------------------------------------------------------------------------------ typed columns
@@ -293,9 +302,14 @@ class Columns:
                 for name, kind in self.fields}
 
 
-def columns_for(cfg, plan) -> Columns | None:
-    """The run's structured columns, or None when it has no schema (sampling.json_schema, data.schema_column)."""
+def columns_for(cfg, plan):
+    """The run's structured columns, or None when it has no schema (sampling.json_schema, data.schema_column);
+    a judge's (output.score_column): its score column with them (judge.ScoreColumn), schema or not."""
+    from .judge import ScoreColumn, judge_for
+
     per_row = bool(getattr(plan, "schema_column", None))
-    if cfg.sampling.json_schema is None and not per_row:
-        return None
-    return Columns(cfg.sampling.json_schema, cfg.output.parse, per_row)
+    columns = None
+    if cfg.sampling.json_schema is not None or per_row:
+        columns = Columns(cfg.sampling.json_schema, cfg.output.parse, per_row)
+    judge = judge_for(cfg)
+    return ScoreColumn(judge, columns, EXTRA_COLUMNS) if judge is not None else columns

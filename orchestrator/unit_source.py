@@ -17,6 +17,8 @@ from .config import Config
 from .context import ContextFit
 from .conversation import Conversation, Turns, conversation_rows
 from .journal import DETAILS, NO_DETAILS, Details, Entry, Journals, UnitJournal
+from .judge import REASON as JUDGE_REASON
+from .judge import Judge
 from .plan import Plan, rollout_seed
 from .prompts import cut_answer, ending, row_prompt, split_reasoning
 from .protocols.base import DEFAULT_ROW, Request, RowSampling
@@ -374,10 +376,12 @@ class Reasks:
     schema (RowSampling.schema, whoever set it) or the run's; one that does not match is asked again alone,
     with a new seed (structured.reseed: its seed + RESEED, recorded in the seed column), up to
     client.invalid_retries times, then is the row's error `InvalidStructuredOutput: <why>` (the engine's
-    fault: retry_failed=true redoes it). The re-asks wait in `again` for the client to send first."""
+    fault: retry_failed=true redoes it). A judge's answer (orchestrator.judge, output.score_column) whose
+    score cannot be parsed is asked again the same way, then is the row's error `UnparsedScore: <why>`.
+    The re-asks wait in `again` for the client to send first."""
 
-    def __init__(self, schema: str | None, retries: int, seed: int | None):
-        self.schema, self.retries, self.seed = schema, retries, seed
+    def __init__(self, schema: str | None, retries: int, seed: int | None, judge: Judge | None = None):
+        self.schema, self.retries, self.seed, self.judge = schema, retries, seed, judge
         self.again: list[Request] = []
 
     def check(self, buf: UnitBuffer, j: int, text: str, sent, seed: int | None, k: int,
@@ -386,13 +390,19 @@ class Reasks:
         'again': asked again; 'failed': the row's error."""
         schema = row.schema or self.schema
         asked = seed + k if seed is not None else None  # answer k of a request with n: seed + k
-        if schema is None:
+        if schema is None and self.judge is None:
             return None
-        try:
-            _, why = check_answer(text, schema)
-        except ValueError as exc:  # a row's own schema that is unusable (whatever set RowSampling.schema)
-            buf.fail(j, f"the row's JSON schema {exc}", attempt)
-            return "failed"
+        why = None
+        if schema is not None:
+            try:
+                _, why = check_answer(text, schema)
+            except ValueError as exc:  # a row's own schema that is unusable (whatever set RowSampling.schema)
+                buf.fail(j, f"the row's JSON schema {exc}", attempt)
+                return "failed"
+        reason = REASON
+        if why is None and self.judge is not None:
+            _, why = self.judge.parse(text)
+            reason = JUDGE_REASON
         if why is None:
             buf.seed[j] = asked
             return None
@@ -402,7 +412,7 @@ class Reasks:
             first = asked if asked is not None else row.seed if row.seed is not None else self.seed
             self.again.append(Request(buf, j, sent, reseed(first, 1), 1, row))
             return "again"
-        buf.fail(j, f"{REASON}: {why}", attempt, retryable=True)
+        buf.fail(j, f"{reason}: {why}", attempt, retryable=True)
         return "failed"
 
     def take(self) -> list[list[Request]]:

@@ -15,6 +15,11 @@ MARKER = "[simulated]"
 EOS = "<|endoftext|>"
 TURN_END = "<extra_id_1>"         # a Nemotron chat model's end of turn (a special token)
 MAX_SENTENCES = 128
+# a judge's prompt (MT-Bench's single-answer grading asks to rate 'by strictly following this format:
+# "[[rating]]"'): the answer is `[simulated]`, up to JUDGE_WORDS words, then `Rating: [[N]]`, N in 1..10 a pure
+# function of (seed, prompt), and the end of turn (simulate, _judgement)
+JUDGE_CUE = "[[rating]]"
+JUDGE_WORDS = 16
 VOCAB_SIZE = 256000
 ROUTE_FAMILIES = ("nemo", "openai", "triton", "reward")
 VOCABULARY = tuple(
@@ -105,7 +110,8 @@ def simulate(
     """Pure and deterministic. Returns (prompt_tokens, generated_tokens): token strings whose
     concatenation is exactly the prompt / exactly the generated text.
 
-    The generation is ``[simulated]`` then vocabulary words (each ``" word"``), at most
+    A prompt holding ``[[rating]]`` (JUDGE_CUE, MT-Bench's judge phrasing) is answered as a judge: see
+    JUDGE_CUE. Otherwise the generation is ``[simulated]`` then vocabulary words (each ``" word"``), at most
     ``tokens_to_generate`` tokens in all. Its natural length L (1..max_natural_tokens) comes from a
     blake2b hash of (seed, prompt); when L <= tokens_to_generate (and L >= 2) the model ends its turn
     in the last token: with ``<extra_id_1>`` (a chat model's end of turn) when that is one of the
@@ -115,6 +121,8 @@ def simulate(
     prompt_tokens = _TOKEN_RE.findall(prompt)
     rng = _rng(seed, prompt)
     natural = rng.randrange(max(1, max_natural_tokens)) + 1
+    if JUDGE_CUE in prompt:
+        return prompt_tokens, _judgement(rng, tokens_to_generate, end_strings)
     n = min(natural, tokens_to_generate)
     if n <= 0:
         return prompt_tokens, []
@@ -134,6 +142,17 @@ def simulate(
             else:
                 generated[-1] = end_strings[0]
     return prompt_tokens, generated
+
+
+def _judgement(rng: random.Random, tokens_to_generate: int, end_strings: list[str]) -> list[str]:
+    """A judge's answer (JUDGE_CUE): `[simulated]`, 1..JUDGE_WORDS words, ` Rating: [[N]]` (N in 1..10), then
+    the end of turn (``<extra_id_1>`` when it is an end string, else the first end string); cut at
+    tokens_to_generate, so a short budget leaves the rating out (a judgement without a score)."""
+    words = rng.choices(_VOCAB_TOKENS, k=rng.randrange(JUDGE_WORDS) + 1)
+    answer = [MARKER, *words, " Rating:", f" [[{rng.randrange(1, 11)}]]"]
+    if end_strings:
+        answer.append(TURN_END if TURN_END in end_strings else end_strings[0])
+    return answer[:max(0, tokens_to_generate)]
 
 
 def _continuation(prompt: str, seed: int, max_natural_tokens: int) -> list[str]:
