@@ -410,6 +410,11 @@ class Client:
                                                 self.cfg.model.prompt.reasoning_tags, self.reasks)
             self.next_turns.extend(self.reasks.take())  # answers that did not match their schema: asked again first
             self.sender.answered(outcome, ok, tokens, failed)
+        elif len(batch) > 1 and not outcome.retryable and getattr(self.protocol, "resend_alone", False):
+            self.sender.requests.append(outcome.record)  # refused whole (one bad sentence): each alone, only it fails
+            for item in batch:
+                await self._send([item])
+            return
         else:
             outcome.record["failed"] = settle_failures(batch, outcome.error, outcome.attempt, outcome.retryable)
             self.sender.requests.append(outcome.record)

@@ -33,7 +33,8 @@ EXAMPLE_INPUT = bundled("examples") / "mt_bench_prompts.parquet"
 
 # chat_template: the prompt goes to the engine's chat API, which applies the tokenizer's own template
 PromptFormat = Annotated[str, Literal["nemotron4_chat", "steerlm", "nemotron_mini", "raw", "chat_template"]]
-ProtocolName = Annotated[str, Literal["nemo", "openai", "triton", "reward"]]  # orchestrator.protocols: one module each
+# orchestrator.protocols: one module each
+ProtocolName = Annotated[str, Literal["nemo", "openai", "triton", "reward", "pooling"]]
 OpenAIApi = Annotated[str, Literal["completions", "chat"]]
 # whose OpenAI-compatible server (protocols.openai.openai_dialect): their request and answer fields differ
 OpenAIDialect = Annotated[str, Literal["vllm", "sglang", "trtllm"]]
@@ -279,7 +280,7 @@ def default_capacity(cfg: Config) -> int:
 @dataclass
 class EngineConfig:
     name: str = "mock"  # one of conf/engine/*.yaml; each has one adapter in orchestrator/engines/
-    # nemo, openai or triton; None = the engine's own (endpoint: found from its routes)
+    # nemo, openai, triton, reward or pooling; None = the engine's own (endpoint: found from its routes)
     protocol: Optional[ProtocolName] = None
     # OpenAI route: completions or chat; None = chat for model.prompt.format=chat_template
     api: Optional[OpenAIApi] = None

@@ -119,7 +119,7 @@ def _sbatch_option_lines(cfg: Config, tasks_per_node: int) -> list[str]:
 READY_ROUTES = {"nemo": ("/generate", "-X PUT -H 'Content-Type: application/json' -d '{\"sentences\": [\"Hello\"], "
                                        "\"tokens_to_generate\": 1}'"),
                 "openai": ("/v1/models", "-f"), "triton": ("/v2/health/ready", "-f"),
-                "reward": ("/v2/models/reward_model/ready", "-f")}
+                "reward": ("/v2/models/reward_model/ready", "-f"), "pooling": ("/v1/models", "-f")}
 
 
 def render_template(name: str, cfg: Config, tasks_per_node: int, engine_cmd: list[str], client_config: Path,

@@ -152,6 +152,20 @@ def tiny_model() -> Path:
     return TINY
 
 
+TINY_REWARD = Path(os.environ.get("ORCHESTRATOR_TINY_REWARD_MODEL",
+                                Path.home() / ".cache" / "orchestrator" / "tiny-reward"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tiny_model) -> Path:
+    """The tiny random-weight LlamaForSequenceClassification (helpfulness, correctness; the tiny model's
+    tokenizer) built offline by scripts/build_tiny_reward_model.py (idempotent: seconds when it exists)."""
+    script = ROOT / "scripts" / "build_tiny_reward_model.py"
+    subprocess.run([str(VENV / "bin" / "python"), str(script), str(TINY_REWARD)], check=True, capture_output=True,
+                   timeout=300)
+    return TINY_REWARD
+
+
 TRITON_VENV = Path(os.environ.get("ORCHESTRATOR_TRITON_VENV", Path.home() / ".cache" / "orchestrator-triton-venv"))
 
 

@@ -149,7 +149,7 @@ def test_the_embedded_engine_scores_too(tmp_path):
     assert summary["ok"] == 2 and df["verbosity"].tolist()[0] < df["verbosity"].tolist()[1]
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang", "trtllm", "nemo", "triton"])
+@pytest.mark.parametrize("engine", ["sglang", "trtllm", "nemo", "triton"])  # vllm scores: its pooling runner
 def test_a_reward_model_on_a_generation_engine_is_refused(engine):
     cfg = compose([*REWARD, f"engine={engine}", "model.path=/m", "engine.checkpoint=/m.nemo"])
     with pytest.raises(ConfigError, match=f"reward model .* engine={engine} .*only generates; use engine=nemo_reward"):

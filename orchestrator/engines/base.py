@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..protocols import auth
 from ..protocols.base import logprobs_problem
 from ..protocols.openai import OPENAI_SERVERS
+from ..protocols.pooling import route_problem
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 
@@ -104,7 +105,8 @@ class EngineAdapter:
         refused = logprobs_problem(cfg, self.name, protocol)
         if refused:
             found.append(refused)
-        if cfg.model.prompt.format == "chat_template" and protocol not in ("openai", None):
+        # (a scoring run sends SteerLM reward sentences whatever the prompt format: orchestrator.scoring)
+        if cfg.model.prompt.format == "chat_template" and protocol not in ("openai", None) and not cfg.model.attributes:
             found.append(f"model.prompt.format=chat_template needs an engine with a chat API; engine={self.name} "
                          f"speaks {protocol}: set model.prompt.format to the model's card format")
         return found
@@ -127,19 +129,28 @@ class EngineAdapter:
         return cfg.engine.served_model_name or cfg.model.name
 
 
+SCORING_PROTOCOLS = ("reward", "pooling")  # the protocols whose servers score (model.attributes) instead of generating
+
+
 def scoring_problems(cfg: Config, engine: str, protocol: str | None) -> list[str]:
-    """A scoring model (model.attributes) needs a reward server (protocol reward), and a reward server a scoring
-    model; a reward model gives one score vector per answer."""
+    """A scoring model (model.attributes) needs a scoring server (protocol reward: NeMo-Aligner's; pooling: vLLM's
+    pooling runner), and a scoring server a scoring model; a reward model gives one score vector per answer."""
     attributes = list(cfg.model.attributes)
-    if attributes and protocol not in ("reward", None):
+    if attributes and protocol not in (*SCORING_PROTOCOLS, None):
         return [f"model={cfg.model.name} is a reward model (model.attributes={attributes}): it scores answers, but "
                 f"engine={engine} ({protocol}) only generates; use engine=nemo_reward (NeMo-Aligner's "
-                f"serve_reward_model.py), or engine=endpoint engine.protocol=reward engine.url=http://HOST:PORT for "
-                f"a reward server that is running (the embedded engine scores with engine=mock engine.protocol=reward)"]
-    if not attributes and protocol == "reward":
-        return [f"engine={engine} (protocol reward) scores answers with a reward model, but model={cfg.model.name} "
-                f"lists no model.attributes (it generates); use model=nemotron4_340b_reward (or set "
-                f"model.attributes=[...] to the reward model's outputs, in order), or a generation engine"]
+                f"serve_reward_model.py) or engine=vllm (vLLM's pooling runner, for a Hugging Face checkpoint with a "
+                f"classification or reward head), or engine=endpoint engine.protocol=reward (or pooling) "
+                f"engine.url=http://HOST:PORT for a scoring server that is running (the embedded engine scores with "
+                f"engine=mock engine.protocol=reward or pooling)"]
+    if not attributes and protocol in SCORING_PROTOCOLS:
+        return [f"engine={engine} (protocol {protocol}) scores answers with a reward model, but model={cfg.model.name} "
+                f"lists no model.attributes (it generates); use model=nemotron4_340b_reward or model=tiny_reward (or "
+                f"set model.attributes=[...] to the reward model's outputs, in order), or a generation engine"]
+    if protocol == "pooling":
+        refused = route_problem(cfg)
+        if refused:
+            return [refused]
     if not attributes:
         return []
     found = []

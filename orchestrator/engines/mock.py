@@ -40,7 +40,7 @@ class MockAdapter(EngineAdapter):
             "--stall-rate", str(sim.stall_rate), "--stall-s", str(sim.stall_s)]
         if e.dialect:  # whose OpenAI server its OpenAI routes imitate (simulator.dialects)
             cmd += ["--openai-dialect", e.dialect]
-        if cfg.model.attributes:  # a scoring model: one value per attribute, as the real one answers
+        if cfg.model.attributes:  # a scoring model: one score per attribute (its reward and pooling routes)
             cmd += ["--reward-attributes", str(len(cfg.model.attributes))]
         if sim.invalid_json_rate:  # structured answers that break their schema (tests of the re-asks)
             cmd += ["--invalid-json-rate", str(sim.invalid_json_rate)]

@@ -1,6 +1,7 @@
 """One module per wire protocol, each with its codec (how it wants prompts sent and answers read) and its
 readiness (whether a server speaks it, and what the server tells about its model): nemo.py, openai.py,
-triton.py, reward.py (a reward model's scores), on the shared types of base.py. This registry picks a module
+triton.py, reward.py (a reward model's scores on NeMo-Aligner's server), pooling.py (a reward or classifier
+checkpoint's scores on vLLM's pooling runner), on the shared types of base.py. This registry picks a module
 by name (make_codec, discover), detects a server's protocol by trying the modules in order, and proves an
 engine ready with one real one-token generation (for a reward model: one scored sentence).
 
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import EngineError
-from . import nemo, openai, reward, triton
+from . import nemo, openai, pooling, reward, triton
 from .base import PROBE_PROMPT, EngineInfo, Http, MalformedAnswer, WireProtocol, _json
 
 # in the order detect_protocol tries them; NeMo, taken by elimination (its detect is always true), last
-MODULES: tuple[WireProtocol, ...] = (openai, reward, triton, nemo)
+MODULES: tuple[WireProtocol, ...] = (openai, reward, pooling, triton, nemo)
 BY_NAME: dict[str, WireProtocol] = {module.NAME: module for module in MODULES}
 CODECS = {module.NAME: module.Codec for module in MODULES}
 
@@ -50,7 +51,9 @@ def generate_once(cfg: Config, info: EngineInfo, http: Http | None = None) -> No
     codec = make_codec(cfg, info)
     resp = http(codec.method, codec.path, timeout=60, json=codec.payload([PROBE_PROMPT], tokens_to_generate=1))
     body = _json(resp)
-    if resp.status_code == 404 and info.protocol != "openai" and isinstance(body, dict) and "detail" in body:
+    # (a pooling server is an OpenAI server: its codec says what a 404 on its route means)
+    if resp.status_code == 404 and info.protocol not in ("openai", "pooling") and isinstance(body, dict) \
+            and "detail" in body:
         raise EngineError(f"{info.url} answered {codec.method} {codec.path} with HTTP 404 {body}: the server "
                           f"speaks the OpenAI API, not {info.protocol}; use engine.protocol=openai (or leave "
                           f"engine.protocol unset with engine=endpoint to detect it)")

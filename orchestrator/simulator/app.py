@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .engine import _Engine
 from .model import ROUTE_FAMILIES, EngineSettings
+from .routes_pooling import add_pooling_routes
 from .routes_reward import add_reward_routes
 from .validation import _json
 
@@ -107,6 +108,8 @@ def build_app(settings: EngineSettings) -> web.Application:
             add("POST", "/tokenize", engine.tokenize)
         add("GET", "/v1/models", engine.models)
         add("GET", "/health", engine.health)
+        if engine.dialect.name == "vllm":  # vLLM's pooling runner: /pooling and /classify (routes_pooling)
+            add_pooling_routes(app, engine)
     if "reward" in families:  # NeMo-Aligner's reward_model (routes_reward), ahead of Triton's /v2/models/{name}
         add_reward_routes(app, engine)
     if "triton" in families or "reward" in families:
