@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, compose
+from .engines.base import check_engine
 from .errors import ConfigError
 from .plan import Plan, result_schema
 from .selection import KINDS, parse_selection
@@ -176,6 +177,7 @@ def _compose(where: str, stage_overrides: Any, global_overrides: list[str], run_
                               f"{source}); drop data.input, or drop `from` to read a file")
     try:
         cfg = compose([*stage_overrides, *global_overrides, f"run_dir={run_dir}"])
+        check_engine(cfg)  # e.g. a scoring model on a generation engine: refused before any stage runs
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except HydraException as exc:

@@ -97,6 +97,8 @@ def test_run_columns_follow_the_config():
     ("stages:\n  - name: g\n    overrides: [engine=nope]\n", ["stage 'g'", "engine/nope", "mock"]),
     ("stages:\n  - name: g\n    overrides: [engine=mock, sampling.rollouts=4]\n", ["stage 'g'", "sampling.greedy"]),
     ("stages:\n  - name: g\n    overrides: [engine=mock\n", ["not valid YAML", "line"]),
+    ("stages:\n" + GENERATE + "  - name: s\n    from: generate\n    overrides: [model=nemotron4_340b_reward, "
+     "engine=sglang, model.path=/m]\n", ["stage 's'", "reward model", "only generates", "engine=nemo_reward"]),
 ])
 def test_bad_pipelines_are_refused_naming_the_file_and_the_stage(write, text, words):
     path = write(text)
