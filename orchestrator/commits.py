@@ -200,12 +200,13 @@ class UnitStats:
     retryable: int = 0  # failed rows the engine is to blame for (gave up on 5xx/timeouts, malformed answers)
     invalid_structured: int = 0  # rows whose answer never matched their JSON schema (InvalidStructuredOutput)
     schema_retries: int = 0  # re-asks of answers that did not match their JSON schema
+    failed_upstream: int = 0  # rows not sent: they failed in the run this one follows (data.follow)
 
     def __add__(self, other: "UnitStats") -> "UnitStats":
         return UnitStats(self.rows + other.rows, self.ok + other.ok, self.failed + other.failed,
                          self.output_tokens + other.output_tokens, self.units + other.units,
                          self.retryable + other.retryable, self.invalid_structured + other.invalid_structured,
-                         self.schema_retries + other.schema_retries)
+                         self.schema_retries + other.schema_retries, self.failed_upstream + other.failed_upstream)
 
     @classmethod
     def of(cls, record: dict) -> "UnitStats":

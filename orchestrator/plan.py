@@ -31,6 +31,9 @@ from .inputs import (
 from .structured import Columns
 from .templates import template_columns
 
+# a followed run's results (data.follow) say how each row ended there: `status` (ok or error) and `error`
+UPSTREAM_STATUS, UPSTREAM_ERROR = "status", "error"
+
 
 class Units(Sequence):
     """The plan's units, each (file index, first row, row count), derived from the files' row counts and
@@ -164,6 +167,8 @@ class Plan:
                  else prompt + [self.system_column]) + [self.schema_column] + list(self.keep_columns) + \
             [self.id_column]
         named += list(self.sampling_columns.values()) + [self.response_column]
+        if self.follow:  # the upstream's outcome of each row: a row that failed there is not sent (row_settings)
+            named += [UPSTREAM_STATUS, UPSTREAM_ERROR]
         if self.input_format == "openai_batch":
             from .jsonl_input import BODY_COLUMN
 

@@ -62,6 +62,7 @@ def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, 
         # structured answers: rows whose answer never matched its schema, and the re-asks taken
         "invalid_structured": total.invalid_structured,
         "schema_retries": total.schema_retries,
+        "failed_upstream": total.failed_upstream,  # data.follow: rows that failed in the run followed, not sent
         "committed": total.rows,
         "complete": total.rows == plan.total_answers,
         "prompts": committed_rows(plan, committed.units),  # input rows whose answers are all committed
@@ -103,6 +104,8 @@ def one_line(summary: dict) -> str:
         line = (f"{summary['ok']}/{summary['total']} ok, {summary['failed']} failed, "
                 f"{summary['prompts_per_s']:.1f} prompts/s, {summary['output_tokens_per_s']:.1f} output tokens/s, "
                 f"{summary['duration_s']:.1f} s in all")
+    if summary.get("failed_upstream"):
+        line += f" ({summary['failed_upstream']} of them failed upstream, not sent)"
     if summary.get("retryable"):
         line += (f"; {summary['retryable']} failed row(s) were the engine's fault (5xx, timeouts, malformed answers): "
                  f"rerun with retry_failed=true to redo the failed rows")

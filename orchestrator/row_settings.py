@@ -12,7 +12,7 @@ import math
 from dataclasses import replace
 
 from .errors import ConfigError
-from .plan import Plan
+from .plan import UPSTREAM_ERROR, UPSTREAM_STATUS, Plan
 from .protocols.base import DEFAULT_ROW, RowSampling
 
 
@@ -30,7 +30,26 @@ def row_settings(part, plan: Plan) -> list[tuple[RowSampling, str | None]]:
         settings = [(RowSampling(**v) if v else DEFAULT_ROW, why) for v, why in zip(values, problems)]
     if plan.schema_column:
         settings = _with_schemas(part, plan.schema_column, settings)
+    if plan.follow and UPSTREAM_STATUS in part.schema.names:
+        settings = _failed_upstream(part, plan.follow, settings)
     return settings
+
+
+FAILED_UPSTREAM = "FailedUpstream"  # a row error: the row failed in the run this one follows, and was not sent
+
+
+def failed_upstream(error: str | None) -> bool:
+    return bool(error) and error.startswith(FAILED_UPSTREAM + ":")
+
+
+def _failed_upstream(part, upstream: str, settings: list) -> list[tuple[RowSampling, str | None]]:
+    """data.follow: a row whose answer failed in the upstream run is not sent (nothing to score or judge); it
+    is this run's error too, naming the upstream's, and counted (failed_upstream), never the engine's fault."""
+    status = part.column(UPSTREAM_STATUS).to_pylist()
+    errors = part.column(UPSTREAM_ERROR).to_pylist() if UPSTREAM_ERROR in part.schema.names else [None] * len(status)
+    return [(row, why) if state == "ok" or why else
+            (row, f"{FAILED_UPSTREAM}: the row failed in {upstream}, which this run follows: {error}")
+            for (row, why), state, error in zip(settings, status, errors)]
 
 
 def _with_schemas(part, column: str, settings: list) -> list[tuple[RowSampling, str | None]]:

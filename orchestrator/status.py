@@ -349,6 +349,7 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
         "rows": {"total": plan.total_answers, "committed": done_rows * n, "ok": total.ok, "failed": total.failed,
                  "retryable": total.retryable, "output_tokens": total.output_tokens,
                  "invalid_structured": total.invalid_structured, "schema_retries": total.schema_retries,
+                 "failed_upstream": total.failed_upstream,
                  "units": len(plan.units), "units_done": len(committed.units),
                  "prompts": done_rows, "prompts_total": plan.total_rows, "answers": done_rows * n,
                  "answers_total": plan.total_answers, "rollouts": n},
@@ -446,6 +447,9 @@ def format_status(s: dict) -> str:
     if rows.get("invalid_structured") or rows.get("schema_retries"):  # structured answers (sampling.json_schema)
         lines.append(f"schema:     {rows['schema_retries']} re-ask(s) of answers that did not match their schema, "
                      f"{rows['invalid_structured']} row(s) InvalidStructuredOutput")
+    if rows.get("failed_upstream"):  # data.follow: rows that failed in the run followed
+        lines.append(f"upstream:   {rows['failed_upstream']} row(s) failed in the run this one follows, not sent "
+                     f"(FailedUpstream)")
     if s["errors"]:
         lines.append(f"errors:     {rows['failed']} row(s) in {len(s['errors'])} group(s):")
         width = max(len(str(e["rows"])) for e in s["errors"])

@@ -23,7 +23,7 @@ from .plan import Plan, rollout_seed
 from .prompts import cut_answer, ending, row_prompt, split_reasoning
 from .protocols.base import DEFAULT_ROW, Request, RowSampling
 from .reader import UnitReader
-from .row_settings import row_settings
+from .row_settings import failed_upstream, row_settings
 from .scoring import score_rows, scores_text
 from .structured import REASON, Columns, check_answer, reseed
 from .templates import row_prompts
@@ -182,8 +182,10 @@ class UnitBuffer:
         ok = sum(1 for s in self.status if s == "ok")
         tokens = sum(t for t in self.output_tokens if t)
         invalid = sum(1 for s, e in zip(self.status, self.error) if s == "error" and is_invalid(e))
+        upstream = sum(1 for s, e in zip(self.status, self.error) if s == "error" and failed_upstream(e))
         return table, UnitStats(len(self.ids), ok, len(self.ids) - ok, tokens, 1, self.retryable,
-                                invalid_structured=invalid, schema_retries=sum(self.schema_retries))
+                                invalid_structured=invalid, schema_retries=sum(self.schema_retries),
+                                failed_upstream=upstream)
 
 
 

@@ -168,3 +168,25 @@ def test_follow_and_input_together_or_a_bad_share_are_refused():
 def test_following_its_own_run_dir_is_refused(tmp_path):
     with pytest.raises(Exception, match="this run's own run_dir"):
         run(follower(tmp_path / "d", tmp_path / "d"), show_progress=False)
+
+
+def test_a_row_that_failed_upstream_is_not_sent_and_is_counted(tmp_path):
+    """A row whose answer failed upstream (here: its prompt is null) has nothing to judge: the follower does not
+    send it, records it as FailedUpstream naming the upstream's error, and counts it; the other rows are judged."""
+    prompts = [None if i in (3, 7) else f"Question {i}: what is {i} + {i}?" for i in range(10)]
+    src = write_prompts(tmp_path / "in.parquet", 10, prompts=prompts)
+    up, down = tmp_path / "up", tmp_path / "down"
+    up_cfg, down_cfg = slow_run(src, up), follower(up, down)
+    run(up_cfg, show_progress=False)
+    gen = pd.read_parquet(up / "results")
+    failed_up = gen[gen.status != "ok"]
+    assert sorted(set(failed_up.id)) == ["q3", "q7"] and len(failed_up) == 4  # 2 rows x 2 rollouts
+    summary = run(down_cfg, show_progress=False)
+    judged = pd.read_parquet(down / "results").set_index(["id", "rollout"])
+    assert len(judged) == len(gen) and summary["failed_upstream"] == 4 and summary["failed"] == 4
+    for row in failed_up.itertuples():
+        mine = judged.loc[(row.id, row.rollout)]
+        assert mine.status == "error" and pd.isna(mine.response) and mine.attempts == 0
+        assert mine.error == f"FailedUpstream: the row failed in {up.resolve()}, which this run follows: {row.error}"
+    assert (judged.drop(index=[(r.id, r.rollout) for r in failed_up.itertuples()]).status == "ok").all()
+    assert summary["retryable"] == 0  # not the engine's fault: retry_failed does not redo them
