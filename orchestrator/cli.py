@@ -19,12 +19,16 @@ commands:
   pipeline FILE [--render] [key=value ...]   run a pipeline's stages (docs/pipelines.md); key=value applies
                  to every run stage, run_dir=DIR is the pipeline's directory (status, report and cancel take it);
                  --render writes every run stage's scripts instead
+  run|plan|render pipeline=NAME [key=value ...]   the same for a pipeline: NAME is a file, or a seed pipeline
+                 (examples/pipeline_NAME.yaml: sdg_340b, sdg_local, local, judge); plan shows every stage
 
 examples:
   orchestrator run
   orchestrator run data.input=prompts.parquet run_dir=runs/a model=nemotron_mini_4b_instruct
   orchestrator plan model=nemotron4_340b_instruct layout.gpu=h200_141gb layout.nodes=1 layout.pipeline_parallel=1
   orchestrator status runs/a
+  orchestrator run pipeline=sdg_local run_dir=runs/sdg
+  orchestrator plan pipeline=sdg_340b
 """
 
 
@@ -158,10 +162,12 @@ def cmd_cancel(args) -> None:
         print(cancel(root))
 
 
-def cmd_pipeline(argv: list[str]) -> None:
+def cmd_pipeline(argv: list[str], mode: str = "run") -> None:
+    """`orchestrator pipeline FILE [--render] ...`, and `orchestrator run|plan|render pipeline=NAME ...` (mode)."""
     from .errors import OrchestratorError
 
-    render_only = "--render" in argv
+    if "--render" in argv:
+        mode = "render"
     argv = [a for a in argv if a != "--render"]
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         _fail("usage: orchestrator pipeline FILE [--render] [key=value ...] (FILE: a pipeline YAML, e.g. "
@@ -172,14 +178,97 @@ def cmd_pipeline(argv: list[str]) -> None:
 
     register_configs()
     try:
-        pipeline = load_pipeline(argv[0], argv[1:])
-        if render_only:
+        pipeline = load_pipeline(argv[0], pipeline_inside_allocation(argv[0], argv[1:]))
+        if mode == "render":
             for path in render_pipeline(pipeline):
                 print(path)
+        elif mode == "plan":
+            _plan_pipeline(pipeline)
         else:
             run_pipeline(pipeline)
     except OrchestratorError as exc:
         _fail(str(exc), 1)
+
+
+def _plan_pipeline(pipeline) -> None:
+    """`orchestrator plan pipeline=NAME`: every stage in order, a run stage's layout as `orchestrator plan` prints
+    it; exits 1 when a run stage does not fit."""
+    code = 0
+    for stage in pipeline.stages:
+        print(f"stage {stage.name} ({stage.kind}{', from ' + stage.source if stage.source else ''}; "
+              f"{stage.run_dir})")
+        if stage.kind != "run":
+            print(f"  {stage.kind}: {_selection_text(stage)}\n")
+            continue
+        try:
+            cmd_plan(stage.config)
+        except SystemExit as exc:
+            code = max(code, int(exc.code or 0))
+        print()
+    if code:
+        sys.exit(code)
+
+
+def _selection_text(stage) -> str:
+    spec = stage.spec
+    if spec.kind == "filter":
+        return spec.filter.text
+    if spec.kind == "best":
+        return f"by {spec.by}, k {spec.k}, order {spec.order}"
+    return f"by {spec.by}, min_margin {spec.min_margin}"
+
+
+def pipeline_file(value: str) -> str:
+    """pipeline=VALUE: a pipeline file, or the name of a seed pipeline (examples/pipeline_<name>.yaml)."""
+    from .config import bundled
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        return str(path)
+    seeds = bundled("examples")
+    seed = seeds / f"pipeline_{value}.yaml"
+    if seed.is_file():
+        return str(seed)
+    names = sorted(p.stem[len("pipeline_"):] for p in seeds.glob("pipeline_*.yaml"))
+    _fail(f"pipeline={value}: no such file, and no seed pipeline of that name (examples/pipeline_{value}.yaml); "
+          f"give a pipeline file's path, or one of: {', '.join(names)}")
+
+
+def _pipeline_override(args: list[str]) -> tuple[str | None, list[str]]:
+    """run/plan/render's `pipeline=NAME` (its file), and the other arguments (every run stage's overrides)."""
+    chosen = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "pipeline"]
+    if not chosen:
+        return None, args
+    return pipeline_file(chosen[-1]), [a for a in args if a.split("=", 1)[0] != "pipeline"]
+
+
+def pipeline_inside_allocation(path: str, overrides: list[str]) -> list[str]:
+    """`orchestrator pipeline` inside a Slurm job runs its run stages in that job's allocation
+    (cluster=allocation), as `orchestrator run` does, unless cluster= is given on the command line or in a
+    stage's own overrides."""
+    import os
+
+    import yaml
+
+    from .clusters.environment import job_environment
+
+    job = job_environment().job_id
+    if not job or os.environ.get("SUBMITIT_EXECUTOR") or any(_key(a) == "cluster" for a in overrides):
+        return overrides
+    try:
+        stages = (yaml.safe_load(Path(path).read_text()) or {}).get("stages") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return overrides  # load_pipeline says what is wrong with the file
+    own = [o for s in stages if isinstance(s, dict) for o in (s.get("overrides") or []) if isinstance(o, str)]
+    if any(_key(o) == "cluster" for o in own):
+        return overrides
+    print(f"inside Slurm job {job}: running the pipeline's run stages in its allocation (cluster=allocation)",
+          flush=True)
+    return [*overrides, "cluster=allocation"]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 # these take a run directory, not Hydra overrides: they read what a run wrote, from any machine
@@ -220,6 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; choose one of: {', '.join([*COMMANDS, *RUN_DIR_COMMANDS, 'pipeline'])}"
               f"\n\n{USAGE}")
+    if command in ("run", "plan", "render"):
+        file, rest = _pipeline_override(argv[1:])
+        if file is not None:  # `orchestrator run pipeline=sdg_local ...`: the pipeline, every stage
+            cmd_pipeline([file, *rest], mode=command)
+            return
     _hydra_main(command, argv[1:])
 
 

@@ -157,3 +157,41 @@ def test_stopping_the_front_end_stops_its_local_job_and_engine(tmp_path, signum,
     assert not (run_dir / "work" / "frontend.json").exists()
     units = len(list((run_dir / "results").glob("*.parquet")))
     assert units < 150 and f"({units * 20}/3000 rows)" in err
+
+
+def test_run_plan_and_render_take_a_pipeline_by_name_or_file(tmp_path):
+    """`orchestrator run pipeline=NAME` runs a seed pipeline (examples/pipeline_NAME.yaml) as `orchestrator
+    pipeline FILE` does; `plan` shows every stage; `render` writes every run stage's scripts; a name that is
+    neither a file nor a seed is refused naming the seeds."""
+    src = write_prompts(tmp_path / "in.parquet", 6)
+    root = tmp_path / "sdg"
+    proc = cli("run", "pipeline=sdg_local", f"run_dir={root}", f"data.input={src}")
+    assert "score: 24/24 ok" in proc.stdout and (root / "pairs" / "results").is_dir()
+    assert len(pd.read_parquet(root / "score" / "results")) == 24  # 6 prompts x 4 rollouts, each scored once
+    plan = cli("plan", "pipeline=sdg_340b").stdout
+    for line in ("stage generate (run", "stage score (run, from generate", "model:      nemotron4_340b_reward",
+                 "stage keep (filter, from score", "helpfulness >= 3.5 and finish_reason == 'stop'",
+                 "stage pairs (pairs, from score", "by helpfulness, min_margin 0.5"):
+        assert line in plan, plan
+    assert plan.count("fits:       yes") == 2
+    file = tmp_path / "mine.yaml"
+    file.write_text("stages:\n  - name: g\n    overrides: [engine=mock, cluster=slurm, cluster.partition=p]\n")
+    rendered = cli("render", f"pipeline={file}", f"run_dir={tmp_path / 'r'}").stdout
+    assert str(tmp_path / "r" / "g" / "render" / "job.sbatch") in rendered
+    bad = cli("run", "pipeline=nope", check=False)
+    assert bad.returncode == 2 and "pipeline=nope: no such file" in bad.stderr and "sdg_340b" in bad.stderr
+
+
+def test_a_pipeline_inside_a_slurm_job_runs_in_its_allocation_unless_told(tmp_path, monkeypatch):
+    from orchestrator.cli import pipeline_inside_allocation
+
+    file = tmp_path / "p.yaml"
+    file.write_text("stages:\n  - name: g\n    overrides: [engine=mock]\n")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert pipeline_inside_allocation(str(file), ["a=1"]) == ["a=1"]  # not inside a job
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert pipeline_inside_allocation(str(file), ["a=1"]) == ["a=1", "cluster=allocation"]
+    assert pipeline_inside_allocation(str(file), ["cluster=slurm"]) == ["cluster=slurm"]
+    file.write_text("stages:\n  - name: g\n    overrides: [engine=mock, cluster=local]\n")
+    assert pipeline_inside_allocation(str(file), []) == []  # a stage chose its cluster
