@@ -22,7 +22,7 @@ def pipeline_file(tmp_path: Path, partition: str) -> Path:
     stages = [
         {"name": "generate", "overrides": [*slurm, "+cluster.sbatch_args.nodelist=n1", f"data.input={src}",
                                            "engine=mock", f"sampling.rollouts={ROLLOUTS}", "sampling.greedy=false",
-                                           "data.keep_columns=[prompt]"]},
+                                           "data.keep_columns=[prompt]", "engine.simulator.request_latency_s=0.2"]},
         {"name": "score", "from": "generate",  # a scoring model on the embedded engine's reward routes
          "overrides": [*slurm, "+cluster.sbatch_args.nodelist=n2", "model.attributes=[helpfulness,correctness]",
                        "engine=mock", "engine.protocol=reward", "data.keep_columns=[rollout,prompt,response]",
