@@ -242,7 +242,7 @@ def test_status_and_summary_over_many_units(many_units, monkeypatch):
                              "retryable": UNITS // 10, "output_tokens": 2 * (UNITS - UNITS // 10),
                              "units": UNITS, "units_done": UNITS, "prompts": UNITS, "prompts_total": UNITS,
                              "answers": UNITS, "answers_total": UNITS, "rollouts": 1, "invalid_structured": 0,
-                             "schema_retries": 0}
+                             "schema_retries": 0, "failed_upstream": 0}
     assert first["state"] == "complete" and first["damaged"] == []
     assert [(g["reason"], g["rows"]) for g in first["errors"]] == \
         [("gave up after <n> attempts: HTTP 503", UNITS // 10)]
