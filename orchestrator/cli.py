@@ -67,6 +67,8 @@ def cmd_plan(cfg) -> None:
           f"{layout.total_gb:.1f} GB of {layout.usable_gb:.1f} GB usable")
     for p in engine_problems:
         print(f"engine:     {p}")
+    if cfg.layout.gpu in GPUS:
+        _print_splits(cfg)
     if not found:
         print("fits:       yes")
         if engine_problems:
@@ -81,6 +83,22 @@ def cmd_plan(cfg) -> None:
         for o in options:
             print(f"  {format_layout(o)}")
     sys.exit(1)
+
+
+def _print_splits(cfg) -> None:
+    """The valid TP x PP x D splits of the layout's GPUs, best estimated throughput per GPU first
+    (layout.throughput_estimate: KV-cache room per instance x instances / GPUs, less the cost of exchanges)."""
+    from .layout import TP_COST, format_layout, splits, throughput_estimate
+
+    ranked = sorted(((throughput_estimate(cfg.model, o), o) for o in splits(cfg.model, cfg.layout)),
+                    key=lambda pair: -pair[0])
+    if not ranked:
+        return
+    print(f"splits of these {cfg.layout.nodes * cfg.layout.gpus_per_node} GPU(s), by estimated throughput per GPU "
+          f"(sequences: KV-cache room per instance x instances / GPUs, less {TP_COST:.0%} per extra GPU in an "
+          f"instance):")
+    for rank, (estimate, o) in enumerate(ranked[:8]):
+        print(f"  {format_layout(o)}  ~{estimate:.1f}{'  <- most per GPU' if rank == 0 else ''}")
 
 
 def cmd_serve_engine(cfg) -> None:

@@ -170,13 +170,17 @@ class LayoutConfig:
     gpus_per_node: int = 8
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # D engine instances of TP x PP GPUs each per replica (nodes x gpus_per_node = TP x PP x D): vLLM and SGLang
+    # serve them from one server (their own data-parallel flag); docs/configuration.md "Data parallel"
+    data_parallel: int = 1
     gpu: str = "h100_80gb"
     max_batch_size: int = 128  # sequences resident at once, for the KV-cache estimate
     max_seq_len: Optional[int] = None  # context for the KV-cache estimate; None = the model's
     memory_headroom: float = 0.10  # fraction of GPU memory kept free for activations and the runtime
 
     def __post_init__(self) -> None:
-        for key in ("nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "max_batch_size"):
+        for key in ("nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "data_parallel",
+                    "max_batch_size"):
             _check_range(f"layout.{key}", getattr(self, key), lo=1)
         _check_range("layout.memory_headroom", self.memory_headroom, lo=0, hi=0.9)
 

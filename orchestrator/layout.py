@@ -1,4 +1,8 @@
-"""Pure layout checks: a config's model + layout -> a validated Layout, before any GPU is asked for."""
+"""Pure layout checks: a config's model + layout -> a validated Layout, before any GPU is asked for.
+
+A replica holds layout.data_parallel (D) engine instances of TP x PP GPUs each: nodes x gpus_per_node =
+TP x PP x D. The memory estimate is per instance (each instance holds the whole model split TP x PP ways);
+throughput_estimate compares the valid splits of the same GPUs (docs/configuration.md "Data parallel")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -39,6 +43,7 @@ class Layout:
     weights_gb: float
     kv_cache_gb: float
     usable_gb: float
+    data_parallel: int = 1  # engine instances per replica, TP x PP GPUs each
 
     @property
     def gpus(self) -> int:
@@ -46,6 +51,7 @@ class Layout:
 
     @property
     def world_size(self) -> int:
+        """GPUs of one engine instance (TP x PP)."""
         return self.tensor_parallel * self.pipeline_parallel
 
     @property
@@ -58,7 +64,8 @@ class Layout:
 
     def describe(self) -> str:
         return (f"{self.nodes} node(s) x {self.gpus_per_node} {self.gpu.name} GPU(s), "
-                f"TP={self.tensor_parallel} PP={self.pipeline_parallel}, replicas={self.replicas}")
+                f"TP={self.tensor_parallel} PP={self.pipeline_parallel} DP={self.data_parallel}, "
+                f"replicas={self.replicas}")
 
 
 def parameter_count(arch: ArchitectureConfig) -> int:
@@ -96,9 +103,9 @@ def problems(model: ModelConfig, layout: LayoutConfig) -> list[str]:
     if layout.gpus_per_node > gpu.max_per_node:
         found.append(f"layout.gpus_per_node={layout.gpus_per_node} exceeds the {gpu.max_per_node} "
                      f"{gpu.name} GPUs a node has")
-    if tp * pp != layout.nodes * layout.gpus_per_node:
-        found.append(f"TP x PP = {tp} x {pp} = {tp * pp} must equal nodes x GPUs per node = "
-                     f"{layout.nodes} x {layout.gpus_per_node} = {layout.nodes * layout.gpus_per_node}")
+    weights, kv = memory_per_gpu(model, layout)
+    usable = gpu.memory_gb * (1 - layout.memory_headroom)
+    found += _gpu_count_problems(layout, instance_fits=weights + kv <= usable)
     if layout.gpus_per_node % tp and tp % layout.gpus_per_node:
         found.append(f"a tensor-parallel group of {tp} must fill whole nodes or divide a node's "
                      f"{layout.gpus_per_node} GPUs")
@@ -111,8 +118,6 @@ def problems(model: ModelConfig, layout: LayoutConfig) -> list[str]:
         found.append(f"{arch.kv_heads} KV groups are not divisible by TP={tp}")
     if arch.num_layers % pp:
         found.append(f"{arch.num_layers} layers are not divisible by PP={pp}")
-    weights, kv = memory_per_gpu(model, layout)
-    usable = gpu.memory_gb * (1 - layout.memory_headroom)
     if weights + kv > usable:
         found.append(f"weights {weights:.1f} GB + KV cache {kv:.1f} GB = {weights + kv:.1f} GB per GPU "
                      f"exceeds the {usable:.1f} GB usable on a {gpu.name} "
@@ -120,8 +125,32 @@ def problems(model: ModelConfig, layout: LayoutConfig) -> list[str]:
     return found
 
 
+def _gpu_count_problems(layout: LayoutConfig, instance_fits: bool) -> list[str]:
+    """nodes x gpus_per_node = TP x PP x D, and D instances that each sit on whole nodes or inside one."""
+    tp, pp, dp = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
+    gpus, per = layout.nodes * layout.gpus_per_node, tp * pp
+    fits_whole = gpus % per == 0
+    if per * dp != gpus:
+        if dp == 1:
+            hint = (f"; to run {gpus // per} instances of TP x PP on these GPUs, set layout.data_parallel={gpus // per}"
+                    if fits_whole and gpus > per and instance_fits else "")
+            return [f"TP x PP = {tp} x {pp} = {per} must equal nodes x GPUs per node = "
+                    f"{layout.nodes} x {layout.gpus_per_node} = {gpus}{hint}"]
+        fix = (f"set layout.data_parallel={gpus // per} (the {gpus} GPUs hold {gpus // per} instances of {per})"
+               if fits_whole else f"instances of TP x PP = {per} GPUs do not divide the {gpus} GPUs; change "
+                                  f"layout.tensor_parallel or layout.pipeline_parallel")
+        return [f"TP x PP x D = {tp} x {pp} x {dp} = {per * dp} must equal nodes x GPUs per node = "
+                f"{layout.nodes} x {layout.gpus_per_node} = {gpus}: {fix}"]
+    gpn = layout.gpus_per_node
+    if dp > 1 and gpn % per and per % gpn:
+        return [f"layout.data_parallel={dp}: an instance of TP x PP = {per} GPUs neither divides a node's {gpn} GPUs "
+                f"nor fills whole nodes, so one would straddle nodes; choose TP x PP dividing layout.gpus_per_node"]
+    return []
+
+
 def valid_layouts(model: ModelConfig, layout: LayoutConfig, max_nodes: int = 8, limit: int = 8) -> list[LayoutConfig]:
-    """The smallest valid layouts for this model on this GPU type (same batch, context and headroom)."""
+    """The smallest valid layouts for this model on this GPU type (same batch, context and headroom): fewest
+    GPUs first, and of the same GPUs, one instance (D=1) before data parallel, then the shortest pipeline."""
     gpu = GPUS.get(layout.gpu)
     if gpu is None:
         return []
@@ -130,21 +159,51 @@ def valid_layouts(model: ModelConfig, layout: LayoutConfig, max_nodes: int = 8, 
         for gpn in (1, 2, 4, 8):
             if gpn > gpu.max_per_node or (nodes > 1 and gpn < gpu.max_per_node):
                 continue
-            total = nodes * gpn
-            for tp in (1, 2, 4, 8):
-                if total % tp:
-                    continue
-                candidate = replace(layout, nodes=nodes, gpus_per_node=gpn, tensor_parallel=tp,
-                                    pipeline_parallel=total // tp)
-                if not problems(model, candidate):
-                    found.append(candidate)
-    found.sort(key=lambda c: (c.nodes * c.gpus_per_node, c.pipeline_parallel))
+            found += splits(model, replace(layout, nodes=nodes, gpus_per_node=gpn))
+    found.sort(key=lambda c: (c.nodes * c.gpus_per_node, c.data_parallel, c.pipeline_parallel))
     return found[:limit]
+
+
+def splits(model: ModelConfig, layout: LayoutConfig) -> list[LayoutConfig]:
+    """Every valid TP x PP x D of layout's nodes x gpus_per_node (TP a power of two up to 8)."""
+    total = layout.nodes * layout.gpus_per_node
+    found = []
+    for tp in (1, 2, 4, 8):
+        for dp in range(1, total // tp + 1):
+            if total % (tp * dp):
+                continue
+            candidate = replace(layout, tensor_parallel=tp, pipeline_parallel=total // (tp * dp), data_parallel=dp)
+            if not problems(model, candidate):
+                found.append(candidate)
+    return found
+
+
+TP_COST = 0.10  # the throughput estimate's cost of each extra GPU in an instance (TP all-reduces, PP hand-offs)
+MAX_SEQUENCES = 256  # the throughput estimate's cap on the sequences one instance runs at once (vLLM's max-num-seqs)
+
+
+def throughput_estimate(model: ModelConfig, layout: LayoutConfig) -> float:
+    """Estimated decode throughput per GPU, in sequences, for comparing the splits of the same GPUs (a ranking,
+    not a forecast): the KV-cache room of an instance (the sequences at full context that fit in the memory its
+    weights leave free, at most the engine's concurrency) x the D instances / the GPUs, with each extra GPU in an
+    instance (TP or PP) costing TP_COST of its speed for the exchanges between them.
+
+    The room grows as weights spread over more GPUs, but every GPU of an instance waits on the others at each
+    step; a small model that fits one GPU serves most per GPU as D instances of one GPU each."""
+    gpu = GPUS[layout.gpu]
+    weights, kv = memory_per_gpu(model, layout)
+    per_sequence = kv / layout.max_batch_size  # GB per GPU of one sequence at full context
+    usable = gpu.memory_gb * (1 - layout.memory_headroom)
+    room = min(MAX_SEQUENCES, max(0.0, usable - weights) / per_sequence)  # sequences one instance holds
+    gpus = layout.nodes * layout.gpus_per_node
+    exchanges = 1 + TP_COST * (layout.tensor_parallel * layout.pipeline_parallel - 1)
+    return layout.data_parallel * room / (gpus * exchanges)
 
 
 def format_layout(c: LayoutConfig) -> str:
     return (f"layout.nodes={c.nodes} layout.gpus_per_node={c.gpus_per_node} "
-            f"layout.tensor_parallel={c.tensor_parallel} layout.pipeline_parallel={c.pipeline_parallel}")
+            f"layout.tensor_parallel={c.tensor_parallel} layout.pipeline_parallel={c.pipeline_parallel} "
+            f"layout.data_parallel={c.data_parallel}")
 
 
 def build_layout(cfg: Config, check: bool = True) -> Layout:
@@ -153,7 +212,7 @@ def build_layout(cfg: Config, check: bool = True) -> Layout:
     if found and check:
         lines = [f"layout for {cfg.model.name} is invalid: "
                  f"{cfg.layout.nodes} node(s) x {cfg.layout.gpus_per_node} {cfg.layout.gpu}, "
-                 f"TP={cfg.layout.tensor_parallel} PP={cfg.layout.pipeline_parallel}"]
+                 f"TP={cfg.layout.tensor_parallel} PP={cfg.layout.pipeline_parallel} DP={cfg.layout.data_parallel}"]
         lines += [f"  - {p}" for p in found]
         options = valid_layouts(cfg.model, cfg.layout)
         if options:
@@ -167,4 +226,4 @@ def build_layout(cfg: Config, check: bool = True) -> Layout:
     weights, kv = memory_per_gpu(cfg.model, cfg.layout)
     return Layout(cfg.layout.nodes, cfg.layout.gpus_per_node, cfg.layout.tensor_parallel,
                   cfg.layout.pipeline_parallel, cfg.replicas, gpu, weights, kv,
-                  gpu.memory_gb * (1 - cfg.layout.memory_headroom))
+                  gpu.memory_gb * (1 - cfg.layout.memory_headroom), cfg.layout.data_parallel)

@@ -164,3 +164,36 @@ def test_the_plain_template_gives_each_node_its_line_with_the_scripts_values(tmp
     assert argv[argv.index("--master-addr") + 1] == "node-a" and argv[argv.index("--master-port") + 1] == "29777"
     assert argv[argv.index("--port") + 1] == "4242" and argv[argv.index("--node-rank") + 1] == "1"
     assert "--headless" in argv
+
+
+MINI_DP8 = ["model=nemotron_mini_4b_instruct", "model.path=/models/Nemotron-Mini-4B-Instruct", "layout.gpu=h100_80gb",
+            "layout.nodes=1", "layout.gpus_per_node=8", "layout.data_parallel=8"]
+
+
+def render_mini_dp8(run_dir: Path, engine: str) -> dict[str, str]:
+    cfg = compose(["cluster=slurm", f"engine={engine}", "cluster.partition=batch", "cluster.account=llm",
+                   f"run_dir={run_dir}", "data.input=/lustre/prompts", *MINI_DP8])
+    return {p.name: p.read_text() for p in render(cfg)}
+
+
+@pytest.mark.parametrize("engine,flag", [("vllm", "--data-parallel-size 8"), ("sglang", "--dp-size 8")])
+@pytest.mark.parametrize("name", ["engine_ranks.sh", "engine_job.sbatch"])
+def test_mini_4b_dp8_on_one_node_matches_its_saved_reference(tmp_path, engine, flag, name):
+    """Nemotron-Mini-4B as 8 instances of one GPU on one 8-GPU node: one server, the engine's own DP flag."""
+    run_dir = tmp_path / "run"
+    got = normalise(render_mini_dp8(run_dir, engine)[name], run_dir)
+    assert flag in got and "#SBATCH --gpus-per-node=8" in render_mini_dp8(run_dir, engine)["engine_job.sbatch"]
+    assert_matches_reference(got, Path(__file__).parent / "reference" / f"render_{engine}_mini4b_dp8" / name)
+
+
+@pytest.mark.parametrize("engine,extra", [("nemo", ["engine.checkpoint=/models/Nemotron-Mini-4B-Instruct.nemo"]),
+                                          ("trtllm", [])])
+def test_mini_4b_dp8_on_an_engine_without_data_parallel_is_refused_before_anything_is_written(tmp_path, engine, extra):
+    from orchestrator.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    cfg = compose(["cluster=slurm", f"engine={engine}", f"run_dir={run_dir}", "data.input=/lustre/prompts",
+                   *MINI_DP8, *extra])
+    with pytest.raises(ConfigError, match=r"layout\.data_parallel=8: engine=\w+ starts one server"):
+        render(cfg)
+    assert not (run_dir / "render").exists()
