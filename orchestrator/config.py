@@ -354,9 +354,16 @@ class ClusterConfig:
     # cluster=allocation: the share of the user's own job this run uses (a pipeline splits its nodes this way)
     nodes: Optional[int] = None  # how many of the allocation's nodes; None = all (or as many as nodelist names)
     nodelist: List[str] = field(default_factory=list)  # exactly these of its hostnames; []: its first `nodes`
+    # the price of one GPU for one hour (any currency, a plain number): summary.json, status and the report turn
+    # the run's GPU-hours into a cost with it; None: no cost. It changes no answer, so it is not in the fingerprint
+    gpu_hour_cost: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_choice("cluster.name", self.name, choices("cluster"))
+        if self.gpu_hour_cost is not None and not 0 <= self.gpu_hour_cost < float("inf"):
+            raise ConfigError(f"cluster.gpu_hour_cost={self.gpu_hour_cost!r} is not a price: give what one GPU costs "
+                              f"for one hour as a number >= 0 in any currency (e.g. cluster.gpu_hour_cost=2.5), "
+                              f"or null for no cost")
         _check_literals(self, "cluster")
         _check_range("cluster.timeout_min", self.timeout_min, lo=1)
         if self.cpus_per_task is not None:

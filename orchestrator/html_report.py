@@ -212,6 +212,30 @@ def _schema_counts(rows: dict) -> str:
             f"{rows['invalid_structured']} row(s) InvalidStructuredOutput.</p>")
 
 
+def _gpu_table(gpu: dict) -> str:
+    """GPU-hours by state and their cost (status's `gpu`, the fields of summary.json: report.gpu_usage)."""
+    if gpu.get("gpu_hours_basis") == "endpoint":
+        return ('<p id="gpu-hours">No GPU-hours: engine=endpoint sends to a server this run did not start, whose '
+                'GPUs are not this run\'s to count.</p>')
+    if gpu.get("gpu_hours") is None:
+        return '<p id="gpu-hours">No GPU-hours: the run directory has no config.yaml to count them with.</p>'
+    total, states = gpu["gpu_hours"], gpu["gpu_hours_by_state"]
+    rows = [("GPUs", f"{gpu['gpus']} ({gpu['replicas_with_gpus']} replica(s) x {gpu['gpus_per_replica']})"),
+            ("GPU-hours", f"{total:.6g}")]
+    rows += [(f"  {state}", f"{hours:.6g} ({100 * hours / total:.1f}%)" if total else f"{hours:.6g}")
+             for state, hours in states.items()]
+    rows += [("output tokens (this attempt)", gpu["output_tokens_this_attempt"]),
+             ("output tokens per GPU-hour", _blank(gpu["output_tokens_per_gpu_hour"])),
+             ("GPU-hours per million output tokens", _blank(gpu["gpu_hours_per_million_output_tokens"]))]
+    cost = gpu.get("cost")
+    if cost:
+        rows += [("cost (cluster.gpu_hour_cost = " + f"{cost['gpu_hour_cost']:g})", f"{cost['total']:.6g}"),
+                 ("cost per million output tokens", _blank(cost["per_million_output_tokens"]))]
+    note = ("<p>engine=mock: the embedded engine runs the layout's ranks on CPUs; these are the GPU-hours the layout "
+            "would hold for the same time.</p>" if gpu.get("gpu_hours_basis") == "simulated" else "")
+    return f'<div id="gpu-hours">{_table(rows)}{note}</div>'
+
+
 def _page(paths: RunPaths, status: dict, plots: dict) -> str:
     rows = status["rows"]
     overall = status["rates"]["overall"]
@@ -249,6 +273,10 @@ committed, {rows['ok']} ok, {rows['failed']} failed; overall {overall['prompts_p
 <h2>Replicas</h2>
 <table><tr><th>replica</th><th>job</th><th>state</th><th>rows</th><th>queue wait (s)</th><th>start-up (s)</th>
 <th>generating (s)</th></tr>{jobs}</table>
+<h2>GPU-hours and cost</h2>
+<p>Start-up: engine launch to its first proven generation; generating: first request to last commit of each
+segment; idle: the rest until the engine stopped (this attempt).</p>
+{_gpu_table(status.get('gpu') or {})}
 <h2>Summary (summary.json)</h2>
 {_table(summary.items()) if summary else '<p>No summary.json yet: the run has not finished.</p>'}
 <h2>Resolved config (config.yaml)</h2>

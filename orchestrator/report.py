@@ -1,9 +1,12 @@
 """summary.json: totals over every committed unit, timings of this attempt (every requeued segment
-included), stats that add; and the summaries a run writes when it completes, is found complete, or fails."""
+included), stats that add, GPU-hours and their cost (gpu_usage); and the summaries a run writes when it
+completes, is found complete, or fails."""
 from __future__ import annotations
 
+import importlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import fsops
@@ -44,10 +47,161 @@ def busy_seconds(segments: list) -> float:
     return total
 
 
-def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, extra: dict | None = None) -> dict:
+GPU_STATES = ("startup", "generating", "idle")
+_LAUNCH = ("starting the ", "connecting to the engine")  # run.log: node.py's line before the engine starts
+_READY = "engine ready at"
+_END = ("finished", "failed", "stopped", "nothing left to do")
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    """What GPU-hours are counted with: the GPUs one replica holds (layout.nodes x layout.gpus_per_node, 0
+    for engine=endpoint), what they are (`basis`) and cluster.gpu_hour_cost (None: no cost).
+
+    basis: `layout` (an engine this run starts holds the layout's GPUs), `simulated` (engine=mock: the
+    embedded engine runs the layout's ranks on CPUs; its GPU-hours are those the layout would hold for that
+    time, to try the accounting out, not GPUs anyone held) or `endpoint` (engine=endpoint: a server this run
+    did not start, whose GPUs are not this run's to count: no GPU-hours, no cost)."""
+
+    engine: str
+    gpus_per_replica: int
+    basis: str
+    price: float | None = None
+
+
+def gpu_settings(cfg: Config) -> GpuSettings:
+    return _gpu_settings(cfg.engine.name, cfg.layout.nodes * cfg.layout.gpus_per_node, cfg.cluster.gpu_hour_cost)
+
+
+def gpu_settings_of(paths: RunPaths) -> GpuSettings | None:
+    """The run directory's own settings, from its config.yaml (the latest submission's); None without one."""
+    import yaml
+
+    try:
+        found = yaml.safe_load((paths.root / "config.yaml").read_text()) or {}
+        layout, price = found.get("layout") or {}, (found.get("cluster") or {}).get("gpu_hour_cost")
+        gpus = int(layout.get("nodes", 1)) * int(layout.get("gpus_per_node", 1))
+        return _gpu_settings(str((found.get("engine") or {}).get("name", "")), gpus,
+                             float(price) if price is not None else None)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None
+
+
+def _gpu_settings(engine: str, gpus: int, price: float | None) -> GpuSettings:
+    try:
+        adapter = importlib.import_module(f"{__package__}.engines.{engine}").ADAPTER
+    except (ImportError, AttributeError, ValueError):  # an engine of another version: counted as one that starts
+        adapter = None
+    if adapter is not None and not adapter.starts_process:
+        return GpuSettings(engine, 0, "endpoint", price)
+    return GpuSettings(engine, gpus, "simulated" if adapter is not None and adapter.simulated else "layout", price)
+
+
+def replica_windows(events: list, segments: dict[int, list], open_end: dict[int, float], now: float) -> dict:
+    """Each replica's engine windows in one attempt, from run.log's replica lines (`events`, as
+    status.log_events gives them) and its progress record's generation segments: one window per job segment
+    (a requeued job has several), [launch, ready, end] in Unix time, and the seconds of each state.
+
+    - launch: node.py's "starting the <engine> engine" line, written just before the engine's processes are
+      asked for ("connecting to the engine" for engine=endpoint);
+    - ready: its "engine ready at" line, once a one-token generation has been answered (none: the engine
+      never got ready, and the whole window is start-up);
+    - end: its "finished", "failed" or "stopped" line, written once the engine's processes have stopped, or
+      the last commit of the segment when that is later. A window with no end line ends at open_end[replica]
+      (default `now`) when it is the replica's last, else at its last commit or readiness, whichever is later:
+      the next launch shows it ended, but not when.
+
+    run.log has whole seconds, so launch, ready and the end line are each up to a second early; the
+    generation segments ([first request, last commit]) have the client's clock. The states never overlap:
+    startup = ready - launch; generating = the segments' time within [ready, end]; idle = the rest of
+    [launch, end] (between readiness and the first request, waiting for claims, the tail once no unit is
+    left while others finish theirs, and the engine's shut-down)."""
+    found: dict[int, list[dict]] = {}
+    for at, n, _job, _host, message in events:
+        windows = found.setdefault(n, [])
+        last = windows[-1] if windows and windows[-1]["end"] is None else None
+        if message.startswith(_LAUNCH):
+            windows.append({"launch": at, "ready": None, "end": None})
+        elif last is not None and message.startswith(_READY) and last["ready"] is None:
+            last["ready"] = at
+        elif last is not None and message.startswith(_END):
+            last["end"] = at
+    for n, windows in found.items():
+        for i, w in enumerate(windows):
+            until = windows[i + 1]["launch"] if i + 1 < len(windows) else float("inf")
+            mine = [s for s in segments.get(n, []) if w["launch"] <= s[0] < until]
+            floor = max([w["ready"] or w["launch"]] + [s[1] for s in mine])
+            if w["end"] is None:
+                w["end"] = open_end.get(n, now) if i + 1 == len(windows) else floor
+            w["end"] = max(w["end"], floor)
+            start = w["ready"] if w["ready"] is not None else w["end"]
+            generating = sum(max(0.0, min(e, w["end"]) - max(s, start)) for s, e in mine)
+            startup = start - w["launch"]
+            w.update(startup_s=startup, generating_s=generating,
+                     idle_s=max(0.0, w["end"] - w["launch"] - startup - generating))
+    return found
+
+
+def gpu_usage(paths: RunPaths, settings: GpuSettings | None, attempt: str | None, output_tokens: int,
+              progress: list[dict] | None = None, now: float | None = None,
+              open_end: dict[int, float] | None = None, events: list | None = None) -> dict:
+    """summary.json's and status's GPU fields for one attempt: every replica that started its engine holds
+    settings.gpus_per_replica GPUs from its engine's launch to its end, split into start-up, generating and
+    idle as replica_windows measures them (queue wait is not counted: no GPU is held then; nor the job's own
+    set-up before the launch line). gpu_hours = the sum over replicas and job segments of (end - launch) x
+    GPUs per replica, in hours, and gpu_hours_by_state adds up to it (each is rounded to 6 decimals).
+    output_tokens are this attempt's (what these GPU-hours produced); output_tokens_per_gpu_hour and
+    gpu_hours_per_million_output_tokens are null without any; `cost` (only when cluster.gpu_hour_cost is
+    set): total = gpu_hours x price, per_million_output_tokens = gpu_hours_per_million_output_tokens x price.
+    engine=endpoint: gpus 0 and the rest null (the server's GPUs are not this run's); engine=mock:
+    gpu_hours_basis `simulated` (see GpuSettings). `events`: run.log's replica lines of the attempt, when
+    already read (status.log_events); open_end: see replica_windows."""
+    from .status import attempt_start, log_events
+
+    now = time.time() if now is None else now
+    if settings is None:
+        return {"gpus": None, "gpu_hours": None}
+    progress = attempt_progress(paths, attempt) if progress is None else progress
+    segments: dict[int, list] = {}
+    for record in progress:
+        owner = str(record.get("owner", ""))
+        if owner[1:].isdigit():
+            segments[int(owner[1:])] = [s for s in record.get("segments", []) if s and s[0] and s[1]]
+    if events is None:  # run.log's replica lines of this attempt
+        since = attempt_start(attempt)
+        events = log_events(paths, since) if since is not None else []
+    windows = replica_windows(events, segments, open_end or {}, now)
+    ran = sorted(n for n, w in windows.items() if w)
+    usage: dict = {"gpus": settings.gpus_per_replica * len(ran), "gpus_per_replica": settings.gpus_per_replica,
+                   "replicas_with_gpus": len(ran), "gpu_hours_basis": settings.basis,
+                   "output_tokens_this_attempt": output_tokens}
+    if settings.basis == "endpoint":
+        usage.update(gpus=0, gpus_per_replica=0, gpu_hours=None, gpu_hours_by_state=None,
+                     output_tokens_per_gpu_hour=None, gpu_hours_per_million_output_tokens=None)
+        if settings.price is not None:
+            usage["cost"] = None
+        return usage
+    seconds = {state: sum(w[f"{state}_s"] for n in ran for w in windows[n]) for state in GPU_STATES}
+    hours = sum(seconds.values()) * settings.gpus_per_replica / 3600
+    per_million = hours / output_tokens * 1e6 if output_tokens else None
+    usage.update(gpu_hours=round(hours, 6),
+                 gpu_hours_by_state={state: round(seconds[state] * settings.gpus_per_replica / 3600, 6)
+                                     for state in GPU_STATES},
+                 output_tokens_per_gpu_hour=round(output_tokens / hours, 3) if output_tokens and hours else None,
+                 gpu_hours_per_million_output_tokens=round(per_million, 6) if per_million is not None else None)
+    if settings.price is not None:
+        usage["cost"] = {"gpu_hour_cost": settings.price, "total": round(hours * settings.price, 6),
+                         "per_million_output_tokens": round(per_million * settings.price, 6)
+                         if per_million is not None else None}
+    return usage
+
+
+def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, extra: dict | None = None,
+                  gpu: GpuSettings | None = None) -> dict:
     """total, committed, ok, failed, retryable, rows_this_attempt count result rows (answers: with
     sampling.rollouts = N, N per input row); prompts and answers count input rows and result rows committed;
-    prompts_per_s is input rows (answers / N) per second of generation, answers_per_s result rows."""
+    prompts_per_s is input rows (answers / N) per second of generation, answers_per_s result rows.
+    The GPU fields are gpu_usage's, with `gpu` or else the run directory's config.yaml."""
     committed = scan_committed(paths, plan, verify=False)  # the ledger's totals: no stat per unit
     total = committed.total
     replicas = attempt_progress(paths, attempt)
@@ -84,6 +238,7 @@ def build_summary(paths: RunPaths, plan: Plan, attempt: str, started_at: float, 
         "journal_rows": sum(r.get("journal_rows", 0) for r in replicas),
         "attempt": attempt,
     }
+    summary.update(gpu_usage(paths, gpu or gpu_settings_of(paths), attempt, this_attempt.output_tokens, replicas))
     summary.update(extra or {})
     return summary
 
@@ -117,7 +272,7 @@ def _final_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, start
     attempt, not one per replica: each reads every unit's ledger record). Others return their own totals."""
     if remaining_units(paths, plan, attempt) == 0 and \
             fsops.create_exclusive(paths.root / "work" / f"summary-{attempt}.by", owner):
-        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths), gpu_settings(cfg))
         write_summary(paths, summary)
         sink_for(paths).finish()  # output.format=openai_batch: output.jsonl and errors.jsonl
         removed = remove_leftovers(paths)
@@ -146,7 +301,7 @@ def _failed_summary(cfg: Config, paths: RunPaths, plan: Plan, attempt: str, star
     if isinstance(error, (SystemExit, KeyboardInterrupt)):
         return
     try:
-        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths))
+        summary = build_summary(paths, plan, attempt, started_at, _summary_extra(cfg, paths), gpu_settings(cfg))
         summary["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
         write_summary(paths, summary)
     except (OSError, OrchestratorError):  # the failure itself may be a full disk: the error is what matters

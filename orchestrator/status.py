@@ -20,7 +20,7 @@ from .clusters.base import ACTIVE_STATES, adapter_named
 from .commits import UnitStats, committed_rows, error_reason, scan_committed
 from .errors import RunError
 from .plan import Plan
-from .report import busy_seconds
+from .report import busy_seconds, gpu_settings_of, gpu_usage
 from .rundir import RunPaths, atomic_write_text
 from .sinks import sink_for, sink_of_file
 
@@ -335,11 +335,18 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
     cluster = cluster_name(paths, frontend)
     jobs = [str(j) for j in frontend.get("jobs", [])] or submitted_jobs(paths, since)
     states = job_states(cluster, jobs, str(frontend.get("host") or ""), paths)
-    replicas = _replicas(paths, jobs, states, current, log_events(paths, since), recent_records)
+    events = log_events(paths, since)
+    replicas = _replicas(paths, jobs, states, current, events, recent_records)
     seen = {s.split()[0] for s in states.values()}
     state = "complete" if done_rows >= plan.total_rows else "running" if seen & ACTIVE_STATES else \
         "unknown" if "UNKNOWN" in seen else "stopped"
     summary = read_json(paths.root / "summary.json")
+    # a replica with no end line in run.log whose job is not seen queued or running (killed without a word, or
+    # its state unknown) is counted until its last sign of life (its progress record), not until now
+    gone = {int(r["replica"][1:]): float(r.get("updated") or 0.0) for r in replicas
+            if (str(r["state"]).split() or ["UNKNOWN"])[0] not in ACTIVE_STATES}
+    gpu = gpu_usage(paths, gpu_settings_of(paths), attempt, this_attempt.output_tokens, current, now, gone,
+                    events if attempt is not None else [])
     return {
         "run_dir": str(paths.root),
         "cluster": cluster,
@@ -361,6 +368,7 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
         "replicas": replicas,
         "log": log_tail(paths),
         "summary": summary or None,
+        "gpu": gpu,  # GPU-hours by state and their cost, this attempt (report.gpu_usage; the fields of summary.json)
         "now": round(now, 3),
     }
 
@@ -471,6 +479,7 @@ def format_status(s: dict) -> str:
     if s["state"] != "complete":
         lines.append(f"eta:        {_duration(s['eta_s'])} at the recent rate" if s["eta_s"] is not None
                      else "eta:        unknown until requests are answered")
+    lines.extend(gpu_lines(s.get("gpu") or {}))
     if s["replicas"]:
         lines.append("replicas:")
         for r in s["replicas"]:
@@ -484,3 +493,30 @@ def format_status(s: dict) -> str:
         lines.append(f"run.log (last {len(s['log'])} lines):")
         lines += [f"  {line}" for line in s["log"]]
     return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    """A GPU-hour figure for the terminal: three significant digits, no exponent for small runs' hours."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}" if value >= 0.001 else f"{value:.2g}"
+
+
+def gpu_lines(gpu: dict) -> list[str]:
+    """The cost line: GPU-hours by state, GPU-hours per million output tokens, and the cost when
+    cluster.gpu_hour_cost is set (report.gpu_usage's fields)."""
+    if gpu.get("gpu_hours_basis") == "endpoint":
+        return ["gpu-hours:  not counted: engine=endpoint sends to a server this run did not start, whose GPUs "
+                "are not this run's"]
+    if gpu.get("gpu_hours") is None:
+        return []
+    states = gpu["gpu_hours_by_state"]
+    line = (f"gpu-hours:  {_number(gpu['gpu_hours'])} (startup {_number(states['startup'])}, generating "
+            f"{_number(states['generating'])}, idle {_number(states['idle'])}) on {gpu['gpus']} GPU(s)")
+    per_million = gpu.get("gpu_hours_per_million_output_tokens")
+    line += f"; {_number(per_million)} GPU-h per million output tokens" if per_million is not None else \
+        "; no output tokens yet"
+    cost = gpu.get("cost")
+    if cost:
+        line += f"; cost {cost['total']:.2f}" if cost["total"] >= 1 else f"; cost {cost['total']:.3g}"
+    if gpu.get("gpu_hours_basis") == "simulated":
+        line += " (engine=mock: the layout's GPUs, simulated)"
+    return [line]

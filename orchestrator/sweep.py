@@ -245,7 +245,8 @@ def rows(sweep_dir: Path) -> list[dict]:
     for member in json.loads((Path(sweep_dir) / "sweep.json").read_text())["members"]:
         run_dir = Path(member["run_dir"]) if member.get("run_dir") else None  # none: refused before it ran
         row = {"member": member["name"], "status": "failed" if member.get("error") else "running", "ok": "",
-               "failed": "", "tokens_per_s": "", "run_dir": str(run_dir) if run_dir else "-",
+               "failed": "", "tokens_per_s": "", "gpu_h_per_million_tokens": "",
+               "run_dir": str(run_dir) if run_dir else "-",
                "error": member.get("error")}
         try:
             summary = json.loads((run_dir / "summary.json").read_text()) if run_dir else None
@@ -253,6 +254,8 @@ def rows(sweep_dir: Path) -> list[dict]:
             summary = None
         if summary and summary.get("attempt"):
             row.update(ok=summary["ok"], failed=summary["failed"], tokens_per_s=summary["output_tokens_per_s"])
+            per_million = summary.get("gpu_hours_per_million_output_tokens")  # null: no tokens, or engine=endpoint
+            row["gpu_h_per_million_tokens"] = "" if per_million is None else per_million
             error = str(summary.get("error") or "")
             row["status"] = "complete" if summary["complete"] else \
                 ("interrupted" if error.startswith("interrupted by") else "failed" if error else "incomplete")
@@ -261,12 +264,17 @@ def rows(sweep_dir: Path) -> list[dict]:
 
 
 def table(sweep_dir: Path) -> str:
-    header = ("member", "status", "rows ok", "failed", "output tok/s", "run dir")
+    header = ("member", "status", "rows ok", "failed", "output tok/s", "GPU-h/M tok", "run dir")
     lines = [header] + [(r["member"], r["status"], str(r["ok"]), str(r["failed"]), str(r["tokens_per_s"]),
-                         r["run_dir"]) for r in rows(sweep_dir)]
+                         _per_million(r["gpu_h_per_million_tokens"]), r["run_dir"]) for r in rows(sweep_dir)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
     return f"sweep {sweep_dir}:\n{text}"
+
+
+def _per_million(value) -> str:
+    """GPU-hours per million output tokens, to three significant digits ('' when unknown)."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
 def is_sweep_dir(path: Path) -> bool:
