@@ -25,7 +25,7 @@ from orchestrator.metrics import (
 )
 from orchestrator.preflight import prepare
 from orchestrator.protocols.base import EngineInfo
-from orchestrator.simulator import EngineSettings
+from orchestrator.simulator.model import EngineSettings
 from orchestrator.simulator.app import EngineThread
 from orchestrator.status import collect, format_status
 from tests.conftest import hydra_value, write_prompts
@@ -230,7 +230,7 @@ def get_metrics(url: str) -> dict:
 
 
 def test_the_embedded_engines_metrics_follow_its_work():
-    settings = EngineSettings(token_latency_s=0.05, capacity=4, max_natural_tokens=12)
+    settings = EngineSettings(token_latency_s=0.05, capacity=4, max_natural_tokens=24)
     prompt = " ".join(f"w{i}" for i in range(40))  # 40 tokens: two full 16-token blocks
     with EngineThread(settings) as engine:
         idle = get_metrics(engine.url)
@@ -251,7 +251,10 @@ def test_the_embedded_engines_metrics_follow_its_work():
         assert any(m["waiting"] == 2 for m in seen), seen  # capacity 4: two of six queue
         done = get_metrics(engine.url)
         assert (done["running"], done["waiting"], done["kv_cache_use"]) == (0, 0, 0)
-        assert done["generation_tokens"] == sum(a["usage"]["completion_tokens"] for a in answers) > 0
+        # every token generated is counted, the EOS that ends an answer too (which this engine's usage leaves out)
+        choices = [c for a in answers for c in a["choices"]]
+        eos = sum(c["finish_reason"] == "stop" and c["stop_reason"] is None for c in choices)
+        assert done["generation_tokens"] == sum(a["usage"]["completion_tokens"] for a in answers) + eos > 0
         text = requests.get(engine.url + "/metrics", timeout=10).text
         samples = parse(text)
         queried = sum(a["usage"]["prompt_tokens"] for a in answers)
