@@ -25,8 +25,8 @@ from orchestrator.metrics import (
 )
 from orchestrator.preflight import prepare
 from orchestrator.protocols.base import EngineInfo
-from orchestrator.simulator.model import EngineSettings
 from orchestrator.simulator.app import EngineThread
+from orchestrator.simulator.model import EngineSettings
 from orchestrator.status import collect, format_status
 from tests.conftest import hydra_value, write_prompts
 
