@@ -329,7 +329,12 @@ class Client:
         family = family_for(self.cfg.engine.name, self.info.protocol, self.cfg.engine.dialect)
         if every <= 0 or family is None:
             return None
-        url = metrics_url(family, self.url, self.cfg.engine.options.get("metrics_port"))
+        port = self.cfg.engine.options.get("metrics_port")
+        try:
+            url = metrics_url(family, self.url, port)
+        except (TypeError, ValueError):  # a port that is not a number: no metrics, said once, and the run goes on
+            log.warning("engine.options.metrics_port=%r is not a port number; the engine's metrics are not read", port)
+            return None
         if url is None:
             return None
         capacity = self.cfg.engine.simulator.capacity  # what default_capacity stands for with every engine
