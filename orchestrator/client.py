@@ -44,6 +44,8 @@ from .errors import EngineError, RunError
 from .follow import gate_for
 from .journal import Journals, UnitJournal, settings_digest
 from .judge import judge_for
+from .metrics import Scraper, family_for, metrics_dir, metrics_url
+from .metrics import append as append_metrics
 from .plan import Plan, result_schema
 from .protocols import auth, make_codec
 from .protocols.base import EngineInfo, Request
@@ -282,7 +284,9 @@ class Client:
         in_flight = self.protocol.in_flight
         queue: asyncio.Queue = asyncio.Queue(maxsize=in_flight)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        connector = aiohttp.TCPConnector(limit=in_flight, ssl=auth.client_ssl(self.cfg))  # engine.verify_tls, ca_bundle
+        scrape = self._metrics_target()
+        # engine.verify_tls, ca_bundle; the metrics scraper has a connection of its own beside the requests'
+        connector = aiohttp.TCPConnector(limit=in_flight + (scrape is not None), ssl=auth.client_ssl(self.cfg))
         self.progress.write()  # the replica's heartbeat file, from its start
         # every request carries the key (engine.api_key_env); a 401/403 on any of them stops the replica
         async with aiohttp.ClientSession(
@@ -291,6 +295,8 @@ class Client:
             self.sender.session = self.fit.session = session
             helpers = [asyncio.create_task(self.progress.report()), asyncio.create_task(self._watch()),
                        asyncio.create_task(self.writes.sync())]
+            if scrape is not None:
+                helpers.append(asyncio.create_task(self._scrape_metrics(session, *scrape)))
             work = asyncio.gather(self._produce(queue, in_flight), *[self._worker(queue) for _ in range(in_flight)])
             stop = asyncio.create_task(self.stopping.wait())
             try:
@@ -314,6 +320,50 @@ class Client:
         if self.fatal is not None:
             raise self.fatal
         return self.stats
+
+    def _metrics_target(self) -> tuple[str, Scraper] | None:
+        """The engine's Prometheus metrics URL and the Scraper of this replica's records (metrics.py), None when
+        client.metrics_interval_s is 0 or the engine serves none that is known (Triton's metrics port: only
+        from engine.options.metrics_port)."""
+        every = self.cfg.client.metrics_interval_s
+        family = family_for(self.cfg.engine.name, self.info.protocol, self.cfg.engine.dialect)
+        if every <= 0 or family is None:
+            return None
+        port = self.cfg.engine.options.get("metrics_port")
+        try:
+            url = metrics_url(family, self.url, port)
+        except (TypeError, ValueError):  # a port that is not a number: no metrics, said once, and the run goes on
+            log.warning("engine.options.metrics_port=%r is not a port number; the engine's metrics are not read", port)
+            return None
+        if url is None:
+            return None
+        capacity = self.cfg.engine.simulator.capacity  # what default_capacity stands for with every engine
+        return url, Scraper(family, self.owner, self.attempt, capacity=capacity, max_in_flight=self.protocol.in_flight,
+                            interval_s=every)
+
+    async def _scrape_metrics(self, session: aiohttp.ClientSession, url: str, scraper: Scraper) -> None:
+        """Every client.metrics_interval_s: the engine's metrics, one record appended to
+        work/metrics/<replica>.jsonl. A server without them, or a scrape that fails, never fails the run:
+        the first failure is logged once, and later ones are ignored."""
+        every, path = self.cfg.client.metrics_interval_s, metrics_dir(self.paths.root) / f"{self.owner}.jsonl"
+        timeout = aiohttp.ClientTimeout(total=max(2.0, min(every, 30.0)))
+        warned = False
+        while True:
+            try:
+                async with session.get(url, timeout=timeout, raise_for_status=False) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"HTTP {resp.status}")
+                    text = await resp.text()
+                record = scraper.record(text)
+                await asyncio.to_thread(append_metrics, path, record)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - metrics are a view of the engine, never a cause to stop
+                if not warned:
+                    warned = True
+                    log.warning("engine metrics at %s not read (%s); the run goes on without them "
+                                "(client.metrics_interval_s=0 stops trying)", url, str(exc) or type(exc).__name__)
+            await asyncio.sleep(every)
 
     async def _watch(self) -> None:
         """Heartbeat for our claims, and notice at once when the engine process dies. Once no unit is free,

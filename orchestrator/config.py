@@ -480,6 +480,8 @@ class ClientConfig:
     journal_sync_s: float = 5.0
     # a structured answer that does not match its schema is asked again (a new seed each time) this many times
     invalid_retries: int = 2
+    # scrape the engine's Prometheus /metrics this often into work/metrics/<replica>.jsonl (0: never)
+    metrics_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         _check_range("client.batch_size", self.batch_size, lo=1, hi=128)
@@ -493,7 +495,7 @@ class ClientConfig:
         _check_range("client.max_s_per_token", self.max_s_per_token, lo=0, lo_open=True)
         if self.hung_after_s is not None:
             _check_range("client.hung_after_s", self.hung_after_s, lo=0, lo_open=True)
-        for key in ("retry_backoff_s", "retry_backoff_max_s", "grace_s", "journal_sync_s"):
+        for key in ("retry_backoff_s", "retry_backoff_max_s", "grace_s", "journal_sync_s", "metrics_interval_s"):
             _check_range(f"client.{key}", getattr(self, key), lo=0)
         _check_range("client.progress_interval_s", self.progress_interval_s, lo=0, lo_open=True)
         _check_range("client.min_rows_for_error_check", self.min_rows_for_error_check, lo=0)

@@ -1,11 +1,11 @@
 """`orchestrator status`: where a run stands, read from its directory alone.
 
 Everything here reads files the run writes anyway (plan.json, the commit ledger, progress, the request
-records under work/requests/, run.log, work/frontend.json) plus the scheduler's view of the jobs, so
-it works while the run goes on and after it, from any machine that shares the filesystem. The cost
-follows what is asked, not the run's size: totals come from the ledger, error texts only from the
-units that have failed rows (two columns, each commit once: work/status-errors.json keeps what they held),
-recent rates from the end of each request file.
+records under work/requests/, the engine metrics under work/metrics/, run.log, work/frontend.json) plus the
+scheduler's view of the jobs, so it works while the run goes on and after it, from any machine that shares
+the filesystem. The cost follows what is asked, not the run's size: totals come from the ledger, error texts
+only from the units that have failed rows (two columns, each commit once: work/status-errors.json keeps what
+they held), recent rates from the end of each request file.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from .clusters.base import ACTIVE_STATES, adapter_named
 from .commits import UnitStats, committed_rows, error_reason, scan_committed
 from .errors import RunError
+from .metrics import engine_summary, format_engine
 from .plan import Plan
 from .report import busy_seconds, gpu_settings_of, gpu_usage
 from .rundir import RunPaths, atomic_write_text
@@ -366,6 +367,8 @@ def collect(run_dir: str | Path, now: float | None = None) -> dict:
         "eta_s": eta_s,
         "jobs": [{"job": j, "state": states.get(j, "UNKNOWN")} for j in jobs],
         "replicas": replicas,
+        # the newest engine metrics of each live replica, their totals, and whether the engine is starved
+        "engine": engine_summary(paths.root, now, rows_left=done_rows < plan.total_rows),
         "log": log_tail(paths),
         "summary": summary or None,
         "gpu": gpu,  # GPU-hours by state and their cost, this attempt (report.gpu_usage; the fields of summary.json)
@@ -480,6 +483,8 @@ def format_status(s: dict) -> str:
         lines.append(f"eta:        {_duration(s['eta_s'])} at the recent rate" if s["eta_s"] is not None
                      else "eta:        unknown until requests are answered")
     lines.extend(gpu_lines(s.get("gpu") or {}))
+    if s.get("engine"):  # work/metrics/: the engines' own view (client.metrics_interval_s)
+        lines += format_engine(s["engine"])
     if s["replicas"]:
         lines.append("replicas:")
         for r in s["replicas"]:

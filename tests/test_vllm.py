@@ -248,3 +248,31 @@ def test_an_openai_batch_file_round_trip_with_custom_ids(vllm_server, tmp_path):
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
         assert (body["choices"][0]["finish_reason"] == "length") == (body["usage"]["completion_tokens"] == 3 + i)
         assert isinstance(body["choices"][0]["message"]["content"], str)
+
+
+def test_vllms_own_metrics_are_read_and_count_the_tokens_of_a_run(vllm_server, tmp_path):
+    """vLLM's /metrics read with the vllm family's names (orchestrator.metrics): its generation counter grows by
+    the run's output tokens (and the readiness probe's one), and the run's metrics file has its KV-cache use."""
+    import time
+
+    import requests
+
+    from orchestrator.metrics import FAMILIES, Scraper
+
+    def scrape() -> dict:
+        return Scraper(FAMILIES["vllm"]).record(requests.get(f"{vllm_server.url}/metrics", timeout=30).text)
+
+    before = scrape()
+    assert before["running"] == 0 and before["waiting"] == 0 and 0 <= before["kv_cache_use"] <= 1
+    df = endpoint_rows(vllm_server, tmp_path, "metrics", None, "sampling.tokens_to_generate=8",
+                       "client.metrics_interval_s=0.2")
+    assert (df["status"] == "ok").all()
+    made = int(df["output_tokens"].sum())
+    deadline = time.monotonic() + 30  # vLLM logs its stats a step after the answers: wait for them, not longer
+    while (after := scrape())["generation_tokens"] - before["generation_tokens"] < made and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert made <= after["generation_tokens"] - before["generation_tokens"] <= made + 1
+    lines = (tmp_path / "metrics" / "work" / "metrics" / "r0.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and all(r["engine"] == "vllm" and 0 <= r["kv_cache_use"] <= 1 for r in records)
+    assert records[-1]["generation_tokens"] > before["generation_tokens"]

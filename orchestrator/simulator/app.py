@@ -66,12 +66,15 @@ def required_key(settings: EngineSettings) -> str | None:
 
 def _auth_middleware(engine: _Engine, key: str):
     """vLLM's ``--api-key``: a request without ``Authorization: Bearer <key>`` (or with another key) is
-    answered 401 ``{"error": "Unauthorized"}``; here on every route. With ``revoke_key_after`` N, the key is
-    refused from the (N+1)-th request on, as if revoked while a run goes on."""
+    answered 401 ``{"error": "Unauthorized"}``; here on every route but ``/metrics``, which is open as vLLM's is
+    (its key guards its /v1 routes only) and not counted. With ``revoke_key_after`` N, the key is refused from
+    the (N+1)-th request on, as if revoked while a run goes on."""
     expected = f"Bearer {key}".encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler):
+        if request.path == "/metrics":
+            return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         revoked = 0 <= engine.s.revoke_key_after <= engine.counters["authorized"]
         if revoked or not hmac.compare_digest(given, expected):
@@ -85,7 +88,7 @@ def _auth_middleware(engine: _Engine, key: str):
 
 def build_app(settings: EngineSettings) -> web.Application:
     """The aiohttp application serving the families in ``settings.routes`` (see the module doc),
-    plus ``GET /stats``."""
+    plus ``GET /stats`` (and ``GET /metrics`` beside the NeMo and OpenAI routes)."""
     if settings.capacity < 1:
         raise ValueError("capacity must be at least 1")
     if settings.triton_max_batch_size < 1:
@@ -123,6 +126,8 @@ def build_app(settings: EngineSettings) -> web.Application:
             add("GET", base + "/config", engine.triton_config)
             add("POST", base + "/infer", engine.triton_infer)
             add("POST", base + "/generate", engine.triton_generate)
+    if "openai" in families or "nemo" in families:  # vLLM's Prometheus names (routes_metrics)
+        add("GET", "/metrics", engine.metrics)
     add("GET", "/stats", engine.stats)
     return app
 

@@ -1,5 +1,6 @@
 """The simulator's state, shared by the routes of the three protocol families (``routes_nemo``,
-``routes_openai``, ``routes_triton``) and its capacity and fault injection (``faults``)."""
+``routes_openai``, ``routes_triton``; ``routes_metrics``'s GET /metrics) and its capacity and fault injection
+(``faults``)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ from aiohttp import web
 from .dialects import dialect
 from .faults import _Faults
 from .model import EngineSettings
+from .routes_metrics import PrefixCache, _MetricsRoutes
 from .routes_nemo import _NemoRoutes
 from .routes_openai import _OpenAIRoutes
 from .routes_reward import _RewardRoutes
@@ -19,7 +21,7 @@ from .triton_tensors import _triton_model
 from .validation import _json
 
 
-class _Engine(_NemoRoutes, _OpenAIRoutes, _TritonRoutes, _RewardRoutes, _Faults):
+class _Engine(_NemoRoutes, _OpenAIRoutes, _TritonRoutes, _RewardRoutes, _MetricsRoutes, _Faults):
     def __init__(self, settings: EngineSettings):
         self.s = settings
         self.lock = asyncio.Lock()
@@ -30,6 +32,7 @@ class _Engine(_NemoRoutes, _OpenAIRoutes, _TritonRoutes, _RewardRoutes, _Faults)
                                        "active", "waiting", "peak_active", "peak_waiting", "authorized",
                                        "unauthorized"), 0)
         self.busy_s = 0.0
+        self.prefix_cache = PrefixCache()  # prompt tokens queried and found cached (GET /metrics)
         self.triton = _triton_model(settings)
         self.dialect = dialect(settings.openai_dialect)  # whose OpenAI server the OpenAI routes imitate
 

@@ -51,6 +51,7 @@ class _NemoRoutes:
             if logprob:  # as NeMo's: one per token after the first, of prompt and generation alike
                 out["logprob"].append(list(map(_logprob, tokens[1:])))
             longest = max(longest, len(gen))
+            self.prefix_cache.query(prompt)
             self.counters["generated_tokens"] += len(gen)
         await self._serialised(longest)
         self._count("prompts", len(sentences))

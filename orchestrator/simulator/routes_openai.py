@@ -72,6 +72,8 @@ class _OpenAIRoutes:
                               stop_token_ids=stop_ids, include_stop_str=include) if guide is None else
                 guided_generation(guide, prompt, seed + i, budget, s.invalid_json_rate)
                 for prompt, _, budget in prompts for i in range(n)]
+        for prompt, _, _ in prompts:
+            self.prefix_cache.query(prompt)
         for g in gens:
             self.counters["generated_tokens"] += g.generated
         if s.request_latency_s > 0 or s.token_latency_s > 0:
