@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,33 @@ from .journal import remove_leftovers
 from .plan import Plan
 from .rundir import RunPaths, atomic_write_text, log_event
 from .sinks import sink_for
+
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) replica (\d+) \(job ([^,]+), host ([^)]*)\): (.*)$")
+
+
+def attempt_start(attempt: str | None) -> float | None:
+    """When an attempt began, from its id (YYYYmmdd-HHMMSS-...)."""
+    try:
+        return time.mktime(time.strptime(attempt[:15], "%Y%m%d-%H%M%S")) if attempt else None
+    except ValueError:
+        return None
+
+
+def log_events(paths: RunPaths, since: float | None = None) -> list[tuple[float, int, str, str, str]]:
+    """run.log's replica lines: (time, replica, job, host, message), from since on."""
+    try:
+        text = (paths.root / "run.log").read_text(errors="replace")
+    except OSError:
+        return []
+    events = []
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line)
+        if not m:
+            continue
+        at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+        if since is None or at >= since - 1:  # run.log has whole seconds
+            events.append((at, int(m.group(2)), m.group(3), m.group(4), m.group(5)))
+    return events
 
 
 def attempt_progress(paths: RunPaths, attempt: str | None) -> list[dict]:
@@ -99,7 +127,7 @@ def _gpu_settings(engine: str, gpus: int, price: float | None) -> GpuSettings:
 
 def replica_windows(events: list, segments: dict[int, list], open_end: dict[int, float], now: float) -> dict:
     """Each replica's engine windows in one attempt, from run.log's replica lines (`events`, as
-    status.log_events gives them) and its progress record's generation segments: one window per job segment
+    report.log_events gives them) and its progress record's generation segments: one window per job segment
     (a requeued job has several), [launch, ready, end] in Unix time, and the seconds of each state.
 
     - launch: node.py's "starting the <engine> engine" line, written just before the engine's processes are
@@ -155,8 +183,7 @@ def gpu_usage(paths: RunPaths, settings: GpuSettings | None, attempt: str | None
     set): total = gpu_hours x price, per_million_output_tokens = gpu_hours_per_million_output_tokens x price.
     engine=endpoint: gpus 0 and the rest null (the server's GPUs are not this run's); engine=mock:
     gpu_hours_basis `simulated` (see GpuSettings). `events`: run.log's replica lines of the attempt, when
-    already read (status.log_events); open_end: see replica_windows."""
-    from .status import attempt_start, log_events
+    already read (log_events); open_end: see replica_windows."""
 
     now = time.time() if now is None else now
     if settings is None:

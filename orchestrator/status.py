@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,13 +20,12 @@ from .commits import UnitStats, committed_rows, error_reason, scan_committed
 from .errors import RunError
 from .metrics import engine_summary, format_engine
 from .plan import Plan
-from .report import busy_seconds, gpu_settings_of, gpu_usage
+from .report import attempt_start, busy_seconds, gpu_settings_of, gpu_usage, log_events
 from .rundir import RunPaths, atomic_write_text
 from .sinks import sink_for, sink_of_file
 
 WINDOW_S = 60.0  # what "recent" means for rates and the ETA
 LOG_LINES = 8
-_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) replica (\d+) \(job ([^,]+), host ([^)]*)\): (.*)$")
 
 
 def open_run(run_dir: str | Path) -> tuple[RunPaths, Plan]:
@@ -219,14 +217,6 @@ def _rates(records: list[dict], start: float, end: float, rollouts: int = 1) -> 
             "output_tokens_per_s": round(tokens / span, 3) if span > 0 else 0.0}
 
 
-def attempt_start(attempt: str | None) -> float | None:
-    """When an attempt began, from its id (YYYYmmdd-HHMMSS-...)."""
-    try:
-        return time.mktime(time.strptime(attempt[:15], "%Y%m%d-%H%M%S")) if attempt else None
-    except ValueError:
-        return None
-
-
 def _progress(paths: RunPaths) -> list[dict]:
     from .report import attempt_progress
 
@@ -250,23 +240,6 @@ def cluster_name(paths: RunPaths, frontend: dict) -> str:
         return str(yaml.safe_load((paths.root / "config.yaml").read_text())["cluster"]["name"])
     except Exception:  # noqa: BLE001 - an old or partial config: the jobs' states are then unknown
         return ""
-
-
-def log_events(paths: RunPaths, since: float | None = None) -> list[tuple[float, int, str, str, str]]:
-    """run.log's replica lines: (time, replica, job, host, message), from since on."""
-    try:
-        text = (paths.root / "run.log").read_text(errors="replace")
-    except OSError:
-        return []
-    events = []
-    for line in text.splitlines():
-        m = _LOG_LINE.match(line)
-        if not m:
-            continue
-        at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
-        if since is None or at >= since - 1:  # run.log has whole seconds
-            events.append((at, int(m.group(2)), m.group(3), m.group(4), m.group(5)))
-    return events
 
 
 def log_tail(paths: RunPaths, lines: int = LOG_LINES) -> list[str]:
