@@ -170,6 +170,12 @@ def replica_windows(events: list, segments: dict[int, list], open_end: dict[int,
     return found
 
 
+def _significant(x: float) -> float:
+    """x rounded to 6 significant digits: a short run's GPU-hours are small, and rounding them to a fixed
+    number of decimals put a 1e-4 relative error between total and gpu_hours x price."""
+    return float(f"{x:.6g}")
+
+
 def gpu_usage(paths: RunPaths, settings: GpuSettings | None, attempt: str | None, output_tokens: int,
               progress: list[dict] | None = None, now: float | None = None,
               open_end: dict[int, float] | None = None, events: list | None = None) -> dict:
@@ -177,7 +183,7 @@ def gpu_usage(paths: RunPaths, settings: GpuSettings | None, attempt: str | None
     settings.gpus_per_replica GPUs from its engine's launch to its end, split into start-up, generating and
     idle as replica_windows measures them (queue wait is not counted: no GPU is held then; nor the job's own
     set-up before the launch line). gpu_hours = the sum over replicas and job segments of (end - launch) x
-    GPUs per replica, in hours, and gpu_hours_by_state adds up to it (each is rounded to 6 decimals).
+    GPUs per replica, in hours, and gpu_hours_by_state adds up to it (each is rounded to 6 significant digits).
     output_tokens are this attempt's (what these GPU-hours produced); output_tokens_per_gpu_hour and
     gpu_hours_per_million_output_tokens are null without any; `cost` (only when cluster.gpu_hour_cost is
     set): total = gpu_hours x price, per_million_output_tokens = gpu_hours_per_million_output_tokens x price.
@@ -211,14 +217,14 @@ def gpu_usage(paths: RunPaths, settings: GpuSettings | None, attempt: str | None
     seconds = {state: sum(w[f"{state}_s"] for n in ran for w in windows[n]) for state in GPU_STATES}
     hours = sum(seconds.values()) * settings.gpus_per_replica / 3600
     per_million = hours / output_tokens * 1e6 if output_tokens else None
-    usage.update(gpu_hours=round(hours, 6),
-                 gpu_hours_by_state={state: round(seconds[state] * settings.gpus_per_replica / 3600, 6)
+    usage.update(gpu_hours=_significant(hours),
+                 gpu_hours_by_state={state: _significant(seconds[state] * settings.gpus_per_replica / 3600)
                                      for state in GPU_STATES},
                  output_tokens_per_gpu_hour=round(output_tokens / hours, 3) if output_tokens and hours else None,
-                 gpu_hours_per_million_output_tokens=round(per_million, 6) if per_million is not None else None)
+                 gpu_hours_per_million_output_tokens=_significant(per_million) if per_million is not None else None)
     if settings.price is not None:
-        usage["cost"] = {"gpu_hour_cost": settings.price, "total": round(hours * settings.price, 6),
-                         "per_million_output_tokens": round(per_million * settings.price, 6)
+        usage["cost"] = {"gpu_hour_cost": settings.price, "total": _significant(hours * settings.price),
+                         "per_million_output_tokens": _significant(per_million * settings.price)
                          if per_million is not None else None}
     return usage
 

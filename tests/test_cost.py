@@ -184,3 +184,17 @@ def test_windows_of_a_requeued_a_killed_and_a_running_replica():
     assert (never["startup_s"], never["generating_s"], never["idle_s"]) == (60, 0, 0)
     (late,) = found[4]
     assert late["end"] == 120.7 and late["generating_s"] == pytest.approx(19.2) and late["idle_s"] == pytest.approx(0.5)
+
+
+def test_a_short_run_keeps_its_figures_exact_to_six_significant_digits():
+    """Rounding to 6 decimals turned 12.8 s on 1 GPU (0.0035596 h) into 0.00356 h, 1e-4 off total / price."""
+    from orchestrator.report import GpuSettings, gpu_usage
+
+    started = events((100, 0, "starting the mock engine"), (101, 0, "engine ready at http://x"),
+                     (112.8146, 0, "finished; 8 row(s)"))
+    usage = gpu_usage(None, GpuSettings("mock", 1, "simulated", PRICE), "a", 800, progress=[],
+                      events=started, now=1000.0)
+    exact = 12.8146 / HOUR
+    assert usage["gpu_hours"] == pytest.approx(exact, rel=1e-6)
+    assert usage["cost"]["total"] == pytest.approx(usage["gpu_hours"] * PRICE, rel=1e-6)
+    assert usage["gpu_hours_per_million_output_tokens"] == pytest.approx(exact / 800 * 1e6, rel=1e-6)
