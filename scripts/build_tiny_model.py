@@ -176,29 +176,34 @@ def build_model(out: Path, tokenizer):
     model.save_pretrained(out, safe_serialization=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args():
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--force", action="store_true", help="rebuild even when OUT_DIR already holds the model")
     args = parser.parse_args()
-    out = args.out_dir.resolve()
+    return args.out_dir.resolve(), args.force
 
-    if not args.force and is_built(out):
-        print(f"build_tiny_model: {out} is already built", file=sys.stderr)
+
+def build_into(out: Path, force: bool, script: str, kind: str, built, stamp: str, contents, build, describe):
+    """Idempotent build of a model directory: `built(out)` true (and no force) only says so; otherwise
+    `build(tmp, tokenizer)` fills a directory beside out with the tokenizer written first, the stamp file
+    `stamp` (contents()) is written last, and it is renamed into place. A non-empty out without the stamp
+    (not `kind`) is replaced only with force. describe(tokenizer): what the build line says. Prints out."""
+    if not force and built(out):
+        print(f"{script}: {out} is already built", file=sys.stderr)
         print(out)
         return
     if out.exists() and not out.is_dir():
-        sys.exit(f"build_tiny_model: {out} exists and is not a directory")
-    ours = (out / STAMP).is_file()
-    if out.is_dir() and any(out.iterdir()) and not ours and not args.force:
-        sys.exit(f"build_tiny_model: {out} is not empty and not a tiny model; pass --force to replace it")
+        sys.exit(f"{script}: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / stamp).is_file() and not force:
+        sys.exit(f"{script}: {out} is not empty and not {kind}; pass --force to replace it")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tokenizer = build_tokenizer(tmp)
-        build_model(tmp, tokenizer)
-        (tmp / STAMP).write_text(json.dumps(stamp_contents(), indent=2) + "\n")
+        build(tmp, tokenizer)
+        (tmp / stamp).write_text(json.dumps(contents(), indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; cluster jobs may run as other users
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
@@ -212,8 +217,14 @@ def main():
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"build_tiny_model: built {out} (vocab {len(tokenizer)})", file=sys.stderr)
+    print(f"{script}: built {out} ({describe(tokenizer)})", file=sys.stderr)
     print(out)
+
+
+def main():
+    out, force = parse_args()
+    build_into(out, force, "build_tiny_model", "a tiny model", is_built, STAMP, stamp_contents, build_model,
+               lambda tokenizer: f"vocab {len(tokenizer)}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ Run it with the vLLM venv's python (scripts/install_vllm.sh). Idempotent like bu
 already holds this model it only says so; otherwise it builds beside OUT_DIR and renames into place. A
 non-empty OUT_DIR that is not a model from this script is replaced only with --force. It prints OUT_DIR.
 """
-import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -96,44 +93,10 @@ def build_model(out: Path, tokenizer):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--force", action="store_true", help="rebuild even when OUT_DIR already holds the model")
-    args = parser.parse_args()
-    out = args.out_dir.resolve()
-
-    if not args.force and is_built(out):
-        print(f"build_tiny_reward_model: {out} is already built", file=sys.stderr)
-        print(out)
-        return
-    if out.exists() and not out.is_dir():
-        sys.exit(f"build_tiny_reward_model: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / STAMP).is_file() and not args.force:
-        sys.exit(f"build_tiny_reward_model: {out} is not empty and not a tiny reward model; pass --force to "
-                 f"replace it")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tokenizer = tiny.build_tokenizer(tmp)
-        build_model(tmp, tokenizer)
-        (tmp / STAMP).write_text(json.dumps(stamp_contents(), indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; cluster jobs may run as other users
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "model")
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"build_tiny_reward_model: built {out} ({ARCHITECTURE}, labels {', '.join(LABELS)}, vocab "
-          f"{len(tokenizer)})", file=sys.stderr)
-    print(out)
+    out, force = tiny.parse_args()
+    tiny.build_into(out, force, "build_tiny_reward_model", "a tiny reward model", is_built, STAMP, stamp_contents,
+                    build_model, lambda tokenizer: f"{ARCHITECTURE}, labels {', '.join(LABELS)}, vocab "
+                                                   f"{len(tokenizer)}")
 
 
 if __name__ == "__main__":
