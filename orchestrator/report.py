@@ -14,6 +14,7 @@ from . import fsops
 from .commits import UnitStats, committed_rows, remaining_units, scan_committed
 from .config import Config
 from .errors import OrchestratorError, RunError
+from .instances import owner_replica
 from .journal import remove_leftovers
 from .plan import Plan
 from .rundir import RunPaths, atomic_write_text, log_event
@@ -157,7 +158,7 @@ def replica_windows(events: list, segments: dict[int, list], open_end: dict[int,
     for n, windows in found.items():
         for i, w in enumerate(windows):
             until = windows[i + 1]["launch"] if i + 1 < len(windows) else float("inf")
-            mine = [s for s in segments.get(n, []) if w["launch"] <= s[0] < until]
+            mine = _union([s for s in segments.get(n, []) if w["launch"] <= s[0] < until])  # instances overlap
             floor = max([w["ready"] or w["launch"]] + [s[1] for s in mine])
             if w["end"] is None:
                 w["end"] = open_end.get(n, now) if i + 1 == len(windows) else floor
@@ -168,6 +169,17 @@ def replica_windows(events: list, segments: dict[int, list], open_end: dict[int,
             w.update(startup_s=startup, generating_s=generating,
                      idle_s=max(0.0, w["end"] - w["launch"] - startup - generating))
     return found
+
+
+def _union(segments: list) -> list[tuple[float, float]]:
+    """[start, end] intervals merged where they overlap, in order."""
+    merged: list[list[float]] = []
+    for start, end in sorted((s[0], s[1]) for s in segments):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
 
 
 def _significant(x: float) -> float:
@@ -195,11 +207,11 @@ def gpu_usage(paths: RunPaths, settings: GpuSettings | None, attempt: str | None
     if settings is None:
         return {"gpus": None, "gpu_hours": None}
     progress = attempt_progress(paths, attempt) if progress is None else progress
-    segments: dict[int, list] = {}
+    segments: dict[int, list] = {}  # per replica: its pinned instances' segments together (instances.py)
     for record in progress:
-        owner = str(record.get("owner", ""))
-        if owner[1:].isdigit():
-            segments[int(owner[1:])] = [s for s in record.get("segments", []) if s and s[0] and s[1]]
+        n = owner_replica(str(record.get("owner", "")))
+        if n is not None:
+            segments.setdefault(n, []).extend(s for s in record.get("segments", []) if s and s[0] and s[1])
     if events is None:  # run.log's replica lines of this attempt
         since = attempt_start(attempt)
         events = log_events(paths, since) if since is not None else []

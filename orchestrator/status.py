@@ -18,6 +18,7 @@ from pathlib import Path
 from .clusters.base import ACTIVE_STATES, adapter_named
 from .commits import UnitStats, committed_rows, error_reason, scan_committed
 from .errors import RunError
+from .instances import owner_replica
 from .metrics import engine_summary, format_engine
 from .plan import Plan
 from .report import attempt_start, busy_seconds, gpu_settings_of, gpu_usage, log_events
@@ -373,18 +374,22 @@ def _replicas(paths: RunPaths, jobs: list[str], states: dict, progress: list[dic
         elif message.startswith("engine ready at") and n in starting:
             r["startup_s"] += at - starting.pop(n)
             r["ready"] = True
-    for record in progress:
-        owner = str(record.get("owner", ""))
-        if owner[1:].isdigit():
-            r = replica(int(owner[1:]))
-            r.update({k: record.get(k, 0) for k in ("rows", "ok", "failed", "output_tokens")})
-            r["generation_s"] = round(busy_seconds(record.get("segments", [])), 1)
-            r["updated"] = record.get("updated")
+    segments: dict[int, list] = {}
+    for record in progress:  # a replica of pinned instances has a record per instance (instances.py): summed
+        n = owner_replica(str(record.get("owner", "")))
+        if n is not None:
+            r = replica(n)
+            for k in ("rows", "ok", "failed", "output_tokens"):
+                r[k] = r.get(k, 0) + record.get(k, 0)
+            segments.setdefault(n, []).extend(record.get("segments", []))
+            r["generation_s"] = round(busy_seconds(segments[n]), 1)
+            r["updated"] = max(filter(None, (r.get("updated"), record.get("updated"))), default=None)
     for n in range(len(jobs)):
         replica(n)
     per_owner = Counter()
     for record in recent:
-        per_owner[record.get("replica")] += record.get("ok", 0) + record.get("failed", 0)
+        n = owner_replica(str(record.get("replica", "")))
+        per_owner[f"r{n}" if n is not None else record.get("replica")] += record.get("ok", 0) + record.get("failed", 0)
     out = []
     for n in sorted(found):
         r = found[n]

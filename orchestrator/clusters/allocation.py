@@ -29,14 +29,18 @@ from .environment import job_environment
 
 def allocation_nodes() -> list[str]:
     """The hostnames of this job's allocation, in Slurm's order."""
-    nodelist = job_environment().get("nodelist", "")
+    return _hostnames(job_environment().get("nodelist", ""))
+
+
+def _hostnames(nodelist: str) -> list[str]:
+    """A Slurm node list (n[1-4],m2) as hostnames, in Slurm's order."""
     if not nodelist:
         return []
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise RunError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol ({exc}); is Slurm's "
+        raise RunError(f"cannot expand the Slurm node list {nodelist!r} with scontrol ({exc}); is Slurm's "
                        f"scontrol on PATH inside the job?") from None
     return out.split()
 
@@ -132,16 +136,21 @@ class AllocationCluster(ClusterAdapter):
     def executor(self, cfg: Config, paths: RunPaths):
         return StepExecutor(cfg, paths)
 
-    def step_prefix(self, cfg: Config, engine) -> list[str]:
-        """The engine's step, on exactly this replica's nodes (the step's own node list)."""
+    def step_prefix(self, cfg: Config, engine, instance=None) -> list[str]:
+        """The engine's step, on exactly this replica's nodes (the step's own node list); a pinned instance's
+        on its own nodes among them, with its share of each node's CPUs."""
         tasks = engine.tasks_per_node(cfg)
         prefix = engine_step_prefix(cfg, tasks, engine.step_args)
         env = job_environment()
         cpus = env.get("cpus_on_node", "")
+        sharing = instance.per_node if instance is not None else 1
         if cpus.isdigit() and not cfg.cluster.cpus_per_task:  # the node's CPUs as the user's job holds them
-            prefix = [f"--cpus-per-task={max(1, int(cpus) // tasks)}" if a.startswith("--cpus-per-task=") else a
-                      for a in prefix]
+            prefix = [f"--cpus-per-task={max(1, int(cpus) // (tasks * sharing))}" if a.startswith("--cpus-per-task=")
+                      else a for a in prefix]
         nodes = env.get("step_nodelist")
+        if nodes and instance is not None:
+            hosts = _hostnames(nodes)
+            nodes = ",".join(hosts[instance.first_node:instance.first_node + instance.nodes])
         return prefix + ([f"--nodelist={nodes}"] if nodes else [])
 
     def state(self, job) -> str:

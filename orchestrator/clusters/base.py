@@ -65,8 +65,10 @@ class ClusterAdapter:
         """How many replicas this run has (an allocation fits as many as its nodes hold)."""
         return cfg.replicas
 
-    def step_prefix(self, cfg: Config, engine) -> list[str]:
-        """What starts the engine's tasks from node 0's job task (empty: run it here as one process)."""
+    def step_prefix(self, cfg: Config, engine, instance=None) -> list[str]:
+        """What starts the engine's tasks from node 0's job task (empty: run it here as one process). instance:
+        one pinned instance of the replica (instances.Instance; cfg is then its instance_config), whose step
+        runs on its own nodes."""
         return []
 
     def state(self, job) -> str:

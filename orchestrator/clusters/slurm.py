@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import Config, config_yaml
 from ..errors import RunError
+from ..instances import pinned
 from ..protocols import make_codec
 from ..rundir import RunPaths
 from ..sbatch import PORT_PLACEHOLDER, engine_step_prefix, render_template, submitit_parameters
@@ -49,8 +50,10 @@ class SlurmCluster(ClusterAdapter):
 
         return executor.batch() if array else contextlib.nullcontext()
 
-    def step_prefix(self, cfg: Config, engine) -> list[str]:
-        return engine_step_prefix(cfg, engine.tasks_per_node(cfg), engine.step_args)
+    def step_prefix(self, cfg: Config, engine, instance=None) -> list[str]:
+        prefix = engine_step_prefix(cfg, engine.tasks_per_node(cfg), engine.step_args)
+        # a pinned instance's step starts on its own node of the job (node indices relative to the job's)
+        return prefix if instance is None else prefix[:2] + [f"--relative={instance.first_node}"] + prefix[2:]
 
     def state(self, job) -> str:
         try:
@@ -115,13 +118,16 @@ class SlurmCluster(ClusterAdapter):
         # the plain template, for operators who submit with sbatch: its client is engine=endpoint
         protocol = make_codec(cfg, protocol=engine.protocol_for(cfg)).name
         e = cfg.engine
+        pins = pinned(cfg, engine)  # D pinned instances: the script starts each, and its client has all their URLs
         client_cfg = replace(cfg, cluster=replace(cfg.cluster, name="local"), replicas=1,
-                             engine=replace(e, name="endpoint", protocol=protocol))
+                             engine=replace(e, name="endpoint", protocol=protocol),
+                             layout=replace(cfg.layout, data_parallel=1) if pins else cfg.layout)
         write("client.yaml", config_yaml(client_cfg))
-        template_rv = replace(rv, port=PORT_PLACEHOLDER, port_file=None)  # the script exports them
+        template_rv = replace(rv, port=PORT_PLACEHOLDER, port_file=None, rank_dir=None)  # the script exports them
         write("engine_job.sbatch", render_template(
-            "engine_job.sbatch", cfg, engine.tasks_per_node(cfg), engine.step_command(cfg, template_rv),
-            out / "client.yaml", e.port or 1424, protocol, engine.step_args))
+            "engine_job_instances.sbatch" if pins else "engine_job.sbatch", cfg, engine.tasks_per_node(cfg),
+            engine.step_command(cfg, template_rv), out / "client.yaml", e.port or 1424, protocol, engine.step_args,
+            engine=engine if pins else None, rv=template_rv))
 
 
 def _slurm_query(argv: list[str]) -> dict[str, str] | None:

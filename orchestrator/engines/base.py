@@ -11,6 +11,7 @@ import importlib
 import shlex
 from dataclasses import dataclass
 
+from .. import instances
 from ..config import Config, choices
 from ..errors import ConfigError
 from ..protocols import auth
@@ -49,7 +50,8 @@ class EngineAdapter:
     # its OpenAI server answers `n` as vLLM does (choice i sampled with seed + i, token ids on request), so a
     # row's rollouts may go in one request (sampling.rollouts_in_one_request's default)
     honours_n = False
-    # it serves layout.data_parallel > 1 itself: D engine instances behind one server (its own flag, in node_argv)
+    # it serves layout.data_parallel > 1 itself: D engine instances behind one server (its own flag, in node_argv);
+    # False: D servers per replica, each pinned to its own GPUs (orchestrator/instances.py)
     native_data_parallel = False
 
     def protocol_for(self, cfg: Config) -> str | None:
@@ -69,6 +71,11 @@ class EngineAdapter:
     def env(self, cfg: Config) -> dict[str, str]:
         """Environment of every engine rank (on top of the job's)."""
         return {str(k): str(v) for k, v in cfg.engine.env.items()}
+
+    def instance_env(self, rv: Rendezvous) -> dict[str, str]:
+        """Environment of one pinned instance's ranks (instances.py) beside others on its node: what keeps
+        their rendezvous apart."""
+        return {}
 
     def answer_settings(self, cfg: Config) -> dict:
         """Settings of this engine, beyond the common ones, that decide its answers (for the resume check)."""
@@ -101,8 +108,11 @@ class EngineAdapter:
         if cfg.engine.dialect and self.name in OPENAI_SERVERS and cfg.engine.dialect != self.name:
             found.append(f"engine.dialect={cfg.engine.dialect}: engine={self.name} is {self.name}'s own server; drop "
                          f"engine.dialect (it names the server behind engine=endpoint, or the embedded engine's)")
-        if cfg.layout.data_parallel > 1 and self.starts_process and not self.native_data_parallel:
-            found.append(data_parallel_refusal(cfg, self.name))
+        if cfg.layout.data_parallel > 1 and not self.starts_process:
+            found.append(f"layout.data_parallel={cfg.layout.data_parallel}: engine={self.name} talks to a server that "
+                         f"is already running and starts no instance to pin to GPUs; drop layout.data_parallel "
+                         f"(several running servers: one run each, or engine=vllm or engine=sglang started by the run)")
+        found += instances.problems(cfg, self)  # D pinned servers per replica (instances.py)
         found += auth.problems(cfg)  # engine.api_key_env names a variable that is set; engine.ca_bundle exists
         protocol = self.protocol_for(cfg)
         found += scoring_problems(cfg, self.name, protocol)
@@ -133,21 +143,17 @@ class EngineAdapter:
         return cfg.engine.served_model_name or cfg.model.name
 
 
-def data_parallel_refusal(cfg: Config, engine: str, why: str = "") -> str:
-    """layout.data_parallel > 1 where the engine cannot serve it, with the fix: the same GPUs as more replicas.
-    why: the engine's own reason (it has data parallelism, not for this layout); empty: it has none."""
+def data_parallel_refusal(cfg: Config, engine: str, why: str) -> str:
+    """layout.data_parallel > 1 where the engine's own data parallelism cannot serve this layout (why), with the
+    fix: the same GPUs as more replicas."""
     layout = cfg.layout
     per = layout.tensor_parallel * layout.pipeline_parallel
-    own = bool(why)
-    why = why or (f"engine={engine} starts one server of TP x PP GPUs per replica and cannot pin "
-                  f"{layout.data_parallel} instances to their own GPUs")
     replicas = cfg.replicas * layout.data_parallel
     fix = (f"layout.nodes=1 layout.gpus_per_node={per} layout.data_parallel=1 replicas={replicas}"
            if per <= layout.gpus_per_node else
            f"layout.nodes={per // layout.gpus_per_node} layout.data_parallel=1 replicas={replicas}")
-    other = "" if own else ", or use engine=vllm or engine=sglang (their own data parallelism)"
     return (f"layout.data_parallel={layout.data_parallel}: {why}; run the instances as replicas instead ({fix}: "
-            f"one instance of TP x PP = {per} GPU(s) each){other}")
+            f"one instance of TP x PP = {per} GPU(s) each)")
 
 
 SCORING_PROTOCOLS = ("reward", "pooling")  # the protocols whose servers score (model.attributes) instead of generating

@@ -25,5 +25,10 @@ class NemoAdapter(EngineAdapter):
             f"trainer.devices={layout.gpus_per_node}", f"trainer.num_nodes={layout.nodes}",
             "web_server=False", f"port={rv.port}", *e.extra_args]
 
+    def instance_env(self, rv: Rendezvous) -> dict[str, str]:
+        # Lightning's Slurm rendezvous port is derived from the job id, one for every instance of the job: each
+        # pinned instance gets its own
+        return {"MASTER_PORT": str(rv.master_port)}
+
 
 ADAPTER = NemoAdapter()

@@ -65,8 +65,9 @@ class EngineServer:
     generation. An external engine (engine=endpoint) is only proven, never started or stopped."""
 
     def __init__(self, cfg: Config, log_path: Path, port_file: Path, launcher: list[str] | None = None,
-                 rank_dir: Path | None = None, replica: int = 0):
+                 rank_dir: Path | None = None, replica: int = 0, instance: int | None = None):
         self.cfg, self.log_path, self.port_file = cfg, log_path, port_file
+        self.instance = instance  # which pinned instance of its replica it is (instances.py); None: the only one
         self.adapter = adapter_for(cfg)
         self.launcher = list(launcher or [])  # e.g. the srun step that starts the engine's tasks
         self.rank_dir = rank_dir
@@ -77,7 +78,7 @@ class EngineServer:
             self.port = cfg.engine.port
         elif self.adapter.starts_process and self.picks_port_here:
             self.port = free_port()
-        multi = cfg.layout.nodes > 1
+        multi = cfg.layout.nodes > 1 or instance is not None  # a pinned instance's rendezvous is its own too
         self.rendezvous = Rendezvous(
             port=self.port if self.port is not None else 0,
             master_addr=cfg.engine.master_addr or socket.gethostname(),
@@ -120,6 +121,8 @@ class EngineServer:
             return
         cmd = self.command()
         env = dict(os.environ, **self.adapter.env(self.cfg))
+        if self.instance is not None:
+            env.update(self.adapter.instance_env(self.rendezvous))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
