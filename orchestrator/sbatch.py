@@ -85,15 +85,19 @@ def engine_step_prefix(cfg: Config, tasks_per_node: int, step_args: tuple[str, .
             *container_flags(cfg), *cfg.cluster.srun_args]
 
 
-def rank_lines(cfg: Config, tasks_per_node: int, node_lines: list[list[str]]) -> list[str]:
-    """One line per engine task: where it runs, the environment srun gives it, its command."""
+def rank_lines(cfg: Config, tasks_per_node: int, node_lines: list[list[str]], instance=None) -> list[str]:
+    """One line per engine task: where it runs, the environment srun gives it, its command. instance: the pinned
+    instance (instances.Instance) whose step it is: its nodes and GPUs are named as the replica's."""
     world = cfg.layout.nodes * tasks_per_node
+    gpus = instance.gpus.split(",") if instance is not None and instance.gpus else None
+    first = instance.first_node if instance is not None else 0
     lines = []
     for rank in range(world):
         node, local = divmod(rank, tasks_per_node)
         role = "serves HTTP" if rank == 0 else "worker"
-        where = f"GPU {local}" if tasks_per_node == cfg.layout.gpus_per_node else f"{cfg.layout.gpus_per_node} GPU(s)"
-        lines.append(f"# rank {rank} on node {node}, {where} ({role})\n"
+        where = f"GPU {gpus[local] if gpus else local}" if tasks_per_node == cfg.layout.gpus_per_node else \
+            f"{cfg.layout.gpus_per_node} GPU(s)" + (f" ({','.join(gpus)})" if gpus else "")
+        lines.append(f"# rank {rank} on node {first + node}, {where} ({role})\n"
                      f"SLURM_PROCID={rank} SLURM_LOCALID={local} SLURM_NODEID={node} SLURM_NTASKS={world} "
                      f"{shlex.join(node_lines[node])}")
     return lines
@@ -122,9 +126,29 @@ READY_ROUTES = {"nemo": ("/generate", "-X PUT -H 'Content-Type: application/json
                 "reward": ("/v2/models/reward_model/ready", "-f"), "pooling": ("/v1/models", "-f")}
 
 
+def instance_steps(cfg: Config, engine, rv, flags: list[str]) -> str:
+    """The plain template's lines that start each pinned instance (instances.py) in the background on its own
+    node(s), GPUs and port (BASE_PORT + k; MASTER_PORT: BASE_MASTER_PORT + k), and record its pid and URL."""
+    from .instances import instance_config, instance_place, instances
+
+    blocks = []
+    for inst in instances(cfg, engine):
+        icfg = instance_config(cfg, inst)
+        tasks = engine.tasks_per_node(icfg)
+        srun = ["srun", "--overlap", f"--relative={inst.first_node}", f"--nodes={inst.nodes}",
+                f"--ntasks={inst.nodes * tasks}", f"--ntasks-per-node={tasks}", "--distribution=block",
+                "--kill-on-bad-exit=1", *flags]
+        blocks.append(f"# instance {inst.index}: {instance_place(inst)}\n"
+                      f"PORT=$((BASE_PORT + {inst.index})) MASTER_PORT=$((BASE_MASTER_PORT + {inst.index}))\n"
+                      f"{shlex.join(srun)} \\\n    {shlex.join(engine.step_command(icfg, rv))} &\n"
+                      f"SERVERS+=($!) URLS+=(\"http://${{HOSTS[{inst.first_node}]}}:$PORT\")")
+    return "\n".join(blocks)
+
+
 def render_template(name: str, cfg: Config, tasks_per_node: int, engine_cmd: list[str], client_config: Path,
-                    port: int, protocol: str, step_args: tuple[str, ...] = ()) -> str:
-    """Fill `slurm_templates/<name>` from the config; values are shell-quoted, `$$` is a literal `$`."""
+                    port: int, protocol: str, step_args: tuple[str, ...] = (), engine=None, rv=None) -> str:
+    """Fill `slurm_templates/<name>` from the config; values are shell-quoted, `$$` is a literal `$`. engine and
+    rv: the adapter and rendezvous, for the template of pinned instances (its instance_steps)."""
     template = string.Template((TEMPLATES_DIR / name).read_text())
     layout = cfg.layout
     client = [sys.executable, "-m", "orchestrator.cli", "run", "--config-path", str(client_config.parent),
@@ -137,6 +161,8 @@ def render_template(name: str, cfg: Config, tasks_per_node: int, engine_cmd: lis
         ntasks=layout.nodes * tasks_per_node,
         tasks_per_node=tasks_per_node,
         step_flags=" ".join(shlex.quote(f) for f in [*step_args, *container_flags(cfg), *cfg.cluster.srun_args]),
+        instance_steps=instance_steps(cfg, engine, rv, [*step_args, *container_flags(cfg), *cfg.cluster.srun_args])
+        if engine is not None else "",
         engine_command=shlex.join(engine_cmd),
         port=shlex.quote(str(port)),
         ready_timeout_s=int(cfg.engine.ready_timeout_s),

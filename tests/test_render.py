@@ -171,29 +171,47 @@ MINI_DP8 = ["model=nemotron_mini_4b_instruct", "model.path=/models/Nemotron-Mini
 
 
 def render_mini_dp8(run_dir: Path, engine: str) -> dict[str, str]:
+    extra = ["engine.checkpoint=/models/Nemotron-Mini-4B-Instruct.nemo"] if engine == "nemo" else []
     cfg = compose(["cluster=slurm", f"engine={engine}", "cluster.partition=batch", "cluster.account=llm",
-                   f"run_dir={run_dir}", "data.input=/lustre/prompts", *MINI_DP8])
+                   f"run_dir={run_dir}", "data.input=/lustre/prompts", *MINI_DP8, *extra])
     return {p.name: p.read_text() for p in render(cfg)}
 
 
-@pytest.mark.parametrize("engine,flag", [("vllm", "--data-parallel-size 8"), ("sglang", "--dp-size 8")])
+@pytest.mark.parametrize("engine,flag", [("vllm", "--data-parallel-size 8"), ("sglang", "--dp-size 8"),
+                                         ("nemo", "env CUDA_VISIBLE_DEVICES=7 python3"),
+                                         ("trtllm", "env CUDA_VISIBLE_DEVICES=7 trtllm-llmapi-launch")])
 @pytest.mark.parametrize("name", ["engine_ranks.sh", "engine_job.sbatch"])
 def test_mini_4b_dp8_on_one_node_matches_its_saved_reference(tmp_path, engine, flag, name):
-    """Nemotron-Mini-4B as 8 instances of one GPU on one 8-GPU node: one server, the engine's own DP flag."""
+    """Nemotron-Mini-4B as 8 instances of one GPU on one 8-GPU node: one server with the engine's own DP flag
+    (vLLM, SGLang), or 8 servers each pinned to its GPU and port (NeMo, TRT-LLM: instances.py)."""
     run_dir = tmp_path / "run"
     got = normalise(render_mini_dp8(run_dir, engine)[name], run_dir)
     assert flag in got and "#SBATCH --gpus-per-node=8" in render_mini_dp8(run_dir, engine)["engine_job.sbatch"]
     assert_matches_reference(got, Path(__file__).parent / "reference" / f"render_{engine}_mini4b_dp8" / name)
 
 
-@pytest.mark.parametrize("engine,extra", [("nemo", ["engine.checkpoint=/models/Nemotron-Mini-4B-Instruct.nemo"]),
-                                          ("trtllm", [])])
-def test_mini_4b_dp8_on_an_engine_without_data_parallel_is_refused_before_anything_is_written(tmp_path, engine, extra):
+@pytest.mark.parametrize("engine", ["nemo", "trtllm"])
+def test_pinned_instances_each_get_their_own_gpu_node_and_port_in_the_plain_template(tmp_path, engine):
+    """The plain template starts the 8 instances of one GPU each, and its client gets all 8 URLs."""
+    import subprocess
+
+    script = render_mini_dp8(tmp_path / "run", engine)["engine_job.sbatch"]
+    for k in range(8):
+        assert f"PORT=$((BASE_PORT + {k}))" in script and f"env CUDA_VISIBLE_DEVICES={k} " in script
+    assert script.count("srun --overlap --relative=0 --nodes=1 --ntasks=1 ") == 8
+    assert "\"engine.url='$(IFS=,; echo \"${URLS[*]}\")'\"" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    ranks = render_mini_dp8(tmp_path / "run", engine)["engine_ranks.sh"]
+    assert ranks.count("# instance ") == 8 and "# rank 0 on node 0, GPU 5 (serves HTTP)" in ranks
+
+
+def test_data_parallel_on_an_endpoint_is_refused_before_anything_is_written(tmp_path):
     from orchestrator.errors import ConfigError
 
     run_dir = tmp_path / "run"
-    cfg = compose(["cluster=slurm", f"engine={engine}", f"run_dir={run_dir}", "data.input=/lustre/prompts",
-                   *MINI_DP8, *extra])
-    with pytest.raises(ConfigError, match=r"layout\.data_parallel=8: engine=\w+ starts one server"):
+    cfg = compose(["cluster=slurm", "engine=endpoint", "engine.url=http://127.0.0.1:1", f"run_dir={run_dir}",
+                   "data.input=/lustre/prompts", *MINI_DP8])
+    with pytest.raises(ConfigError, match=r"layout\.data_parallel=8: engine=endpoint talks to a server that is "
+                                          r"already running"):
         render(cfg)
     assert not (run_dir / "render").exists()
