@@ -171,8 +171,10 @@ class LayoutConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     # D engine instances of TP x PP GPUs each per replica (nodes x gpus_per_node = TP x PP x D): vLLM and SGLang
-    # serve them from one server (their own data-parallel flag); docs/configuration.md "Data parallel"
-    data_parallel: int = 1
+    # serve them from one server (their own data-parallel flag), the other engines as D pinned servers
+    # (orchestrator/instances.py); None = as many as fill the replica's GPUs (1 when TP x PP does not divide them);
+    # docs/configuration.md "Data parallel"
+    data_parallel: Optional[int] = None
     gpu: str = "h100_80gb"
     max_batch_size: int = 128  # sequences resident at once, for the KV-cache estimate
     max_seq_len: Optional[int] = None  # context for the KV-cache estimate; None = the model's
@@ -181,7 +183,8 @@ class LayoutConfig:
     def __post_init__(self) -> None:
         for key in ("nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "data_parallel",
                     "max_batch_size"):
-            _check_range(f"layout.{key}", getattr(self, key), lo=1)
+            if getattr(self, key) is not None:  # data_parallel None: filled in by to_config (fill_data_parallel)
+                _check_range(f"layout.{key}", getattr(self, key), lo=1)
         _check_range("layout.memory_headroom", self.memory_headroom, lo=0, hi=0.9)
 
 
@@ -621,6 +624,14 @@ def _check_unknown_keys(cfg: DictConfig | dict, schema: type, prefix: str = "") 
             _check_unknown_keys(value, kind, f"{prefix}{key}.")
 
 
+def fill_data_parallel(layout) -> None:
+    """layout.data_parallel left unset: the instances of TP x PP that fill the replica's GPUs (so a small model on
+    an 8-GPU node runs 8 instances of one GPU), or 1 when TP x PP does not divide them (layout.problems says so)."""
+    if layout.data_parallel is None:
+        per, gpus = layout.tensor_parallel * layout.pipeline_parallel, layout.nodes * layout.gpus_per_node
+        layout.data_parallel = gpus // per if per > 0 and gpus % per == 0 and gpus > per else 1
+
+
 def to_config(cfg: DictConfig | dict) -> Config:
     """Validate a composed config into dataclasses; raises ConfigError with the key and the fix."""
     from omegaconf.errors import OmegaConfBaseException
@@ -633,6 +644,7 @@ def to_config(cfg: DictConfig | dict) -> Config:
         if "hydra" in merged:
             del merged["hydra"]
         fill_architecture(merged.model)
+        fill_data_parallel(merged.layout)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config: {exc}") from None

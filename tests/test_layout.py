@@ -32,7 +32,7 @@ def test_parameter_counts_match_the_cards(model, billions):
 
 
 def test_rule_tp_times_pp_equals_gpus():
-    cfg = compose(["layout.pipeline_parallel=1"])
+    cfg = compose(["layout.pipeline_parallel=1", "layout.data_parallel=1"])
     assert any("TP x PP = 8 x 1 = 8 must equal nodes x GPUs per node = 2 x 8 = 16" in p
                for p in problems(cfg.model, cfg.layout))
 
@@ -107,8 +107,16 @@ def test_data_parallel_is_checked_and_named():
     assert compose([]).layout.data_parallel == 1
 
 
-def test_mini_4b_on_one_8_gpu_node_needs_data_parallel_and_says_so():
-    cfg = compose(["model=nemotron_mini_4b_instruct", "layout.gpus_per_node=8"])
+def test_mini_4b_on_one_8_gpu_node_fills_it_with_instances_unless_data_parallel_is_set():
+    """The issue's own example: `plan model=nemotron_mini_4b_instruct layout.gpus_per_node=8` was refused; its
+    default layout now runs 8 instances of one GPU (layout.data_parallel unset: the instances that fill the node)."""
+    filled = compose(["model=nemotron_mini_4b_instruct", "layout.gpus_per_node=8"])
+    assert filled.layout.data_parallel == 8 and not problems(filled.model, filled.layout)
+    assert compose(["model=nemotron_mini_4b_instruct", "layout.gpus_per_node=8",
+                    "layout.tensor_parallel=8"]).layout.data_parallel == 1
+    assert compose(["model=nemotron_mini_4b_instruct", "layout.gpus_per_node=8",
+                    "layout.tensor_parallel=2"]).layout.data_parallel == 4
+    cfg = compose(["model=nemotron_mini_4b_instruct", "layout.gpus_per_node=8", "layout.data_parallel=1"])
     (message,) = problems(cfg.model, cfg.layout)
     assert "TP x PP = 1 x 1 = 1 must equal nodes x GPUs per node = 1 x 8 = 8" in message
     assert "set layout.data_parallel=8" in message
@@ -213,10 +221,6 @@ def test_vllm_data_parallel_over_nodes_runs_its_share_on_each():
      "spans nodes"),
     ("sglang", ["model=nemotron_mini_4b_instruct", "layout.nodes=2", "layout.gpus_per_node=8",
                 "layout.data_parallel=16"], "layout.nodes=2"),
-    ("nemo", [*MINI_DP8, "engine.checkpoint=/m.nemo"], "cannot pin 8 instances"),
-    ("trtllm", MINI_DP8, "cannot pin 8 instances"),
-    ("triton", [*MINI_DP8, "engine.checkpoint=/m.nemo", "engine.options.model_type=nemotron"], "cannot pin"),
-    ("mock", MINI_DP8, "cannot pin 8 instances"),
 ])
 def test_data_parallel_an_engine_cannot_serve_is_refused_before_submission(engine, extra, why):
     from orchestrator.engines.base import check_engine
@@ -228,4 +232,16 @@ def test_data_parallel_an_engine_cannot_serve_is_refused_before_submission(engin
     message = str(err.value)
     assert f"layout.data_parallel={cfg.layout.data_parallel}: " in message and why in message
     assert "layout.data_parallel=1 replicas=" in message
-    assert ("engine=vllm or engine=sglang" in message) == (engine not in ("vllm", "sglang"))
+
+
+@pytest.mark.parametrize("engine,extra", [
+    ("nemo", ["engine.checkpoint=/m.nemo"]), ("trtllm", []),
+    ("triton", ["engine.checkpoint=/m.nemo", "engine.options.model_type=nemotron"]), ("mock", [])])
+def test_data_parallel_on_an_engine_without_its_own_runs_pinned_instances(engine, extra):
+    """NeMo, TRT-LLM, Triton and the embedded engine: D servers per replica (instances.py), not a refusal."""
+    from orchestrator.engines.base import check_engine
+    from orchestrator.instances import instances, pinned
+
+    cfg = compose([f"engine={engine}", "model.path=/m", *MINI_DP8, *extra])
+    adapter = check_engine(cfg)
+    assert pinned(cfg, adapter) and [i.gpus for i in instances(cfg, adapter)] == [str(k) for k in range(8)]
