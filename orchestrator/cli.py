@@ -45,6 +45,7 @@ def cmd_run(cfg) -> None:
 
 def cmd_plan(cfg) -> None:
     from .engines.base import adapter_for
+    from .instances import instance_config, instance_place, instances, pinned
     from .layout import GPUS, build_layout, format_layout, problems, valid_layouts
 
     layout = build_layout(cfg, check=False)
@@ -57,7 +58,13 @@ def cmd_plan(cfg) -> None:
     print(f"layout:     {layout.describe()}")
     print(f"            {layout.gpus} GPUs per replica, {layout.gpus * cfg.replicas} in all")
     engine = adapter_for(cfg)
-    if engine.starts_process:
+    if engine.starts_process and pinned(cfg, engine):  # D servers, each its own step (instances.py)
+        first = instance_config(cfg, instances(cfg, engine)[0])
+        tasks = engine.tasks_per_node(first)
+        print(f"engine:     {cfg.engine.name}, {cfg.layout.data_parallel} pinned instances per replica, each its own "
+              f"server, port and client: {tasks * first.layout.nodes} task(s) each on "
+              f"{instance_place(instances(cfg, engine)[0])} for instance 0")
+    elif engine.starts_process:
         tasks = engine.tasks_per_node(cfg)
         print(f"engine:     {cfg.engine.name}, {tasks} task(s) per node "
               f"({'one per GPU' if tasks == cfg.layout.gpus_per_node and tasks > 1 else 'one per node'}), "

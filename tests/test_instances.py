@@ -168,3 +168,12 @@ def test_an_endpoint_with_two_servers_runs_a_client_for_each(tmp_path):
         for server in servers:
             server.terminate()
             server.wait(timeout=30)
+
+
+def test_plan_says_a_replica_runs_pinned_instances():
+    done = subprocess.run([*EXE, "plan", *MINI, "layout.tensor_parallel=2", "engine=nemo", "engine.checkpoint=/m.nemo"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TP=2 PP=1 DP=4" in done.stdout
+    assert "engine:     nemo, 4 pinned instances per replica, each its own server, port and client: 2 task(s) each " \
+           "on GPUs 0,1 of node 0 for instance 0" in done.stdout
