@@ -18,15 +18,29 @@ python3 -m ruff check .
 # The documentation site (docs/, mkdocs.yml): --strict fails on a broken link or anchor, or a page left out of
 # the nav; the site goes to a temporary directory, never into the repository.
 python3 -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
-# Two phases: the tests that need neither Slurm nor a real engine on two workers (pytest-xdist; a file's tests
-# stay on one worker, so its module fixtures are built once), then the Slurm, vLLM and Triton tests one at a
-# time (they share the one local cluster and the CPU-heavy engines). Arguments go to both; a phase that selects no test
-# (exit status 5, e.g. `bash scripts/test.sh tests/test_client.py`) is not a failure. Each phase ends with its 15
-# slowest tests, to keep the run within its time budget.
+# Three groups: the tests that need neither Slurm nor a real engine on two workers (pytest-xdist; a file's tests
+# stay on one worker, so its module fixtures are built once) and, at the same time, the Slurm tests on the embedded
+# engine, one at a time (they share the one local cluster, and mostly wait on it: sbatch, sacct, time limits);
+# then the real vLLM and Triton tests one at a time (CPU-heavy engines, the Slurm ones among them). Arguments go to
+# every group; a group that selects no test (exit status 5, e.g. `bash scripts/test.sh tests/test_client.py`) is
+# not a failure. Each group ends with its 15 slowest tests, to keep the run within its time budget.
+check() {
+    if [ "$1" -ne 0 ] && [ "$1" -ne 5 ]; then exit "$1"; fi
+}
 phase() {
     local rc=0
     python3 -m pytest --durations=15 "$@" || rc=$?
-    if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
+    check "$rc"
 }
+slurm_out=$(mktemp)
+( rc=0; python3 -m pytest --durations=15 --basetemp="$(mktemp -d)" -m "slurm and not vllm and not triton" "$@" \
+    > "$slurm_out" 2>&1 || rc=$?; echo "$rc" > "$slurm_out.rc" ) &
+slurm_pid=$!
+trap 'pkill -P "$slurm_pid" 2>/dev/null; kill "$slurm_pid" 2>/dev/null || true' EXIT
 phase -n 2 --dist loadfile -m "not slurm and not vllm and not triton" "$@"
-phase -m "slurm or vllm or triton" "$@"
+wait "$slurm_pid" || true
+trap - EXIT
+echo "--- the Slurm tests on the embedded engine (run beside the group above) ---"
+cat "$slurm_out"
+check "$(cat "$slurm_out.rc" 2>/dev/null || echo 1)"
+phase -m "vllm or triton" "$@"
